@@ -1,0 +1,21 @@
+"""Decoupled multi-guidance (Cao et al., "Image is All You Need to Empower Large-scale
+Diffusion Models for In-Domain Generation").
+
+Pure torch: every function takes the model predictions of one sampling step and returns their
+guided combination. The predictions may be noise (eps), denoised images (x0) or velocities:
+each combination is affine with coefficients that sum to one, so it is the same in all three
+parametrisations.
+"""
+from .combine import GuidanceTerm, decoupled_guidance, domain_term, ksampler_cfg, text_term
+from .schedule import TermInterval, is_active, percent_to_step_fraction
+
+__all__ = [
+    "GuidanceTerm",
+    "TermInterval",
+    "decoupled_guidance",
+    "domain_term",
+    "is_active",
+    "ksampler_cfg",
+    "percent_to_step_fraction",
+    "text_term",
+]
