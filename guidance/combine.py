@@ -33,8 +33,8 @@ class GuidanceTerm:
 
 
 def ksampler_cfg(cond: torch.Tensor, negative: torch.Tensor, cfg: float) -> torch.Tensor:
-    """KSampler's classifier-free guidance: n + cfg * (c - n)."""
-    return negative + cfg * (cond - negative)
+    """KSampler's classifier-free guidance: n + cfg * (c - n), in KSampler's operation order."""
+    return negative + (cond - negative) * cfg
 
 
 def text_term(cond: torch.Tensor, negative: torch.Tensor, uncond: torch.Tensor, cfg: float) -> torch.Tensor:
@@ -50,6 +50,19 @@ def domain_term(domain: torch.Tensor, uncond: torch.Tensor, weight: float) -> to
     return weight * (domain - uncond)
 
 
+def add_domain_terms(guided: torch.Tensor, uncond: torch.Tensor, terms: Sequence[GuidanceTerm]) -> torch.Tensor:
+    """guided + sum_k w_k (d_k - u): the domain terms on top of any text guidance.
+
+    Terms with weight 0 are skipped, not multiplied by zero, so all-zero weights return
+    `guided` itself (bit for bit).
+    """
+    out = guided
+    for term in terms:
+        if term.weight != 0.0:
+            out = out + domain_term(term.prediction, uncond, term.weight)
+    return out
+
+
 def decoupled_guidance(
     uncond: torch.Tensor,
     cond: torch.Tensor | None,
@@ -61,17 +74,13 @@ def decoupled_guidance(
 
     negative None means the negative is the empty prompt (n = u, one row serves both).
     cond None is allowed only for cfg == 0, where KSampler's result is n alone. The text part
-    is computed with KSampler's own operation order, so all-zero domain weights reproduce
-    KSampler bit for bit; terms with weight 0 are skipped, not multiplied by zero.
+    uses KSampler's own operation order, so all-zero domain weights reproduce KSampler.
     """
     n = uncond if negative is None else negative
     if cond is None:
         if cfg != 0.0:
             raise ValueError(f"cfg={cfg} needs the positive prediction; only cfg 0 may omit it")
-        out = n
+        text_guided = n
     else:
-        out = n + (cond - n) * cfg  # == u + text_term(c, n, u, cfg)
-    for term in terms:
-        if term.weight != 0.0:
-            out = out + domain_term(term.prediction, uncond, term.weight)
-    return out
+        text_guided = ksampler_cfg(cond, n, cfg)  # == u + text_term(c, n, u, cfg)
+    return add_domain_terms(text_guided, uncond, terms)

@@ -1,0 +1,14 @@
+"""ComfyUI node classes: thin adapters from host objects to guidance/ and training/."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .loading import DomainUNetLoader
+from .sampling import DomainGuiderNode, DomainKSampler, DomainTermNode
+
+NODES: list[type[io.ComfyNode]] = [DomainUNetLoader, DomainKSampler, DomainGuiderNode, DomainTermNode]
+
+
+class InDomainExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

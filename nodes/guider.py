@@ -1,0 +1,255 @@
+"""DomainGuider: the paper's decoupled multi-guidance as a ComfyUI guider.
+
+Per step, with u = base(null), c = base(positive), n = base(negative), d_k = domain_k(null):
+
+    denoised = cfg_function(c, n, cfg) + sum_k w_k * (d_k - u)
+
+cfg_function is the host's own KSampler guidance (so model patches such as RescaleCFG keep
+working, and every w_k = 0 is KSampler exactly); the domain sum is guidance.add_domain_terms.
+
+How each domain model is evaluated:
+- the same weights as the base (the base MODEL wired in twice): d_k = u, the term is zero;
+- a clone of the base with extra weight patches (a LoRA domain): its rows ride in the base's
+  own batched call as a weight hook, the host's per-row adapter mechanism (no second model
+  in memory);
+- a separate model (a full-copy domain UNet): it is loaded together with the base as an
+  additional model of the conditioning, prepared like the base (pre_run, wrappers, hooks)
+  and evaluated in its own calc_cond_batch.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+import comfy.hooks
+import comfy.model_patcher
+import comfy.sampler_helpers
+import comfy.samplers
+
+from ..guidance import GuidanceTerm, TermInterval, add_domain_terms, is_active, percent_to_step_fraction
+
+log = logging.getLogger(__name__)
+
+DOMAIN_TERMS = "INDOMAIN_TERMS"  # the node type of a list[DomainTerm]
+
+
+@dataclass(frozen=True)
+class DomainTerm:
+    """One domain term of the sum: weight * (domain(x, "") - base(x, "")) within [start, end]."""
+
+    model: "comfy.model_patcher.ModelPatcher"
+    weight: float
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    name: str = "domain"
+
+    def __post_init__(self):
+        percent_to_step_fraction(self.start_percent, self.end_percent)
+
+
+class _PatchDiffHook(comfy.hooks.WeightHook):
+    """A weight hook carrying ready-made patch lists (key -> [patch tuples]) of a LoRA domain."""
+
+    def __init__(self, patch_lists: dict | None = None):
+        super().__init__()
+        self.patch_lists = patch_lists or {}
+
+    def add_hook_patches(self, model, model_options, target_dict, registered):
+        if target_dict.get("target") == comfy.hooks.EnumWeightTarget.Clip:
+            return False
+        if not self.should_register(model, model_options, target_dict, registered):
+            return False
+        current = model.hook_patches.get(self.hook_ref, {})
+        for key, patches in self.patch_lists.items():
+            current.setdefault(key, []).extend(patches)
+        model.hook_patches[self.hook_ref] = current
+        model.patches_uuid = uuid.uuid4()
+        registered.add(self)
+        return True
+
+    def clone(self):
+        c = super().clone()
+        c.patch_lists = self.patch_lists
+        return c
+
+
+def patch_difference(base, domain) -> dict:
+    """The weight patches a clone `domain` has on top of `base` (key -> list of patch tuples).
+
+    Raises ValueError if the domain clone lost or reordered patches of the base, which no
+    per-row adapter can express.
+    """
+    extra = {}
+    for key, patches in domain.patches.items():
+        base_patches = base.patches.get(key, [])
+        if len(patches) < len(base_patches) or any(a is not b for a, b in zip(patches, base_patches)):
+            raise ValueError(
+                f"domain model is a patched copy of the base whose patches on '{key}' do not extend the base's; "
+                "load it with Load Domain UNet from the base model it was trained on"
+            )
+        if len(patches) > len(base_patches):
+            extra[key] = list(patches[len(base_patches):])
+    missing = set(base.patches) - set(domain.patches)
+    if missing:
+        raise ValueError(f"domain model lacks {len(missing)} weight patches of the base (e.g. '{sorted(missing)[0]}')")
+    return extra
+
+
+def same_conditioning(a, b) -> bool:
+    """True when two CONDITIONING lists are the same prompt (so one model row serves both)."""
+    if a is b:
+        return True
+    if len(a) != len(b):
+        return False
+    for (ta, da), (tb, db) in zip(a, b):
+        if ta.shape != tb.shape or not torch.equal(ta, tb) or da.keys() != db.keys():
+            return False
+        for k in da:
+            va, vb = da[k], db[k]
+            if isinstance(va, torch.Tensor) or isinstance(vb, torch.Tensor):
+                if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)
+                        and va.shape == vb.shape and torch.equal(va, vb)):
+                    return False
+            elif va is not vb and va != vb:
+                return False
+    return True
+
+
+def _with_values(conditioning, values: dict):
+    """A CONDITIONING list with `values` set on every entry (the entries are copied)."""
+    return [[t, {**d, **values}] for t, d in conditioning]
+
+
+class _Domain:
+    """Run-time state of one domain term inside a sampling run."""
+
+    def __init__(self, index: int, term: DomainTerm, kind: str):
+        self.index = index
+        self.term = term
+        self.kind = kind  # "same" | "hook" | "model"
+        self.key = f"indomain_domain_{index}"
+        self.interval: TermInterval | None = None
+        self.inner_model = None
+        self.model_options = None
+
+
+class DomainGuider(comfy.samplers.CFGGuider):
+    """CFGGuider of the base MODEL plus text-free domain terms (see module docstring)."""
+
+    def __init__(self, model_patcher, terms: list[DomainTerm] = (), control_in_domain: bool = False):
+        super().__init__(model_patcher)
+        self.terms = list(terms)
+        self.control_in_domain = control_in_domain
+        self.negative_is_null = False
+        self.domains: list[_Domain] = []
+
+    def set_conds(self, positive, negative, null):
+        """positive/negative as for KSampler; null: the base's empty-prompt conditioning."""
+        self.negative_is_null = same_conditioning(negative, null)
+        conds = {"positive": positive, "negative": negative, "null": null}
+        self.domains = []
+        control = self._positive_control(positive) if self.control_in_domain else None
+        for i, term in enumerate(self.terms):
+            kind = self._kind(term.model)
+            domain = _Domain(i, term, kind)
+            self.domains.append(domain)
+            if kind == "same":
+                continue
+            values = {"prompt_type": "negative"}
+            if kind == "hook":
+                hook = _PatchDiffHook(patch_difference(self.model_patcher, term.model))
+                group = comfy.hooks.HookGroup()
+                group.add(hook)
+                values["hooks"] = group
+            else:
+                # Loaded with the base for the whole run, as the host loads models carried by conditioning.
+                values["additional_models"] = [term.model]
+            if control is not None:
+                values["control"] = control
+            conds[domain.key] = _with_values(null, values)
+        self.inner_set_conds(conds)
+
+    def _kind(self, domain) -> str:
+        base = self.model_patcher
+        if domain is base or base.clone_has_same_weights(domain):
+            return "same"
+        if domain.is_clone(base):
+            return "hook"
+        return "model"
+
+    @staticmethod
+    def _positive_control(positive):
+        for _, d in positive:
+            if d.get("control") is not None:
+                return d["control"]
+        return None
+
+    # -- sampling run ---------------------------------------------------------------------
+
+    def inner_sample(self, noise, latent_image, device, sampler, sigmas, *args, **kwargs):
+        model_sampling = self.inner_model.model_sampling
+        prepared = []
+        try:
+            for d in self.domains:
+                s, e = d.term.start_percent, d.term.end_percent
+                d.interval = TermInterval(float(model_sampling.percent_to_sigma(s)), float(model_sampling.percent_to_sigma(e)))
+                if d.kind == "model":
+                    self._prepare_domain_model(d, sigmas)
+                    prepared.append(d)
+            return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
+        finally:
+            for d in prepared:
+                d.term.model.restore_hook_patches()
+                d.inner_model = None
+
+    def _prepare_domain_model(self, d: _Domain, sigmas):
+        """Prepare a separately loaded domain model the way the host prepares the base."""
+        patcher = d.term.model
+        options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
+        options.setdefault("transformer_options", {})
+        comfy.sampler_helpers.prepare_model_patcher(patcher, {"null": self.conds[d.key]}, options)
+        options["transformer_options"]["sample_sigmas"] = sigmas
+        comfy.samplers.cast_to_load_options(options, device=patcher.load_device, dtype=patcher.model_dtype())
+        patcher.pre_run()
+        d.inner_model = patcher.model
+        d.model_options = options
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        sigma = float(timestep.max())
+        active = [d for d in self.domains if d.kind != "same" and d.term.weight != 0.0 and is_active(d.interval, sigma)]
+        positive = self.conds.get("positive")
+        negative = self.conds.get("negative")
+        null = self.conds.get("null")
+        cfg1 = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+
+        # One batched call of the base: [positive, negative | None, null?, LoRA-domain rows...].
+        rows = [positive, None if cfg1 else negative]
+        null_row = None
+        if active:
+            if self.negative_is_null and not cfg1:
+                null_row = 1
+            else:
+                rows.append(null)
+                null_row = len(rows) - 1
+        hooked = [d for d in active if d.kind == "hook"]
+        for d in hooked:
+            rows.append(self.conds[d.key])
+        out = comfy.samplers.calc_cond_batch(self.inner_model, rows, x, timestep, model_options)
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            out[:2] = fn({"conds": rows[:2], "conds_out": out[:2], "cond_scale": self.cfg, "timestep": timestep,
+                          "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})
+        guided = comfy.samplers.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep,
+                                             model_options=model_options, cond=rows[0], uncond=rows[1])
+        if not active:
+            return guided
+
+        predictions = {d.index: out[len(out) - len(hooked) + j] for j, d in enumerate(hooked)}
+        for d in active:
+            if d.kind == "model":
+                predictions[d.index] = comfy.samplers.calc_cond_batch(d.inner_model, [self.conds[d.key]], x, timestep, d.model_options)[0]
+        terms = [GuidanceTerm(predictions[d.index], d.term.weight) for d in active]
+        return add_domain_terms(guided, out[null_row], terms)

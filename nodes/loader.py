@@ -1,0 +1,127 @@
+"""Loading domain UNet files: a full diffusion-model state dict, or a LoRA of the base.
+
+Only safetensors files are read (never pickles). Every failure names the file and says what
+was expected.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import safetensors
+import torch
+
+import comfy.lora
+import comfy.sd
+
+log = logging.getLogger(__name__)
+
+FOLDER = "domain_unets"
+LORA_MARKERS = (".lora_up.", ".lora_down.", ".lora_A.", ".lora_B.", ".lora.up.", ".lora.down.", ".hada_w1_a", ".lokr_w1", ".alpha")
+
+
+class DomainModelError(ValueError):
+    """A domain UNet file that cannot be used; the message names the file and the fix."""
+
+
+def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with errors that name the file."""
+    name = os.path.basename(path)
+    if not path.lower().endswith((".safetensors", ".sft")):
+        raise DomainModelError(
+            f"domain UNet '{name}' is not a .safetensors file; this pack loads safetensors only "
+            "(pickled .ckpt/.pt/.bin files can run code when opened): convert it to safetensors first"
+        )
+    if not os.path.isfile(path):
+        raise DomainModelError(f"domain UNet '{name}' does not exist at {path}")
+    try:
+        with safetensors.safe_open(path, framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise DomainModelError(
+            f"domain UNet '{name}' is not a readable safetensors file ({type(e).__name__}: {e}); "
+            "it is corrupt or incomplete: copy or download it again"
+        ) from e
+    if not tensors:
+        raise DomainModelError(f"domain UNet '{name}' holds no tensors")
+    return tensors, metadata
+
+
+def is_lora(tensors: dict[str, torch.Tensor]) -> bool:
+    return any(marker in k for k in tensors for marker in LORA_MARKERS)
+
+
+def describe(model) -> str:
+    """A model's family and latent format, as the host names them (e.g. 'SD15 / SD15 latents')."""
+    base = model.model
+    return f"{type(base.model_config).__name__} / {type(base.latent_format).__name__} latents"
+
+
+def _comparable_unet_config(model) -> dict:
+    ignore = {"dtype", "device", "operations", "disable_unet_model_creation"}
+    return {k: v for k, v in model.model.model_config.unet_config.items() if k not in ignore}
+
+
+def check_compatible(domain, base, name: str) -> None:
+    """Raise DomainModelError unless `domain` has the base's architecture and latent format."""
+    if type(domain.model.model_config) is not type(base.model.model_config) or \
+            type(domain.model.latent_format) is not type(base.model.latent_format):
+        raise DomainModelError(
+            f"domain UNet '{name}' is {describe(domain)}, but the base model is {describe(base)}: "
+            "a domain UNet must be trained from the same family as the base it guides"
+        )
+    a, b = _comparable_unet_config(domain), _comparable_unet_config(base)
+    if a != b:
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        detail = ", ".join(f"{k}: domain {a.get(k)!r} vs base {b.get(k)!r}" for k in diff[:4])
+        raise DomainModelError(f"domain UNet '{name}' has another UNet architecture than the base model ({detail})")
+    if domain.model.model_type != base.model.model_type:
+        raise DomainModelError(
+            f"domain UNet '{name}' predicts {domain.model.model_type.name}, the base model "
+            f"{base.model.model_type.name}: train the domain UNet from this base"
+        )
+
+
+def load_full(tensors, metadata, name: str, model_options: dict | None = None):
+    """A full diffusion-model state dict (any format the host's UNETLoader reads) as a MODEL."""
+    model = comfy.sd.load_diffusion_model_state_dict(tensors, model_options=model_options or {}, metadata=metadata)
+    if model is None:
+        raise DomainModelError(
+            f"domain UNet '{name}' is not a diffusion model the host recognises "
+            f"({len(tensors)} tensors, e.g. '{next(iter(tensors))}'): expected a UNet state dict "
+            "saved by Train Domain UNet or by the host's UNET save nodes, or a LoRA"
+        )
+    return model
+
+
+def apply_lora(base, tensors, name: str, strength: float = 1.0):
+    """A clone of the base MODEL with the LoRA patched in; error if its keys match nothing."""
+    key_map = comfy.lora.model_lora_keys_unet(base.model, {})
+    patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    domain = base.clone()
+    applied = domain.add_patches(patches, strength)
+    if not applied:
+        example = next(iter(tensors))
+        raise DomainModelError(
+            f"LoRA '{name}' matches no weight of the base model ({describe(base)}; e.g. key '{example}'): "
+            "it was trained for another base model"
+        )
+    unmatched = len(patches) - len(applied)
+    if unmatched:
+        log.warning("LoRA '%s': %d of %d patches match no base weight", name, unmatched, len(patches))
+    return domain
+
+
+def load_domain_unet(path: str, base=None, strength: float = 1.0, model_options: dict | None = None):
+    """Load a domain UNet file; a LoRA needs `base`. With `base`, check compatibility."""
+    name = os.path.basename(path)
+    tensors, metadata = read_safetensors(path)
+    if is_lora(tensors):
+        if base is None:
+            raise DomainModelError(f"'{name}' is a LoRA: connect the base MODEL it was trained on to base_model")
+        return apply_lora(base, tensors, name, strength)
+    domain = load_full(tensors, metadata, name, model_options)
+    if base is not None:
+        check_compatible(domain, base, name)
+    return domain

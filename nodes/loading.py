@@ -1,0 +1,35 @@
+"""Load Domain UNet node."""
+from __future__ import annotations
+
+import folder_paths
+from comfy_api.latest import io
+
+from .loader import FOLDER, load_domain_unet
+from .sampling import CATEGORY
+
+
+class DomainUNetLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="InDomainUNetLoader",
+            display_name="Load Domain UNet",
+            category=CATEGORY,
+            description="Loads a text-free domain UNet from models/domain_unets: a full UNet state dict, "
+                        "or a LoRA applied to a copy of base_model. With base_model connected, checks that "
+                        "the domain UNet has the base's architecture and latent format.",
+            inputs=[
+                io.Combo.Input("unet_name", options=folder_paths.get_filename_list(FOLDER),
+                               tooltip="A .safetensors file in models/domain_unets (or a folder from extra_model_paths.yaml)."),
+                io.Model.Input("base_model", optional=True,
+                               tooltip="The base MODEL. Required for a LoRA file; for a full UNet it enables the compatibility check."),
+                io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Strength of a LoRA domain file (ignored for a full UNet)."),
+            ],
+            outputs=[io.Model.Output(display_name="domain_model")],
+        )
+
+    @classmethod
+    def execute(cls, unet_name, lora_strength, base_model=None) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise(FOLDER, unet_name)
+        return io.NodeOutput(load_domain_unet(path, base=base_model, strength=lora_strength))

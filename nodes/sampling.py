@@ -1,0 +1,165 @@
+"""Sampling nodes: KSampler (Domain Guidance), Domain Guider, Domain Term."""
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+from comfy_api.latest import io
+
+from .guider import DOMAIN_TERMS, DomainGuider, DomainTerm
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "in-domain"
+DomainTerms = io.Custom(DOMAIN_TERMS)
+
+NULL_TIP = ("The base model's empty-prompt conditioning (CLIP Text Encode of an empty string). "
+            "Domain terms are measured against it; it is not the negative prompt.")
+DOMAIN_MODEL_TIP = ("A text-free domain UNet (Load Domain UNet, or Train Domain UNet's output). "
+                    "Leave unconnected to use only the terms given in more_domains.")
+SCALE_TIP = ("Domain weight w_d: how strongly samples are pulled towards the domain. "
+             "0 = plain KSampler; about 1-3 is typical; combine with cfg for text control.")
+START_TIP = "Fraction of the sampling run at which the domain term starts (0 = first step)."
+END_TIP = "Fraction of the sampling run at which the domain term stops (1 = last step)."
+CONTROL_TIP = ("Off (default): a ControlNet on the positive stays in the text term only, as the paper does. "
+               "On: the domain model also receives the positive's ControlNet, so the domain term follows the control too.")
+MORE_TIP = "Further domain terms from Domain Term nodes, each with its own model, weight and interval."
+
+
+def domain_inputs() -> list:
+    """The inputs shared by the sampler and the guider that describe the domain terms."""
+    return [
+        io.Model.Input("domain_model", optional=True, tooltip=DOMAIN_MODEL_TIP),
+        io.Float.Input("domain_scale", default=1.0, min=-10.0, max=50.0, step=0.05, round=0.01, tooltip=SCALE_TIP),
+        io.Float.Input("domain_start", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=START_TIP),
+        io.Float.Input("domain_end", default=1.0, min=0.0, max=1.0, step=0.01, tooltip=END_TIP),
+        io.Boolean.Input("control_in_domain", default=False, tooltip=CONTROL_TIP),
+        DomainTerms.Input("more_domains", optional=True, tooltip=MORE_TIP),
+    ]
+
+
+def collect_terms(domain_model, domain_scale, domain_start, domain_end, more_domains) -> list[DomainTerm]:
+    terms = []
+    if domain_model is not None:
+        terms.append(DomainTerm(domain_model, domain_scale, domain_start, domain_end, name="domain_model"))
+    terms.extend(more_domains or [])
+    if not terms:
+        log.info("no domain model connected: sampling as a plain KSampler")
+    return terms
+
+
+def make_guider(model, positive, negative, null_conditioning, cfg, terms, control_in_domain) -> DomainGuider:
+    guider = DomainGuider(model, terms, control_in_domain=control_in_domain)
+    guider.set_conds(positive, negative, null_conditioning)
+    guider.set_cfg(cfg)
+    return guider
+
+
+class DomainTermNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="InDomainTerm",
+            display_name="Domain Term",
+            category=CATEGORY,
+            description="One more domain term w * (domain(x, '') - base(x, '')) for the domain sampler or guider. "
+                        "Chain several to guide towards several domains, each with its weight and step interval.",
+            inputs=[
+                io.Model.Input("domain_model", tooltip="A text-free domain UNet."),
+                io.Float.Input("weight", default=1.0, min=-10.0, max=50.0, step=0.05, round=0.01, tooltip=SCALE_TIP),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=START_TIP),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip=END_TIP),
+                DomainTerms.Input("previous", optional=True, tooltip="Terms from an earlier Domain Term node."),
+            ],
+            outputs=[DomainTerms.Output(display_name="domains")],
+        )
+
+    @classmethod
+    def execute(cls, domain_model, weight, start_percent, end_percent, previous=None) -> io.NodeOutput:
+        term = DomainTerm(domain_model, weight, start_percent, end_percent, name=f"term{len(previous or [])}")
+        return io.NodeOutput([*(previous or []), term])
+
+
+class DomainKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="InDomainKSampler",
+            display_name="KSampler (Domain Guidance)",
+            category=CATEGORY,
+            description="KSampler with decoupled domain guidance: the base model keeps the prompt, negative and "
+                        "ControlNet; a text-free domain UNet adds domain_scale * (domain - base) on the empty prompt. "
+                        "domain_scale 0 is exactly KSampler.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model: it predicts the prompt, negative and empty-prompt terms."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="The random seed used for creating the noise."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip="The number of denoising steps."),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Text guidance weight, exactly as in KSampler."),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, tooltip="The sampling algorithm."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, tooltip="The noise schedule."),
+                io.Conditioning.Input("positive", tooltip="The prompt (ControlNet, areas and masks work as in KSampler)."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt, with exactly its KSampler role."),
+                io.Conditioning.Input("null_conditioning", tooltip=NULL_TIP),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise (empty latent, img2img or inpainting latent)."),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Amount of denoising; below 1 for img2img, as in KSampler."),
+                *domain_inputs(),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, null_conditioning,
+                latent_image, denoise, domain_scale, domain_start, domain_end, control_in_domain,
+                domain_model=None, more_domains=None) -> io.NodeOutput:
+        terms = collect_terms(domain_model, domain_scale, domain_start, domain_end, more_domains)
+        guider = make_guider(model, positive, negative, null_conditioning, cfg, terms, control_in_domain)
+        return io.NodeOutput(sample_like_ksampler(guider, seed, steps, sampler_name, scheduler, latent_image, denoise))
+
+
+def sample_like_ksampler(guider, seed, steps, sampler_name, scheduler, latent, denoise):
+    """What KSampler does around its guider: noise from the seed, sigmas from steps/denoise, masks."""
+    model = guider.model_patcher
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    schedule = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                       scheduler=scheduler, denoise=denoise, model_options=model.model_options)
+    callback = latent_preview.prepare_callback(model, steps)
+    samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), schedule.sigmas,
+                            denoise_mask=latent.get("noise_mask"), callback=callback,
+                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+    out = latent.copy()
+    out["samples"] = samples.to(comfy.model_management.intermediate_device())
+    return out
+
+
+class DomainGuiderNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="InDomainGuider",
+            display_name="Domain Guider",
+            category=CATEGORY,
+            description="A GUIDER for SamplerCustomAdvanced with the same terms as KSampler (Domain Guidance).",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model."),
+                io.Conditioning.Input("positive", tooltip="The prompt."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt, with exactly its KSampler role."),
+                io.Conditioning.Input("null_conditioning", tooltip=NULL_TIP),
+                io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Text guidance weight."),
+                *domain_inputs(),
+            ],
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, null_conditioning, cfg, domain_scale, domain_start, domain_end,
+                control_in_domain, domain_model=None, more_domains=None) -> io.NodeOutput:
+        terms = collect_terms(domain_model, domain_scale, domain_start, domain_end, more_domains)
+        return io.NodeOutput(make_guider(model, positive, negative, null_conditioning, cfg, terms, control_in_domain))

@@ -1,0 +1,125 @@
+"""The ComfyUI host for the tests: found as a real install finds it, started in-process on CPU.
+
+- find_host(): COMFYUI_PATH, else the ComfyUI two folders above the pack
+  (ComfyUI/custom_nodes/<pack>).
+- start(base_dir): imports ComfyUI with its model/input/output folders under base_dir,
+  loads the host's built-in nodes and this pack through the host's own custom-node loader.
+- run(prompt): validates and executes an API-format prompt with the host's PromptExecutor.
+- tiny SD1-architecture models with random weights (nothing downloaded).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import uuid
+
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK_NAME = "comfyui-indomain"
+log = logging.getLogger("tests.host")
+
+
+def find_host() -> str | None:
+    """The ComfyUI folder: COMFYUI_PATH, else two folders above the pack."""
+    candidates = [os.environ.get("COMFYUI_PATH"), os.path.dirname(os.path.dirname(PACK_DIR))]
+    for path in candidates:
+        if path and os.path.isfile(os.path.join(path, "comfy", "samplers.py")):
+            return os.path.abspath(path)
+    return None
+
+
+class _Server:
+    """The part of ComfyUI's PromptServer that PromptExecutor talks to, recording messages."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+class Host:
+    def __init__(self, comfy_path: str, base_dir: str):
+        self.path = comfy_path
+        self.base_dir = base_dir
+        self.server = _Server()
+        self.captured = {}
+
+    def start(self):
+        if self.path not in sys.path:
+            sys.path.insert(0, self.path)
+        from comfy.cli_args import args
+
+        args.cpu = True
+        args.base_directory = self.base_dir
+        args.disable_all_custom_nodes = False
+        import folder_paths
+
+        folder_paths.set_output_directory(os.path.join(self.base_dir, "output"))
+        folder_paths.set_input_directory(os.path.join(self.base_dir, "input"))
+        folder_paths.set_temp_directory(os.path.join(self.base_dir, "temp"))
+        for sub in ("input", "output", "temp"):
+            os.makedirs(os.path.join(self.base_dir, sub), exist_ok=True)
+        import nodes
+
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        # Load the pack the way the host loads custom_nodes/<pack>.
+        custom = os.path.join(self.base_dir, "custom_nodes")
+        os.makedirs(custom, exist_ok=True)
+        link = os.path.join(custom, PACK_NAME)
+        if not os.path.exists(link):
+            os.symlink(PACK_DIR, link)
+        if not asyncio.run(nodes.load_custom_node(link)):
+            raise RuntimeError("ComfyUI failed to load the pack; see the log above")
+        import tiny_nodes
+
+        tiny_nodes.register(self)
+        return self
+
+    @property
+    def nodes(self):
+        import nodes
+
+        return nodes.NODE_CLASS_MAPPINGS
+
+    def model_dir(self, folder: str) -> str:
+        import folder_paths
+
+        path = folder_paths.get_folder_paths(folder)[0]
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def run(self, prompt: dict, outputs: list[str] | None = None) -> dict:
+        """Validate and execute an API-format prompt; return {"ui": ..., "captured": ...}.
+
+        Raises HostError with the host's own validation or execution error.
+        """
+        import execution
+
+        prompt_id = str(uuid.uuid4())
+        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, outputs))
+        if not valid[0]:
+            raise HostError(f"prompt did not validate: {valid[1]} {valid[3]}")
+        self.captured.clear()
+        self.server.messages.clear()
+        executor = execution.PromptExecutor(self.server, cache_args={"lru": 0, "ram": 0.0})
+        executor.execute(prompt, prompt_id, {}, valid[2])
+        if not executor.success:
+            errors = [d for e, d in executor.status_messages if e in ("execution_error", "execution_interrupted")]
+            raise HostError(errors[0] if errors else "execution failed", errors[0] if errors else None)
+        return {"ui": executor.history_result["outputs"], "captured": dict(self.captured)}
+
+
+class HostError(RuntimeError):
+    def __init__(self, message, detail=None):
+        super().__init__(message if isinstance(message, str) else str(message))
+        self.detail = detail if isinstance(message, str) else message
+
+    @property
+    def exception_message(self) -> str:
+        d = self.detail if isinstance(self.detail, dict) else {}
+        return d.get("exception_message", str(self))
