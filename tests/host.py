@@ -80,6 +80,14 @@ class Host:
         tiny_nodes.register(self)
         return self
 
+    def pack(self, submodule: str):
+        """A module of the loaded pack, e.g. pack("nodes.loader") (the host names it by its path)."""
+        suffix = f"{PACK_NAME}.{submodule}"
+        for name, module in sys.modules.items():
+            if name.endswith(suffix):
+                return module
+        raise KeyError(suffix)
+
     @property
     def nodes(self):
         import nodes
