@@ -1,0 +1,147 @@
+"""Writes workflows/*.json (ComfyUI UI format) from the compact graphs below.
+
+Run inside a started host (it reads the real node definitions for sockets and widget order):
+    COMFYUI_PATH=... python tools/make_workflows.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+import host  # noqa: E402
+from workflow_api import input_defs, widget_inputs  # noqa: E402
+
+CKPT = "v1-5-pruned-emaonly.safetensors"
+DOMAIN = "my_domain.safetensors"
+NEG = "blurry, low quality, watermark"
+
+# Each node: id -> (type, {widget: value}, {input: (node, slot)}, column)
+COMMON = {
+    1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, {}, 0),
+    2: ("InDomainUNetLoader", {"unet_name": DOMAIN, "lora_strength": 1.0}, {"base_model": (1, 0)}, 1),
+    4: ("CLIPTextEncode", {"text": NEG}, {"clip": (1, 1)}, 1),
+    5: ("CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, 1),
+    9: ("VAEDecode", {}, {"samples": (7, 0), "vae": (1, 2)}, 3),
+    10: ("SaveImage", {"filename_prefix": "indomain"}, {"images": (9, 0)}, 4),
+}
+
+
+def sampler(positive=(3, 0), negative=(4, 0), latent=(6, 0), cfg=7.0, scale=1.5, denoise=1.0):
+    return ("InDomainKSampler", {"seed": 42, "steps": 25, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
+                                 "denoise": denoise, "domain_scale": scale, "domain_start": 0.0, "domain_end": 1.0,
+                                 "control_in_domain": False},
+            {"model": (1, 0), "positive": positive, "negative": negative, "null_conditioning": (5, 0),
+             "latent_image": latent, "domain_model": (2, 0)}, 2)
+
+
+EMPTY = ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, {}, 1)
+
+GRAPHS = {
+    "text_to_image_domain": {
+        **COMMON, 3: ("CLIPTextEncode", {"text": "a cat sitting on a windowsill, in the domain's style"}, {"clip": (1, 1)}, 1),
+        6: EMPTY, 7: sampler()},
+    "unconditional_domain": {
+        **COMMON, 4: ("CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, 1),
+        6: EMPTY, 7: sampler(positive=(5, 0), negative=(5, 0), cfg=0.0, scale=1.0)},
+    "controlnet_domain": {
+        **COMMON, 3: ("CLIPTextEncode", {"text": "a vase on a table"}, {"clip": (1, 1)}, 1),
+        6: EMPTY,
+        11: ("ControlNetLoader", {"control_net_name": "control_v11p_sd15_canny.safetensors"}, {}, 0),
+        12: ("LoadImage", {"image": "control_hint.png"}, {}, 0),
+        13: ("ControlNetApplyAdvanced", {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
+             {"positive": (3, 0), "negative": (4, 0), "control_net": (11, 0), "image": (12, 0), "vae": (1, 2)}, 1),
+        7: sampler(positive=(13, 0), negative=(13, 1))},
+    "img2img_domain": {
+        **COMMON, 3: ("CLIPTextEncode", {"text": "a portrait photo"}, {"clip": (1, 1)}, 1),
+        12: ("LoadImage", {"image": "source.png"}, {}, 0),
+        6: ("VAEEncode", {}, {"pixels": (12, 0), "vae": (1, 2)}, 1),
+        7: sampler(denoise=0.6)},
+}
+
+
+def build(graph: dict, registry: dict) -> dict:
+    nodes, links = [], []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    rows: dict[int, int] = {}
+    for nid, (kind, widgets, inputs, col) in sorted(graph.items(), key=lambda kv: (kv[1][3], kv[0])):
+        cls = registry[kind]
+        row = rows.get(col, 0)
+        rows[col] = row + 1
+        node_inputs = []
+        for name, typ, _ in input_defs(cls):
+            if name in inputs:
+                src, slot = inputs[name]
+                link_id = len(links) + 1
+                links.append([link_id, src, slot, nid, len(node_inputs), graph[src][0] and _out_type(registry[graph[src][0]], slot)])
+                out_links.setdefault((src, slot), []).append(link_id)
+                node_inputs.append({"name": name, "type": typ, "link": link_id})
+            elif typ not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                node_inputs.append({"name": name, "type": typ, "link": None})
+        values = []
+        for name, extra in widget_inputs(cls):
+            if name in widgets:
+                values.append(widgets[name])
+            else:
+                values.append(_default(cls, name))
+            if extra:
+                values.extend(["fixed"] if name in ("seed", "noise_seed") else ["image"])
+        nodes.append({"id": nid, "type": kind, "pos": [40 + 380 * col, 60 + 260 * row], "size": [340, 200],
+                      "flags": {}, "order": 0, "mode": 0, "inputs": node_inputs, "outputs": [],
+                      "properties": {"Node name for S&R": kind}, "widgets_values": values})
+    for node in nodes:
+        cls = registry[node["type"]]
+        node["outputs"] = [{"name": name, "type": typ, "links": out_links.get((node["id"], i), []), "slot_index": i}
+                           for i, (name, typ) in enumerate(zip(_out_names(cls), cls.RETURN_TYPES))]
+    _set_order(nodes, links)
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def _out_type(cls, slot):
+    return cls.RETURN_TYPES[slot]
+
+
+def _out_names(cls):
+    names = getattr(cls, "RETURN_NAMES", None)
+    return list(names) if names else list(cls.RETURN_TYPES)
+
+
+def _default(cls, name):
+    for n, kind, opts in input_defs(cls):
+        if n == name:
+            if "default" in opts:
+                return opts["default"]
+            spec = cls.INPUT_TYPES()
+            combo = {**spec.get("required", {}), **spec.get("optional", {})}[name][0]
+            return combo[0] if isinstance(combo, list) and combo else None
+    return None
+
+
+def _set_order(nodes, links):
+    deps = {n["id"]: {l[1] for l in links if l[3] == n["id"]} for n in nodes}
+    done, order = set(), 0
+    while len(done) < len(nodes):
+        for n in nodes:
+            if n["id"] not in done and deps[n["id"]] <= done:
+                n["order"] = order
+                order += 1
+                done.add(n["id"])
+
+
+def main():
+    h = host.Host(host.find_host(), tempfile.mkdtemp()).start()
+    out_dir = os.path.join(REPO, "workflows")
+    os.makedirs(out_dir, exist_ok=True)
+    for name, graph in GRAPHS.items():
+        with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+            json.dump(build(graph, h.nodes), f, indent=1)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
