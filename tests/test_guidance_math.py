@@ -1,0 +1,48 @@
+"""guidance/: the paper's terms as pure functions (no host)."""
+import pytest
+import torch
+
+from guidance import GuidanceTerm, TermInterval, decoupled_guidance, is_active, ksampler_cfg, percent_to_step_fraction, text_term
+
+g = torch.Generator().manual_seed(0)
+u, c, n, d = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(4))
+
+
+def test_domain_weight_zero_is_ksampler_bit_for_bit():
+    assert torch.equal(decoupled_guidance(u, c, n, 7.5, [GuidanceTerm(d, 0.0)]), ksampler_cfg(c, n, 7.5))
+
+
+def test_text_term_measured_against_u_gives_ksampler():
+    assert torch.allclose(u + text_term(c, n, u, 7.5), ksampler_cfg(c, n, 7.5), atol=1e-5)
+
+
+def test_empty_negative_is_the_papers_formula():
+    out = decoupled_guidance(u, c, None, 5.0, [GuidanceTerm(d, 2.0)])
+    assert torch.allclose(out, u + 2.0 * (d - u) + 5.0 * (c - u), atol=1e-5)
+
+
+def test_cfg_zero_domain_one_is_the_domain_prediction():
+    assert torch.allclose(decoupled_guidance(u, None, None, 0.0, [GuidanceTerm(d, 1.0)]), d, atol=1e-6)
+
+
+def test_terms_add_linearly():
+    d2 = d * 0.5 + 1
+    both = decoupled_guidance(u, c, n, 3.0, [GuidanceTerm(d, 1.0), GuidanceTerm(d2, -0.5)])
+    assert torch.allclose(both, ksampler_cfg(c, n, 3.0) + (d - u) - 0.5 * (d2 - u), atol=1e-5)
+
+
+def test_missing_positive_needs_cfg_zero():
+    with pytest.raises(ValueError, match="cfg=2"):
+        decoupled_guidance(u, None, n, 2.0)
+
+
+def test_intervals():
+    interval = TermInterval(sigma_start=10.0, sigma_end=1.0)
+    assert is_active(interval, 5.0) and not is_active(interval, 11.0) and not is_active(interval, 0.5)
+    assert is_active(None, 1e9)
+    with pytest.raises(ValueError):
+        TermInterval(sigma_start=1.0, sigma_end=2.0)
+    with pytest.raises(ValueError, match="start_percent=0.9"):
+        percent_to_step_fraction(0.9, 0.1)
+    with pytest.raises(ValueError, match="end_percent=1.5"):
+        percent_to_step_fraction(0.0, 1.5)
