@@ -4,6 +4,11 @@ from __future__ import annotations
 import copy
 
 
+def close(a, b, rel=1e-5) -> bool:
+    """max |a - b| <= rel * max |b|: the tolerance the issue sets for 'the same latents'."""
+    return (a - b).abs().max().item() <= rel * b.abs().max().item()
+
+
 def text_to_image(*, sampler="InDomainKSampler", positive="a photo of a cat", negative="blurry, low quality",
                   seed=7, steps=4, cfg=5.0, sampler_name="euler", scheduler="normal", width=64, height=64,
                   batch=1, domain=None, domain_scale=1.0, denoise=1.0, extra=None, label="out"):

@@ -43,9 +43,13 @@ class _Server:
 
 
 class Host:
-    def __init__(self, comfy_path: str, base_dir: str):
+    def __init__(self, comfy_path: str, base_dir: str, cpu: bool = True, builtin_nodes: bool = True):
+        """cpu=False lets the host pick its accelerator (benchmarks); builtin_nodes=False skips the
+        host's comfy_extras nodes (and their optional dependencies): only nodes.py and this pack."""
         self.path = comfy_path
         self.base_dir = base_dir
+        self.cpu = cpu
+        self.builtin_nodes = builtin_nodes
         self.server = _Server()
         self.captured = {}
 
@@ -54,7 +58,7 @@ class Host:
             sys.path.insert(0, self.path)
         from comfy.cli_args import args
 
-        args.cpu = True
+        args.cpu = self.cpu
         args.base_directory = self.base_dir
         args.disable_all_custom_nodes = False
         import folder_paths
@@ -66,7 +70,8 @@ class Host:
             os.makedirs(os.path.join(self.base_dir, sub), exist_ok=True)
         import nodes
 
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        if self.builtin_nodes:
+            asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         # Load the pack the way the host loads custom_nodes/<pack>.
         custom = os.path.join(self.base_dir, "custom_nodes")
         os.makedirs(custom, exist_ok=True)

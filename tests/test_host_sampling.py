@@ -5,11 +5,7 @@ import pytest
 import torch
 
 import tiny_nodes as tiny
-from graphs import loader, text_to_image
-
-
-def close(a, b, rel=1e-5):
-    return (a - b).abs().max().item() <= rel * b.abs().max().item()
+from graphs import close, loader, text_to_image
 
 
 @pytest.fixture(scope="module")
