@@ -1,0 +1,133 @@
+"""training/lora.py: adapters on the targeted layers, ComfyUI's file format, ComfyUI's merge."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from test_training_support import CONTEXT, OpsLinear, tiny_unet
+from training.lora import DEFAULT_TARGETS, inject_lora, load_lora, lora_state_dict, merged_weight
+
+x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+t = torch.tensor([10.0, 900.0])
+
+
+def _out(unet):
+    return unet(x, t, context=CONTEXT.expand(2, -1, -1))
+
+
+def _randomise_up(network, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in network.adapters:
+            a.lora_up.weight.copy_(torch.randn(a.lora_up.weight.shape, generator=g) * 0.1)
+
+
+def test_default_targets_adapt_attention_projections_and_feed_forward():
+    unet = tiny_unet()
+    network = inject_lora(unet, rank=4, alpha=4.0)
+    assert network.paths == ["proj_in", "to_q", "to_k", "to_v", "to_out.0", "ff.net.0", "ff.net.2", "proj_out"]
+    assert DEFAULT_TARGETS == ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.*")
+
+
+def test_a_fresh_adapter_changes_nothing_and_the_base_is_frozen():
+    unet = tiny_unet()
+    before = _out(unet)
+    network = inject_lora(unet, rank=4, alpha=8.0)
+    assert torch.allclose(_out(unet), before, rtol=0, atol=1e-6)  # up starts at zero (frozen weights pick other kernels)
+    assert not any(p.requires_grad for p in unet.parameters())
+    assert all(p.requires_grad for p in network.named_params().values())
+    _out(unet).square().mean().backward()
+    assert all(p.grad is None for p in unet.parameters())
+    assert all(a.lora_up.weight.grad is not None for a in network.adapters)
+
+
+def test_subclassed_layers_are_wrapped_in_place_keeping_class_attributes_and_keys():
+    unet = tiny_unet()
+    keys = list(unet.state_dict())
+    layer = unet.to_q
+    inject_lora(unet, rank=2, alpha=2.0)
+    assert unet.to_q is layer and type(unet.to_q) is OpsLinear and unet.to_q.weight_function == []
+    assert list(unet.state_dict()) == keys
+
+
+def test_remove_gives_the_unet_back_as_it_was():
+    unet = tiny_unet()
+    before = _out(unet)
+    network = inject_lora(unet, rank=4, alpha=4.0)
+    _randomise_up(network)
+    assert not torch.allclose(_out(unet), before)
+    network.remove()
+    assert torch.equal(_out(unet), before)
+    assert all(p.requires_grad for p in unet.parameters())
+
+
+def test_export_keys_are_comfyuis_lora_format():
+    unet = tiny_unet()
+    network = inject_lora(unet, rank=4, alpha=2.0)
+    sd = lora_state_dict(network)
+    assert set(sd) == {f"diffusion_model.{p}.{s}" for p in network.paths for s in ("lora_up.weight", "lora_down.weight", "alpha")}
+    assert sd["diffusion_model.to_k.lora_down.weight"].shape == (4, 8)  # [rank, in]
+    assert sd["diffusion_model.to_k.lora_up.weight"].shape == (16, 4)  # [out, rank]
+    assert sd["diffusion_model.proj_in.lora_down.weight"].shape == (4, 16, 1, 1)
+    assert sd["diffusion_model.proj_in.lora_up.weight"].shape == (16, 4, 1, 1)
+    assert float(sd["diffusion_model.to_q.alpha"]) == 2.0
+    # ComfyUI's LoraLoader maps diffusion_model.<path> to the UNet's <path>.weight
+    assert all(k[len("diffusion_model."):].rsplit(".", 2)[0] + ".weight" in unet.state_dict() for k in sd if k.endswith(".lora_up.weight"))
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Linear(12, 20),
+    OpsLinear(12, 20),
+    nn.Conv2d(6, 10, 1),
+    nn.Conv2d(6, 10, 3, padding=1),
+    nn.Conv2d(6, 10, 3, stride=2, padding=1),
+], ids=["linear", "ops-linear", "conv1x1", "conv3x3", "conv3x3-stride2"])
+def test_merged_weight_matches_the_adapted_layer(layer):
+    host = nn.Module()
+    host.proj_in = layer
+    network = inject_lora(host, rank=3, alpha=1.5, targets=("proj_in",))
+    _randomise_up(network, seed=3)
+    sd = lora_state_dict(network)
+    w = merged_weight(layer.weight, sd["diffusion_model.proj_in.lora_down.weight"],
+                      sd["diffusion_model.proj_in.lora_up.weight"], float(sd["diffusion_model.proj_in.alpha"]))
+    if isinstance(layer, nn.Linear):
+        inp = torch.randn(5, 12)
+        expected = F.linear(inp, w, layer.bias)
+    else:
+        inp = torch.randn(2, 6, 9, 9)
+        expected = F.conv2d(inp, w, layer.bias, layer.stride, layer.padding)
+    assert torch.allclose(host.proj_in(inp), expected, atol=1e-5)
+
+
+def test_a_lora_file_loads_back_into_fresh_adapters():
+    a = inject_lora(tiny_unet(), rank=4, alpha=4.0, seed=1)
+    _randomise_up(a)
+    unet = tiny_unet()
+    b = inject_lora(unet, rank=4, alpha=4.0, seed=2)
+    load_lora(b, lora_state_dict(a))
+    for k, v in lora_state_dict(a).items():
+        assert torch.equal(lora_state_dict(b)[k], v)
+
+
+def test_a_lora_of_another_rank_or_alpha_is_refused_naming_the_key():
+    a = lora_state_dict(inject_lora(tiny_unet(), rank=4, alpha=4.0))
+    b = inject_lora(tiny_unet(), rank=8, alpha=4.0)
+    with pytest.raises(ValueError, match=r"proj_in.lora_down.weight has shape \[4, 16, 1, 1\], the adapter needs \[8, 16, 1, 1\]"):
+        load_lora(b, a)
+    c = inject_lora(tiny_unet(), rank=4, alpha=2.0)
+    with pytest.raises(ValueError, match=r"alpha is 4.0, the adapters use alpha 2.0"):
+        load_lora(c, a)
+    with pytest.raises(ValueError, match="missing keys"):
+        load_lora(c, {k: v for k, v in a.items() if "to_q" not in k})
+
+
+def test_initial_adapters_depend_only_on_the_seed():
+    a = lora_state_dict(inject_lora(tiny_unet(), rank=4, alpha=4.0, seed=7))
+    torch.manual_seed(999)  # the global RNG plays no part
+    b = lora_state_dict(inject_lora(tiny_unet(), rank=4, alpha=4.0, seed=7))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_targets_matching_nothing_are_an_error_naming_them():
+    with pytest.raises(ValueError, match=r"LoRA targets \['attn9.to_x'\] match no Linear or Conv2d"):
+        inject_lora(tiny_unet(), rank=4, alpha=4.0, targets=("attn9.to_x",))

@@ -1,0 +1,83 @@
+"""Training a domain UNet (Cao et al., "Image is All You Need to Empower Large-scale Diffusion
+Models for In-Domain Generation"): a copy of a Stable Diffusion UNet, or LoRA adapters on it,
+trained text-free (every sample on the empty-prompt embedding) on captionless domain images
+with the ordinary denoising loss.
+
+Host independent: torch, numpy, safetensors, einops, the standard library, and Pillow (only in
+data.py, to read image files; ComfyUI ships it). Nothing here imports ComfyUI.
+
+The host interface: `train(unet, images, *, ...)` (loop.py) takes
+
+    unet             nn.Module called as unet(x, timesteps, **cond) -> the raw model output, shaped
+                     like x (ComfyUI's UNetModel: forward(x, timesteps, context=None, y=None, ...)).
+                     x: [B, C, h, w] float32 latents; timesteps: [B] float32 in 0..T-1.
+                     "lora" mode hooks adapters onto it and takes them off (and restores its
+                     requires_grad flags) before returning, also on error; "full" mode trains a
+                     float32 deep copy and never modifies it.
+    images           a folder path (png/jpg/jpeg/webp/bmp) or an IMAGE batch [B, H, W, 3] float 0..1.
+    encode           images [1, H, W, 3] float 0..1 (CPU) -> latents [1, C, H/f, W/f]: the VAE
+                     encode including the latent scaling (e.g. x 0.18215 for SD1).
+    vae_id           str naming the VAE (part of every latent-cache key).
+    cond_for         (height_px, width_px) -> {name: tensor [1, ...]}: the empty prompt's
+                     conditioning for one bucket, e.g. {"context": [1, 77, 768]}, plus "y" [1, 2816]
+                     for SDXL (its size embedding depends on the image size). Called once per bucket;
+                     each tensor is expanded to the batch and passed as unet(x, t, **cond).
+    alphas_cumprod   1-D tensor [T] (usually T = 1000): the training noise schedule.
+    prediction_type  "eps" or "v".
+    config           TrainConfig (mode, lora rank/alpha/targets, lr, schedule, warm-up, batch size,
+                     resolution, flip, seed, precision, EMA decay, checkpoint/preview periods,
+                     gradient-checkpointed submodules).
+    cache_dir        folder for the latent cache (`<sha256>.latent` files, reused across runs).
+    state_path       the training-state file (one safetensors file, any extension): saved every
+                     config.checkpoint_every steps and at the end; if it exists, training resumes
+                     from it (a differing config raises ResumeMismatch naming the keys).
+    check_interrupt  () -> None; raises the host's interrupt exception. Called at the start of each
+                     step, once more before each optimizer update, and before each image is encoded.
+    on_progress      Progress(stage, step, total, loss, images_per_s, eta_s) -> None: after each
+                     encoded image (stage "cache") and each step (stage "train").
+    on_preview       (step, module) -> None every config.preview_every steps; module is what is
+                     being trained (the full copy, or the host's UNet with the adapters on).
+    device           where to train; default the device of unet's first parameter.
+
+and returns TrainResult(weights, ema_weights, losses, step, start_step): `weights` is what to save
+with `save_model_file(safe_join(folder, name), weights, metadata)`: the UNet's state dict (its own
+keys, no prefix) in "full" mode, or ComfyUI LoRA tensors (diffusion_model.<path>.lora_up.weight,
+.lora_down.weight, .alpha) in "lora" mode.
+
+Errors: TrainingDiverged (a NaN/inf loss or weight; the state file keeps its last good content),
+ResumeMismatch, ValueError naming the bad input; the host's interrupt exception passes through.
+"""
+from .checkpoint import ResumeMismatch, atomic_save, read_state_header, safe_join, save_model_file
+from .data import ImageSet, make_buckets, nearest_bucket
+from .latents import cache_latents
+from .lora import DEFAULT_TARGETS, LoRANetwork, inject_lora, load_lora, lora_state_dict, merged_weight
+from .loop import Progress, TrainConfig, TrainingDiverged, TrainResult, learning_rate, train
+from .noise import denoising_loss, prediction_target, q_sample, v_target
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "ImageSet",
+    "LoRANetwork",
+    "Progress",
+    "ResumeMismatch",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "atomic_save",
+    "cache_latents",
+    "denoising_loss",
+    "inject_lora",
+    "learning_rate",
+    "load_lora",
+    "lora_state_dict",
+    "make_buckets",
+    "merged_weight",
+    "nearest_bucket",
+    "prediction_target",
+    "q_sample",
+    "read_state_header",
+    "safe_join",
+    "save_model_file",
+    "train",
+    "v_target",
+]

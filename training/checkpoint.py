@@ -1,0 +1,193 @@
+"""Files: the training state (one safetensors file), the deliverable model file, safe paths.
+
+Every write is atomic: the tensors go to `<name>.tmp-<pid>` in the target's folder, are fsynced,
+and replace the target with os.replace; the temp file is removed on any error, so a target is
+either its old content or its complete new content, never half-written. Reads use safetensors
+only (no pickle).
+
+A training state holds (tensor keys):
+    param.<name>              trainable weights                       (the optimizer's order: metadata "params")
+    ema.<name>                EMA of the trainable weights            (only with EMA on)
+    optim.<i>.exp_avg         AdamW first moment of parameter i
+    optim.<i>.exp_avg_sq      AdamW second moment of parameter i
+    optim.<i>.step            AdamW step count of parameter i
+    scaler.scale              fp16 loss scale                         (only with fp16)
+    scaler.growth_tracker
+    step                      optimizer updates done (int64 scalar)
+and metadata (str -> str): format, step, params (JSON list), config (JSON: what must match to resume).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "indomain-training-state/1"
+
+
+def safe_join(root: str | os.PathLike, name: str) -> str:
+    """root/name, refusing a name that is empty, absolute, or escapes root (`..`, symlinks).
+
+    The node uses it for the user's save name. Subfolders inside root are allowed.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"save name {name!r} is empty; give a file name such as 'my_domain.safetensors'")
+    if "\0" in name or os.path.isabs(name) or os.path.splitdrive(name)[0] or name.startswith(("/", "\\")):
+        raise ValueError(f"save name {name!r} must be a relative name inside {os.fspath(root)!r}, not an absolute path")
+    base = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(base, name))
+    if path == base or os.path.commonpath([base, path]) != base:
+        raise ValueError(f"save name {name!r} leaves the folder {os.fspath(root)!r}; use a plain name without '..'")
+    return path
+
+
+def atomic_save(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Write a safetensors file at `path` atomically (temp file, fsync, os.replace); creates the folder."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
+        with open(tmp, "r+b") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if os.name == "posix":  # make the rename itself durable
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_model_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
+    """Save the deliverable (a full UNet state dict or a LoRA) as safetensors, atomically."""
+    for k, v in tensors.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"model file {os.fspath(path)!r}: entry {k!r} is a {type(v).__name__}, expected a tensor")
+    for k, v in (metadata or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"model file {os.fspath(path)!r}: metadata {k!r} must map str to str, got {type(v).__name__}")
+    atomic_save(path, tensors, metadata)
+    log.info("Saved %d tensors to %s", len(tensors), os.fspath(path))
+
+
+class ResumeMismatch(ValueError):
+    """The state file was made with a different training configuration."""
+
+
+@dataclass(frozen=True)
+class StateHeader:
+    """What a state file says about itself, read without loading its tensors."""
+
+    path: str
+    step: int
+    config: dict
+    params: list[str]
+
+
+def save_state(
+    path: str | os.PathLike,
+    *,
+    step: int,
+    config: dict,
+    params: Mapping[str, torch.Tensor],
+    ema: Mapping[str, torch.Tensor] | None,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
+    """Write the whole training state as one safetensors file, atomically."""
+    names = list(params)
+    tensors = {f"param.{n}": p for n, p in params.items()}
+    tensors.update({f"ema.{n}": e for n, e in (ema or {}).items()})
+    for i, p in enumerate(params.values()):
+        for field, value in optimizer.state.get(p, {}).items():
+            tensors[f"optim.{i}.{field}"] = torch.as_tensor(value)
+    if scaler is not None and scaler.is_enabled():
+        tensors["scaler.scale"] = torch.tensor(scaler.get_scale(), dtype=torch.float64)
+        tensors["scaler.growth_tracker"] = torch.tensor(scaler.state_dict()["_growth_tracker"], dtype=torch.int64)
+    tensors["step"] = torch.tensor(step, dtype=torch.int64)
+    metadata = {"format": STATE_FORMAT, "step": str(step), "params": json.dumps(names), "config": json.dumps(config, sort_keys=True)}
+    atomic_save(path, tensors, metadata)
+    log.info("Saved training state at step %d to %s", step, os.fspath(path))
+
+
+def read_state_header(path: str | os.PathLike) -> StateHeader:
+    """The step, config and parameter names of a state file; ValueError naming the file if unreadable."""
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != STATE_FORMAT:
+            raise ValueError(f"format is {meta.get('format')!r}, expected {STATE_FORMAT!r}")
+        return StateHeader(path, int(meta["step"]), json.loads(meta["config"]), json.loads(meta["params"]))
+    except Exception as e:  # safetensors, JSON and key errors all mean: not a usable state file
+        raise ValueError(
+            f"training state {path!r} is not a readable training state ({type(e).__name__}: {e}); "
+            f"delete it or choose another name to start over"
+        ) from e
+
+
+def check_resume_config(header: StateHeader, current: dict) -> None:
+    """Refuse to resume from a state whose config differs, naming each differing key."""
+    current = json.loads(json.dumps(current, sort_keys=True))  # compare as stored (tuples -> lists)
+    keys = sorted(set(header.config) | set(current))
+    diffs = [f"{k}: saved {header.config.get(k)!r}, now {current.get(k)!r}" for k in keys if header.config.get(k) != current.get(k)]
+    if diffs:
+        raise ResumeMismatch(
+            f"cannot resume from {header.path!r}: it was trained with a different configuration ({'; '.join(diffs)}). "
+            f"Use the saved values to continue it, or delete it / choose another name to start over."
+        )
+
+
+def restore_state(
+    header: StateHeader,
+    *,
+    params: Mapping[str, torch.nn.Parameter],
+    ema: Mapping[str, torch.Tensor] | None,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
+    """Load a state file's tensors into the given parameters, EMA, optimizer and scaler (in place)."""
+    if list(params) != header.params:
+        missing = sorted(set(header.params) - set(params))[:5]
+        extra = sorted(set(params) - set(header.params))[:5]
+        raise ResumeMismatch(
+            f"cannot resume from {header.path!r}: its trainable parameters differ from this model's "
+            f"(only in the file: {missing}; only in the model: {extra}); was it made for another base model?"
+        )
+    with safe_open(header.path, framework="pt") as f:
+        keys = set(f.keys())
+        with torch.no_grad():
+            for name, p in params.items():
+                _copy_checked(header.path, f"param.{name}", f.get_tensor(f"param.{name}"), p)
+                if ema is not None:
+                    _copy_checked(header.path, f"ema.{name}", f.get_tensor(f"ema.{name}"), ema[name])
+        state = {}
+        for i in range(len(params)):
+            fields = {k.split(".")[2]: f.get_tensor(k) for k in keys if k.startswith(f"optim.{i}.")}
+            if fields:
+                state[i] = fields
+        if scaler is not None and scaler.is_enabled():
+            sd = scaler.state_dict()
+            sd["scale"] = float(f.get_tensor("scaler.scale"))
+            sd["_growth_tracker"] = int(f.get_tensor("scaler.growth_tracker"))
+            scaler.load_state_dict(sd)
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def _copy_checked(path: str, key: str, value: torch.Tensor, into: torch.Tensor) -> None:
+    if value.shape != into.shape:
+        raise ResumeMismatch(f"cannot resume from {path!r}: {key} has shape {list(value.shape)}, the model needs {list(into.shape)}")
+    into.copy_(value)

@@ -1,0 +1,150 @@
+"""Training images: a folder of captionless image files, or an in-memory IMAGE batch.
+
+The paper trains the domain UNet on images alone (no captions). Every image is fitted to one
+aspect-ratio bucket (sides multiples of 64, area <= resolution^2, aspect ratio up to 2:1) by
+resizing it to cover the bucket and cropping the centre, so no image is rejected for its size:
+small ones are upscaled. Images are read one at a time; nothing holds the whole set in memory.
+
+Pillow is used here only to read, orient and resize image files (ComfyUI ships it).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+BUCKET_MULTIPLE = 64
+MAX_ASPECT = 2.0
+# What Pillow raises for a file it cannot decode (corrupt, truncated, not an image, too large).
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class BucketedImage:
+    """One training image fitted to its bucket."""
+
+    name: str  # the file name, or "images[i]" for an in-memory batch
+    pixels: np.ndarray  # [H, W, 3] uint8, H x W = the bucket
+
+    @property
+    def bucket(self) -> tuple[int, int]:
+        return self.pixels.shape[0], self.pixels.shape[1]  # (height, width) in pixels
+
+
+def make_buckets(resolution: int, max_aspect: float = MAX_ASPECT, multiple: int = BUCKET_MULTIPLE) -> list[tuple[int, int]]:
+    """The (height, width) buckets for `resolution`: sides multiples of 64, area <= resolution^2,
+    aspect ratio at most `max_aspect`, the square included; one (the largest) per aspect ratio.
+
+    For each width the tallest height that fits (area and aspect), then the transposes;
+    e.g. 512 gives 320x640, 384x640, 448x576, 512x512, 576x448, 640x384, 640x320 (h x w).
+    """
+    if resolution < multiple or resolution % multiple:
+        raise ValueError(f"resolution={resolution} must be a multiple of {multiple} (e.g. 512 for SD1, 1024 for SDXL)")
+    area = resolution * resolution
+    found: dict[float, tuple[int, int]] = {}
+    for width in range(multiple, int(area / multiple) + 1, multiple):
+        height = min(area // width, int(max_aspect * width)) // multiple * multiple
+        if height < multiple or width / height > max_aspect:
+            continue
+        for h, w in ((height, width), (width, height)):
+            best = found.get(w / h)
+            if best is None or h * w > best[0] * best[1]:
+                found[w / h] = (h, w)
+    return sorted(found.values(), key=lambda hw: hw[1] / hw[0])
+
+
+def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to height x width (compared in log space)."""
+    ratio = math.log(width / height)
+    return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - ratio))
+
+
+def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> np.ndarray:
+    """Resize `image` to cover the bucket (keeping its aspect), crop the centre: [H, W, 3] uint8."""
+    bh, bw = bucket
+    w, h = image.size
+    scale = max(bw / w, bh / h)
+    nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.Resampling.LANCZOS)
+    left, top = (nw - bw) // 2, (nh - bh) // 2
+    return np.array(image.crop((left, top, left + bw, top + bh)).convert("RGB"), dtype=np.uint8)
+
+
+def list_image_files(folder: str | os.PathLike) -> list[str]:
+    """The image files directly in `folder` (png/jpg/jpeg/webp/bmp, any case), sorted by name.
+
+    Raises ValueError naming the folder when it is missing, not a folder, or holds no image file.
+    """
+    folder = os.fspath(folder)
+    if not os.path.exists(folder):
+        raise ValueError(f"image folder {folder!r} does not exist; give the folder holding your domain images")
+    if not os.path.isdir(folder):
+        raise ValueError(f"image folder {folder!r} is a file, not a folder; give the folder holding your domain images")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, n)))
+    if not names:
+        raise ValueError(f"image folder {folder!r} has no image files (expected {', '.join(IMAGE_EXTENSIONS)})")
+    return [os.path.join(folder, n) for n in names]
+
+
+def read_image(path: str) -> Image.Image:
+    """An image file as RGB, turned upright by its EXIF orientation. Raises what Pillow raises."""
+    with Image.open(path) as image:
+        image.load()
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+class ImageSet:
+    """The training images: a folder path, or a ComfyUI IMAGE batch (tensor [B, H, W, 3], 0..1).
+
+    The input is checked at construction (errors name it); images are read by `bucketed`.
+    """
+
+    def __init__(self, images: str | os.PathLike | torch.Tensor):
+        if isinstance(images, torch.Tensor):
+            if images.dim() != 4 or images.shape[-1] != 3 or images.shape[0] == 0:
+                raise ValueError(f"images: expected an IMAGE batch shaped [B, H, W, 3] with B >= 1, got {list(images.shape)}")
+            batch = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            self.origin = "the image batch"
+            self.names = [f"images[{i}]" for i in range(len(batch))]
+            self._loaders: list[Callable[[], Image.Image]] = [lambda a=a: Image.fromarray(a) for a in batch]
+        else:
+            files = list_image_files(images)
+            self.origin = f"image folder {os.fspath(images)!r}"
+            self.names = [os.path.basename(f) for f in files]
+            self._loaders = [lambda f=f: read_image(f) for f in files]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def bucketed(self, resolution: int) -> Iterator[BucketedImage]:
+        """Each readable image fitted to its bucket, in order. Unreadable files are skipped with one
+        warning listing them (after the last image); if none is readable, ValueError names the origin.
+        """
+        buckets = make_buckets(resolution)
+        unreadable = []
+        for name, load in zip(self.names, self._loaders):
+            try:
+                image = load()
+            except _UNREADABLE as e:
+                unreadable.append(f"{name} ({type(e).__name__}: {e})")
+                continue
+            yield BucketedImage(name, fit_to_bucket(image, nearest_bucket(image.height, image.width, buckets)))
+        if unreadable:
+            log.warning("Skipped %d unreadable image file(s) in %s: %s", len(unreadable), self.origin, "; ".join(unreadable))
+        if len(unreadable) == len(self.names):
+            raise ValueError(f"none of the {len(self.names)} image file(s) in {self.origin} could be read; check that they are valid images")
+
+
+def flip_horizontal(pixels: np.ndarray) -> np.ndarray:
+    """The mirror image [H, W, 3] (the flip augmentation; applied before encoding, so cached)."""
+    return np.ascontiguousarray(pixels[:, ::-1])

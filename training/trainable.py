@@ -1,0 +1,87 @@
+"""What the optimizer trains: a full copy of the UNet, or LoRA adapters on the host's UNet.
+
+"full" trains a float32 deep copy (the host's module is never modified); "lora" hooks adapters
+onto the host's module and takes them off again in `close()`. Either way the loop sees the same
+thing: a module to call as module(x, t, **cond), its trainable parameters by name, and an
+`export` turning parameter values (the weights, or their EMA) into the file to deliver.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .lora import DEFAULT_TARGETS, inject_lora, lora_state_dict
+
+MODES = ("full", "lora")
+
+
+@dataclass
+class Trainable:
+    module: nn.Module  # called as module(x_t, t, **cond)
+    params: dict[str, nn.Parameter]  # the optimizer's parameters, by their saved name, fixed order
+    export: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]  # param values -> deliverable
+    close: Callable[[], None]  # give the host's module back as it was
+
+
+def full_copy(unet: nn.Module) -> Trainable:
+    """A float32 deep copy of the UNet with every parameter trainable.
+
+    Deliverable: the copy's state dict (UNet keys, no prefix) with the given parameter values.
+    """
+    model = copy.deepcopy(unet).float().requires_grad_(True)
+    params = dict(model.named_parameters())
+
+    def export(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: values.get(k, v).detach() for k, v in model.state_dict().items()}
+
+    return Trainable(model, params, export, lambda: None)
+
+
+def lora_adapters(unet: nn.Module, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0) -> Trainable:
+    """LoRA adapters on the host's UNet (base frozen). Deliverable: a ComfyUI LoRA file's tensors."""
+    network = inject_lora(unet, rank, alpha, targets, seed)
+    return Trainable(unet, network.named_params(), lambda values: lora_state_dict(network, values), network.remove)
+
+
+def enable_gradient_checkpointing(model: nn.Module, names: Sequence[str]) -> Callable[[], None]:
+    """Recompute the named submodules' activations in backward (torch.utils.checkpoint,
+    use_reentrant=False) instead of storing them. Returns the function that undoes it.
+    """
+    modules = dict(model.named_modules())
+    unknown = [n for n in names if n not in modules]
+    if unknown:
+        raise ValueError(f"gradient_checkpointing: the UNet has no submodule named {unknown}; give module paths such as 'input_blocks.1'")
+    wrapped = []
+    for name in names:
+        module = modules[name]
+        forward = module.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        module.forward = checkpointed  # an instance attribute: the class is untouched
+        wrapped.append(module)
+
+    def undo() -> None:
+        for module in wrapped:
+            module.__dict__.pop("forward", None)
+
+    return undo
+
+
+def ema_init(params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The EMA starts at the current weights (float32 copies)."""
+    return {k: p.detach().float().clone() for k, p in params.items()}
+
+
+@torch.no_grad()
+def ema_update(ema: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * param, for every parameter."""
+    torch._foreach_lerp_(list(ema.values()), [p.detach().float() for p in params.values()], 1.0 - decay)
