@@ -1,0 +1,540 @@
+"""Small-scale reproduction of guidance forgetting and decoupled domain guidance.
+
+    python -m experiments.indomain_repro --config cpu --out DIR
+    python -m experiments.indomain_repro --config gpu --out DIR     # uses CUDA when present
+
+What it does, from scratch and with fixed seeds:
+
+1. renders a labelled shape data set (classes = shapes, many random styles) and a *domain*:
+   one fixed style (orange shapes on navy/teal diagonal stripes) whose labels are never
+   shown to a diffusion model;
+2. trains a small class-conditional UNet (v-prediction, DDPM alphas_cumprod, null class with
+   condition dropout so classifier-free guidance works) on the labelled base data;
+3. fine-tunes a copy of it on the domain images with the null condition for every sample.
+   That one run is both the paper's "naive fine-tune" (sampled alone with CFG) and its
+   text-free "domain model" (used only as the domain term): the two are the same training
+   procedure (same data, steps and seed), so it is run once and the methods differ only in
+   how they sample;
+4. samples (a) the base alone with CFG, (b) the fine-tuned model alone with CFG and
+   (c) ours: guidance.decoupled_guidance with the base for u and c (negative = empty) and the
+   fine-tuned copy as the domain term d, over a grid of domain weights;
+5. measures control accuracy (a style-robust shape classifier trained on held-out labelled
+   images of both styles: is a sample requested as class k classified as k?), domain rate
+   (the same network's style head: fraction of samples that look like the domain) and the
+   Frechet distance to held-out domain images in that network's penultimate features;
+6. writes results.json, results.md and samples.png into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from guidance import GuidanceTerm, decoupled_guidance
+
+from .shapes import BASE_STYLE, CLASSES, DOMAIN_STYLE, make_set
+from .unet import SmallUNet
+
+log = logging.getLogger("indomain_repro")
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    size: int = 16
+    channels: tuple = (32, 64)
+    patch: int = 2
+    emb_dim: int = 64
+    timesteps: int = 1000
+    # data
+    n_base_train: int = 6000
+    n_domain_train: int = 1000
+    n_domain_ref: int = 1000
+    n_cls_train_per_style: int = 2000
+    n_cls_test_per_style: int = 400
+    # base model
+    base_steps: int = 900
+    base_lr: float = 2e-3
+    batch: int = 64
+    cond_drop: float = 0.15
+    ema: float = 0.995
+    # fine-tune (naive == text-free domain model, see the module docstring)
+    ft_steps: int = 300
+    ft_lr: float = 1e-3
+    # evaluation network
+    cls_steps: int = 400
+    cls_batch: int = 128
+    # sampling
+    samples_per_class: int = 64
+    sample_steps: int = 20
+    cfg: float = 3.0
+    domain_weights: tuple = (0.5, 1.0, 2.0)
+    headline_weight: float = 1.0
+    seed: int = 0
+    grid_per_cell: int = 4
+
+
+CONFIGS = {
+    "cpu": Config(name="cpu"),
+    "gpu": Config(
+        name="gpu",
+        size=32,
+        channels=(64, 128, 256),
+        patch=2,
+        emb_dim=256,
+        n_base_train=40000,
+        n_domain_train=2000,
+        n_domain_ref=4000,
+        n_cls_train_per_style=10000,
+        n_cls_test_per_style=2000,
+        base_steps=8000,
+        base_lr=1e-3,
+        batch=256,
+        ema=0.999,
+        ft_steps=2000,
+        ft_lr=5e-4,
+        cls_steps=2000,
+        cls_batch=256,
+        samples_per_class=500,
+        sample_steps=50,
+        domain_weights=(0.5, 1.0, 2.0, 3.0),
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# diffusion: the noise schedule and loss (DDPM alphas_cumprod, v-prediction)
+# The loss is called in exactly one place (`train_diffusion`); it is written here until the
+# project's training/noise.py exists, and is then one line to swap.
+
+
+def cosine_alphas_cumprod(timesteps: int, s: float = 0.008) -> torch.Tensor:
+    """DDPM alphas_cumprod of the cosine schedule (Nichol & Dhariwal), float64 [T]."""
+    t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def _ab(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return alphas_cumprod.to(like.device)[t].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    ab = _ab(alphas_cumprod, t, x0)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def v_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    ab = _ab(alphas_cumprod, t, x0)
+    return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+
+def local_denoising_loss(model, x0, y, alphas_cumprod, generator) -> torch.Tensor:
+    """MSE of the v prediction at uniformly drawn timesteps."""
+    n = x0.shape[0]
+    t = torch.randint(0, alphas_cumprod.shape[0], (n,), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    xt = q_sample(x0, t, noise, alphas_cumprod)
+    return F.mse_loss(model(xt, t, y), v_target(x0, noise, t, alphas_cumprod))
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+class EMA:
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = copy.deepcopy(model).eval()
+        for p in self.shadow.parameters():
+            p.requires_grad_(False)
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module):
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for s, p in zip(self.shadow.parameters(), model.parameters()):
+            s.lerp_(p, 1 - d)
+        for s, b in zip(self.shadow.buffers(), model.buffers()):
+            s.copy_(b)
+
+
+def train_diffusion(model, images, labels, steps, lr, cfg: Config, alphas_cumprod, seed, device, what) -> nn.Module:
+    """Train `model` on (images, labels); labels None means every sample has the null condition.
+
+    Returns the EMA copy (eval mode). Condition dropout replaces a label by the null class with
+    probability cfg.cond_drop (only when labels are given).
+    """
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    ema = EMA(model, cfg.ema)
+    null = model.null_class
+    n = images.shape[0]
+    t0 = time.time()
+    for step in range(steps):
+        idx = torch.randint(0, n, (cfg.batch,), generator=g)
+        x0 = images[idx].to(device)
+        if labels is None:
+            y = torch.full((cfg.batch,), null, dtype=torch.long)
+        else:
+            y = labels[idx].clone()
+            y[torch.rand(cfg.batch, generator=g) < cfg.cond_drop] = null
+        y = y.to(device)
+        loss = local_denoising_loss(model, x0, y, alphas_cumprod, g)  # the one loss call
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.update(model)
+        if (step + 1) % max(1, steps // 5) == 0 or step == 0:
+            log.info("%s step %d/%d loss %.4f (%.1fs)", what, step + 1, steps, loss.item(), time.time() - t0)
+    return ema.shadow
+
+
+class EvalNet(nn.Module):
+    """Shape classifier with a style head; its penultimate layer is the feature space for FD."""
+
+    def __init__(self, num_classes: int, width: int = 16, feat: int = 64):
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.GroupNorm(8, 4 * w), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(4 * w, feat), nn.SiLU(),
+        )
+        self.shape_head = nn.Linear(feat, num_classes)
+        self.style_head = nn.Linear(feat, 2)
+
+    def forward(self, x):
+        f = self.body(x)
+        return f, self.shape_head(f), self.style_head(f)
+
+
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Noise and blur, so that the classifier judges imperfect samples by shape and style."""
+    n = x.shape[0]
+    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    mix = (torch.rand(n, 1, 1, 1, generator=g) * 0.7).to(x.device)
+    x = x * (1 - mix) + blur * mix
+    sigma = (torch.rand(n, 1, 1, 1, generator=g) * 0.2).to(x.device)
+    return x + sigma * torch.randn(x.shape, generator=g).to(x.device)
+
+
+def train_evalnet(images, shapes, styles, cfg: Config, seed, device) -> EvalNet:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = EvalNet(len(CLASSES)).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=cfg.cls_steps)
+    n = images.shape[0]
+    for step in range(cfg.cls_steps):
+        idx = torch.randint(0, n, (cfg.cls_batch,), generator=g)
+        x = _augment(images[idx].to(device), g)
+        _, ls, lt = net(x)
+        loss = F.cross_entropy(ls, shapes[idx].to(device)) + F.cross_entropy(lt, styles[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    log.info("eval net: final loss %.4f", loss.item())
+    return net.eval()
+
+
+@torch.no_grad()
+def evaluate(net: EvalNet, images: torch.Tensor, device, batch: int = 1024):
+    feats, shapes, styles = [], [], []
+    for i in range(0, images.shape[0], batch):
+        f, ls, lt = net(images[i:i + batch].to(device))
+        feats.append(f.double().cpu())
+        shapes.append(ls.argmax(1).cpu())
+        styles.append(lt.argmax(1).cpu())
+    return torch.cat(feats).numpy(), torch.cat(shapes), torch.cat(styles)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to feature sets a [N, D] and b [M, D]."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(ca)
+    ca_half = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = ca_half @ cb @ ca_half
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca) + np.trace(cb) - 2 * tr_sqrt)
+
+
+# --------------------------------------------------------------------------------------------
+# sampling
+
+
+@torch.no_grad()
+def ddim_sample(predict_v, labels: torch.Tensor, cfg: Config, alphas_cumprod, seed, device) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from seeded noise; predict_v(x, t [B], y [B]) is the guided v."""
+    g = torch.Generator().manual_seed(seed)
+    n = labels.shape[0]
+    x = torch.randn((n, 3, cfg.size, cfg.size), generator=g).to(device)
+    y = labels.to(device)
+    T = alphas_cumprod.shape[0]
+    ts = torch.linspace(T - 1, 0, cfg.sample_steps).round().long().tolist()
+    ac = alphas_cumprod.tolist()
+    x0 = x
+    for i, t in enumerate(ts):
+        ab = ac[t]
+        ab_prev = ac[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        v = predict_v(x, torch.full((n,), t, device=device, dtype=torch.long), y)
+        x0 = (math.sqrt(ab) * x - math.sqrt(1 - ab) * v).clamp(-1, 1)
+        eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
+        x = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * eps
+    return x0.cpu()
+
+
+def guided_predictor(cond_model, domain_model, cfg_scale: float, domain_weight: float):
+    """v prediction of one method.
+
+    cond_model gives u and c (the base for (a) and ours, the fine-tuned copy for naive (b));
+    domain_model, when given, adds the domain term domain_weight * (d - u) with d its
+    null-condition prediction. The negative prompt is the empty one (n = u).
+    """
+
+    def predict(x, t, y):
+        null = torch.full_like(y, cond_model.null_class)
+        u, c = cond_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, y])).chunk(2)
+        terms = []
+        if domain_model is not None:
+            terms.append(GuidanceTerm(domain_model(x, t, null), domain_weight))
+        return decoupled_guidance(u, c, None, cfg_scale, terms=terms)
+
+    return predict
+
+
+def _sample_in_chunks(predict, labels, cfg, ac, seed, device, chunk):
+    out = []
+    for i in range(0, labels.shape[0], chunk):
+        out.append(ddim_sample(predict, labels[i:i + chunk], cfg, ac, seed + i, device))
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------
+# outputs
+
+
+def save_grid(rows: list[tuple[str, torch.Tensor, torch.Tensor]], path: Path, per_cell: int, scale: int):
+    """rows: (label, images [N,3,S,S] in [-1,1], labels [N]); columns = classes, per_cell each."""
+    from PIL import Image, ImageDraw
+
+    S = rows[0][1].shape[-1]
+    k = len(CLASSES)
+    pad, label_w, head_h = 4, 150, 16
+    cell_w = per_cell * S * scale
+    W = label_w + k * (cell_w + pad)
+    H = head_h + len(rows) * (S * scale + pad)
+    canvas = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, name in enumerate(CLASSES):
+        draw.text((label_w + j * (cell_w + pad) + 2, 2), name, fill=(0, 0, 0))
+    for r, (label, imgs, labs) in enumerate(rows):
+        y0 = head_h + r * (S * scale + pad)
+        draw.text((2, y0 + S * scale // 2 - 6), label, fill=(0, 0, 0))
+        for j in range(k):
+            sel = imgs[labs == j][:per_cell]
+            for m in range(sel.shape[0]):
+                arr = ((sel[m].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+                tile = Image.fromarray(arr).resize((S * scale, S * scale), Image.NEAREST)
+                canvas.paste(tile, (label_w + j * (cell_w + pad) + m * S * scale, y0))
+    canvas.save(path, optimize=True)
+
+
+def markdown_table(results: dict) -> str:
+    lines = [
+        f"cfg = {results['config']['cfg']}, {results['n_samples_per_method']} samples per method "
+        f"({results['config']['samples_per_class']} per class), config `{results['config']['name']}`, "
+        f"seed {results['config']['seed']}",
+        "",
+        "| method | domain weight | control accuracy | domain rate | FD to domain |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for m in results["methods"]:
+        w = "-" if m["domain_weight"] is None else f"{m['domain_weight']:g}"
+        lines.append(f"| {m['method']} | {w} | {m['control_accuracy']:.3f} | {m['domain_rate']:.3f} | {m['fd_domain']:.2f} |")
+    ref = results["reference"]
+    lines += [
+        "",
+        "Reference (real images, same sample count): "
+        f"FD(real domain, held-out domain) = {ref['fd_real_domain']:.2f}, "
+        f"FD(real base style, held-out domain) = {ref['fd_real_base']:.2f}; "
+        f"eval net on held-out real images: shape accuracy {ref['shape_acc_real']:.3f}, "
+        f"style accuracy {ref['style_acc_real']:.3f}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# the experiment
+
+
+def run(cfg: Config, out: Path, device: str | None = None) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    timings = {}
+    t_start = time.time()
+    s = cfg.seed * 1000
+    K = len(CLASSES)
+
+    # 1. data -------------------------------------------------------------------------------
+    t0 = time.time()
+    x_base, y_base = make_set(cfg.n_base_train, BASE_STYLE, cfg.size, s + 1)
+    x_dom, _ = make_set(cfg.n_domain_train, DOMAIN_STYLE, cfg.size, s + 2)  # labels discarded
+    x_ref, _ = make_set(cfg.n_domain_ref, DOMAIN_STYLE, cfg.size, s + 3)
+    xc_b, yc_b = make_set(cfg.n_cls_train_per_style, BASE_STYLE, cfg.size, s + 4)
+    xc_d, yc_d = make_set(cfg.n_cls_train_per_style, DOMAIN_STYLE, cfg.size, s + 5)
+    xt_b, yt_b = make_set(cfg.n_cls_test_per_style, BASE_STYLE, cfg.size, s + 6)
+    xt_d, yt_d = make_set(cfg.n_cls_test_per_style, DOMAIN_STYLE, cfg.size, s + 7)
+    timings["data"] = time.time() - t0
+    log.info("data: %d base, %d domain (unlabelled) images of %dx%d (%.1fs)", len(x_base), len(x_dom), cfg.size, cfg.size, timings["data"])
+
+    # 2. evaluation network -----------------------------------------------------------------
+    t0 = time.time()
+    xc = torch.cat([xc_b, xc_d])
+    net = train_evalnet(
+        xc, torch.cat([yc_b, yc_d]),
+        torch.cat([torch.full_like(yc_b, BASE_STYLE), torch.full_like(yc_d, DOMAIN_STYLE)]), cfg, s + 8, device,
+    )
+    _, sh_b, st_b = evaluate(net, xt_b, device)
+    _, sh_d, st_d = evaluate(net, xt_d, device)
+    shape_acc_real = float(torch.cat([sh_b == yt_b, sh_d == yt_d]).float().mean())
+    style_acc_real = float(torch.cat([st_b == BASE_STYLE, st_d == DOMAIN_STYLE]).float().mean())
+    timings["eval_net"] = time.time() - t0
+    log.info("eval net: held-out shape acc %.3f, style acc %.3f (%.1fs)", shape_acc_real, style_acc_real, timings["eval_net"])
+
+    # 3. base model ---------------------------------------------------------------------------
+    t0 = time.time()
+    ac = cosine_alphas_cumprod(cfg.timesteps)
+    torch.manual_seed(s + 9)
+    base = SmallUNet(3, cfg.channels, K, cfg.emb_dim, cfg.patch).to(device)
+    base_ema = train_diffusion(base, x_base, y_base, cfg.base_steps, cfg.base_lr, cfg, ac, s + 10, device, "base")
+    timings["base_train"] = time.time() - t0
+
+    # 4. fine-tune a copy on the domain images, null condition only ---------------------------
+    t0 = time.time()
+    ft = copy.deepcopy(base_ema).train()
+    for p in ft.parameters():
+        p.requires_grad_(True)
+    ft_ema = train_diffusion(ft, x_dom, None, cfg.ft_steps, cfg.ft_lr, cfg, ac, s + 11, device, "fine-tune")
+    timings["finetune"] = time.time() - t0
+
+    # 5. sampling -------------------------------------------------------------------------------
+    t0 = time.time()
+    n_per = cfg.samples_per_class
+    labels = torch.arange(K).repeat_interleave(n_per)
+    chunk = 512 if device == "cpu" else 4096
+    methods = [("base", None, base_ema, None), ("naive fine-tune", None, ft_ema, None)]
+    methods += [("ours", w, base_ema, ft_ema) for w in cfg.domain_weights]
+    samples = []
+    for name, w, cond_model, dom_model in methods:
+        pred = guided_predictor(cond_model, dom_model, cfg.cfg, w or 0.0)
+        imgs = _sample_in_chunks(pred, labels, cfg, ac, s + 12, device, chunk)  # same noise for all
+        samples.append((name, w, imgs))
+    timings["sampling"] = time.time() - t0
+
+    # 6. metrics -------------------------------------------------------------------------------
+    t0 = time.time()
+    f_ref, _, _ = evaluate(net, x_ref, device)
+    n_gen = labels.shape[0]
+    f_real_dom, _, _ = evaluate(net, make_set(n_gen, DOMAIN_STYLE, cfg.size, s + 13)[0], device)
+    f_real_base, _, _ = evaluate(net, make_set(n_gen, BASE_STYLE, cfg.size, s + 14)[0], device)
+    reference = {
+        "fd_real_domain": frechet_distance(f_real_dom, f_ref),
+        "fd_real_base": frechet_distance(f_real_base, f_ref),
+        "shape_acc_real": shape_acc_real,
+        "style_acc_real": style_acc_real,
+    }
+    rows = []
+    for name, w, imgs in samples:
+        f, sh, st = evaluate(net, imgs, device)
+        per_class = [float((sh[labels == k] == k).float().mean()) for k in range(K)]
+        rows.append({
+            "method": name,
+            "domain_weight": w,
+            "control_accuracy": float((sh == labels).float().mean()),
+            "control_accuracy_per_class": per_class,
+            "domain_rate": float((st == DOMAIN_STYLE).float().mean()),
+            "fd_domain": frechet_distance(f, f_ref),
+        })
+    timings["metrics"] = time.time() - t0
+    timings["total"] = time.time() - t_start
+
+    results = {
+        "config": dataclasses.asdict(cfg),
+        "device": device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "n_samples_per_method": n_gen,
+        "headline_weight": cfg.headline_weight,
+        "methods": rows,
+        "reference": reference,
+        "timings_s": timings,
+        "loss": "experiments.indomain_repro.local_denoising_loss",
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    table = markdown_table(results)
+    (out / "results.md").write_text(table)
+    grid_rows = [(name if w is None else f"{name} w={w:g}", imgs, labels) for name, w, imgs in samples]
+    save_grid(grid_rows, out / "samples.png", cfg.grid_per_cell, scale=3 if cfg.size <= 16 else 2)
+    log.info("wrote %s (total %.1fs)", out, timings["total"])
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override one Config field (a Python literal), e.g. --set ft_steps=600")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = CONFIGS[args.config]
+    if args.seed is not None:
+        cfg = dataclasses.replace(cfg, seed=args.seed)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if key not in {f.name for f in dataclasses.fields(Config)}:
+            ap.error(f"--set {item}: Config has no field {key!r}")
+        cfg = dataclasses.replace(cfg, **{key: ast.literal_eval(value)})
+    results = run(cfg, args.out, args.device)
+    sys.stdout.write(markdown_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
