@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from guidance import GuidanceTerm, decoupled_guidance
+from training import TrainConfig, denoising_loss, prediction_target, q_sample, train
 
 from .shapes import BASE_STYLE, CLASSES, DOMAIN_STYLE, make_set
 from .unet import SmallUNet
@@ -63,6 +65,8 @@ class Config:
     patch: int = 2
     emb_dim: int = 64
     timesteps: int = 1000
+    threads: int = 1  # CPU threads (torch.set_num_threads) while it runs; 0 = leave torch's setting
+    base_backgrounds: tuple = (0, 1)  # background kinds of the base style (shapes.BACKGROUNDS: flat, stripes)
     # data
     n_base_train: int = 6000
     n_domain_train: int = 1000
@@ -78,6 +82,7 @@ class Config:
     # fine-tune (naive == text-free domain model, see the module docstring)
     ft_steps: int = 300
     ft_lr: float = 1e-3
+    ft_ema: float = 0.98
     # evaluation network
     cls_steps: int = 400
     cls_batch: int = 128
@@ -120,9 +125,8 @@ CONFIGS = {
 
 
 # --------------------------------------------------------------------------------------------
-# diffusion: the noise schedule and loss (DDPM alphas_cumprod, v-prediction)
-# The loss is called in exactly one place (`train_diffusion`); it is written here until the
-# project's training/noise.py exists, and is then one line to swap.
+# diffusion: the noise schedule, and the base model's class-conditional training
+# (the loss itself is the project's: training.noise.q_sample / prediction_target / denoising_loss)
 
 
 def cosine_alphas_cumprod(timesteps: int, s: float = 0.008) -> torch.Tensor:
@@ -133,31 +137,16 @@ def cosine_alphas_cumprod(timesteps: int, s: float = 0.008) -> torch.Tensor:
     return torch.cumprod(1 - betas, dim=0)
 
 
-def _ab(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return alphas_cumprod.to(like.device)[t].to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
-
-
-def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    ab = _ab(alphas_cumprod, t, x0)
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-
-
-def v_target(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    ab = _ab(alphas_cumprod, t, x0)
-    return ab.sqrt() * noise - (1 - ab).sqrt() * x0
-
-
-def local_denoising_loss(model, x0, y, alphas_cumprod, generator) -> torch.Tensor:
-    """MSE of the v prediction at uniformly drawn timesteps."""
+def conditional_loss(model, x0, y, alphas_cumprod, generator) -> torch.Tensor:
+    """The project's denoising loss (training/noise.py, v-prediction) at uniform timesteps, with
+    class labels y (the null class where dropped)."""
     n = x0.shape[0]
-    t = torch.randint(0, alphas_cumprod.shape[0], (n,), generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-    xt = q_sample(x0, t, noise, alphas_cumprod)
-    return F.mse_loss(model(xt, t, y), v_target(x0, noise, t, alphas_cumprod))
-
-
-# --------------------------------------------------------------------------------------------
-# training
+    t = torch.randint(0, alphas_cumprod.shape[0], (n,), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    a_t = alphas_cumprod[t].to(x0.device, torch.float32)
+    x_t = q_sample(x0, eps, a_t)
+    prediction = model(x_t, t.to(x0.device, torch.float32), y=y)
+    return denoising_loss(prediction, prediction_target(x0, eps, a_t, "v"))
 
 
 class EMA:
@@ -178,31 +167,26 @@ class EMA:
             s.copy_(b)
 
 
-def train_diffusion(model, images, labels, steps, lr, cfg: Config, alphas_cumprod, seed, device, what) -> nn.Module:
-    """Train `model` on (images, labels); labels None means every sample has the null condition.
-
-    Returns the EMA copy (eval mode). Condition dropout replaces a label by the null class with
-    probability cfg.cond_drop (only when labels are given).
-    """
+def train_base(model, images, labels, cfg: "Config", alphas_cumprod, seed, device) -> nn.Module:
+    """The class-conditional base: condition dropout (a label becomes the null class with
+    probability cfg.cond_drop) so that classifier-free guidance works. Returns the EMA copy."""
     g = torch.Generator().manual_seed(seed)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    steps = cfg.base_steps
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+    # linear warm-up, then cosine down to 10%
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * min(1.0, s / steps))))
     ema = EMA(model, cfg.ema)
     null = model.null_class
     n = images.shape[0]
     t0 = time.time()
     for step in range(steps):
         idx = torch.randint(0, n, (cfg.batch,), generator=g)
-        x0 = images[idx].to(device)
-        if labels is None:
-            y = torch.full((cfg.batch,), null, dtype=torch.long)
-        else:
-            y = labels[idx].clone()
-            y[torch.rand(cfg.batch, generator=g) < cfg.cond_drop] = null
-        y = y.to(device)
-        loss = local_denoising_loss(model, x0, y, alphas_cumprod, g)  # the one loss call
+        y = labels[idx].clone()
+        y[torch.rand(cfg.batch, generator=g) < cfg.cond_drop] = null
+        loss = conditional_loss(model, images[idx].to(device), y.to(device), alphas_cumprod, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -210,8 +194,68 @@ def train_diffusion(model, images, labels, steps, lr, cfg: Config, alphas_cumpro
         sched.step()
         ema.update(model)
         if (step + 1) % max(1, steps // 5) == 0 or step == 0:
-            log.info("%s step %d/%d loss %.4f (%.1fs)", what, step + 1, steps, loss.item(), time.time() - t0)
+            log.info("base step %d/%d loss %.4f (%.1fs)", step + 1, steps, loss.item(), time.time() - t0)
     return ema.shadow
+
+
+# --------------------------------------------------------------------------------------------
+# the text-free domain copy: the project's training loop, training.train()
+
+
+def to_image_batch(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """[N, 3, s, s] in [-1, 1] -> a ComfyUI IMAGE batch [N, s*factor, s*factor, 3] in [0, 1]
+    (nearest upscaling: every "latent" pixel becomes a factor x factor block)."""
+    x = F.interpolate((images.clamp(-1, 1) + 1) / 2, scale_factor=factor, mode="nearest")
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def pooling_encoder(factor: int):
+    """The stand-in VAE handed to training.train(): IMAGE [1, H, W, 3] in [0, 1] ->
+    [1, 3, H/factor, W/factor] in [-1, 1] by average pooling (exactly inverts to_image_batch,
+    up to train()'s 8-bit pixels)."""
+
+    def encode(image: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(image.permute(0, 3, 1, 2).float(), factor) * 2.0 - 1.0
+
+    return encode
+
+
+TRAIN_RESOLUTION = 64  # training.train()'s smallest bucket: images go in at 64 x 64 pixels
+
+
+def train_text_free_copy(base: nn.Module, domain_images: torch.Tensor, cfg: "Config", alphas_cumprod, seed, device) -> nn.Module:
+    """A full copy of the base trained by training.train() on the unlabelled domain images,
+    every sample on the null condition (the empty prompt); returns its EMA weights in a copy."""
+    if TRAIN_RESOLUTION % cfg.size:
+        raise ValueError(f"size={cfg.size}: must divide {TRAIN_RESOLUTION} (training.train()'s bucket side)")
+    factor = TRAIN_RESOLUTION // cfg.size
+    null = torch.tensor([base.null_class])
+    config = TrainConfig(
+        steps=cfg.ft_steps, mode="full", lr=cfg.ft_lr, weight_decay=0.0, lr_schedule="constant",
+        warmup_steps=max(1, cfg.ft_steps // 20), batch_size=cfg.batch, resolution=TRAIN_RESOLUTION,
+        flip=False,  # a mirror image turns the domain's 45 degree stripes into 135 degree ones
+        seed=seed, precision="fp32", ema_decay=cfg.ft_ema,
+    )
+    t0 = time.time()
+    last = [0.0]
+
+    def progress(p):
+        if p.stage == "train" and (p.step % max(1, p.total // 5) == 0 or p.step == 1):
+            log.info("domain copy step %d/%d loss %.4f (%.1fs)", p.step, p.total, p.loss, time.time() - t0)
+
+    with tempfile.TemporaryDirectory(prefix="indomain_cache_") as cache_dir:
+        result = train(
+            base, to_image_batch(domain_images, factor), encode=pooling_encoder(factor), vae_id=f"avgpool{factor}",
+            cond_for=lambda h, w: {"y": null}, alphas_cumprod=alphas_cumprod.float(), prediction_type="v",
+            config=config, cache_dir=cache_dir, on_progress=progress, device=device,
+        )
+    model = copy.deepcopy(base)
+    model.load_state_dict(result.ema_weights if result.ema_weights is not None else result.weights)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation: a shape classifier with a style head
 
 
 class EvalNet(nn.Module):
@@ -398,9 +442,19 @@ def markdown_table(results: dict) -> str:
 
 
 def run(cfg: Config, out: Path, device: str | None = None) -> dict:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """The whole experiment; writes results.json, results.md and samples.png into `out`."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    threads = torch.get_num_threads()
+    if device == "cpu" and cfg.threads:
+        torch.set_num_threads(cfg.threads)  # 1 thread: the same numbers on any machine, no oversubscription
+    try:
+        return _run(cfg, Path(out), device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: Config, out: Path, device: str) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -410,14 +464,17 @@ def run(cfg: Config, out: Path, device: str | None = None) -> dict:
     K = len(CLASSES)
 
     # 1. data -------------------------------------------------------------------------------
+    def data(n, style, seed):
+        return make_set(n, style, cfg.size, seed, base_kinds=cfg.base_backgrounds)
+
     t0 = time.time()
-    x_base, y_base = make_set(cfg.n_base_train, BASE_STYLE, cfg.size, s + 1)
-    x_dom, _ = make_set(cfg.n_domain_train, DOMAIN_STYLE, cfg.size, s + 2)  # labels discarded
-    x_ref, _ = make_set(cfg.n_domain_ref, DOMAIN_STYLE, cfg.size, s + 3)
-    xc_b, yc_b = make_set(cfg.n_cls_train_per_style, BASE_STYLE, cfg.size, s + 4)
-    xc_d, yc_d = make_set(cfg.n_cls_train_per_style, DOMAIN_STYLE, cfg.size, s + 5)
-    xt_b, yt_b = make_set(cfg.n_cls_test_per_style, BASE_STYLE, cfg.size, s + 6)
-    xt_d, yt_d = make_set(cfg.n_cls_test_per_style, DOMAIN_STYLE, cfg.size, s + 7)
+    x_base, y_base = data(cfg.n_base_train, BASE_STYLE, s + 1)
+    x_dom, _ = data(cfg.n_domain_train, DOMAIN_STYLE, s + 2)  # labels discarded
+    x_ref, _ = data(cfg.n_domain_ref, DOMAIN_STYLE, s + 3)
+    xc_b, yc_b = data(cfg.n_cls_train_per_style, BASE_STYLE, s + 4)
+    xc_d, yc_d = data(cfg.n_cls_train_per_style, DOMAIN_STYLE, s + 5)
+    xt_b, yt_b = data(cfg.n_cls_test_per_style, BASE_STYLE, s + 6)
+    xt_d, yt_d = data(cfg.n_cls_test_per_style, DOMAIN_STYLE, s + 7)
     timings["data"] = time.time() - t0
     log.info("data: %d base, %d domain (unlabelled) images of %dx%d (%.1fs)", len(x_base), len(x_dom), cfg.size, cfg.size, timings["data"])
 
@@ -440,15 +497,12 @@ def run(cfg: Config, out: Path, device: str | None = None) -> dict:
     ac = cosine_alphas_cumprod(cfg.timesteps)
     torch.manual_seed(s + 9)
     base = SmallUNet(3, cfg.channels, K, cfg.emb_dim, cfg.patch).to(device)
-    base_ema = train_diffusion(base, x_base, y_base, cfg.base_steps, cfg.base_lr, cfg, ac, s + 10, device, "base")
+    base_ema = train_base(base, x_base, y_base, cfg, ac, s + 10, device)
     timings["base_train"] = time.time() - t0
 
-    # 4. fine-tune a copy on the domain images, null condition only ---------------------------
+    # 4. the text-free copy: training.train() on the domain images, null condition only --------
     t0 = time.time()
-    ft = copy.deepcopy(base_ema).train()
-    for p in ft.parameters():
-        p.requires_grad_(True)
-    ft_ema = train_diffusion(ft, x_dom, None, cfg.ft_steps, cfg.ft_lr, cfg, ac, s + 11, device, "fine-tune")
+    ft_ema = train_text_free_copy(base_ema, x_dom, cfg, ac, s + 11, device)
     timings["finetune"] = time.time() - t0
 
     # 5. sampling -------------------------------------------------------------------------------
@@ -469,8 +523,8 @@ def run(cfg: Config, out: Path, device: str | None = None) -> dict:
     t0 = time.time()
     f_ref, _, _ = evaluate(net, x_ref, device)
     n_gen = labels.shape[0]
-    f_real_dom, _, _ = evaluate(net, make_set(n_gen, DOMAIN_STYLE, cfg.size, s + 13)[0], device)
-    f_real_base, _, _ = evaluate(net, make_set(n_gen, BASE_STYLE, cfg.size, s + 14)[0], device)
+    f_real_dom, _, _ = evaluate(net, data(n_gen, DOMAIN_STYLE, s + 13)[0], device)
+    f_real_base, _, _ = evaluate(net, data(n_gen, BASE_STYLE, s + 14)[0], device)
     reference = {
         "fd_real_domain": frechet_distance(f_real_dom, f_ref),
         "fd_real_base": frechet_distance(f_real_base, f_ref),
@@ -502,7 +556,8 @@ def run(cfg: Config, out: Path, device: str | None = None) -> dict:
         "methods": rows,
         "reference": reference,
         "timings_s": timings,
-        "loss": "experiments.indomain_repro.local_denoising_loss",
+        "training": "base: experiments.indomain_repro.train_base with training.noise's loss; "
+                    "domain copy: training.train (mode full, prediction v, null condition)",
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown_table(results)

@@ -73,12 +73,16 @@ def _rand_colour(lum_lo: torch.Tensor, width: float, g: torch.Generator) -> torc
     return rgb.clamp(0.0, 1.0)
 
 
-def _base_background(n: int, size: int, dark: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+BACKGROUNDS = ("flat", "stripes", "checker")
+
+
+def _base_background(n: int, size: int, dark: torch.Tensor, g: torch.Generator, kinds=(0, 1, 2)) -> torch.Tensor:
     yy, xx = _grid(size)
     lo = torch.where(dark, 0.05, 0.6)
     col_a = _rand_colour(lo, 0.3, g)
     col_b = _rand_colour(lo, 0.3, g)
-    kind = torch.randint(0, 3, (n,), generator=g)  # 0 flat, 1 stripes, 2 checker
+    kinds_t = torch.tensor(kinds)
+    kind = kinds_t[torch.randint(0, len(kinds), (n,), generator=g)]  # indices into BACKGROUNDS
     ang = _uniform(n, 0, math.pi, g)[:, None, None]
     period = _uniform(n, 0.2, 0.45, g)[:, None, None] * size
     phase = _uniform(n, 0, 1, g)[:, None, None]
@@ -102,8 +106,11 @@ def _domain_background(n: int, size: int, g: torch.Generator) -> torch.Tensor:
     return navy[:, :, None, None] * (1 - p) + teal[:, :, None, None] * p
 
 
-def render(labels: torch.Tensor, style: int, size: int, g: torch.Generator) -> torch.Tensor:
-    """Images [N, 3, size, size] in [-1, 1] of the given shape labels in one style."""
+def render(labels: torch.Tensor, style: int, size: int, g: torch.Generator, base_kinds=(0, 1, 2)) -> torch.Tensor:
+    """Images [N, 3, size, size] in [-1, 1] of the given shape labels in one style, on the 8-bit
+    grid (pixel values k / 255), like every image that passes through training.train().
+
+    base_kinds: the background kinds (indices into BACKGROUNDS) the base style draws from."""
     labels = labels.long()
     n = labels.shape[0]
     mask = _shape_masks(labels, size, g)
@@ -112,14 +119,18 @@ def render(labels: torch.Tensor, style: int, size: int, g: torch.Generator) -> t
         fg = torch.stack([torch.full((n,), 0.97), _uniform(n, 0.5, 0.7, g), _uniform(n, 0.08, 0.2, g)], dim=1)
     else:
         dark = torch.rand(n, generator=g) < 0.5
-        bg = _base_background(n, size, dark, g)
+        bg = _base_background(n, size, dark, g, base_kinds)
         fg = _rand_colour(torch.where(dark, 0.65, 0.0), 0.3, g)
     img = bg * (1 - mask) + fg[:, :, None, None] * mask
+    img = (img.clamp(0, 1) * 255).round() / 255
     return (img * 2.0 - 1.0).float()
 
 
-def make_set(n: int, style: int, size: int, seed: int, num_classes: int = len(CLASSES)) -> tuple[torch.Tensor, torch.Tensor]:
-    """n images with balanced random labels: (images [n,3,S,S], labels [n])."""
+def make_set(n: int, style: int, size: int, seed: int, num_classes: int = len(CLASSES), base_kinds=(0, 1, 2),
+             chunk: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images with uniformly random labels: (images [n,3,S,S], labels [n]). Rendered in
+    chunks of `chunk` images (the supersampled masks of a chunk are held in memory)."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, num_classes, (n,), generator=g)
-    return render(labels, style, size, g), labels
+    images = [render(labels[i:i + chunk], style, size, g, base_kinds) for i in range(0, n, chunk)]
+    return torch.cat(images), labels
