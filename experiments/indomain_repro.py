@@ -66,7 +66,7 @@ class Config:
     emb_dim: int = 64
     timesteps: int = 1000
     threads: int = 1  # CPU threads (torch.set_num_threads) while it runs; 0 = leave torch's setting
-    base_backgrounds: tuple = (0, 1)  # background kinds of the base style (shapes.BACKGROUNDS: flat, stripes)
+    base_backgrounds: tuple = (0,)  # background kinds of the base style (indices into shapes.BACKGROUNDS)
     # data
     n_base_train: int = 6000
     n_domain_train: int = 1000
@@ -84,14 +84,14 @@ class Config:
     ft_lr: float = 1e-3
     ft_ema: float = 0.98
     # evaluation network
-    cls_steps: int = 400
+    cls_steps: int = 500
     cls_batch: int = 128
     # sampling
     samples_per_class: int = 64
     sample_steps: int = 20
-    cfg: float = 3.0
-    domain_weights: tuple = (0.5, 1.0, 2.0)
-    headline_weight: float = 1.0
+    cfg: float = 7.5  # Stable Diffusion's usual guidance scale
+    domain_weights: tuple = (0.5, 1.0, 1.5, 2.0)
+    headline_weight: float = 1.5
     seed: int = 0
     grid_per_cell: int = 4
 
@@ -104,22 +104,23 @@ CONFIGS = {
         channels=(64, 128, 256),
         patch=2,
         emb_dim=256,
-        n_base_train=40000,
+        threads=0,
+        n_base_train=30000,
         n_domain_train=2000,
         n_domain_ref=4000,
         n_cls_train_per_style=10000,
         n_cls_test_per_style=2000,
-        base_steps=8000,
+        base_steps=4000,
         base_lr=1e-3,
         batch=256,
         ema=0.999,
-        ft_steps=2000,
+        ft_steps=1000,
         ft_lr=5e-4,
-        cls_steps=2000,
+        ft_ema=0.995,
+        cls_steps=1000,
         cls_batch=256,
         samples_per_class=500,
         sample_steps=50,
-        domain_weights=(0.5, 1.0, 2.0, 3.0),
     ),
 }
 
@@ -140,13 +141,21 @@ def cosine_alphas_cumprod(timesteps: int, s: float = 0.008) -> torch.Tensor:
 def conditional_loss(model, x0, y, alphas_cumprod, generator) -> torch.Tensor:
     """The project's denoising loss (training/noise.py, v-prediction) at uniform timesteps, with
     class labels y (the null class where dropped)."""
-    n = x0.shape[0]
-    t = torch.randint(0, alphas_cumprod.shape[0], (n,), generator=generator)
-    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
-    a_t = alphas_cumprod[t].to(x0.device, torch.float32)
+    n, dev = x0.shape[0], generator.device
+    t = torch.randint(0, alphas_cumprod.shape[0], (n,), generator=generator, device=dev)
+    eps = torch.randn(x0.shape, generator=generator, device=dev)
+    a_t = alphas_cumprod.to(dev)[t].to(torch.float32)
     x_t = q_sample(x0, eps, a_t)
-    prediction = model(x_t, t.to(x0.device, torch.float32), y=y)
+    prediction = model(x_t, t.to(torch.float32), y=y)
     return denoising_loss(prediction, prediction_target(x0, eps, a_t, "v"))
+
+
+def device_generator(g: torch.Generator, device, seed: int) -> torch.Generator:
+    """The generator for per-sample randomness (timesteps, noise, augmentation): `g` itself on
+    the CPU, a generator on the device elsewhere (no host-to-device copy of every batch's noise)."""
+    if torch.device(device).type == "cpu":
+        return g
+    return torch.Generator(device=device).manual_seed(seed + 7919)
 
 
 class EMA:
@@ -161,8 +170,7 @@ class EMA:
     def update(self, model: nn.Module):
         self.steps += 1
         d = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        for s, p in zip(self.shadow.parameters(), model.parameters()):
-            s.lerp_(p, 1 - d)
+        torch._foreach_lerp_(list(self.shadow.parameters()), list(model.parameters()), 1 - d)
         for s, b in zip(self.shadow.buffers(), model.buffers()):
             s.copy_(b)
 
@@ -171,6 +179,8 @@ def train_base(model, images, labels, cfg: "Config", alphas_cumprod, seed, devic
     """The class-conditional base: condition dropout (a label becomes the null class with
     probability cfg.cond_drop) so that classifier-free guidance works. Returns the EMA copy."""
     g = torch.Generator().manual_seed(seed)
+    gd = device_generator(g, device, seed)
+    images, labels = images.to(device), labels.to(device)
     model.train()
     steps = cfg.base_steps
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.base_lr, weight_decay=0.0)
@@ -184,9 +194,10 @@ def train_base(model, images, labels, cfg: "Config", alphas_cumprod, seed, devic
     t0 = time.time()
     for step in range(steps):
         idx = torch.randint(0, n, (cfg.batch,), generator=g)
-        y = labels[idx].clone()
-        y[torch.rand(cfg.batch, generator=g) < cfg.cond_drop] = null
-        loss = conditional_loss(model, images[idx].to(device), y.to(device), alphas_cumprod, g)
+        drop = torch.rand(cfg.batch, generator=g) < cfg.cond_drop
+        idx, drop = idx.to(device), drop.to(device)
+        y = torch.where(drop, null, labels[idx])
+        loss = conditional_loss(model, images[idx], y, alphas_cumprod, gd)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -284,24 +295,26 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Noise and blur, so that the classifier judges imperfect samples by shape and style."""
     n = x.shape[0]
     blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-    mix = (torch.rand(n, 1, 1, 1, generator=g) * 0.7).to(x.device)
+    mix = torch.rand(n, 1, 1, 1, generator=g, device=g.device) * 0.7
     x = x * (1 - mix) + blur * mix
-    sigma = (torch.rand(n, 1, 1, 1, generator=g) * 0.2).to(x.device)
-    return x + sigma * torch.randn(x.shape, generator=g).to(x.device)
+    sigma = torch.rand(n, 1, 1, 1, generator=g, device=g.device) * 0.2
+    return x + sigma * torch.randn(x.shape, generator=g, device=g.device)
 
 
 def train_evalnet(images, shapes, styles, cfg: Config, seed, device) -> EvalNet:
     g = torch.Generator().manual_seed(seed)
+    gd = device_generator(g, device, seed)
     torch.manual_seed(seed)
     net = EvalNet(len(CLASSES)).to(device)
+    images, shapes, styles = images.to(device), shapes.to(device), styles.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=cfg.cls_steps)
     n = images.shape[0]
     for step in range(cfg.cls_steps):
-        idx = torch.randint(0, n, (cfg.cls_batch,), generator=g)
-        x = _augment(images[idx].to(device), g)
+        idx = torch.randint(0, n, (cfg.cls_batch,), generator=g).to(device)
+        x = _augment(images[idx], gd)
         _, ls, lt = net(x)
-        loss = F.cross_entropy(ls, shapes[idx].to(device)) + F.cross_entropy(lt, styles[idx].to(device))
+        loss = F.cross_entropy(ls, shapes[idx]) + F.cross_entropy(lt, styles[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -410,7 +423,8 @@ def save_grid(rows: list[tuple[str, torch.Tensor, torch.Tensor]], path: Path, pe
                 arr = ((sel[m].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
                 tile = Image.fromarray(arr).resize((S * scale, S * scale), Image.NEAREST)
                 canvas.paste(tile, (label_w + j * (cell_w + pad) + m * S * scale, y0))
-    canvas.save(path, optimize=True)
+    # an adaptive 256-colour palette: the figure stays small enough to commit
+    canvas.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
 
 
 def markdown_table(results: dict) -> str:
