@@ -209,7 +209,7 @@ def progress_reporter(node_id, steps: int):
 
 
 def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, image_folder="", config: TrainConfig,
-                 save_name: str, resume: bool = True, node_id=None):
+                 save_name: str, resume: bool = True, node_id=None, on_progress=None):
     """Train, write the domain UNet file, and return (domain MODEL, losses, start step, model file path)."""
     sources = []
     if images is not None:
@@ -245,6 +245,8 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
             if p.stage == "cache":
                 counted["images"] = p.step
             report(p)
+            if on_progress is not None:
+                on_progress(p)
 
         report = progress_reporter(node_id, config.steps)
         try:
