@@ -24,8 +24,10 @@ import sys
 import time
 
 import torch
+from PIL import Image
 
 import comfy.model_management
+import comfy.sample
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
@@ -41,6 +43,7 @@ STATE_EXTENSION = ".indomain-state"
 CACHE_FOLDER = ".latent-cache"
 FILE_FORMAT = "indomain-domain-unet/1"
 PRECISIONS = ("bf16", "fp16", "fp32")
+PREVIEW_STEPS = 20
 
 
 # --- host objects -> what training.train takes -----------------------------------------------
@@ -191,9 +194,36 @@ def deliverable(weights: dict[str, torch.Tensor], config: TrainConfig, dtype: to
     return weights
 
 
-def progress_reporter(node_id, steps: int):
+def preview_function(model, vae, cross_attn, extras, config: TrainConfig, save_name: str, bar):
+    """(step, module being trained) -> one sample of the domain model on the empty prompt (what
+    KSampler (Domain Guidance) gives with cfg 0 and domain_scale 1), from the host's own sampler
+    with a fixed seed, shown on the node and saved to output/indomain_previews/<save_name>/."""
+    null = [[cross_attn, extras]]
+    folder = os.path.join(folder_paths.get_output_directory(), "indomain_previews", save_name)
+    side = config.resolution // getattr(vae, "downscale_ratio", 8)
+
+    @torch.no_grad()
+    def preview(step: int, module: torch.nn.Module) -> None:
+        latent = torch.zeros([1, model.model.latent_format.latent_channels, side, side])
+        noise = comfy.sample.prepare_noise(latent, config.seed)
+        original = model.model.diffusion_model
+        if config.mode == "full":  # the trained copy stands in for the base's UNet while sampling
+            model.model.diffusion_model = module
+        try:
+            samples = comfy.sample.sample(model, noise, PREVIEW_STEPS, 1.0, "euler", "normal", null, null, latent,
+                                          disable_pbar=True, seed=config.seed)
+        finally:
+            model.model.diffusion_model = original
+        pixels = vae.decode(samples)[0].clamp(0, 1).mul(255).round().byte().cpu().numpy()  # [H, W, 3]
+        image = Image.fromarray(pixels.reshape(pixels.shape[-3:]))
+        os.makedirs(folder, exist_ok=True)
+        image.save(os.path.join(folder, f"step_{step:06d}.png"))
+        bar.update_absolute(step, config.steps, ("PNG", image, 512))
+    return preview
+
+
+def progress_reporter(bar, node_id, steps: int):
     """Progress(stage, ...) -> the host's progress bar, and a text line (step, loss, images/s, ETA)."""
-    bar = comfy.utils.ProgressBar(steps, node_id=node_id)
     server = getattr(sys.modules.get("server"), "PromptServer", None)  # the running ComfyUI server, if any
     send_text = getattr(getattr(server, "instance", None), "send_progress_text", None)
 
@@ -248,7 +278,9 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
             if on_progress is not None:
                 on_progress(p)
 
-        report = progress_reporter(node_id, config.steps)
+        bar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
+        report = progress_reporter(bar, node_id, config.steps)
+        preview = preview_function(model, vae, cross_attn, extras, config, os.path.splitext(os.path.basename(model_path))[0], bar)
         try:
             result = train(
                 unet, sources if len(sources) > 1 else sources[0],
@@ -258,7 +290,7 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
                 alphas_cumprod=alphas_cumprod(model), prediction_type=pred, config=config,
                 cache_dir=os.path.join(domain_folder(), CACHE_FOLDER), state_path=state_path,
                 check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-                on_progress=count_images, on_checkpoint=write,
+                on_progress=count_images, on_checkpoint=write, on_preview=preview,
                 device=comfy.model_management.get_torch_device(),
             )
         except torch.OutOfMemoryError as e:
@@ -330,6 +362,9 @@ class DomainTrainer(io.ComfyNode):
                                 tooltip="File name in models/domain_unets (subfolders allowed, no '..'). Running again with the same name resumes."),
                 io.Int.Input("checkpoint_every", default=250, min=0, max=1_000_000,
                              tooltip="Save the model file and the resumable state every N steps (0: only at the end)."),
+                io.Int.Input("preview_every", default=0, min=0, max=1_000_000,
+                             tooltip="Every N steps, sample the domain model on the empty prompt (20 Euler steps, fixed seed), show it "
+                                     "on the node and save it to output/indomain_previews/<save_name>/. 0 = off."),
                 io.Boolean.Input("resume", default=True,
                                  tooltip="On: continue from save_name's last checkpoint if there is one. Off: start over and replace it."),
                 io.Conditioning.Input("null_conditioning", optional=True,
@@ -350,11 +385,11 @@ class DomainTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, mode, steps, batch_size, learning_rate, lr_schedule, warmup_steps, seed, resolution,
                 flip, training_dtype, gradient_checkpointing, ema_decay, lora_rank, lora_alpha, save_name,
-                checkpoint_every, resume, null_conditioning=None, clip=None, images=None, image_folder="") -> io.NodeOutput:
+                checkpoint_every, preview_every, resume, null_conditioning=None, clip=None, images=None, image_folder="") -> io.NodeOutput:
         config = TrainConfig(
             steps=steps, mode=mode, lora_rank=lora_rank, lora_alpha=lora_alpha, lr=learning_rate, lr_schedule=lr_schedule,
             warmup_steps=warmup_steps, batch_size=batch_size, resolution=resolution, flip=flip, seed=seed,
-            precision=training_dtype, ema_decay=ema_decay, checkpoint_every=checkpoint_every,
+            precision=training_dtype, ema_decay=ema_decay, checkpoint_every=checkpoint_every, preview_every=preview_every,
             gradient_checkpointing=("all",) if gradient_checkpointing else (),
         )
         domain, losses, start, _ = run_training(model=model, vae=vae, null_conditioning=null_conditioning, clip=clip,

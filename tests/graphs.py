@@ -47,7 +47,7 @@ def loader(unet_name, base=("ckpt", 0), strength=1.0):
 
 TRAIN_DEFAULTS = dict(mode="lora", steps=4, batch_size=2, learning_rate=1e-3, lr_schedule="constant", warmup_steps=0,
                       seed=0, resolution=64, flip=True, training_dtype="fp32", gradient_checkpointing=False,
-                      ema_decay=0.0, lora_rank=4, lora_alpha=4.0, save_name="dom", checkpoint_every=2, resume=True,
+                      ema_decay=0.0, lora_rank=4, lora_alpha=4.0, save_name="dom", checkpoint_every=2, preview_every=0, resume=True,
                       image_folder="domain")
 
 

@@ -303,3 +303,45 @@ def test_clip_instead_of_null_conditioning_is_the_same_training(comfy, folders):
     comfy.run(prompt)
     a, b = load_file(os.path.join(folders, "with_null.safetensors")), load_file(os.path.join(folders, "with_clip.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_previews_are_the_domain_model_sampled_by_the_host(comfy, folders):
+    """Every preview_every steps a sample is saved; the last one is what KSampler (Domain Guidance)
+    gives with the trained model at cfg 0, domain_scale 1 (same seed, 20 Euler steps)."""
+    import folder_paths
+    train(comfy, mode="full", steps=4, preview_every=2, save_name="previewed", learning_rate=1e-3)
+    folder = os.path.join(folder_paths.get_output_directory(), "indomain_previews", "previewed")
+    assert sorted(os.listdir(folder)) == ["step_000002.png", "step_000004.png"]
+    shown = np.asarray(Image.open(os.path.join(folder, "step_000004.png")), dtype=np.float32)
+    prompt = text_to_image(positive="", negative="", cfg=0.0, seed=0, steps=20, width=64, height=64,
+                           domain=["dom", 0], extra={"dom": {"class_type": "InDomainUNetLoader", "inputs": {
+                               "unet_name": "previewed.safetensors", "lora_strength": 1.0, "base_model": ["ckpt", 0]}}})
+    prompt["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}}
+    prompt["cap"]["inputs"]["value"] = ["decode", 0]
+    comfy.run(prompt)
+    expected = comfy.captured["out"][0].numpy() * 255
+    assert np.abs(shown - expected).max() <= 1.0 + 1e-3
+    assert shown.std() > 1.0
+
+
+def test_sdxl_trains_on_its_size_conditioning_and_v_models_on_v(comfy):
+    """The loop's inputs come from the base's own classes: SDXL's extra_conds give the empty
+    prompt's 'y' for each bucket size; a v-prediction base trains on v."""
+    from tiny_nodes import UNET_CONFIG
+
+    training = comfy.pack("nodes.training")
+    model_base, supported = importlib.import_module("comfy.model_base"), importlib.import_module("comfy.supported_models")
+    config = {**UNET_CONFIG, "context_dim": 2048, "adm_in_channels": 2816, "use_linear_in_transformer": True,
+              "num_head_channels": 64, "num_heads": -1}
+    sdxl = model_base.SDXL(supported.SDXL(config))
+    patcher = type("Patcher", (), {"model": sdxl})()
+    pooled = torch.randn(1, 1280)
+    cond_for = training.cond_function(patcher, torch.randn(1, 77, 2048), {"pooled_output": pooled})
+    square, wide = cond_for(1024, 1024), cond_for(768, 1344)
+    assert square["context"].shape == (1, 77, 2048) and square["y"].shape == (1, 2816)
+    assert torch.equal(square["y"][:, :1280], pooled)  # the pooled empty prompt, then the size embedding
+    assert not torch.equal(square["y"], wide["y"])  # the size embedding follows the bucket
+    assert training.prediction_type(patcher) == "eps"
+    v_model = model_base.BaseModel(supported.SD20(dict(config, context_dim=1024, adm_in_channels=None)),
+                                   model_type=model_base.ModelType.V_PREDICTION)
+    assert training.prediction_type(type("Patcher", (), {"model": v_model})()) == "v"

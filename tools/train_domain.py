@@ -55,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--preview-every", type=int, default=0, help="save a preview sample to output/indomain_previews every N steps")
     p.add_argument("--restart", action="store_true", help="start over instead of resuming save-name's checkpoint")
     p.add_argument("--log-every", type=int, default=10, help="log progress every N steps")
     p.add_argument("--comfyui", help="the ComfyUI folder (default: COMFYUI_PATH, else two folders above this pack)")
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
         steps=args.steps, mode=args.mode, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr=args.learning_rate,
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
         resolution=args.resolution, flip=not args.no_flip, seed=args.seed, precision=args.training_dtype,
-        ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every,
+        ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, preview_every=args.preview_every,
         gradient_checkpointing=() if args.no_gradient_checkpointing else ("all",),
     )
 
