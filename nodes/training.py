@@ -156,13 +156,15 @@ def make_autograd_safe(module: torch.nn.Module) -> int:
 
 
 def checkpointed_blocks(unet: torch.nn.Module) -> tuple[str, ...]:
-    """The UNet blocks whose activations are recomputed in backward: every input, middle and output block."""
+    """The UNet layers whose activations are recomputed in backward: every layer (ResBlock,
+    SpatialTransformer, up/downsampling) of every input, middle and output block. The layers, not
+    the blocks: the host's UNet calls a block's layers one by one (forward_timestep_embed)."""
     names = []
     for name, child in unet.named_children():
-        if isinstance(child, torch.nn.ModuleList):
-            names += [f"{name}.{i}" for i in range(len(child))]
+        if name in ("input_blocks", "output_blocks"):
+            names += [f"{name}.{i}.{j}" for i, block in enumerate(child) for j in range(len(block))]
         elif name == "middle_block":
-            names.append(name)
+            names += [f"{name}.{j}" for j in range(len(child))]
     return tuple(names)
 
 

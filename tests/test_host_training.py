@@ -345,3 +345,35 @@ def test_sdxl_trains_on_its_size_conditioning_and_v_models_on_v(comfy):
     v_model = model_base.BaseModel(supported.SD20(dict(config, context_dim=1024, adm_in_channels=None)),
                                    model_type=model_base.ModelType.V_PREDICTION)
     assert training.prediction_type(type("Patcher", (), {"model": v_model})()) == "v"
+
+
+def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_weights(comfy, folders):
+    """The host's UNet calls each block's layers one by one, so checkpointing wraps the layers:
+    their forward runs twice per step (forward, then recomputed in backward), the math is unchanged."""
+    training_node, loop = comfy.pack("nodes.training"), comfy.pack("training.trainable")
+    import tiny_nodes
+    unet = tiny_nodes.tiny_model().model.diffusion_model
+    names = training_node.checkpointed_blocks(unet)
+    assert "input_blocks.1.0" in names and "middle_block.1" in names and "output_blocks.0.1" in names
+    layer = dict(unet.named_modules())["input_blocks.1.1"]  # a SpatialTransformer
+    calls, original = [], layer.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    layer.forward = counted  # beneath the checkpoint wrapper: counts the recomputation too
+    try:
+        with torch.inference_mode(False):
+            training_node.make_autograd_safe(unet)
+            undo = loop.enable_gradient_checkpointing(unet, names)
+            x = torch.randn(1, 4, 8, 8, requires_grad=True)
+            unet(x, torch.tensor([500.0]), context=torch.randn(1, 77, 768)).square().mean().backward()
+            undo()
+    finally:
+        layer.__dict__.pop("forward", None)
+    assert len(calls) == 2
+    train(comfy, save_name="ckpt_on", steps=2, gradient_checkpointing=True)
+    train(comfy, save_name="ckpt_off", steps=2, gradient_checkpointing=False)
+    a, b = load_file(os.path.join(folders, "ckpt_on.safetensors")), load_file(os.path.join(folders, "ckpt_off.safetensors"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
