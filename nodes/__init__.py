@@ -5,8 +5,9 @@ from comfy_api.latest import ComfyExtension, io
 
 from .loading import DomainUNetLoader
 from .sampling import DomainGuiderNode, DomainKSampler, DomainTermNode
+from .training import DomainTrainer
 
-NODES: list[type[io.ComfyNode]] = [DomainUNetLoader, DomainKSampler, DomainGuiderNode, DomainTermNode]
+NODES: list[type[io.ComfyNode]] = [DomainUNetLoader, DomainKSampler, DomainGuiderNode, DomainTermNode, DomainTrainer]
 
 
 class InDomainExtension(ComfyExtension):

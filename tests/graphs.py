@@ -43,3 +43,22 @@ def loader(unet_name, base=("ckpt", 0), strength=1.0):
     if base is not None:
         inputs["base_model"] = list(base)
     return {"class_type": "InDomainUNetLoader", "inputs": inputs}
+
+
+TRAIN_DEFAULTS = dict(mode="lora", steps=4, batch_size=2, learning_rate=1e-3, lr_schedule="constant", warmup_steps=0,
+                      seed=0, resolution=64, flip=True, training_dtype="fp32", gradient_checkpointing=False,
+                      ema_decay=0.0, lora_rank=4, lora_alpha=4.0, save_name="dom", checkpoint_every=2, preview_every=0, resume=True,
+                      image_folder="domain")
+
+
+def train_graph(label="trained", **options):
+    """Tiny checkpoint -> empty prompt -> Train Domain UNet (images from input/<image_folder>) -> capture both outputs."""
+    inputs = {**TRAIN_DEFAULTS, **options, "model": ["ckpt", 0], "vae": ["ckpt", 2], "null_conditioning": ["null", 0]}
+    inputs = {k: v for k, v in inputs.items() if v is not None}
+    return {
+        "ckpt": {"class_type": "TestTinyCheckpoint", "inputs": {"ckpt_name": "tiny"}},
+        "null": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": ""}},
+        "train": {"class_type": "InDomainTrainUNet", "inputs": inputs},
+        "cap_model": {"class_type": "TestCapture", "inputs": {"value": ["train", 0], "label": label}},
+        "cap_loss": {"class_type": "TestCapture", "inputs": {"value": ["train", 1], "label": label + "_loss"}},
+    }

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import sys
+import types
 import uuid
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +41,12 @@ class _Server:
 
     def send_sync(self, event, data, sid=None):
         self.messages.append((event, data))
+
+    def send_progress_text(self, text, node_id, sid=None):
+        self.messages.append(("progress_text", {"node": node_id, "text": text}))
+
+    def progress_texts(self, node_id=None) -> list[str]:
+        return [d["text"] for e, d in self.messages if e == "progress_text" and node_id in (None, d["node"])]
 
 
 class Host:
@@ -83,6 +90,12 @@ class Host:
         import tiny_nodes
 
         tiny_nodes.register(self)
+        # Nodes reach the UI through server.PromptServer.instance, as in a running ComfyUI (whose
+        # main.py imports the server module first); here that instance is the recording stand-in.
+        if "server" not in sys.modules:
+            stub = types.ModuleType("server")
+            stub.PromptServer = type("PromptServer", (), {"instance": self.server})
+            sys.modules["server"] = stub
         return self
 
     def pack(self, submodule: str):
@@ -122,15 +135,22 @@ class Host:
         executor = execution.PromptExecutor(self.server, cache_args={"lru": 0, "ram": 0.0})
         executor.execute(prompt, prompt_id, {}, valid[2])
         if not executor.success:
-            errors = [d for e, d in executor.status_messages if e in ("execution_error", "execution_interrupted")]
-            raise HostError(errors[0] if errors else "execution failed", errors[0] if errors else None)
+            errors = [(e, d) for e, d in executor.status_messages if e in ("execution_error", "execution_interrupted")]
+            if errors and errors[0][0] == "execution_interrupted":
+                raise HostError(f"interrupted at node {errors[0][1].get('node_id')}", errors[0][1], interrupted=True)
+            raise HostError(errors[0][1] if errors else "execution failed")
         return {"ui": executor.history_result["outputs"], "captured": dict(self.captured)}
 
 
 class HostError(RuntimeError):
-    def __init__(self, message, detail=None):
-        super().__init__(message if isinstance(message, str) else str(message))
-        self.detail = detail if isinstance(message, str) else message
+    def __init__(self, message, detail=None, interrupted=False):
+        self.interrupted = interrupted
+        if isinstance(message, dict):  # the host's error record: show its type, message and last frames
+            detail = message
+            message = (f"{message.get('node_type')} ({message.get('node_id')}): {message.get('exception_type')}: "
+                       f"{message.get('exception_message', '').strip()}\n" + "".join(message.get("traceback", [])[-3:]))
+        super().__init__(message)
+        self.detail = detail
 
     @property
     def exception_message(self) -> str:

@@ -167,10 +167,31 @@ def make_capture(host):
     return TestCapture
 
 
+class TestTinyTAESD:
+    """A tiny-autoencoder VAE (the host's TAESD) with the given latent channels: 16 stands for a VAE
+    of another family (SD3/Flux) than the SD1 test model."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"latent_channels": ("INT", {"default": 16})}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, latent_channels):
+        import comfy.sd
+        from comfy.taesd.taesd import TAESD
+
+        module = randomize_(TAESD(latent_channels=latent_channels), seed=5, scale=1.0)
+        return (comfy.sd.VAE(sd={k: v.contiguous() for k, v in module.state_dict().items()}),)
+
+
 def register(host):
     import nodes
 
     nodes.NODE_CLASS_MAPPINGS["TestTinyCheckpoint"] = TestTinyCheckpoint
+    nodes.NODE_CLASS_MAPPINGS["TestTinyTAESD"] = TestTinyTAESD
     nodes.NODE_CLASS_MAPPINGS["TestCapture"] = make_capture(host)
 
 

@@ -61,6 +61,16 @@ GRAPHS = {
         12: ("LoadImage", {"image": "source.png"}, {}, 0),
         6: ("VAEEncode", {}, {"pixels": (12, 0), "vae": (1, 2)}, 1),
         7: sampler(denoise=0.6)},
+    "train_domain": {
+        1: COMMON[1], 4: COMMON[4], 5: COMMON[5], 9: COMMON[9], 10: COMMON[10],
+        3: ("CLIPTextEncode", {"text": "a teapot on a wooden table, in the domain's style"}, {"clip": (1, 1)}, 1),
+        20: ("InDomainTrainUNet", {"mode": "lora", "steps": 1000, "batch_size": 4, "learning_rate": 1e-4,
+                                   "save_name": "my_domain", "image_folder": "my_domain_images", "checkpoint_every": 250,
+                                   "preview_every": 250},
+             {"model": (1, 0), "vae": (1, 2), "null_conditioning": (5, 0)}, 1),
+        21: ("PreviewImage", {}, {"images": (20, 1)}, 2),
+        6: EMPTY,
+        7: ("InDomainKSampler", sampler()[1], {**sampler()[2], "domain_model": (20, 0)}, 2)},
 }
 
 

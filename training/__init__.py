@@ -37,6 +37,8 @@ The host interface: `train(unet, images, *, ...)` (loop.py) takes
                      encoded image (stage "cache") and each step (stage "train").
     on_preview       (step, module) -> None every config.preview_every steps; module is what is
                      being trained (the full copy, or the host's UNet with the adapters on).
+    on_checkpoint    (step, weights) -> None after each state save: the deliverable as of that step (the
+                     EMA weights when EMA is on), for the host to write its model file.
     device           where to train; default the device of unet's first parameter.
 
 and returns TrainResult(weights, ema_weights, losses, step, start_step): `weights` is what to save

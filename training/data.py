@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -104,24 +104,32 @@ def read_image(path: str) -> Image.Image:
 
 
 class ImageSet:
-    """The training images: a folder path, or a ComfyUI IMAGE batch (tensor [B, H, W, 3], 0..1).
+    """The training images: a folder path, a ComfyUI IMAGE batch (tensor [B, H, W, 3], 0..1), or a list of both.
 
     The input is checked at construction (errors name it); images are read by `bucketed`.
     """
 
-    def __init__(self, images: str | os.PathLike | torch.Tensor):
-        if isinstance(images, torch.Tensor):
-            if images.dim() != 4 or images.shape[-1] != 3 or images.shape[0] == 0:
-                raise ValueError(f"images: expected an IMAGE batch shaped [B, H, W, 3] with B >= 1, got {list(images.shape)}")
-            batch = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-            self.origin = "the image batch"
-            self.names = [f"images[{i}]" for i in range(len(batch))]
-            self._loaders: list[Callable[[], Image.Image]] = [lambda a=a: Image.fromarray(a) for a in batch]
-        else:
-            files = list_image_files(images)
-            self.origin = f"image folder {os.fspath(images)!r}"
-            self.names = [os.path.basename(f) for f in files]
-            self._loaders = [lambda f=f: read_image(f) for f in files]
+    def __init__(self, images: str | os.PathLike | torch.Tensor | Sequence[str | os.PathLike | torch.Tensor]):
+        sources = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not sources:
+            raise ValueError("images: no training images given; connect an IMAGE batch or give an image folder")
+        self.names: list[str] = []
+        self._loaders: list[Callable[[], Image.Image]] = []
+        origins = []
+        for source in sources:
+            if isinstance(source, torch.Tensor):
+                if source.dim() != 4 or source.shape[-1] != 3 or source.shape[0] == 0:
+                    raise ValueError(f"images: expected an IMAGE batch shaped [B, H, W, 3] with B >= 1, got {list(source.shape)}")
+                batch = (source.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+                origins.append("the image batch")
+                self.names += [f"images[{i}]" for i in range(len(batch))]
+                self._loaders += [lambda a=a: Image.fromarray(a) for a in batch]
+            else:
+                files = list_image_files(source)
+                origins.append(f"image folder {os.fspath(source)!r}")
+                self.names += [os.path.basename(f) for f in files]
+                self._loaders += [lambda f=f: read_image(f) for f in files]
+        self.origin = " and ".join(origins)
 
     def __len__(self) -> int:
         return len(self.names)

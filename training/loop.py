@@ -222,6 +222,7 @@ def train(
     check_interrupt: Callable[[], None] = lambda: None,
     on_progress: Callable[[Progress], None] | None = None,
     on_preview: Callable[[int, nn.Module], None] | None = None,
+    on_checkpoint: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
     device: torch.device | str | None = None,
 ) -> TrainResult:
     """Train a domain UNet text-free on `images`; the package docstring describes every argument.
@@ -303,6 +304,8 @@ def train(
                 _check_finite(params, step, state_path, saved_step)
                 save_state(state_path, step=step, config=current, params=params, ema=ema, optimizer=optimizer, scaler=scaler)
                 saved_step = step
+                if on_checkpoint is not None:
+                    on_checkpoint(step, trainable.export(ema if ema is not None else params))
             if on_preview is not None and config.preview_every and step % config.preview_every == 0:
                 on_preview(step, model)
 

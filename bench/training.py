@@ -1,0 +1,157 @@
+"""GPU benchmark: Train Domain UNet's loop (training.train) on a full-size SD1.5 UNet.
+
+    python bench/training.py --out DIR [--quick] [--cases full-b8-ckpt,lora-b8-ckpt,...] [--steps 12]
+
+Starts the real ComfyUI host in-process (tests/host.py; COMFYUI_PATH, else .hostsrc/ in this
+repo), builds the SD1.5 UNet from its config with random fp16 weights and loads it through the
+host (comfy.sd.load_diffusion_model_state_dict: the host detects SD15 and returns a ModelPatcher),
+then runs the node's own adapters and loop exactly as Train Domain UNet does (nodes/training.py:
+load_models_gpu, make_autograd_safe, checkpointed_blocks; training.train), on 512x512 images,
+with the VAE replaced by random latents (the VAE runs once per image and is cached; it is not
+part of a training step) and a random empty-prompt context [1, 77, 768].
+
+Per case: images/s over the steps after --warmup, the peak CUDA memory allocated during
+training (the base model's resident weights included: what the node needs), and MFU against
+the issue's 2.47 TFLOP per SD1.5 512px training image and the GPU's dense bf16 peak.
+--quick: the tiny SD1 of the tests, 64x64, on whatever device there is (checks the script).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+if "COMFYUI_PATH" not in os.environ and os.path.isdir(os.path.join(REPO, ".hostsrc")):
+    os.environ["COMFYUI_PATH"] = os.path.join(REPO, ".hostsrc")
+
+import host as host_module  # noqa: E402
+
+_COMMON = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, use_spatial_transformer=True,
+               legacy=False, use_temporal_attention=False, use_temporal_resblock=False)
+SD15 = dict(_COMMON, model_channels=320, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+            transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+            transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_linear_in_transformer=False,
+            context_dim=768, num_heads=8, adm_in_channels=None)
+SD15_TINY = dict(_COMMON, model_channels=320, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1],
+                 transformer_depth_output=[1, 1], transformer_depth_middle=1, context_dim=768, num_heads=8,
+                 num_head_channels=-1, use_linear_in_transformer=False, adm_in_channels=None)
+TFLOP_PER_IMAGE = 2.47  # SD1.5 512px, forward + backward (issue 5)
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, SXM
+CASES = {
+    # name: (mode, batch size, gradient checkpointing)
+    "full-b8-ckpt": ("full", 8, True),
+    "full-b8": ("full", 8, False),
+    "full-b16": ("full", 16, False),
+    "full-b32": ("full", 32, False),
+    "lora-b8-ckpt": ("lora", 8, True),
+    "lora-b8": ("lora", 8, False),
+    "lora-b32": ("lora", 32, False),
+}
+
+
+def random_unet(config: dict, dtype) -> dict[str, torch.Tensor]:
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    import comfy.ops
+
+    with torch.device("cpu"):
+        module = UNetModel(**config, dtype=dtype, device="cpu", operations=comfy.ops.manual_cast)
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, v in module.state_dict().items():
+        sd[k] = (torch.randn(v.shape, generator=g) * (0.02 if v.dim() > 1 else 0.01)).to(dtype)
+    return sd
+
+
+def fake_encoder(channels: int, factor: int):
+    """Random latents that depend only on the image (as a VAE's would); the VAE is outside a step."""
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        seed = int.from_bytes(hashlib.sha256(pixels.numpy().tobytes()).digest()[:8], "little") & (2**63 - 1)
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(1, channels, pixels.shape[1] // factor, pixels.shape[2] // factor, generator=g)
+    return encode
+
+
+def run_case(model, name: str, px: int, steps: int, warmup: int, images: int) -> dict:
+    import comfy.model_management as mm
+    training_node = host.pack("nodes.training")
+    training = sys.modules[training_node.__name__.rsplit(".", 2)[0] + ".training"]
+    mode, batch, ckpt = CASES[name]
+    device = mm.get_torch_device()
+    mm.load_models_gpu([model], force_full_load=True)
+    unet = model.model.diffusion_model
+    training_node.make_autograd_safe(unet)
+    config = training.TrainConfig(steps=steps, mode=mode, batch_size=batch, resolution=px, lr=1e-5, flip=False,
+                                  precision="bf16", gradient_checkpointing=training_node.checkpointed_blocks(unet) if ckpt else (),
+                                  lora_rank=16, lora_alpha=16.0)
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.rand(images, px, px, 3, generator=g)
+    stamps = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as cache, torch.inference_mode(False):
+        result = training.train(
+            unet, pixels, encode=fake_encoder(4, 8), vae_id="bench", cond_for=lambda h, w: {"context": torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))},
+            alphas_cumprod=training_node.alphas_cumprod(model), prediction_type="eps", config=config, cache_dir=cache,
+            on_progress=lambda p: stamps.append(time.perf_counter()) if p.stage == "train" else None, device=device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    timed = stamps[warmup:]
+    secs = (timed[-1] - timed[0]) / (len(timed) - 1)
+    ips = batch / secs
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), float("nan"))
+    del result
+    return {"case": name, "mode": mode, "batch": batch, "grad_ckpt": ckpt, "px": px, "step_s": secs, "images_per_s": ips,
+            "peak_gib": peak, "mfu": ips * TFLOP_PER_IMAGE / peak_tflops, "losses_finite": True}
+
+
+def main(argv=None) -> int:
+    global host
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=4)
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    host = host_module.Host(host_module.find_host(), tempfile.mkdtemp(), cpu=args.quick and not torch.cuda.is_available(),
+                            builtin_nodes=False).start()
+    import comfy.sd
+
+    px = 64 if args.quick else 512
+    model = comfy.sd.load_diffusion_model_state_dict(random_unet(SD15_TINY if args.quick else SD15, torch.float16))
+    print(f"host detected {type(model.model.model_config).__name__}; weights {model.model.get_dtype()}", flush=True)
+    rows = []
+    for name in args.cases.split(","):
+        try:
+            row = run_case(model, name, px, args.steps, args.warmup, images=64 if not args.quick else 8)
+        except torch.OutOfMemoryError as e:
+            row = {"case": name, "error": f"out of memory: {e}".splitlines()[0]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
+    with open(os.path.join(args.out, "training.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    print(f"\n{'case':14} {'img/s':>8} {'step s':>8} {'peak GiB':>9} {'MFU':>6}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['case']:14} {r['error']}")
+        else:
+            print(f"{r['case']:14} {r['images_per_s']:8.1f} {r['step_s']:8.3f} {r['peak_gib']:9.2f} {r['mfu']:6.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""tools/train_domain.py: the same training from the command line, through the host's own loaders."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import tiny_nodes as tiny
+from host import find_host
+from test_host_training import domain_images
+
+TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "train_domain.py")
+
+
+@pytest.fixture(scope="module")
+def base_dir(comfy, tmp_path_factory):
+    """A ComfyUI base directory with tiny base files in the host's own model folders."""
+    base = tmp_path_factory.mktemp("headless")
+    from comfy.taesd.taesd import TAESD
+
+    tiny.write_safetensors(str(base / "models" / "diffusion_models" / "tiny_unet.safetensors"), tiny.unet_state_dict(0))
+    taesd = tiny.randomize_(TAESD(latent_channels=4), seed=5, scale=1.0)
+    tiny.write_safetensors(str(base / "models" / "vae" / "tiny_taesd.safetensors"), taesd.state_dict())
+    import comfy.sd1_clip
+
+    # The host's text-encoder loader builds the real CLIP-L shape, so this one is full size (random, fp16).
+    clip_l = tiny.randomize_(comfy.sd1_clip.SDClipModel(dtype=torch.float16), seed=10, scale=1.0)
+    tiny.write_safetensors(str(base / "models" / "text_encoders" / "tiny_clip_l.safetensors"), clip_l.transformer.state_dict())
+    domain_images(str(base / "images"))
+    return base
+
+
+def run_tool(base, *extra):
+    cmd = [sys.executable, TOOL, "--comfyui", find_host(), "--base-directory", str(base), "--cpu",
+           "--unet", "tiny_unet.safetensors", "--vae", "tiny_taesd.safetensors", "--clip", "tiny_clip_l.safetensors",
+           "--images", str(base / "images"), "--resolution", "64", "--batch-size", "2", "--training-dtype", "fp32",
+           "--no-gradient-checkpointing", "--log-every", "1", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_trains_writes_the_file_and_resumes(base_dir):
+    first = run_tool(base_dir, "--save-name", "cli_domain", "--steps", "2", "--checkpoint-every", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "step 2/2" in first.stderr
+    path = base_dir / "models" / "domain_unets" / "cli_domain.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["indomain.steps"] == "2" and f.metadata()["indomain.mode"] == "lora"
+    more = run_tool(base_dir, "--save-name", "cli_domain", "--steps", "3")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "step 3/3" in more.stderr and "step 1/3" not in more.stderr  # resumed, not restarted
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["indomain.steps"] == "3"
+
+
+def test_refuses_pickled_model_files_by_name(base_dir):
+    (base_dir / "models" / "vae" / "evil.pt").write_bytes(b"\x80\x04")
+    bad = run_tool(base_dir, "--save-name", "x", "--steps", "1", "--vae", "evil.pt")
+    assert bad.returncode != 0 and "evil.pt" in bad.stderr and "only .safetensors" in bad.stderr
+    assert not (base_dir / "models" / "domain_unets" / "x.safetensors").exists()

@@ -1,0 +1,379 @@
+"""Train Domain UNet in the real host: it learns, its files load in our loader and the host's own,
+it resumes exactly, Cancel and failures keep the last checkpoint, and bad input is refused
+before anything is written."""
+import errno
+import glob
+import importlib
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from graphs import close, text_to_image, train_graph
+from host import HostError
+
+
+def domain_images(folder, sizes=((64, 64), (64, 96), (96, 64), (64, 64), (80, 80), (64, 128))):
+    """A small captionless 'domain': soft colour blobs on a warm background, in mixed sizes."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        cy, cx = rng.uniform(0.3, 0.7, 2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.05)[..., None]
+        pixels = (np.array([230, 180, 120]) * (1 - blob) + np.array([40, 60, 160]) * blob).astype(np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, f"img_{i}.png"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(comfy):
+    import folder_paths
+    domain_images(os.path.join(folder_paths.get_input_directory(), "domain"))
+    return comfy.model_dir("domain_unets")
+
+
+def train(comfy, label="trained", **options):
+    comfy.run(train_graph(label=label, **options))
+    return comfy.captured[label], comfy.captured[label + "_loss"]
+
+
+def files(folder, name):
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, name + "*")))
+
+
+def error_of(comfy, **options) -> str:
+    with pytest.raises(HostError) as e:
+        comfy.run(train_graph(**options))
+    return e.value.exception_message
+
+
+# --- it learns, and what it writes ------------------------------------------------------------
+
+def shown_losses(comfy) -> list[float]:
+    """The per-step losses the node showed in the UI's progress text ("step k/N  loss x ...")."""
+    return [float(t.split("loss ")[1].split()[0]) for t in comfy.server.progress_texts("train") if t.startswith("step ")]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_loss_falls_and_the_model_file_is_written(comfy, folders, mode):
+    model, curve = train(comfy, mode=mode, steps=40 if mode == "lora" else 30, batch_size=4 if mode == "lora" else 2,
+                         learning_rate=1e-2 if mode == "lora" else 1e-3,
+                         save_name=f"learn_{mode}", checkpoint_every=0)
+    losses = shown_losses(comfy)
+    steps = 40 if mode == "lora" else 30
+    assert len(losses) == steps
+    first, last = np.mean(losses[:8]), np.mean(losses[-8:])
+    assert last < (0.95 if mode == "lora" else 0.7) * first, f"{mode}: mean loss {first:.4f} -> {last:.4f}"
+    assert curve.shape == (1, 320, 640, 3) and curve.std() > 0.01  # a drawn curve, not a blank image
+    assert type(model).__name__ == "ModelPatcher"
+    state = comfy.pack("training.checkpoint").read_state_header(os.path.join(folders, f"learn_{mode}.indomain-state"))
+    assert state.step == steps
+    with safe_open(os.path.join(folders, f"learn_{mode}.safetensors"), framework="pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["indomain.mode"] == mode and meta["indomain.steps"] == str(steps) and meta["indomain.image_count"] == "6"
+    assert meta["indomain.architecture"] == "SD15" and meta["indomain.prediction_type"] == "eps"
+    assert meta["indomain.resolution"] == "64" and len(meta["indomain.base_fingerprint"]) == 16
+    if mode == "lora":
+        assert all(k.startswith("diffusion_model.") for k in keys) and any(k.endswith(".lora_up.weight") for k in keys)
+    else:
+        assert "input_blocks.0.0.weight" in keys
+
+
+# --- the files load in our loader and in the host's own loaders, and sample as the output does --
+
+def same_sample(comfy, domain_link, extra, reference_model_link, reference_extra):
+    """InDomainKSampler(cfg 0, domain 1) with domain_link vs stock KSampler(cfg 1) on the reference model."""
+    ours = text_to_image(positive="", negative="", cfg=0.0, domain=domain_link, extra=extra, steps=3)
+    comfy.run(ours)
+    a = comfy.captured["out"]["samples"]
+    ref = text_to_image(sampler="KSampler", positive="", negative="", cfg=1.0, steps=3,
+                        extra={**reference_extra, "sample": None})
+    ref.pop("sample")
+    ref["sample"] = text_to_image(sampler="KSampler", positive="", negative="", cfg=1.0, steps=3)["sample"]
+    ref["sample"]["inputs"]["model"] = reference_model_link
+    comfy.run(ref)
+    return a, comfy.captured["out"]["samples"]
+
+
+@pytest.fixture(scope="module")
+def trained(comfy, folders):
+    """One short full run and one LoRA run, with their files also visible to the host's loaders."""
+    import folder_paths
+    for mode in ("full", "lora"):
+        comfy.run(train_graph(mode=mode, steps=6, learning_rate=1e-3 if mode == "full" else 1e-2, save_name=f"out_{mode}"))
+    folder_paths.add_model_folder_path("diffusion_models", folders)  # as an extra_model_paths.yaml entry would
+    folder_paths.add_model_folder_path("loras", folders)
+    return folders
+
+
+def train_node(mode, **options):
+    return {"class_type": "InDomainTrainUNet", "inputs": {
+        **train_graph(mode=mode, steps=6, learning_rate=1e-3 if mode == "full" else 1e-2, save_name=f"out_{mode}",
+                      **options)["train"]["inputs"]}}
+
+
+def test_full_file_loads_in_the_hosts_unet_loader_and_ours(comfy, trained):
+    null = {"null": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": ""}}}
+    trained_out, host_loaded = same_sample(
+        comfy, ["train", 0], {"train": train_node("full")},
+        ["unet", 0], {"unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "out_full.safetensors", "weight_dtype": "default"}}})
+    assert close(trained_out, host_loaded, 1e-4)
+    ours, _ = same_sample(comfy, ["dom", 0], {"dom": {"class_type": "InDomainUNetLoader", "inputs": {
+        "unet_name": "out_full.safetensors", "lora_strength": 1.0, "base_model": ["ckpt", 0]}}}, ["ckpt", 0], {})
+    assert close(ours, host_loaded, 1e-4)
+    base, _ = same_sample(comfy, ["ckpt", 0], {}, ["ckpt", 0], {})
+    assert not close(base, host_loaded, 1e-2)  # training changed the model
+
+
+def test_lora_file_loads_in_the_hosts_lora_loader_and_ours(comfy, trained):
+    trained_out, host_loaded = same_sample(
+        comfy, ["train", 0], {"train": train_node("lora")},
+        ["lora", 0], {"lora": {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": ["ckpt", 0], "lora_name": "out_lora.safetensors", "strength_model": 1.0}}})
+    assert close(trained_out, host_loaded, 1e-4)
+    ours, _ = same_sample(comfy, ["dom", 0], {"dom": {"class_type": "InDomainUNetLoader", "inputs": {
+        "unet_name": "out_lora.safetensors", "lora_strength": 1.0, "base_model": ["ckpt", 0]}}}, ["ckpt", 0], {})
+    assert close(ours, host_loaded, 1e-4)
+    base, _ = same_sample(comfy, ["ckpt", 0], {}, ["ckpt", 0], {})
+    assert not close(base, host_loaded, 1e-3)
+
+
+# --- resume, Cancel, divergence, full disk, out of memory --------------------------------------
+
+RESUMABLE = dict(steps=6, checkpoint_every=2, ema_decay=0.9, lr_schedule="cosine", warmup_steps=2, learning_rate=1e-2)
+
+
+def no_temp_files(folder):
+    return not [p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if ".tmp-" in os.path.basename(p)]
+
+
+def file_step(path):
+    with safe_open(path, framework="pt") as f:
+        return int(f.metadata()["indomain.steps"])
+
+
+def test_cancel_keeps_the_last_checkpoint_and_resuming_equals_an_uninterrupted_run(comfy, folders, monkeypatch):
+    mm, utils = importlib.import_module("comfy.model_management"), importlib.import_module("comfy.utils")
+    train(comfy, save_name="straight", **RESUMABLE)
+    update = utils.ProgressBar.update_absolute
+
+    def press_cancel_at_step_3(self, value, total=None, preview=None):
+        update(self, value, total, preview)
+        if value == 3:
+            mm.interrupt_current_processing(True)  # what the UI's Cancel button does
+
+    monkeypatch.setattr(utils.ProgressBar, "update_absolute", press_cancel_at_step_3)
+    with pytest.raises(HostError) as e:
+        comfy.run(train_graph(save_name="stopped", **RESUMABLE))
+    assert e.value.interrupted and e.value.detail["node_id"] == "train"
+    monkeypatch.setattr(utils.ProgressBar, "update_absolute", update)
+    read = comfy.pack("training.checkpoint").read_state_header
+    assert read(os.path.join(folders, "stopped.indomain-state")).step == 2
+    assert file_step(os.path.join(folders, "stopped.safetensors")) == 2
+    assert no_temp_files(folders)
+
+    train(comfy, save_name="stopped", **RESUMABLE)  # run again: resumes at step 3
+    assert [t.split()[1] for t in comfy.server.progress_texts("train") if t.startswith("step ")] == ["3/6", "4/6", "5/6", "6/6"]
+    a, b = load_file(os.path.join(folders, "straight.safetensors")), load_file(os.path.join(folders, "stopped.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(comfy, folders, monkeypatch):
+    loop = comfy.pack("training.loop")
+    real, calls = loop.denoising_step, []
+
+    def nan_from_step_4(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 4 else loss
+
+    monkeypatch.setattr(loop, "denoising_step", nan_from_step_4)
+    msg = error_of(comfy, save_name="diverged", **RESUMABLE)
+    assert "diverged at step 4" in msg and "step 2" in msg and "lower" in msg
+    assert comfy.pack("training.checkpoint").read_state_header(os.path.join(folders, "diverged.indomain-state")).step == 2
+    assert file_step(os.path.join(folders, "diverged.safetensors")) == 2 and no_temp_files(folders)
+
+
+def test_full_disk_keeps_the_last_checkpoint(comfy, folders, monkeypatch):
+    checkpoint = comfy.pack("training.checkpoint")
+    real, calls = checkpoint.save_file, []
+
+    def disk_fills_up(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 3:  # the state at step 4 (step 2 wrote the state and the model file)
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_fills_up)
+    msg = error_of(comfy, save_name="diskfull", **RESUMABLE)
+    assert "disk is full" in msg and "diskfull.indomain-state" in msg and "kept" in msg
+    assert checkpoint.read_state_header(os.path.join(folders, "diskfull.indomain-state")).step == 2
+    assert no_temp_files(folders)
+
+
+def test_out_of_memory_says_what_to_lower(comfy, folders, monkeypatch):
+    loop = comfy.pack("training.loop")
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "denoising_step", oom)
+    msg = error_of(comfy, save_name="oom", **RESUMABLE)
+    assert "out of memory" in msg and "batch_size" in msg and "gradient_checkpointing" in msg
+    assert files(folders, "oom") == []
+
+
+# --- bad input: a clear error naming the input, and nothing written ----------------------------
+
+def written(folders, name):
+    return files(folders, name)
+
+
+def test_missing_or_empty_image_folder(comfy, folders):
+    import folder_paths
+    assert "does not exist" in error_of(comfy, image_folder="no_such_folder", save_name="bad1")
+    os.makedirs(os.path.join(folder_paths.get_input_directory(), "empty"), exist_ok=True)
+    assert "has no image files" in error_of(comfy, image_folder="empty", save_name="bad1")
+    assert "image_folder" in error_of(comfy, image_folder="", save_name="bad1")
+    assert written(folders, "bad1") == []
+
+
+def test_unreadable_images_are_skipped_with_a_warning_and_none_readable_is_an_error(comfy, folders, caplog):
+    import folder_paths
+    mixed = domain_images(os.path.join(folder_paths.get_input_directory(), "mixed"), sizes=((64, 64), (64, 96)))
+    for name in ("broken.png", "truncated.jpg"):
+        with open(os.path.join(mixed, name), "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\nnot really")
+    with caplog.at_level(logging.WARNING):
+        train(comfy, image_folder="mixed", steps=2, save_name="mixed")
+    assert "broken.png" in caplog.text and "truncated.jpg" in caplog.text
+    with safe_open(os.path.join(folders, "mixed.safetensors"), framework="pt") as f:
+        assert f.metadata()["indomain.image_count"] == "2"
+    only_bad = os.path.join(folder_paths.get_input_directory(), "only_bad")
+    os.makedirs(only_bad, exist_ok=True)
+    with open(os.path.join(only_bad, "x.png"), "wb") as f:
+        f.write(b"garbage")
+    msg = error_of(comfy, image_folder="only_bad", save_name="bad2")
+    assert "none of the 1 image file(s)" in msg and "only_bad" in msg
+    assert written(folders, "bad2") == []
+
+
+def test_vae_of_another_family_is_refused(comfy, folders):
+    prompt = train_graph(save_name="bad3")
+    prompt["vae16"] = {"class_type": "TestTinyTAESD", "inputs": {"latent_channels": 16}}
+    prompt["train"]["inputs"]["vae"] = ["vae16", 0]
+    with pytest.raises(HostError) as e:
+        comfy.run(prompt)
+    assert "vae" in e.value.exception_message and "16-channel" in e.value.exception_message
+    assert written(folders, "bad3") == []
+
+
+@pytest.mark.parametrize("name", ["../escape", "/tmp/abs", "sub/../../escape", ""])
+def test_save_name_cannot_leave_the_model_folder(comfy, folders, name):
+    msg = error_of(comfy, save_name=name)
+    assert "save name" in msg
+    parent = os.path.dirname(folders)
+    assert not glob.glob(os.path.join(parent, "escape*")) and not os.path.exists("/tmp/abs.safetensors")
+
+
+def test_images_from_an_image_batch_and_a_folder_together(comfy, folders):
+    prompt = train_graph(save_name="both", steps=2)
+    prompt["img"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 3, "color": 0x336699}}
+    prompt["train"]["inputs"]["images"] = ["img", 0]
+    comfy.run(prompt)
+    with safe_open(os.path.join(folders, "both.safetensors"), framework="pt") as f:
+        assert f.metadata()["indomain.image_count"] == "9"  # 3 from the batch + 6 in the folder
+
+
+def test_clip_instead_of_null_conditioning_is_the_same_training(comfy, folders):
+    train(comfy, save_name="with_null", steps=2)
+    prompt = train_graph(save_name="with_clip", steps=2)
+    del prompt["train"]["inputs"]["null_conditioning"]
+    prompt["train"]["inputs"]["clip"] = ["ckpt", 1]
+    comfy.run(prompt)
+    a, b = load_file(os.path.join(folders, "with_null.safetensors")), load_file(os.path.join(folders, "with_clip.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_previews_are_the_domain_model_sampled_by_the_host(comfy, folders):
+    """Every preview_every steps a sample is saved; the last one is what KSampler (Domain Guidance)
+    gives with the trained model at cfg 0, domain_scale 1 (same seed, 20 Euler steps)."""
+    import folder_paths
+    train(comfy, mode="full", steps=4, preview_every=2, save_name="previewed", learning_rate=1e-3)
+    folder = os.path.join(folder_paths.get_output_directory(), "indomain_previews", "previewed")
+    assert sorted(os.listdir(folder)) == ["step_000002.png", "step_000004.png"]
+    shown = np.asarray(Image.open(os.path.join(folder, "step_000004.png")), dtype=np.float32)
+    prompt = text_to_image(positive="", negative="", cfg=0.0, seed=0, steps=20, width=64, height=64,
+                           domain=["dom", 0], extra={"dom": {"class_type": "InDomainUNetLoader", "inputs": {
+                               "unet_name": "previewed.safetensors", "lora_strength": 1.0, "base_model": ["ckpt", 0]}}})
+    prompt["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}}
+    prompt["cap"]["inputs"]["value"] = ["decode", 0]
+    comfy.run(prompt)
+    expected = comfy.captured["out"][0].numpy() * 255
+    assert np.abs(shown - expected).max() <= 1.0 + 1e-3
+    assert shown.std() > 1.0
+
+
+def test_sdxl_trains_on_its_size_conditioning_and_v_models_on_v(comfy):
+    """The loop's inputs come from the base's own classes: SDXL's extra_conds give the empty
+    prompt's 'y' for each bucket size; a v-prediction base trains on v."""
+    from tiny_nodes import UNET_CONFIG
+
+    training = comfy.pack("nodes.training")
+    model_base, supported = importlib.import_module("comfy.model_base"), importlib.import_module("comfy.supported_models")
+    config = {**UNET_CONFIG, "context_dim": 2048, "adm_in_channels": 2816, "use_linear_in_transformer": True,
+              "num_head_channels": 64, "num_heads": -1}
+    sdxl = model_base.SDXL(supported.SDXL(config))
+    patcher = type("Patcher", (), {"model": sdxl})()
+    pooled = torch.randn(1, 1280)
+    cond_for = training.cond_function(patcher, torch.randn(1, 77, 2048), {"pooled_output": pooled})
+    square, wide = cond_for(1024, 1024), cond_for(768, 1344)
+    assert square["context"].shape == (1, 77, 2048) and square["y"].shape == (1, 2816)
+    assert torch.equal(square["y"][:, :1280], pooled)  # the pooled empty prompt, then the size embedding
+    assert not torch.equal(square["y"], wide["y"])  # the size embedding follows the bucket
+    assert training.prediction_type(patcher) == "eps"
+    v_model = model_base.BaseModel(supported.SD20(dict(config, context_dim=1024, adm_in_channels=None)),
+                                   model_type=model_base.ModelType.V_PREDICTION)
+    assert training.prediction_type(type("Patcher", (), {"model": v_model})()) == "v"
+
+
+def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_weights(comfy, folders):
+    """The host's UNet calls each block's layers one by one, so checkpointing wraps the layers:
+    their forward runs twice per step (forward, then recomputed in backward), the math is unchanged."""
+    training_node, loop = comfy.pack("nodes.training"), comfy.pack("training.trainable")
+    import tiny_nodes
+    unet = tiny_nodes.tiny_model().model.diffusion_model
+    names = training_node.checkpointed_blocks(unet)
+    assert "input_blocks.1.0" in names and "middle_block.1" in names and "output_blocks.0.1" in names
+    layer = dict(unet.named_modules())["input_blocks.1.1"]  # a SpatialTransformer
+    calls, original = [], layer.forward
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    layer.forward = counted  # beneath the checkpoint wrapper: counts the recomputation too
+    try:
+        with torch.inference_mode(False):
+            training_node.make_autograd_safe(unet)
+            undo = loop.enable_gradient_checkpointing(unet, names)
+            x = torch.randn(1, 4, 8, 8, requires_grad=True)
+            unet(x, torch.tensor([500.0]), context=torch.randn(1, 77, 768)).square().mean().backward()
+            undo()
+    finally:
+        layer.__dict__.pop("forward", None)
+    assert len(calls) == 2
+    train(comfy, save_name="ckpt_on", steps=2, gradient_checkpointing=True)
+    train(comfy, save_name="ckpt_off", steps=2, gradient_checkpointing=False)
+    a, b = load_file(os.path.join(folders, "ckpt_on.safetensors")), load_file(os.path.join(folders, "ckpt_off.safetensors"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)

@@ -1,0 +1,169 @@
+"""Headless training: Train Domain UNet from the command line, with the host's own loaders.
+
+Runs the same code as the node (nodes/training.py -> training/) without the UI, for servers:
+
+    $COMFYUI_PATH/.venv/bin/python custom_nodes/comfyui-indomain/tools/train_domain.py \\
+        --checkpoint v1-5-pruned-emaonly.safetensors --images /data/porcelain \\
+        --mode full --steps 2000 --batch-size 8 --learning-rate 1e-5 --save-name porcelain
+
+Model names are looked up in ComfyUI's model folders (checkpoints, diffusion_models, vae,
+text_encoders) like the loader nodes do; a path to a file works too. Only safetensors are read.
+The result is written to models/domain_unets/<save-name>.safetensors; running the same command
+again resumes from its checkpoint; Ctrl-C stops after keeping the last complete checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+
+PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+log = logging.getLogger("indomain.train")
+
+
+def find_comfyui(explicit: str | None) -> str:
+    for candidate in (explicit, os.environ.get("COMFYUI_PATH"), os.path.dirname(os.path.dirname(PACK))):
+        if candidate and os.path.isfile(os.path.join(candidate, "comfy", "samplers.py")):
+            return os.path.abspath(candidate)
+    sys.exit("No ComfyUI found: pass --comfyui PATH, set COMFYUI_PATH, or run from ComfyUI/custom_nodes/<pack>/tools")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_argument_group("models (a checkpoint, or --unet with --vae and --clip)")
+    src.add_argument("--checkpoint", help="base checkpoint (name in models/checkpoints, or a path)")
+    src.add_argument("--unet", help="base diffusion model (name in models/diffusion_models, or a path)")
+    src.add_argument("--vae", help="VAE (name in models/vae, or a path); overrides the checkpoint's")
+    src.add_argument("--clip", help="text encoder for the empty prompt (name in models/text_encoders, or a path)")
+    src.add_argument("--clip-type", default="stable_diffusion", help="the host's CLIPLoader type (stable_diffusion, sdxl needs two files...)")
+    p.add_argument("--images", required=True, help="folder of domain images (png, jpg, webp, bmp)")
+    p.add_argument("--save-name", required=True, help="file name in models/domain_unets; the same name resumes")
+    p.add_argument("--mode", choices=["lora", "full"], default="lora")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--no-flip", action="store_true", help="turn off horizontal-flip augmentation")
+    p.add_argument("--training-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--ema-decay", type=float, default=0.0)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--preview-every", type=int, default=0, help="save a preview sample to output/indomain_previews every N steps")
+    p.add_argument("--restart", action="store_true", help="start over instead of resuming save-name's checkpoint")
+    p.add_argument("--log-every", type=int, default=10, help="log progress every N steps")
+    p.add_argument("--comfyui", help="the ComfyUI folder (default: COMFYUI_PATH, else two folders above this pack)")
+    p.add_argument("--base-directory", help="ComfyUI's --base-directory (models/, input/ live there)")
+    p.add_argument("--extra-model-paths", help="an extra_model_paths.yaml to read")
+    p.add_argument("--cpu", action="store_true", help="train on the CPU")
+    return p.parse_args(argv)
+
+
+def start_host(args):
+    """Import ComfyUI as its main.py would (folders, device), and this pack as a package."""
+    sys.path.insert(0, find_comfyui(args.comfyui))
+    from comfy.cli_args import args as host_args
+
+    host_args.cpu = args.cpu
+    if args.base_directory:
+        host_args.base_directory = os.path.abspath(args.base_directory)
+    import folder_paths  # noqa: F401  (reads base_directory: the model folders)
+
+    if args.extra_model_paths:
+        from utils.extra_config import load_extra_path_config
+        load_extra_path_config(args.extra_model_paths)
+    spec = importlib.util.spec_from_file_location("comfyui_indomain", os.path.join(PACK, "__init__.py"),
+                                                  submodule_search_locations=[PACK])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = pack
+    spec.loader.exec_module(pack)
+    return importlib.import_module("comfyui_indomain.nodes.training")
+
+
+def model_file(folder: str, name: str, what: str) -> str:
+    import folder_paths
+
+    path = name if os.path.isfile(name) else folder_paths.get_full_path(folder, name)
+    if path is None:
+        sys.exit(f"--{what} {name!r}: no such file, and not in the {folder} model folders {folder_paths.get_folder_paths(folder)}")
+    if not path.lower().endswith((".safetensors", ".sft")):
+        sys.exit(f"--{what} {name!r}: only .safetensors files are read (pickled files can run code when opened)")
+    return path
+
+
+def load_models(args):
+    """MODEL, VAE and CLIP through the host's own loaders (as Load Checkpoint / Load Diffusion Model /
+    Load VAE / Load CLIP do)."""
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+
+    model = vae = clip = None
+    if args.checkpoint:
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+            model_file("checkpoints", args.checkpoint, "checkpoint"), output_vae=True, output_clip=True,
+            embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    if args.unet:
+        model = comfy.sd.load_diffusion_model(model_file("diffusion_models", args.unet, "unet"))
+    if args.vae:
+        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(model_file("vae", args.vae, "vae")))
+    if args.clip:
+        clip_type = getattr(comfy.sd.CLIPType, args.clip_type.upper())
+        clip = comfy.sd.load_clip([model_file("text_encoders", args.clip, "clip")], clip_type=clip_type,
+                                  embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    missing = [n for n, v in (("a model (--checkpoint or --unet)", model), ("a VAE (--vae)", vae), ("a text encoder (--clip)", clip)) if v is None]
+    if missing:
+        sys.exit("missing " + ", ".join(missing))
+    return model, vae, clip
+
+
+def refuse_pickles(args) -> None:
+    """Before anything loads: every model file named must be safetensors."""
+    for what in ("checkpoint", "unet", "vae", "clip"):
+        name = getattr(args, what)
+        if name and not name.lower().endswith((".safetensors", ".sft")):
+            sys.exit(f"--{what} {name!r}: only .safetensors files are read (pickled files can run code when opened)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    refuse_pickles(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    training_node = start_host(args)
+    from comfyui_indomain.training import TrainConfig
+
+    model, vae, clip = load_models(args)
+    config = TrainConfig(
+        steps=args.steps, mode=args.mode, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lr=args.learning_rate,
+        lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
+        resolution=args.resolution, flip=not args.no_flip, seed=args.seed, precision=args.training_dtype,
+        ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, preview_every=args.preview_every,
+        gradient_checkpointing=() if args.no_gradient_checkpointing else ("all",),
+    )
+
+    def log_progress(p) -> None:
+        if p.stage == "train" and (p.step % args.log_every == 0 or p.step == p.total):
+            log.info("step %d/%d  loss %.4f  %.1f img/s  ETA %.0f s", p.step, p.total, p.loss, p.images_per_s, p.eta_s)
+
+    try:
+        _, losses, start, path = training_node.run_training(
+            model=model, vae=vae, clip=clip, image_folder=os.path.abspath(args.images), config=config,
+            save_name=args.save_name, resume=not args.restart, on_progress=log_progress)
+    except KeyboardInterrupt:
+        log.warning("stopped; the last checkpoint is kept: run the same command again to resume")
+        return 130
+    except (ValueError, RuntimeError) as e:
+        log.error("%s", e)
+        return 1
+    log.info("wrote %s (steps %d..%d)", path, start + 1, start + len(losses))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
