@@ -126,11 +126,16 @@ def render(labels: torch.Tensor, style: int, size: int, g: torch.Generator, base
     return (img * 2.0 - 1.0).float()
 
 
-def make_set(n: int, style: int, size: int, seed: int, num_classes: int = len(CLASSES), base_kinds=(0, 1, 2),
+def make_set(n: int, style: int, size: int, seed: int, classes=CLASSES, base_kinds=(0, 1, 2),
              chunk: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
-    """n images with uniformly random labels: (images [n,3,S,S], labels [n]). Rendered in
-    chunks of `chunk` images (the supersampled masks of a chunk are held in memory)."""
+    """n images with uniformly random labels: (images [n,3,S,S], labels [n]). Label i is the
+    shape classes[i] (names from CLASSES). Rendered in chunks of `chunk` images (the
+    supersampled masks of a chunk are held in memory)."""
+    unknown = [c for c in classes if c not in CLASSES]
+    if unknown:
+        raise ValueError(f"classes: unknown shape(s) {unknown}; expected names from {CLASSES}")
+    kinds = torch.tensor([CLASSES.index(c) for c in classes])
     g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, num_classes, (n,), generator=g)
-    images = [render(labels[i:i + chunk], style, size, g, base_kinds) for i in range(0, n, chunk)]
+    labels = torch.randint(0, len(classes), (n,), generator=g)
+    images = [render(kinds[labels[i:i + chunk]], style, size, g, base_kinds) for i in range(0, n, chunk)]
     return torch.cat(images), labels

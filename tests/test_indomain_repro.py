@@ -57,3 +57,14 @@ def test_ours_keeps_control_and_reaches_the_domain(results):
     assert ours["control_accuracy"] > naive["control_accuracy"] + FORGETTING / 2, (naive, ours)
     assert ours["fd_domain"] < 0.25 * base["fd_domain"], (base, ours)
     assert ours["domain_rate"] > 0.9, ours
+
+
+def test_the_committed_evidence_came_from_the_gpu_configuration():
+    """docs/evidence/results.json records the configuration it ran; `--config gpu` must still be it,
+    so that the command in docs/EVIDENCE.md repeats the table."""
+    import dataclasses
+    from pathlib import Path
+
+    recorded = json.loads((Path(__file__).parents[1] / "docs" / "evidence" / "results.json").read_text())["config"]
+    current = json.loads(json.dumps(dataclasses.asdict(CONFIGS["gpu"])))  # tuples -> lists, as recorded
+    assert {k: current[k] for k in recorded} == recorded
