@@ -1,27 +1,28 @@
 """Small-scale reproduction of guidance forgetting and decoupled domain guidance.
 
-    python -m experiments.indomain_repro --config cpu --out DIR
-    python -m experiments.indomain_repro --config gpu --out DIR     # uses CUDA when present
+    python -m experiments.indomain_repro --config cpu --out DIR     # 16x16, one CPU thread
+    python -m experiments.indomain_repro --config gpu --out DIR     # 32x32, uses CUDA when present
 
-What it does, from scratch and with fixed seeds:
+What it does, from scratch and with fixed seeds (docs/EVIDENCE.md has the result and details):
 
-1. renders a labelled shape data set (classes = shapes, many random styles) and a *domain*:
-   one fixed style (orange shapes on navy/teal diagonal stripes) whose labels are never
-   shown to a diffusion model;
-2. trains a small class-conditional UNet (v-prediction, DDPM alphas_cumprod, null class with
-   condition dropout so classifier-free guidance works) on the labelled base data;
-3. fine-tunes a copy of it on the domain images with the null condition for every sample.
-   That one run is both the paper's "naive fine-tune" (sampled alone with CFG) and its
-   text-free "domain model" (used only as the domain term): the two are the same training
-   procedure (same data, steps and seed), so it is run once and the methods differ only in
-   how they sample;
+1. renders a labelled shape data set (classes = shapes, random colours on flat backgrounds) and
+   a *domain*: one fixed style (orange shapes on navy/teal diagonal stripes) whose labels are
+   never shown to a diffusion model;
+2. trains a small class-conditional UNet (v-prediction, cosine DDPM alphas_cumprod, a null
+   class with condition dropout so classifier-free guidance works) on the labelled base data,
+   with the project's loss (training/noise.py);
+3. trains a full copy of it on the domain images with the null condition for every sample,
+   through the project's training loop, training.train() (images as an IMAGE batch, average
+   pooling as the "VAE"). That one run is both the paper's "naive fine-tune" (sampled alone
+   with CFG) and its text-free "domain model" (used only as the domain term): the two are the
+   same training procedure, so it is run once and the methods differ only in how they sample;
 4. samples (a) the base alone with CFG, (b) the fine-tuned model alone with CFG and
    (c) ours: guidance.decoupled_guidance with the base for u and c (negative = empty) and the
    fine-tuned copy as the domain term d, over a grid of domain weights;
-5. measures control accuracy (a style-robust shape classifier trained on held-out labelled
-   images of both styles: is a sample requested as class k classified as k?), domain rate
-   (the same network's style head: fraction of samples that look like the domain) and the
-   Frechet distance to held-out domain images in that network's penultimate features;
+5. measures control accuracy (a shape classifier trained on held-out labelled images of both
+   styles: is a sample requested as class k classified as k?), domain rate (the same network's
+   style head: fraction of samples that look like the domain) and the Frechet distance to
+   held-out domain images in that network's penultimate features;
 6. writes results.json, results.md and samples.png into --out.
 """
 from __future__ import annotations
@@ -91,7 +92,7 @@ class Config:
     samples_per_class: int = 64
     sample_steps: int = 20
     cfg: float = 7.5  # Stable Diffusion's usual guidance scale
-    domain_weights: tuple = (1.0, 1.5)
+    domain_weights: tuple = (1.5,)
     headline_weight: float = 1.5
     seed: int = 0
     grid_per_cell: int = 4

@@ -8,8 +8,8 @@ scratch with fixed seeds on one CPU thread, then checks the direction of the pap
   margin of the base, and moves the samples to the domain (Frechet distance to held-out
   domain images far below the base's).
 
-About a minute and a half on one thread; every number is seeded, so the result does not vary
-from run to run on one machine.
+About 2.5 to 4 minutes on one thread of the (shared) 2-core machine it was written on; every
+number is seeded, and on one thread the result does not vary from run to run.
 """
 from __future__ import annotations
 
@@ -19,8 +19,11 @@ import pytest
 
 from experiments.indomain_repro import CONFIGS, run
 
-CONTROL_MARGIN = 0.10  # ours may lose at most this much control accuracy against the base
-FORGETTING = 0.15  # naive fine-tuning loses at least this much
+# Margins from seeds 0 and 1 of the CPU configuration (docs/EVIDENCE.md): base - naive was 0.32
+# and 0.38, base - ours 0.03 and 0.13, FD ours / FD base 0.05 and 0.18. The test runs seed 0.
+CONTROL_MARGIN = 0.20  # ours may lose less than this much control accuracy against the base
+FORGETTING = 0.20  # naive fine-tuning loses at least this much
+SEPARATION = 0.15  # ours beats naive by more than this
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +57,8 @@ def test_ours_keeps_control_and_reaches_the_domain(results):
     base, naive = _method(results, "base"), _method(results, "naive fine-tune")
     ours = _method(results, "ours", results["headline_weight"])
     assert ours["control_accuracy"] > base["control_accuracy"] - CONTROL_MARGIN, (base, ours)
-    assert ours["control_accuracy"] > naive["control_accuracy"] + FORGETTING / 2, (naive, ours)
-    assert ours["fd_domain"] < 0.25 * base["fd_domain"], (base, ours)
+    assert ours["control_accuracy"] > naive["control_accuracy"] + SEPARATION, (naive, ours)
+    assert ours["fd_domain"] < 0.3 * base["fd_domain"], (base, ours)
     assert ours["domain_rate"] > 0.9, ours
 
 
