@@ -26,7 +26,8 @@ class DomainUNetLoader(io.ComfyNode):
                 io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Strength of a LoRA domain file (ignored for a full UNet)."),
             ],
-            outputs=[io.Model.Output(display_name="domain_model")],
+            outputs=[io.Model.Output(display_name="domain_model",
+                                           tooltip="The domain UNet, for the domain_model input of KSampler (Domain Guidance), Domain Guider or Domain Term.")],
         )
 
     @classmethod

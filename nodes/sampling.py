@@ -75,7 +75,8 @@ class DomainTermNode(io.ComfyNode):
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, tooltip=END_TIP),
                 DomainTerms.Input("previous", optional=True, tooltip="Terms from an earlier Domain Term node."),
             ],
-            outputs=[DomainTerms.Output(display_name="domains")],
+            outputs=[DomainTerms.Output(display_name="domains",
+                                           tooltip="This term and the ones chained before it, for the more_domains input of the sampler or guider.")],
         )
 
     @classmethod
@@ -111,7 +112,7 @@ class DomainKSampler(io.ComfyNode):
                                tooltip="Amount of denoising; below 1 for img2img, as in KSampler."),
                 *domain_inputs(),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[io.Latent.Output(tooltip="The denoised latent, for VAE Decode.")],
         )
 
     @classmethod
@@ -155,7 +156,7 @@ class DomainGuiderNode(io.ComfyNode):
                 io.Float.Input("cfg", default=8.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Text guidance weight."),
                 *domain_inputs(),
             ],
-            outputs=[io.Guider.Output()],
+            outputs=[io.Guider.Output(tooltip="For SamplerCustomAdvanced (or any node that takes a GUIDER).")],
         )
 
     @classmethod

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 
@@ -168,9 +169,21 @@ def checkpointed_blocks(unet: torch.nn.Module) -> tuple[str, ...]:
     return tuple(names)
 
 
+def pack_version() -> str:
+    """The pack's version, from pyproject.toml (the one place it is written)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            found = re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.MULTILINE)
+    except OSError:
+        found = None
+    return found.group(1) if found else "unknown"
+
+
 def file_metadata(model, config: TrainConfig, step: int, image_count: int, base_fp: str) -> dict[str, str]:
     return {
         "indomain.format": FILE_FORMAT,
+        "indomain.pack_version": pack_version(),
         "indomain.mode": config.mode,
         "indomain.architecture": type(model.model.model_config).__name__,
         "indomain.prediction_type": prediction_type(model),

@@ -6,6 +6,8 @@ import glob
 import importlib
 import logging
 import os
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ from safetensors.torch import load_file
 
 from graphs import close, text_to_image, train_graph
 from host import HostError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def domain_images(folder, sizes=((64, 64), (64, 96), (96, 64), (64, 64), (80, 80), (64, 128))):
@@ -79,6 +83,7 @@ def test_loss_falls_and_the_model_file_is_written(comfy, folders, mode):
     assert meta["indomain.mode"] == mode and meta["indomain.steps"] == str(steps) and meta["indomain.image_count"] == "6"
     assert meta["indomain.architecture"] == "SD15" and meta["indomain.prediction_type"] == "eps"
     assert meta["indomain.resolution"] == "64" and len(meta["indomain.base_fingerprint"]) == 16
+    assert meta["indomain.pack_version"] == tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     if mode == "lora":
         assert all(k.startswith("diffusion_model.") for k in keys) and any(k.endswith(".lora_up.weight") for k in keys)
     else:
