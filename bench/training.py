@@ -47,14 +47,20 @@ SD15_TINY = dict(_COMMON, model_channels=320, num_res_blocks=[1], channel_mult=[
 TFLOP_PER_IMAGE = 2.47  # SD1.5 512px, forward + backward (issue 5)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, SXM
 CASES = {
-    # name: (mode, batch size, gradient checkpointing)
-    "full-b8-ckpt": ("full", 8, True),
-    "full-b8": ("full", 8, False),
-    "full-b16": ("full", 16, False),
-    "full-b32": ("full", 32, False),
-    "lora-b8-ckpt": ("lora", 8, True),
-    "lora-b8": ("lora", 8, False),
-    "lora-b32": ("lora", 32, False),
+    # name: (mode, batch size, gradient checkpointing, TrainConfig speed options)
+    "full-b8-ckpt": ("full", 8, True, {}),
+    "full-b8": ("full", 8, False, {}),
+    "full-b16": ("full", 16, False, {}),
+    "full-b32": ("full", 32, False, {}),
+    "lora-b8-ckpt": ("lora", 8, True, {}),
+    "lora-b8": ("lora", 8, False, {}),
+    "lora-b32": ("lora", 32, False, {}),
+    # torch.compile (inductor) of the trained module (issue 5)
+    "full-b8-compile": ("full", 8, False, {"compile": True}),
+    "full-b8-ckpt-compile": ("full", 8, True, {"compile": True}),
+    "full-b32-compile": ("full", 32, False, {"compile": True}),
+    "full-b48-compile": ("full", 48, False, {"compile": True}),
+    "lora-b8-compile": ("lora", 8, False, {"compile": True}),
 }
 
 
@@ -84,14 +90,14 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int) ->
     import comfy.model_management as mm
     training_node = host.pack("nodes.training")
     training = sys.modules[training_node.__name__.rsplit(".", 2)[0] + ".training"]
-    mode, batch, ckpt = CASES[name]
+    mode, batch, ckpt, speed = CASES[name]
     device = mm.get_torch_device()
     mm.load_models_gpu([model], force_full_load=True)
     unet = model.model.diffusion_model
     training_node.make_autograd_safe(unet)
     config = training.TrainConfig(steps=steps, mode=mode, batch_size=batch, resolution=px, lr=1e-5, flip=False,
                                   precision="bf16", gradient_checkpointing=training_node.checkpointed_blocks(unet) if ckpt else (),
-                                  lora_rank=16, lora_alpha=16.0)
+                                  lora_rank=16, lora_alpha=16.0, **speed)
     g = torch.Generator().manual_seed(1)
     pixels = torch.rand(images, px, px, 3, generator=g)
     stamps = []
@@ -99,20 +105,22 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int) ->
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    t_begin = time.perf_counter()
     with tempfile.TemporaryDirectory() as cache, torch.inference_mode(False):
         result = training.train(
             unet, pixels, encode=fake_encoder(4, 8), vae_id="bench", cond_for=lambda h, w: {"context": torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))},
             alphas_cumprod=training_node.alphas_cumprod(model), prediction_type="eps", config=config, cache_dir=cache,
             on_progress=lambda p: stamps.append(time.perf_counter()) if p.stage == "train" else None, device=device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    first_step_s = stamps[0] - t_begin  # latent caching + the first step (with compile: the compilation)
     timed = stamps[warmup:]
     secs = (timed[-1] - timed[0]) / (len(timed) - 1)
     ips = batch / secs
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), float("nan"))
     del result
-    return {"case": name, "mode": mode, "batch": batch, "grad_ckpt": ckpt, "px": px, "step_s": secs, "images_per_s": ips,
-            "peak_gib": peak, "mfu": ips * TFLOP_PER_IMAGE / peak_tflops, "losses_finite": True}
+    return {"case": name, "mode": mode, "batch": batch, "grad_ckpt": ckpt, **speed, "px": px, "step_s": secs, "images_per_s": ips,
+            "peak_gib": peak, "first_step_s": first_step_s, "mfu": ips * TFLOP_PER_IMAGE / peak_tflops, "losses_finite": True}
 
 
 def main(argv=None) -> int:

@@ -163,6 +163,14 @@ def test_gradient_checkpointing_changes_memory_not_results(tmp_path):
         run(tmp_path / "c", steps=1, gradient_checkpointing=("middle_block",), state_name=None)
 
 
+def test_compiled_forward_trains_the_same_weights(tmp_path):
+    """`compile` (torch.compile, issue 5's speed option) changes speed, not the result; a run may
+    be resumed with it switched."""
+    plain = run(tmp_path / "a", steps=3, state_name=None)
+    compiled = run(tmp_path / "b", steps=3, compile=True, state_name=None)
+    assert _rel_close(compiled.weights, plain.weights, tol=1e-4)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_under_autocast(tmp_path, precision):
     result = run(tmp_path, steps=3, precision=precision, mode="lora")

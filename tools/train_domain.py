@@ -51,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-flip", action="store_true", help="turn off horizontal-flip augmentation")
     p.add_argument("--training-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the trained UNet (slow first step, then faster)")
     p.add_argument("--ema-decay", type=float, default=0.0)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=16.0)
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
         lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
         resolution=args.resolution, flip=not args.no_flip, seed=args.seed, precision=args.training_dtype,
         ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, preview_every=args.preview_every,
-        gradient_checkpointing=() if args.no_gradient_checkpointing else ("all",),
+        gradient_checkpointing=() if args.no_gradient_checkpointing else ("all",), compile=args.compile,
     )
 
     def log_progress(p) -> None:

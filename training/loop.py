@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LR_SCHEDULES = ("constant", "cosine")
 # TrainConfig fields that may change between a run and its resumption (they do not change the math).
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "preview_every", "gradient_checkpointing")
+# options that change speed or bookkeeping, not the math: a run may be resumed with other values
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "preview_every", "gradient_checkpointing", "compile")
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # save the state every N steps (0: only at the end); needs state_path
     preview_every: int = 0  # call on_preview every N steps (0: never)
     gradient_checkpointing: tuple[str, ...] = ()  # UNet submodule paths whose activations are recomputed
+    compile: bool = False  # torch.compile the trained module's forward (first steps slow; fuses the small ops)
 
     def validate(self) -> None:
         """ValueError naming the first bad field and what it should be."""
@@ -259,6 +261,8 @@ def train(
     try:
         undo_checkpointing = enable_gradient_checkpointing(trainable.module, config.gradient_checkpointing)
         model, params = trainable.module, trainable.params
+        if config.compile:
+            model = torch.compile(model)
         optimizer = make_optimizer(list(params.values()), config, device)
         scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
         ema = ema_init(params) if config.ema_decay > 0 else None
