@@ -1,0 +1,462 @@
+"""GPU benchmark: KSampler (Domain Guidance) against the host's stock KSampler.
+
+    python bench/sampling.py --out DIR [--quick] [--models sd15,sdxl] [--batches 1,4] [--repeats 3]
+
+Starts the real ComfyUI host in-process (tests/host.py's Host; COMFYUI_PATH, else .host/ComfyUI
+inside this repo, else the ComfyUI two folders above the pack), builds full-size SD1.5 and SDXL
+UNets from their configs with random fp16 weights, loads them through the host
+(comfy.sd.load_diffusion_model_state_dict: the host detects the family and returns a real
+ModelPatcher), and times with torch.cuda.synchronize around each whole sampling call:
+
+  stock          nodes.common_ksampler (what the KSampler node runs)
+  full           ours, a full-copy domain UNet (a second model, its own forward per step)
+  full_half      ours, full-copy domain on the interval [0, 0.5] of the run
+  full_negnull   ours, full-copy domain with negative == null prompt (one base row shared)
+  lora           ours, a LoRA domain (rank 32 on every attention projection, nodes.loader.apply_lora)
+  lora_half      ours, LoRA domain on [0, 0.5]
+
+Each case: all models unloaded, one warm-up run (loads the models), then --repeats timed runs
+(median reported), peak memory = torch.cuda.max_memory_allocated over the timed runs. At the
+first batch size an extra diagnostic run per case records per-step times (a synchronize in the
+step callback), the UNet forwards per step and their batch sizes (BaseModel.apply_model), and
+the time the host spends swapping hook weights (ModelPatcher.patch_hooks). Also checks that
+domain_scale 0 reproduces stock.
+
+--quick: tiny sizes on whatever device there is (CPU here): SD1 with one level, Segmind-Vega
+(the host's smallest SDXL-family config) at 64x64 px, 2 steps, 1 repeat. For testing the script.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+import host as host_module  # noqa: E402  (tests/host.py)
+
+# -- model configs (UNetModel kwargs), as the host's model_detection spells them ---------------
+
+_COMMON = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, use_spatial_transformer=True,
+               legacy=False, use_temporal_attention=False, use_temporal_resblock=False)
+SD15 = dict(_COMMON, model_channels=320, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+            transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
+            transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_linear_in_transformer=False,
+            context_dim=768, num_heads=8, adm_in_channels=None)
+SDXL = dict(_COMMON, num_classes="sequential", adm_in_channels=2816, model_channels=320, num_res_blocks=[2, 2, 2],
+            transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
+            use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
+            transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10])
+# --quick: the tiny SD1 of tests/tiny_nodes.py, and Segmind-Vega (SDXL family, 745M parameters).
+SD15_TINY = dict(_COMMON, model_channels=320, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1],
+                 transformer_depth_output=[1, 1], transformer_depth_middle=1, context_dim=768, num_heads=8,
+                 num_head_channels=-1, use_linear_in_transformer=False, adm_in_channels=None)
+SDXL_VEGA = dict(SDXL, transformer_depth=[0, 0, 1, 1, 2, 2], transformer_depth_middle=0,
+                 transformer_depth_output=[0, 0, 0, 1, 1, 1, 2, 2, 2])
+
+MODELS = {
+    # name: (config, quick config, host class names accepted, pixels, quick pixels, context dim, pooled dim)
+    "sd15": (SD15, SD15_TINY, ("SD15",), 512, 64, 768, 768),
+    "sdxl": (SDXL, SDXL_VEGA, ("SDXL", "Segmind_Vega"), 1024, 64, 2048, 1280),
+}
+LORA_TARGETS = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
+CASES = ("stock", "full", "full_half", "full_negnull", "lora", "lora_half")
+
+
+def is_cuda() -> bool:
+    import comfy.model_management as mm
+
+    return mm.get_torch_device().type == "cuda"
+
+
+def sync():
+    if is_cuda():
+        torch.cuda.synchronize()
+
+
+def gib(n: int) -> float:
+    return round(n / 2 ** 30, 3)
+
+
+# -- models ------------------------------------------------------------------------------------
+
+def random_unet_state_dict(config: dict, seed: int, dtype, device) -> dict[str, torch.Tensor]:
+    """A UNet state dict with seeded random weights (~unit activations), built on `device`."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    model = UNetModel(**config, dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            fan_in = p[0].numel() if p.ndim > 1 else 1
+            p.normal_(0.0, 0.5 / fan_in ** 0.5 if p.ndim > 1 else 0.1, generator=g)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    del model
+    return sd
+
+
+def load_unet(sd: dict, dtype):
+    import comfy.sd
+
+    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
+    if patcher is None:
+        raise RuntimeError("the host did not recognise the benchmark UNet state dict")
+    return patcher
+
+
+def lora_state_dict(shapes: dict[str, torch.Size], rank: int, seed: int, dtype) -> dict[str, torch.Tensor]:
+    """A rank-`rank` LoRA of every attention projection, in the host's key format."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in sorted(shapes.items()):
+        if key.endswith(LORA_TARGETS) and len(shape) == 2:
+            prefix = "diffusion_model." + key[: -len(".weight")]
+            out[prefix + ".lora_down.weight"] = (torch.randn(rank, shape[1], generator=g) / shape[1] ** 0.5).to(dtype)
+            out[prefix + ".lora_up.weight"] = (torch.randn(shape[0], rank, generator=g) * 0.1 / rank ** 0.5).to(dtype)
+            out[prefix + ".alpha"] = torch.tensor(float(rank))
+    return out
+
+
+def conditioning(name: str, seed: int, px: int, ctx: int, pooled: int):
+    """CONDITIONING as the host's text encoders give it (random values of the right shapes)."""
+    g = torch.Generator().manual_seed(seed)
+    extra = {"pooled_output": torch.randn(1, pooled, generator=g)}
+    if name == "sdxl":  # CLIPTextEncodeSDXL
+        extra.update(width=px, height=px, crop_w=0, crop_h=0, target_width=px, target_height=px)
+    return [[torch.randn(1, 77, ctx, generator=g), extra]]
+
+
+# -- instrumentation for the diagnostic run ---------------------------------------------------
+
+class Probe:
+    """Per-step times, UNet forwards and hook-weight swaps of one sampling run."""
+
+    def __init__(self):
+        self.stamps, self.forwards, self.swaps = [], [], []
+        self._undo = []
+
+    def __enter__(self):
+        import comfy.model_base
+        import comfy.model_patcher
+        import latent_preview
+
+        probe = self
+        orig_cb = latent_preview.prepare_callback
+
+        def prepare_callback(model, steps, x0_output_dict=None):
+            cb = orig_cb(model, steps, x0_output_dict)
+
+            def wrapped(step, x0, x, total_steps):
+                sync()
+                probe.stamps.append(time.perf_counter())
+                return cb(step, x0, x, total_steps)
+            return wrapped
+
+        orig_apply = comfy.model_base.BaseModel.apply_model
+
+        def apply_model(self_, x, t, *a, **kw):
+            probe.forwards.append((len(probe.stamps), int(x.shape[0])))
+            return orig_apply(self_, x, t, *a, **kw)
+
+        orig_patch = comfy.model_patcher.ModelPatcher.patch_hooks
+
+        def patch_hooks(self_, hooks):
+            sync()
+            t0 = time.perf_counter()
+            r = orig_patch(self_, hooks)
+            sync()
+            probe.swaps.append((len(probe.stamps), hooks is not None, time.perf_counter() - t0))
+            return r
+
+        for owner, attr, new in ((latent_preview, "prepare_callback", prepare_callback),
+                                 (comfy.model_base.BaseModel, "apply_model", apply_model),
+                                 (comfy.model_patcher.ModelPatcher, "patch_hooks", patch_hooks)):
+            self._undo.append((owner, attr, getattr(owner, attr)))
+            setattr(owner, attr, new)
+        return self
+
+    def __exit__(self, *exc):
+        for owner, attr, old in reversed(self._undo):
+            setattr(owner, attr, old)
+
+    def summary(self, t0: float, active_steps: list[bool] | None) -> dict:
+        ends = self.stamps
+        step_s = [b - a for a, b in zip([t0] + ends[:-1], ends)]
+        per_step = {}
+        for step, rows in self.forwards:
+            per_step.setdefault(step, []).append(rows)
+        # Step 0 also holds the run's set-up (model loading check, hook registration, first LoRA merge).
+        steady = list(range(1, len(step_s)))
+        out = {"step_s": [round(s, 5) for s in step_s],
+               "median_step_s": _median([step_s[i] for i in steady]),
+               "forwards_step1": per_step.get(1, []),
+               "forwards_per_run": len(self.forwards)}
+        if active_steps is not None:
+            on = [step_s[i] for i in steady if active_steps[i]]
+            off = [step_s[i] for i in steady if not active_steps[i]]
+            out.update(median_step_in_interval_s=_median(on), median_step_outside_interval_s=_median(off),
+                       steps_in_interval=sum(active_steps))
+        if self.swaps:
+            later = [s for step, _, s in self.swaps if step >= 1]
+            out.update(hook_swaps_per_run=len(self.swaps), hook_swap_total_s=round(sum(s for *_, s in self.swaps), 5),
+                       hook_swap_step0_s=round(sum(s for step, _, s in self.swaps if step == 0), 5),
+                       hook_swap_median_s=_median(later),
+                       hook_swaps_per_step=round(len(later) / max(1, len(steady)), 2))
+        return out
+
+
+def _median(xs):
+    return round(statistics.median(xs), 5) if xs else None
+
+
+# -- the benchmark ----------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, host, quick: bool, steps: int, repeats: int, cfg: float, dtype):
+        self.host = host
+        self.quick = quick
+        self.steps = steps
+        self.repeats = repeats
+        self.cfg = cfg
+        self.dtype = dtype
+        self.sampling = host.pack("nodes.sampling")
+        self.loader = host.pack("nodes.loader")
+
+    def build(self, name: str) -> dict:
+        import comfy.model_management as mm
+
+        config, quick_config, families, px, quick_px, ctx, pooled = MODELS[name]
+        config = quick_config if self.quick else config
+        px = quick_px if self.quick else px
+        device = mm.get_torch_device()
+        t0 = time.perf_counter()
+        sd = random_unet_state_dict(config, seed=0, dtype=self.dtype, device=device)
+        shapes = {k: v.shape for k, v in sd.items()}
+        n_params = sum(v.numel() for v in sd.values())
+        base = load_unet(sd, self.dtype)
+        del sd
+        sd = random_unet_state_dict(config, seed=1, dtype=self.dtype, device=device)
+        full = load_unet(sd, self.dtype)
+        del sd
+        gc.collect()
+        mm.soft_empty_cache()
+        family = type(base.model.model_config).__name__
+        if family not in families:
+            raise RuntimeError(f"the host detected {family}, expected one of {families}")
+        lora = self.loader.apply_lora(base, lora_state_dict(shapes, rank=32, seed=2, dtype=self.dtype), "bench_lora")
+        conds = {k: conditioning(name, seed, px, ctx, pooled) for k, seed in (("positive", 11), ("negative", 12), ("null", 13))}
+        return {"name": name, "family": family, "px": px, "params": n_params, "base": base, "full": full, "lora": lora,
+                "conds": conds, "build_s": round(time.perf_counter() - t0, 2),
+                "lora_keys": sum(1 for k in shapes if k.endswith(LORA_TARGETS) and len(shapes[k]) == 2)}
+
+    def latent(self, m, batch: int) -> dict:
+        return {"samples": torch.zeros(batch, 4, m["px"] // 8, m["px"] // 8)}
+
+    def run_fn(self, m, case: str, batch: int, domain_scale: float = 1.5):
+        import nodes
+
+        latent = self.latent(m, batch)
+        c = m["conds"]
+        seed = 42
+        if case == "stock":
+            return lambda: nodes.common_ksampler(m["base"], seed, self.steps, self.cfg, "euler", "normal",
+                                                 c["positive"], c["negative"], latent)[0]["samples"]
+        domain = m["full"] if case.startswith("full") else m["lora"]
+        end = 0.5 if case.endswith("_half") else 1.0
+        negative = c["null"] if case.endswith("_negnull") else c["negative"]
+        s = self.sampling
+
+        def fn():
+            terms = s.collect_terms(domain, domain_scale, 0.0, end, None)
+            guider = s.make_guider(m["base"], c["positive"], negative, c["null"], self.cfg, terms, False)
+            return s.sample_like_ksampler(guider, seed, self.steps, "euler", "normal", latent, 1.0)["samples"]
+        return fn
+
+    def active_steps(self, m, case: str) -> list[bool] | None:
+        import comfy.samplers
+
+        if case == "stock":
+            return None
+        end = 0.5 if case.endswith("_half") else 1.0
+        ms = m["base"].get_model_object("model_sampling")
+        hi, lo = float(ms.percent_to_sigma(0.0)), float(ms.percent_to_sigma(end))
+        sigmas = comfy.samplers.KSampler(m["base"], steps=self.steps, device="cpu", sampler="euler",
+                                         scheduler="normal", denoise=1.0).sigmas
+        return [lo <= float(s) <= hi for s in sigmas[:-1]]
+
+    def case(self, m, case: str, batch: int, diagnose: bool) -> dict:
+        import comfy.model_management as mm
+
+        mm.unload_all_models()
+        gc.collect()
+        mm.soft_empty_cache()
+        cuda = is_cuda()
+        fn = self.run_fn(m, case, batch)
+        sync()
+        base_alloc = torch.cuda.memory_allocated() if cuda else 0
+        t0 = time.perf_counter()
+        out = fn()  # warm-up: loads the models
+        sync()
+        warm_s = time.perf_counter() - t0
+        resident = torch.cuda.memory_allocated() if cuda else 0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(self.repeats):
+            sync()
+            t0 = time.perf_counter()
+            out = fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        peak = torch.cuda.max_memory_allocated() if cuda else 0
+        row = {"model": m["name"], "batch": batch, "case": case, "times_s": [round(t, 5) for t in times],
+               "median_s": round(statistics.median(times), 5), "warmup_s": round(warm_s, 3),
+               "peak_gib": gib(peak), "resident_gib": gib(resident), "before_gib": gib(base_alloc),
+               "finite": bool(torch.isfinite(out).all()), "out_std": round(float(out.float().std()), 4)}
+        if diagnose:
+            with Probe() as probe:
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                total = time.perf_counter() - t0
+            row["diag"] = {"run_s": round(total, 5), **probe.summary(t0, self.active_steps(m, case))}
+        self.last_out = out.float().cpu()
+        return row
+
+    def scale_zero_check(self, m, stock_out) -> list[dict]:
+        """domain_scale 0 with each kind of domain against the stock KSampler's latent."""
+        out = []
+        for case in ("full", "lora"):
+            sample = self.run_fn(m, case, 1, domain_scale=0.0)().float().cpu()
+            diff = (sample - stock_out).abs().max().item()
+            out.append({"model": m["name"], "domain": case, "max_abs_diff": diff,
+                        "max_abs_stock": stock_out.abs().max().item(), "finite": bool(torch.isfinite(sample).all())})
+        return out
+
+
+def table(rows: list[dict]) -> str:
+    stock = {(r["model"], r["batch"]): r["median_s"] for r in rows if r["case"] == "stock" and "median_s" in r}
+    lines = [f"{'model':6} {'batch':>5} {'case':13} {'median s':>9} {'x stock':>8} {'peak GiB':>9} {'step in/out ms':>15}"]
+    for r in rows:
+        if "median_s" not in r:
+            lines.append(f"{r['model']:6} {r['batch']:>5} {r['case']:13} ERROR {r.get('error', '')[:60]}")
+            continue
+        ref = stock.get((r["model"], r["batch"]))
+        ratio = f"{r['median_s'] / ref:.2f}" if ref else "-"
+        d = r.get("diag", {})
+        steps = ""
+        if d.get("median_step_in_interval_s") is not None:
+            off = d.get("median_step_outside_interval_s")
+            steps = f"{1e3 * d['median_step_in_interval_s']:.1f}/" + (f"{1e3 * off:.1f}" if off is not None else "-")
+        elif d.get("median_step_s") is not None:
+            steps = f"{1e3 * d['median_step_s']:.1f}"
+        lines.append(f"{r['model']:6} {r['batch']:>5} {r['case']:13} {r['median_s']:>9.3f} {ratio:>8} {r['peak_gib']:>9.2f} {steps:>15}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for sampling.json")
+    ap.add_argument("--quick", action="store_true", help="tiny models, 2 steps, 1 repeat (tests the script)")
+    ap.add_argument("--models", default="sd15,sdxl")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--cfg", type=float, default=7.0)
+    ap.add_argument("--cpu", action="store_true", help="run the host on the CPU even where there is a GPU")
+    args = ap.parse_args(argv)
+    steps = args.steps or (2 if args.quick else 20)
+    repeats = args.repeats or (1 if args.quick else 3)
+    os.makedirs(args.out, exist_ok=True)
+
+    comfy_path = os.environ.get("COMFYUI_PATH") or (os.path.join(REPO, ".host", "ComfyUI")
+                                                     if os.path.isdir(os.path.join(REPO, ".host", "ComfyUI")) else None)
+    if comfy_path:
+        os.environ["COMFYUI_PATH"] = comfy_path
+    path = host_module.find_host()
+    if path is None:
+        print("no ComfyUI host: set COMFYUI_PATH", file=sys.stderr)
+        return 2
+    use_cpu = args.cpu or not torch.cuda.is_available()
+    base_dir = tempfile.mkdtemp(prefix="indomain-bench-")
+    host = host_module.Host(path, base_dir, cpu=use_cpu, builtin_nodes=False).start()
+    import comfy.model_management as mm
+    import comfy.utils
+    import comfyui_version
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False  # both samplers: no tqdm on the timed path
+    device = mm.get_torch_device()
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": mm.get_torch_device_name(device),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "comfyui": comfyui_version.__version__, "dtype": str(dtype), "steps": steps, "repeats": repeats,
+            "cfg": args.cfg, "sampler": "euler", "scheduler": "normal", "quick": args.quick,
+            "attention": "pytorch" if mm.pytorch_attention_enabled() else "other",
+            "vram_state": str(mm.vram_state), "lora_rank": 32, "domain_scale": 1.5}
+    print(json.dumps(meta), flush=True)
+    bench = Bench(host, args.quick, steps, repeats, args.cfg, dtype)
+    result = {"meta": meta, "models": [], "results": [], "checks": []}
+    json_path = os.path.join(args.out, "sampling.json")
+
+    def save():
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+
+    batches = [int(b) for b in args.batches.split(",")]
+    cases = [c for c in args.cases.split(",") if c]
+    for name in args.models.split(","):
+        m = bench.build(name)
+        result["models"].append({k: m[k] for k in ("name", "family", "px", "params", "build_s", "lora_keys")})
+        print(f"built {name}: host detected {m['family']}, {m['params'] / 1e6:.0f}M parameters, "
+              f"{m['lora_keys']} LoRA targets, {m['build_s']} s", flush=True)
+        save()
+        for batch in batches:
+            for case in cases:
+                try:
+                    row = bench.case(m, case, batch, diagnose=(batch == batches[0]))
+                except Exception as e:  # keep going: a partial table is worth more than none
+                    import traceback
+
+                    traceback.print_exc()
+                    row = {"model": name, "batch": batch, "case": case, "error": f"{type(e).__name__}: {e}"}
+                result["results"].append(row)
+                print(json.dumps(row), flush=True)
+                save()
+                if case == "stock" and batch == 1 and "median_s" in row:
+                    try:
+                        checks = bench.scale_zero_check(m, bench.last_out)
+                    except Exception as e:
+                        checks = [{"model": name, "error": f"{type(e).__name__}: {e}"}]
+                    result["checks"].extend(checks)
+                    print(json.dumps(checks), flush=True)
+                    save()
+        del m
+        mm.unload_all_models()
+        gc.collect()
+        mm.soft_empty_cache()
+
+    print()
+    print(f"device: {meta['device']}  torch {meta['torch']}  ComfyUI {meta['comfyui']}  {steps} euler steps, "
+          f"median of {repeats}")
+    print(table(result["results"]))
+    for c in result["checks"]:
+        print("domain_scale 0 vs stock:", json.dumps(c))
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
