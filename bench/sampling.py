@@ -346,6 +346,37 @@ class Bench:
         return out
 
 
+def profile(fn, path: str) -> None:
+    """One run of `fn` under cProfile (top functions by total time) and torch.profiler (kernels)."""
+    import cProfile
+    import io
+    import pstats
+
+    fn()
+    sync()
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    sync()
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(40)
+    pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(60)
+    with open(path + "-cprofile.txt", "w") as f:
+        f.write(text.getvalue())
+    if is_cuda():
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as tprofile
+
+        with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            fn()
+            sync()
+        with open(path + "-torch.txt", "w") as f:
+            f.write(p.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+            f.write("\n")
+            f.write(p.key_averages().table(sort_by="cpu_time_total", row_limit=30))
+
+
 def table(rows: list[dict]) -> str:
     stock = {(r["model"], r["batch"]): r["median_s"] for r in rows if r["case"] == "stock" and "median_s" in r}
     lines = [f"{'model':6} {'batch':>5} {'case':13} {'median s':>9} {'x stock':>8} {'peak GiB':>9} {'step in/out ms':>15}"]
@@ -377,6 +408,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--cpu", action="store_true", help="run the host on the CPU even where there is a GPU")
+    ap.add_argument("--profile", action="store_true",
+                    help="after each timed case, one more run under cProfile and torch.profiler (written to --out)")
     args = ap.parse_args(argv)
     steps = args.steps or (2 if args.quick else 20)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -427,6 +460,8 @@ def main(argv=None) -> int:
             for case in cases:
                 try:
                     row = bench.case(m, case, batch, diagnose=(batch == batches[0]))
+                    if args.profile:
+                        profile(bench.run_fn(m, case, batch), os.path.join(args.out, f"profile-{name}-b{batch}-{case}"))
                 except Exception as e:  # keep going: a partial table is worth more than none
                     import traceback
 
