@@ -9,12 +9,18 @@ working, and every w_k = 0 is KSampler exactly); the domain sum is guidance.add_
 
 How each domain model is evaluated:
 - the same weights as the base (the base MODEL wired in twice): d_k = u, the term is zero;
-- a clone of the base with extra weight patches (a LoRA domain): its rows ride in the base's
-  own batched call as a weight hook, the host's per-row adapter mechanism (no second model
-  in memory);
+- a clone of the base with extra weight patches (a LoRA domain): plain LoRA patches run as
+  adapters on the base's own modules (fastpath.lora_branches; no second model in memory);
+  other patch types ride in the base's batched call as a weight hook, the host's per-row
+  mechanism;
 - a separate model (a full-copy domain UNet): it is loaded together with the base as an
   additional model of the conditioning, prepared like the base (pre_run, wrappers, hooks)
-  and evaluated in its own calc_cond_batch.
+  and evaluated in its own call.
+
+Each domain row runs through a fastpath.DomainForward: the host's call on the first step, then
+the recorded model call directly (a CUDA graph on CUDA), launched before the base rows.
+INDOMAIN_FAST_DOMAIN=0 gives the straightforward path: every domain row through the host's
+calc_cond_batch each step (the reference the fast path is tested against).
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import comfy.model_patcher
 import comfy.sampler_helpers
 import comfy.samplers
 
+from . import fastpath
 from ..guidance import GuidanceTerm, TermInterval, add_domain_terms, is_active, percent_to_step_fraction
 
 log = logging.getLogger(__name__)
@@ -130,11 +137,13 @@ class _Domain:
     def __init__(self, index: int, term: DomainTerm, kind: str):
         self.index = index
         self.term = term
-        self.kind = kind  # "same" | "hook" | "model"
+        self.kind = kind  # "same" | "adapter" | "hook" | "model"
         self.key = f"indomain_domain_{index}"
         self.interval: TermInterval | None = None
         self.inner_model = None
         self.model_options = None
+        self.branches: list[fastpath.LoraBranch] | None = None  # kind "adapter"
+        self.fast: fastpath.DomainForward | None = None
 
 
 class DomainGuider(comfy.samplers.CFGGuider):
@@ -146,6 +155,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         self.control_in_domain = control_in_domain
         self.negative_is_null = False
         self.domains: list[_Domain] = []
+        self.fast_mode = fastpath.mode()
 
     def set_conds(self, positive, negative, null):
         """positive/negative as for KSampler; null: the base's empty-prompt conditioning."""
@@ -153,6 +163,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         conds = {"positive": positive, "negative": negative, "null": null}
         self.domains = []
         control = self._positive_control(positive) if self.control_in_domain else None
+        self.fast_mode = fastpath.mode()
         for i, term in enumerate(self.terms):
             kind = self._kind(term.model)
             domain = _Domain(i, term, kind)
@@ -161,12 +172,19 @@ class DomainGuider(comfy.samplers.CFGGuider):
                 continue
             values = {"prompt_type": "negative"}
             if kind == "hook":
-                hook = _PatchDiffHook(patch_difference(self.model_patcher, term.model))
+                extra = patch_difference(self.model_patcher, term.model)
+                if self.fast_mode != "off" and control is None:
+                    domain.branches = fastpath.lora_branches(self.model_patcher.model, extra)
+                    if domain.branches is not None:
+                        domain.kind = "adapter"
+            if domain.kind == "hook":
+                hook = _PatchDiffHook(extra)
                 group = comfy.hooks.HookGroup()
                 group.add(hook)
                 values["hooks"] = group
-            else:
+            elif domain.kind == "model":
                 # Loaded with the base for the whole run, as the host loads models carried by conditioning.
+                # (Never a LoRA clone: loading it would patch the weights it shares with the base.)
                 values["additional_models"] = [term.model]
             if control is not None:
                 values["control"] = control
@@ -200,8 +218,19 @@ class DomainGuider(comfy.samplers.CFGGuider):
                 if d.kind == "model":
                     self._prepare_domain_model(d, sigmas)
                     prepared.append(d)
+                if d.kind in ("model", "adapter") and self.fast_mode != "off":
+                    model = d.inner_model if d.kind == "model" else self.inner_model
+                    if d.kind == "model":
+                        options = d.model_options
+                    else:  # the base's options as CFGGuider.inner_sample hands them to predict_noise
+                        options = comfy.model_patcher.create_model_options_clone(self.model_options)
+                        options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
+                    d.fast = fastpath.DomainForward(d.term.name, model, lambda key=d.key: self.conds[key], options, d.branches,
+                                                    use_graph=self.fast_mode == "graph")
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
         finally:
+            for d in self.domains:
+                d.fast = None  # frees a CUDA graph's memory pool
             for d in prepared:
                 d.term.model.restore_hook_patches()
                 d.inner_model = None
@@ -221,6 +250,8 @@ class DomainGuider(comfy.samplers.CFGGuider):
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         sigma = float(timestep.max())
         active = [d for d in self.domains if d.kind != "same" and d.term.weight != 0.0 and is_active(d.interval, sigma)]
+        # Fast domain rows first: the GPU computes them while the CPU launches the base rows.
+        predictions = {d.index: d.fast(x, timestep) for d in active if d.fast is not None}
         positive = self.conds.get("positive")
         negative = self.conds.get("negative")
         null = self.conds.get("null")
@@ -247,9 +278,9 @@ class DomainGuider(comfy.samplers.CFGGuider):
         if not active:
             return guided
 
-        predictions = {d.index: out[len(out) - len(hooked) + j] for j, d in enumerate(hooked)}
+        predictions.update({d.index: out[len(out) - len(hooked) + j] for j, d in enumerate(hooked)})
         for d in active:
-            if d.kind == "model":
+            if d.index not in predictions:  # the straightforward path of a full-copy domain
                 predictions[d.index] = comfy.samplers.calc_cond_batch(d.inner_model, [self.conds[d.key]], x, timestep, d.model_options)[0]
         terms = [GuidanceTerm(predictions[d.index], d.term.weight) for d in active]
         return add_domain_terms(guided, out[null_row], terms)

@@ -1,0 +1,152 @@
+"""The fast path for domain rows (nodes/fastpath.py) gives what the straightforward guider gives.
+
+Each case samples the same graph twice in the real host: with the fast path (the default) and
+with INDOMAIN_FAST_DOMAIN=0 (every domain row through the host's calc_cond_batch each step, a
+LoRA domain as a weight hook of the base). On the CPU the fast path is the recorded model call
+made directly (CUDA graphs are checked on a GPU by bench/sampling.py --check).
+"""
+import logging
+import os
+
+import pytest
+import torch
+
+import tiny_nodes as tiny
+from graphs import close, loader, text_to_image
+
+
+@pytest.fixture(scope="module")
+def files(comfy):
+    d = comfy.model_dir("domain_unets")
+    sd = tiny.unet_state_dict(0)
+    attention = tiny.lora_state_dict(seed=5)
+    # A LoRA on the 1x1 convolutions too (SD1's proj_in / proj_out), as Train Domain UNet makes them.
+    g = torch.Generator().manual_seed(6)
+    conv = dict(attention)
+    for key, w in sd.items():
+        if key.endswith((".proj_in.weight", ".proj_out.weight")) and w.ndim == 4:
+            prefix = "diffusion_model." + key[: -len(".weight")]
+            conv[prefix + ".lora_down.weight"] = torch.randn(4, w.shape[1], 1, 1, generator=g) / w.shape[1] ** 0.5
+            conv[prefix + ".lora_up.weight"] = torch.randn(w.shape[0], 4, 1, 1, generator=g) * 0.5
+            conv[prefix + ".alpha"] = torch.tensor(2.0)
+    # A LoHa on one projection: not a plain LoRA, so the whole domain keeps the weight-hook path.
+    loha = dict(attention)
+    key = next(k for k in sd if k.endswith(".attn1.to_q.weight"))
+    prefix = "diffusion_model." + key[: -len(".weight")]
+    out_f, in_f = sd[key].shape
+    for name, shape in (("hada_w1_a", (out_f, 2)), ("hada_w1_b", (2, in_f)), ("hada_w2_a", (out_f, 2)), ("hada_w2_b", (2, in_f))):
+        loha[f"{prefix}.{name}"] = torch.randn(*shape, generator=g) * 0.2
+    loha[prefix + ".alpha"] = torch.tensor(2.0)
+    for k in [k for k in loha if k.startswith(prefix + ".lora_")]:
+        del loha[k]
+    named = {"domain": tiny.domain_state_dict(), "lora": attention, "conv_lora": conv, "loha": loha}
+    return {n: os.path.basename(tiny.write_safetensors(os.path.join(d, f"fast_{n}.safetensors"), v)) for n, v in named.items()}
+
+
+def sample(comfy, monkeypatch, fast: bool, caplog=None, **kw):
+    monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "1" if fast else "0")
+    if caplog is not None:
+        caplog.clear()
+    return comfy.run(text_to_image(steps=2, **kw))["captured"]["out"]["samples"]
+
+
+def fast_paths(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "fast path" in r.getMessage() or "straightforward path" in r.getMessage()]
+
+
+@pytest.fixture(autouse=True)
+def info_logs(caplog):
+    caplog.set_level(logging.INFO)
+
+
+def test_full_copy_domain_fast_equals_straightforward(comfy, files, monkeypatch, caplog):
+    kw = dict(domain=["dom", 0], domain_scale=2.0, extra={"dom": loader(files["domain"])})
+    slow = sample(comfy, monkeypatch, False, caplog, **kw)
+    assert fast_paths(caplog) == []
+    fast = sample(comfy, monkeypatch, True, caplog, **kw)
+    assert fast_paths(caplog) == ["domain 'domain_model': fast path (direct)"]
+    assert torch.equal(fast, slow)  # the same model call with the same inputs: bit for bit
+
+
+@pytest.mark.parametrize("batch,end,negative", [(2, 0.5, "blurry"), (1, 1.0, "")])
+def test_fast_path_with_batches_intervals_and_an_empty_negative(comfy, files, monkeypatch, caplog, batch, end, negative):
+    extra = {"dom": loader(files["domain"]), "lora": loader(files["lora"]),
+             "t1": {"class_type": "InDomainTerm", "inputs": {"domain_model": ["lora", 0], "weight": 0.7,
+                                                             "start_percent": 0.0, "end_percent": end}}}
+
+    def run(fast):
+        p = text_to_image(steps=3, batch=batch, negative=negative, domain=["dom", 0], domain_scale=1.5, extra=extra)
+        p["sample"]["inputs"]["more_domains"] = ["t1", 0]
+        monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "1" if fast else "0")
+        return comfy.run(p)["captured"]["out"]["samples"]
+
+    slow, fast = run(False), run(True)
+    assert fast.shape[0] == batch and torch.isfinite(fast).all()
+    assert close(fast, slow, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["lora", "conv_lora"])
+def test_lora_domain_as_adapters_equals_the_weight_hook(comfy, files, monkeypatch, caplog, name):
+    kw = dict(domain=["dom", 0], domain_scale=1.5, extra={"dom": loader(files[name])})
+    hooked = sample(comfy, monkeypatch, False, caplog, **kw)
+    adapters = sample(comfy, monkeypatch, True, caplog, **kw)
+    assert fast_paths(caplog) == ["domain 'domain_model': fast path (direct, LoRA as adapters)"]
+    assert close(adapters, hooked, rel=1e-4)  # unmerged x@W + (x@down)@up against merged weights
+    base = tiny.tiny_model().model.diffusion_model.state_dict()
+    assert all(torch.equal(base[k], v) for k, v in tiny.unet_state_dict(0).items())  # the base's weights untouched
+
+
+def test_a_lora_that_is_not_plain_keeps_the_weight_hook(comfy, files, monkeypatch, caplog):
+    kw = dict(domain=["dom", 0], domain_scale=1.5, extra={"dom": loader(files["loha"])})
+    slow = sample(comfy, monkeypatch, False, caplog, **kw)
+    fast = sample(comfy, monkeypatch, True, caplog, **kw)
+    assert fast_paths(caplog) == []  # no adapter path: the domain rides in the base's call as before
+    assert torch.equal(fast, slow)
+
+
+def test_control_in_domain_takes_the_straightforward_path(comfy, files, monkeypatch, caplog):
+    cn = os.path.join(comfy.model_dir("controlnet"), "fast_cn.safetensors")
+    tiny.write_safetensors(cn, tiny.controlnet_state_dict())
+    extra = {"dom": loader(files["domain"]),
+             "cn": {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "fast_cn.safetensors"}},
+             "hint": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x8040c0}},
+             "apply": {"class_type": "ControlNetApplyAdvanced", "inputs": {
+                 "positive": ["pos", 0], "negative": ["neg", 0], "control_net": ["cn", 0], "image": ["hint", 0],
+                 "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}}
+
+    def run(fast):
+        p = text_to_image(steps=2, domain=["dom", 0], domain_scale=1.5, extra=extra)
+        p["sample"]["inputs"].update(positive=["apply", 0], negative=["apply", 1], control_in_domain=True)
+        monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "1" if fast else "0")
+        caplog.clear()
+        return comfy.run(p)["captured"]["out"]["samples"]
+
+    slow = run(False)
+    fast = run(True)
+    assert fast_paths(caplog) == ["domain 'domain_model': straightforward path (conditioning with control)"]
+    assert torch.equal(fast, slow)
+
+
+def test_lora_branches_refuse_what_is_not_a_plain_lora(comfy):
+    fastpath = comfy.pack("nodes.fastpath")
+    from comfy.weight_adapter.lora import LoRAAdapter
+
+    lin = torch.nn.Linear(8, 6)
+    model = torch.nn.Module()
+    model.lin = lin
+    up, down = torch.randn(6, 2), torch.randn(2, 8)
+    plain = (1.0, LoRAAdapter(set(), (up, down, torch.tensor(4.0), None, None, None)), 1.0, None, None)
+    [b] = fastpath.lora_branches(model, {"lin.weight": [plain]})
+    assert b.module is lin and b.scale == 2.0  # strength * alpha / rank
+    x = torch.randn(3, 8)
+    with fastpath.lora_applied([b], {}):
+        y = lin(x)
+    assert torch.allclose(y, x @ (lin.weight + 2.0 * up @ down).T + lin.bias, atol=1e-5)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))  # hooks removed on exit
+    dora = (1.0, LoRAAdapter(set(), (up, down, None, None, torch.ones(6, 1), None)), 1.0, None, None)
+    offset = (1.0, plain[1], 1.0, (0, 0, 3), None)
+    weak_model = (1.0, plain[1], 0.5, None, None)
+    for bad in (dora, offset, weak_model):
+        assert fastpath.lora_branches(model, {"lin.weight": [bad]}) is None
+    assert fastpath.lora_branches(model, {"lin.bias": [plain]}) is None
+    assert fastpath.lora_branches(model, {"missing.weight": [plain]}) is None
