@@ -14,6 +14,9 @@ ModelPatcher), and times with torch.cuda.synchronize around each whole sampling 
   full_negnull   ours, full-copy domain with negative == null prompt (one base row shared)
   lora           ours, a LoRA domain (rank 32 on every attention projection, nodes.loader.apply_lora)
   lora_half      ours, LoRA domain on [0, 0.5]
+  full_ref       ours with INDOMAIN_FAST_DOMAIN=0: the straightforward guider (domain rows through the
+                 host's calc_cond_batch every step), the reference the fast path is checked against
+  lora_ref       the same for the LoRA domain (a weight hook of the base, rows in the base's call)
 
 Each case: all models unloaded, one warm-up run (loads the models), then --repeats timed runs
 (median reported), peak memory = torch.cuda.max_memory_allocated over the timed runs. At the
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import math
 import os
 import platform
@@ -70,7 +74,7 @@ MODELS = {
     "sdxl": (SDXL, SDXL_VEGA, ("SDXL", "Segmind_Vega"), 1024, 64, 2048, 1280),
 }
 LORA_TARGETS = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
-CASES = ("stock", "full", "full_half", "full_negnull", "lora", "lora_half")
+CASES = ("stock", "full", "full_half", "full_negnull", "lora", "lora_half", "full_ref", "lora_ref")
 
 
 def is_cuda() -> bool:
@@ -275,12 +279,21 @@ class Bench:
         domain = m["full"] if case.startswith("full") else m["lora"]
         end = 0.5 if case.endswith("_half") else 1.0
         negative = c["null"] if case.endswith("_negnull") else c["negative"]
+        fast = "0" if case.endswith("_ref") else "1"
         s = self.sampling
 
         def fn():
-            terms = s.collect_terms(domain, domain_scale, 0.0, end, None)
-            guider = s.make_guider(m["base"], c["positive"], negative, c["null"], self.cfg, terms, False)
-            return s.sample_like_ksampler(guider, seed, self.steps, "euler", "normal", latent, 1.0)["samples"]
+            old = os.environ.get("INDOMAIN_FAST_DOMAIN")
+            os.environ["INDOMAIN_FAST_DOMAIN"] = fast
+            try:
+                terms = s.collect_terms(domain, domain_scale, 0.0, end, None)
+                guider = s.make_guider(m["base"], c["positive"], negative, c["null"], self.cfg, terms, False)
+                return s.sample_like_ksampler(guider, seed, self.steps, "euler", "normal", latent, 1.0)["samples"]
+            finally:
+                if old is None:
+                    del os.environ["INDOMAIN_FAST_DOMAIN"]
+                else:
+                    os.environ["INDOMAIN_FAST_DOMAIN"] = old
         return fn
 
     def active_steps(self, m, case: str) -> list[bool] | None:
@@ -306,7 +319,8 @@ class Bench:
         sync()
         base_alloc = torch.cuda.memory_allocated() if cuda else 0
         t0 = time.perf_counter()
-        out = fn()  # warm-up: loads the models
+        with PathLog() as paths:
+            out = fn()  # warm-up: loads the models
         sync()
         warm_s = time.perf_counter() - t0
         resident = torch.cuda.memory_allocated() if cuda else 0
@@ -323,7 +337,8 @@ class Bench:
         row = {"model": m["name"], "batch": batch, "case": case, "times_s": [round(t, 5) for t in times],
                "median_s": round(statistics.median(times), 5), "warmup_s": round(warm_s, 3),
                "peak_gib": gib(peak), "resident_gib": gib(resident), "before_gib": gib(base_alloc),
-               "finite": bool(torch.isfinite(out).all()), "out_std": round(float(out.float().std()), 4)}
+               "finite": bool(torch.isfinite(out).all()), "out_std": round(float(out.float().std()), 4),
+               "paths": paths.messages}
         if diagnose:
             with Probe() as probe:
                 sync()
@@ -344,6 +359,43 @@ class Bench:
             out.append({"model": m["name"], "domain": case, "max_abs_diff": diff,
                         "max_abs_stock": stock_out.abs().max().item(), "finite": bool(torch.isfinite(sample).all())})
         return out
+
+
+    def reference_check(self, m, batch: int) -> list[dict]:
+        """The fast path (CUDA graphs on a GPU) against the straightforward guider, same seed."""
+        out = []
+        for case in ("full", "lora"):
+            fast = self.run_fn(m, case, batch)().float().cpu()
+            ref = self.run_fn(m, case + "_ref", batch)().float().cpu()
+            diff = (fast - ref).abs().max().item()
+            out.append({"model": m["name"], "batch": batch, "domain": case, "fast_vs_ref_max_abs_diff": diff,
+                        "max_abs_ref": ref.abs().max().item(), "rel": diff / max(ref.abs().max().item(), 1e-12)})
+        return out
+
+
+class PathLog(logging.Handler):
+    """Collects the guider's 'fast path' / 'straightforward path' log lines of one run."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if "fast path" in msg or "straightforward path" in msg or "CUDA graph" in msg:
+            self.messages.append(msg)
+
+    def __enter__(self):
+        root = logging.getLogger()
+        self._level = root.level
+        root.addHandler(self)
+        root.setLevel(min(root.level, logging.INFO))
+        return self
+
+    def __exit__(self, *exc):
+        root = logging.getLogger()
+        root.removeHandler(self)
+        root.setLevel(self._level)
 
 
 def profile(fn, path: str) -> None:
@@ -408,6 +460,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--cpu", action="store_true", help="run the host on the CPU even where there is a GPU")
+    ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                    help="compare the fast path with the straightforward guider per model and batch (default on)")
     ap.add_argument("--profile", action="store_true",
                     help="after each timed case, one more run under cProfile and torch.profiler (written to --out)")
     args = ap.parse_args(argv)
@@ -470,6 +524,14 @@ def main(argv=None) -> int:
                 result["results"].append(row)
                 print(json.dumps(row), flush=True)
                 save()
+                if case == "stock" and "median_s" in row and args.check:
+                    try:
+                        checks = bench.reference_check(m, batch)
+                    except Exception as e:
+                        checks = [{"model": name, "batch": batch, "error": f"{type(e).__name__}: {e}"}]
+                    result["checks"].extend(checks)
+                    print(json.dumps(checks), flush=True)
+                    save()
                 if case == "stock" and batch == 1 and "median_s" in row:
                     try:
                         checks = bench.scale_zero_check(m, bench.last_out)
@@ -488,7 +550,7 @@ def main(argv=None) -> int:
           f"median of {repeats}")
     print(table(result["results"]))
     for c in result["checks"]:
-        print("domain_scale 0 vs stock:", json.dumps(c))
+        print("fast path vs straightforward:" if "fast_vs_ref_max_abs_diff" in c else "domain_scale 0 vs stock:", json.dumps(c))
     save()
     return 0
 

@@ -131,6 +131,14 @@ def plain_cond(cond: list) -> str | None:
     return f"conditioning with {', '.join(extra)}" if extra else None
 
 
+def _to_device(value, device):
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
 class _CudaGraph:
     """fn(x, t) captured once, replayed on new inputs copied into its static buffers."""
 
@@ -217,7 +225,10 @@ class DomainForward:
             self.reason = f"the host split the row into {len(calls)} model calls"
             self._report()
             return out
-        self.kwargs, self.shape, self.path = calls[0][2], x.shape, "direct"
+        # The conditioning tensors on the model's device once (the host copies them there on every call;
+        # a CUDA graph cannot capture a copy from pageable CPU memory): the same values either way.
+        self.kwargs = {k: v if k == "transformer_options" else _to_device(v, x.device) for k, v in calls[0][2].items()}
+        self.shape, self.path = x.shape, "direct"
         if graph:
             try:
                 self.graph = _CudaGraph(self._direct, x, timestep)
