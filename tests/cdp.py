@@ -132,7 +132,9 @@ class Browser:
             if self._ws is not None and not self._ws.closed:
                 try:
                     await asyncio.wait_for(self.send("Browser.close", timeout=5), 5)
-                except (CDPError, asyncio.TimeoutError, ConnectionError):
+                    # let Chromium end (and reap) its helper processes itself
+                    await asyncio.get_running_loop().run_in_executor(None, self.process.wait, 5)
+                except (CDPError, asyncio.TimeoutError, ConnectionError, subprocess.TimeoutExpired):
                     pass
                 await self._ws.close()
             if self._reader is not None:
@@ -229,13 +231,14 @@ def _drain(stream):
 
 
 def _kill_group(process: subprocess.Popen):
-    if process.poll() is None:
+    """End Chromium's process group (its own session): the browser and any helper left behind."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.killpg(process.pid, signal.SIGTERM)
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
             process.wait(timeout=5)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
