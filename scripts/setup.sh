@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set-up: a ComfyUI host with this pack's requirements. Uses $COMFYUI_PATH if it holds a host
 # with a .venv; else builds /opt/ComfyUI from a ComfyUI source snapshot with ../shared/comfyui-host.sh.
+# Also installs Debian's chromium (for tests/test_browser.py) when it is missing and root or
+# password-less sudo is available.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 host=${COMFYUI_PATH:-/opt/ComfyUI}
@@ -9,4 +11,24 @@ if [ ! -x "$host/.venv/bin/python" ] || [ ! -f "$host/comfy/samplers.py" ]; then
   bash ../shared/comfyui-host.sh "" "$host"
 fi
 "$host/.venv/bin/pip" install -q -r requirements.txt pytest
+
+# Chromium for the browser tests (headless, driven over the DevTools protocol).
+if [ -x "${CHROMIUM:-/usr/bin/chromium}" ]; then
+  echo "chromium: ${CHROMIUM:-/usr/bin/chromium}"
+elif ! command -v apt-get >/dev/null 2>&1; then
+  echo "chromium missing and no apt-get: install Chromium and set CHROMIUM, or the browser tests are skipped" >&2
+else
+  if [ "$(id -u)" = 0 ]; then sudo=""
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo"
+  else sudo="none"; fi
+  if [ "$sudo" = none ]; then
+    echo "chromium missing and neither root nor sudo: apt-get install chromium, or the browser tests are skipped" >&2
+  else
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -qq chromium >/dev/null 2>&1 \
+      || { $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium >/dev/null; } \
+      || echo "apt-get could not install chromium: the browser tests will be skipped (they fail under CI)" >&2
+    if [ -x /usr/bin/chromium ]; then echo "chromium: installed /usr/bin/chromium"; fi
+  fi
+fi
 echo "host ready: export COMFYUI_PATH=$host"

@@ -32,3 +32,28 @@ def comfy(tmp_path_factory):
     """The started host: ComfyUI with its built-in nodes and this pack, folders in a temp dir."""
     base = tmp_path_factory.mktemp("comfyui")
     return host_module.Host(host_module.find_host(), str(base)).start()
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """A ComfyUI server started once per session as a user starts it (main.py, a free localhost
+    port), with this pack installed from a clean clone and tiny model files under the names the
+    workflows use. Stopped (its whole process group) at the end of the session."""
+    import live_server
+
+    server = live_server.LiveServer(host_module.find_host(), str(tmp_path_factory.mktemp("comfyui-live")))
+    writer = None
+    try:
+        server.install()
+        server.write_user_settings()
+        writer = server.start_writing_files(live_server.files_for_workflows(live_server.workflow_paths()))
+        server.start()
+        output, _ = writer.communicate(timeout=600)
+        if writer.returncode != 0:
+            raise RuntimeError(f"writing the tiny model files failed:\n{output[-4000:]}")
+        yield server
+    finally:
+        if writer is not None and writer.poll() is None:
+            writer.kill()
+            writer.wait()
+        server.stop()

@@ -128,6 +128,21 @@ def tiny_model():
     return load_unet(unet_state_dict(0))
 
 
+def checkpoint_state_dict(dtype=torch.float16) -> dict[str, torch.Tensor]:
+    """A checkpoint file that the host's Load Checkpoint reads as SD1.5: the tiny UNet, a full-size
+    CLIP-L text encoder (the host builds SD1's text encoder at its real size) and a tiny TAESD VAE,
+    all random. Stored in float16 (about 300 MB)."""
+    import comfy.sd1_clip
+    from comfy.taesd.taesd import TAESD
+
+    clip = randomize_(comfy.sd1_clip.SDClipModel(), seed=10, scale=1.0)
+    vae = randomize_(TAESD(latent_channels=4), seed=11, scale=1.0)
+    parts = {"model.diffusion_model.": unet_state_dict(0), "cond_stage_model.": clip.state_dict(),
+             "first_stage_model.": vae.state_dict()}
+    return {prefix + k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+            for prefix, sd in parts.items() for k, v in sd.items()}
+
+
 class TestTinyCheckpoint:
     """Stands in for CheckpointLoaderSimple in tests: the tiny SD1 MODEL, CLIP and VAE."""
 

@@ -20,23 +20,26 @@ CKPT = "v1-5-pruned-emaonly.safetensors"
 DOMAIN = "my_domain.safetensors"
 NEG = "blurry, low quality, watermark"
 
-# Each node: id -> (type, {widget: value}, {input: (node, slot)}, column)
+# Each node: id -> (type, {widget: value}, {input: (node, slot)}, column). Columns are laid out
+# left to right in the order of their numbers (unused numbers leave no gap); in a column the
+# nodes are stacked in the order of their ids.
+LAST = 9  # the output column: decode, then save
 COMMON = {
     1: ("CheckpointLoaderSimple", {"ckpt_name": CKPT}, {}, 0),
     2: ("InDomainUNetLoader", {"unet_name": DOMAIN, "lora_strength": 1.0}, {"base_model": (1, 0)}, 1),
     4: ("CLIPTextEncode", {"text": NEG}, {"clip": (1, 1)}, 1),
     5: ("CLIPTextEncode", {"text": ""}, {"clip": (1, 1)}, 1),
-    9: ("VAEDecode", {}, {"samples": (7, 0), "vae": (1, 2)}, 3),
-    10: ("SaveImage", {"filename_prefix": "indomain"}, {"images": (9, 0)}, 4),
+    9: ("VAEDecode", {}, {"samples": (7, 0), "vae": (1, 2)}, LAST),
+    10: ("SaveImage", {"filename_prefix": "indomain"}, {"images": (9, 0)}, LAST),
 }
 
 
-def sampler(positive=(3, 0), negative=(4, 0), latent=(6, 0), cfg=7.0, scale=1.5, denoise=1.0):
+def sampler(positive=(3, 0), negative=(4, 0), latent=(6, 0), cfg=7.0, scale=1.5, denoise=1.0, column=2):
     return ("InDomainKSampler", {"seed": 42, "steps": 25, "cfg": cfg, "sampler_name": "euler", "scheduler": "normal",
                                  "denoise": denoise, "domain_scale": scale, "domain_start": 0.0, "domain_end": 1.0,
                                  "control_in_domain": False},
             {"model": (1, 0), "positive": positive, "negative": negative, "null_conditioning": (5, 0),
-             "latent_image": latent, "domain_model": (2, 0)}, 2)
+             "latent_image": latent, "domain_model": (2, 0)}, column)
 
 
 EMPTY = ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, {}, 1)
@@ -54,8 +57,8 @@ GRAPHS = {
         11: ("ControlNetLoader", {"control_net_name": "control_v11p_sd15_canny.safetensors"}, {}, 0),
         12: ("LoadImage", {"image": "control_hint.png"}, {}, 0),
         13: ("ControlNetApplyAdvanced", {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0},
-             {"positive": (3, 0), "negative": (4, 0), "control_net": (11, 0), "image": (12, 0), "vae": (1, 2)}, 1),
-        7: sampler(positive=(13, 0), negative=(13, 1))},
+             {"positive": (3, 0), "negative": (4, 0), "control_net": (11, 0), "image": (12, 0), "vae": (1, 2)}, 2),
+        7: sampler(positive=(13, 0), negative=(13, 1), column=3)},
     "img2img_domain": {
         **COMMON, 3: ("CLIPTextEncode", {"text": "a portrait photo"}, {"clip": (1, 1)}, 1),
         12: ("LoadImage", {"image": "source.png"}, {}, 0),
@@ -67,21 +70,63 @@ GRAPHS = {
         20: ("InDomainTrainUNet", {"mode": "lora", "steps": 1000, "batch_size": 4, "learning_rate": 1e-4,
                                    "save_name": "my_domain", "image_folder": "my_domain_images", "checkpoint_every": 250,
                                    "preview_every": 250},
-             {"model": (1, 0), "vae": (1, 2), "null_conditioning": (5, 0)}, 1),
+             {"model": (1, 0), "vae": (1, 2), "null_conditioning": (5, 0)}, 2),
         21: ("PreviewImage", {}, {"images": (20, 1)}, 2),
         6: EMPTY,
-        7: ("InDomainKSampler", sampler()[1], {**sampler()[2], "domain_model": (20, 0)}, 2)},
+        7: ("InDomainKSampler", sampler()[1], {**sampler()[2], "domain_model": (20, 0)}, 3)},
 }
+
+
+# Node sizes [width, height of the body below the title]: at least what ComfyUI's front end
+# (1.35) makes of each node, so that it keeps them and no node grows into the next one; the
+# browser test checks that the loaded nodes do not overlap and are all in view.
+SIZES = {
+    "CheckpointLoaderSimple": (320, 100), "ControlNetLoader": (320, 60), "LoadImage": (320, 320),
+    "InDomainUNetLoader": (340, 84), "CLIPTextEncode": (340, 140), "EmptyLatentImage": (340, 108),
+    "VAEEncode": (340, 48), "ControlNetApplyAdvanced": (340, 190), "InDomainKSampler": (340, 420),
+    "InDomainTrainUNet": (340, 600), "PreviewImage": (340, 300), "VAEDecode": (340, 48), "SaveImage": (340, 340),
+}
+TITLE, GAP_X, GAP_Y = 30, 50, 30
+# The view a workflow opens with: the whole graph in a 1600x1000 window, clear of the front
+# end's side bar (60 px) and top bar (95 px).
+WINDOW, CHROME_LEFT, CHROME_TOP, MARGIN = (1600, 1000), 60, 95, 20
+
+
+def layout(graph: dict) -> dict[int, tuple[list[int], list[int]]]:
+    """pos and size of every node: columns left to right, nodes stacked top to bottom."""
+    columns = sorted({col for *_, col in graph.values()})
+    placed, x = {}, 40
+    for col in columns:
+        ids = sorted(nid for nid, spec in graph.items() if spec[3] == col)
+        width = max(SIZES[graph[nid][0]][0] for nid in ids)
+        y = 40 + TITLE
+        for nid in ids:
+            height = SIZES[graph[nid][0]][1]
+            placed[nid] = ([x, y], [width, height])
+            y += height + TITLE + GAP_Y
+        x += width + GAP_X
+    return placed
+
+
+def view(placed) -> dict:
+    left = min(p[0] for p, _ in placed.values())
+    top = min(p[1] for p, _ in placed.values()) - TITLE
+    right = max(p[0] + s[0] for p, s in placed.values())
+    bottom = max(p[1] + s[1] for p, s in placed.values())
+    scale = min(1.0, (WINDOW[0] - CHROME_LEFT - 2 * MARGIN) / (right - left),
+                (WINDOW[1] - CHROME_TOP - 2 * MARGIN) / (bottom - top))
+    scale = int(scale * 100) / 100
+    # screen = (graph + offset) * scale
+    offset = [round((CHROME_LEFT + MARGIN) / scale - left, 1), round((CHROME_TOP + MARGIN) / scale - top, 1)]
+    return {"scale": scale, "offset": offset}
 
 
 def build(graph: dict, registry: dict) -> dict:
     nodes, links = [], []
     out_links: dict[tuple[int, int], list[int]] = {}
-    rows: dict[int, int] = {}
+    placed = layout(graph)
     for nid, (kind, widgets, inputs, col) in sorted(graph.items(), key=lambda kv: (kv[1][3], kv[0])):
         cls = registry[kind]
-        row = rows.get(col, 0)
-        rows[col] = row + 1
         node_inputs = []
         for name, typ, _ in input_defs(cls):
             if name in inputs:
@@ -100,7 +145,8 @@ def build(graph: dict, registry: dict) -> dict:
                 values.append(_default(cls, name))
             if extra:
                 values.extend(["fixed"] if name in ("seed", "noise_seed") else ["image"])
-        nodes.append({"id": nid, "type": kind, "pos": [40 + 380 * col, 60 + 260 * row], "size": [340, 200],
+        pos, size = placed[nid]
+        nodes.append({"id": nid, "type": kind, "pos": pos, "size": size,
                       "flags": {}, "order": 0, "mode": 0, "inputs": node_inputs, "outputs": [],
                       "properties": {"Node name for S&R": kind}, "widgets_values": values})
     for node in nodes:
@@ -109,7 +155,7 @@ def build(graph: dict, registry: dict) -> dict:
                            for i, (name, typ) in enumerate(zip(_out_names(cls), cls.RETURN_TYPES))]
     _set_order(nodes, links)
     return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+            "groups": [], "config": {}, "extra": {"ds": view(placed)}, "version": 0.4}
 
 
 def _out_type(cls, slot):
