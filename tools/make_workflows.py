@@ -149,6 +149,8 @@ def build(graph: dict, registry: dict) -> dict:
         nodes.append({"id": nid, "type": kind, "pos": pos, "size": size,
                       "flags": {}, "order": 0, "mode": 0, "inputs": node_inputs, "outputs": [],
                       "properties": {"Node name for S&R": kind}, "widgets_values": values})
+        if kind == "CLIPTextEncode" and widgets.get("text") == "":
+            nodes[-1]["title"] = "Empty prompt (null_conditioning)"
     for node in nodes:
         cls = registry[node["type"]]
         node["outputs"] = [{"name": name, "type": typ, "links": out_links.get((node["id"], i), []), "slot_index": i}
