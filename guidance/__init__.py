@@ -7,12 +7,13 @@ each combination is affine with coefficients that sum to one, so it is the same 
 parametrisations.
 """
 from .combine import GuidanceTerm, add_domain_terms, decoupled_guidance, domain_term, ksampler_cfg, text_term
-from .schedule import TermInterval, is_active, percent_to_step_fraction
+from .schedule import TermInterval, covers_whole_run, is_active, percent_to_step_fraction
 
 __all__ = [
     "GuidanceTerm",
     "add_domain_terms",
     "TermInterval",
+    "covers_whole_run",
     "decoupled_guidance",
     "domain_term",
     "is_active",

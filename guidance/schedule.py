@@ -31,6 +31,11 @@ def is_active(interval: TermInterval | None, sigma: float) -> bool:
     return interval.sigma_end <= sigma <= interval.sigma_start
 
 
+def covers_whole_run(start_percent: float, end_percent: float) -> bool:
+    """True for the interval [0, 1]: on at every noise level, so no sigma needs to be looked at."""
+    return start_percent <= 0.0 and end_percent >= 1.0
+
+
 def percent_to_step_fraction(start_percent: float, end_percent: float) -> tuple[float, float]:
     """Check a user's (start, end) pair of fractions of the run and return it.
 

@@ -37,7 +37,7 @@ import comfy.sampler_helpers
 import comfy.samplers
 
 from . import fastpath
-from ..guidance import GuidanceTerm, TermInterval, add_domain_terms, is_active, percent_to_step_fraction
+from ..guidance import GuidanceTerm, TermInterval, add_domain_terms, covers_whole_run, is_active, percent_to_step_fraction
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         self.negative_is_null = False
         self.domains: list[_Domain] = []
         self.fast_mode = fastpath.mode()
+        self.read_sigma = True
 
     def set_conds(self, positive, negative, null):
         """positive/negative as for KSampler; null: the base's empty-prompt conditioning."""
@@ -210,6 +211,9 @@ class DomainGuider(comfy.samplers.CFGGuider):
 
     def inner_sample(self, noise, latent_image, device, sampler, sigmas, *args, **kwargs):
         model_sampling = self.inner_model.model_sampling
+        # Reading the step's sigma is a device sync (the stock KSampler has none per step): only
+        # done when some term is on for part of the run.
+        self.read_sigma = not all(covers_whole_run(d.term.start_percent, d.term.end_percent) for d in self.domains)
         prepared = []
         try:
             for d in self.domains:
@@ -248,8 +252,9 @@ class DomainGuider(comfy.samplers.CFGGuider):
         d.model_options = options
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        sigma = float(timestep.max())
-        active = [d for d in self.domains if d.kind != "same" and d.term.weight != 0.0 and is_active(d.interval, sigma)]
+        sigma = float(timestep.max()) if self.read_sigma else None
+        active = [d for d in self.domains if d.kind != "same" and d.term.weight != 0.0
+                  and (sigma is None or is_active(d.interval, sigma))]
         # Fast domain rows first: the GPU computes them while the CPU launches the base rows.
         predictions = {d.index: d.fast(x, timestep) for d in active if d.fast is not None}
         positive = self.conds.get("positive")

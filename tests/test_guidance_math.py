@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from guidance import GuidanceTerm, TermInterval, decoupled_guidance, is_active, ksampler_cfg, percent_to_step_fraction, text_term
+from guidance import GuidanceTerm, TermInterval, covers_whole_run, decoupled_guidance, is_active, ksampler_cfg, percent_to_step_fraction, text_term
 
 g = torch.Generator().manual_seed(0)
 u, c, n, d = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(4))
@@ -44,5 +44,11 @@ def test_intervals():
         TermInterval(sigma_start=1.0, sigma_end=2.0)
     with pytest.raises(ValueError, match="start_percent=0.9"):
         percent_to_step_fraction(0.9, 0.1)
+
+
+def test_only_the_whole_run_needs_no_sigma():
+    # The guider skips reading the step's sigma (a GPU sync) only for terms on over the whole run.
+    assert covers_whole_run(0.0, 1.0)
+    assert not covers_whole_run(0.0, 0.99) and not covers_whole_run(0.01, 1.0) and not covers_whole_run(0.5, 0.5)
     with pytest.raises(ValueError, match="end_percent=1.5"):
         percent_to_step_fraction(0.0, 1.5)
