@@ -210,6 +210,7 @@ class DomainForward:
 
         graph = self.use_graph and x.device.type == "cuda" and self._graph_safe()
         stream = torch.cuda.Stream(device=x.device) if graph else None
+        own = self.model.__dict__.get("apply_model")  # another pack may have set one on the instance
         self.model.apply_model = recorder
         try:
             if stream is not None:  # the host's call doubles as the warm-up a CUDA graph capture needs
@@ -220,7 +221,10 @@ class DomainForward:
             else:
                 out = self._host_call(x, timestep)
         finally:
-            del self.model.apply_model
+            if own is None:
+                del self.model.apply_model
+            else:
+                self.model.apply_model = own
         if len(calls) != 1 or calls[0][0].shape != x.shape or calls[0][2].get("control") is not None:
             self.reason = f"the host split the row into {len(calls)} model calls"
             self._report()
