@@ -92,10 +92,14 @@ class Host:
         tiny_nodes.register(self)
         # Nodes reach the UI through server.PromptServer.instance, as in a running ComfyUI (whose
         # main.py imports the server module first); here that instance is the recording stand-in.
+        # Newer hosts import the real server module on their own (with no instance running): the
+        # stand-in then becomes its instance.
         if "server" not in sys.modules:
             stub = types.ModuleType("server")
             stub.PromptServer = type("PromptServer", (), {"instance": self.server})
             sys.modules["server"] = stub
+        elif getattr(getattr(sys.modules["server"], "PromptServer", None), "instance", None) is None:
+            sys.modules["server"].PromptServer.instance = self.server
         return self
 
     def pack(self, submodule: str):
@@ -132,7 +136,7 @@ class Host:
             raise HostError(f"prompt did not validate: {valid[1]} {valid[3]}")
         self.captured.clear()
         self.server.messages.clear()
-        executor = execution.PromptExecutor(self.server, cache_args={"lru": 0, "ram": 0.0})
+        executor = execution.PromptExecutor(self.server, cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
         executor.execute(prompt, prompt_id, {}, valid[2])
         if not executor.success:
             errors = [(e, d) for e, d in executor.status_messages if e in ("execution_error", "execution_interrupted")]
