@@ -17,6 +17,7 @@ import asyncio
 import copy
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -31,6 +32,20 @@ WORKFLOWS = {os.path.basename(p)[:-5]: p for p in live_server.workflow_paths()}
 RUN_WORKFLOW = "text_to_image_domain"
 # The host's page asks for these on every start and the server has none: 404s of a bare ComfyUI.
 HOST_404S = ("/user.css", "/favicon.ico")
+# Newer front ends (1.49) open a template on first start and ask huggingface.co for its models'
+# metadata, which the host's Content-Security-Policy (connect-src 'self') blocks: the host's own
+# start page, before any workflow of this pack is loaded.
+EXTERNAL_BLOCKED = re.compile(r"(Connecting to|Fetch API cannot load) '?https://")
+
+
+# Logged by front end 1.49's own start-up code (ComfyApp.rootGraph read before the graph exists);
+# this suite reads app.canvas.graph until the graph is there, never rootGraph.
+FRONT_END_STARTUP = "ComfyApp graph accessed before initialization"
+
+
+def host_noise(error: str) -> bool:
+    return (("404" in error and error.endswith(HOST_404S)) or bool(EXTERNAL_BLOCKED.search(error))
+            or error.endswith(FRONT_END_STARTUP))
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +87,7 @@ class FrontEnd:
         report = self.evaluate(CHECK_JS)
         problems = [f"{kind}: {item}" for kind, items in report.items() for item in items]
         problems += [f"widget values changed by the front end: {p}" for p in self._changed_values(workflow)]
-        problems += [f"console: {e}" for e in self.page.console_errors()]
+        problems += [f"console: {e}" for e in self.page.console_errors() if not host_noise(e)]
         return problems
 
     def _changed_values(self, workflow: dict) -> list[str]:
@@ -153,7 +168,8 @@ CHECK_JS = r"""(() => {
 async def _open_app(browser, url):
     page = await browser.new_page(1600, 1000)
     await page.navigate(url + "/")
-    await page.wait_for("!!(window.app && window.LiteGraph && app.canvas && app.graph && app.graph.nodes.length > 0"
+    # app.canvas before app.graph: newer front ends log an error when the graph is read before it exists
+    await page.wait_for("!!(window.app && window.LiteGraph && app.canvas && app.canvas.graph && app.canvas.graph.nodes.length > 0"
                         " && LiteGraph.registered_node_types['InDomainKSampler'])", timeout=90)
     return page
 
@@ -182,7 +198,7 @@ def _workflow(name: str) -> dict:
 def test_the_front_end_starts_without_errors(front_end):
     version = front_end.evaluate("window.__COMFYUI_FRONTEND_VERSION__")
     assert version, "not ComfyUI's front end"
-    unexpected = [e for e in front_end.startup_errors if not ("404" in e and e.endswith(HOST_404S))]
+    unexpected = [e for e in front_end.startup_errors if not host_noise(e)]
     assert unexpected == []
     assert front_end.evaluate(CHECK_JS)["dialog"] == []
 
@@ -193,8 +209,8 @@ def test_workflow_loads_cleanly_in_the_front_end(front_end, name):
     front_end.screenshot(name)
     assert problems == []
     # every node of the file is on the canvas, as the type the file names
-    types = front_end.evaluate("app.graph.nodes.map(n => [n.id, n.type])")
-    assert sorted(map(tuple, types)) == sorted((n["id"], n["type"]) for n in _workflow(name)["nodes"])
+    types = front_end.evaluate("app.graph.nodes.map(n => [String(n.id), n.type])")  # ids: numbers, or strings (1.49)
+    assert sorted(map(tuple, types)) == sorted((str(n["id"]), n["type"]) for n in _workflow(name)["nodes"])
 
 
 def test_a_workflow_runs_from_the_front_end(front_end, comfy_server):
@@ -224,7 +240,7 @@ def test_a_workflow_runs_from_the_front_end(front_end, comfy_server):
     front_end.screenshot(f"{RUN_WORKFLOW}.run")
     report = front_end.evaluate(CHECK_JS)
     assert report["dialog"] == [] and report["node flagged with errors"] == []
-    assert front_end.page.console_errors() == []
+    assert [e for e in front_end.page.console_errors() if not host_noise(e)] == []
 
 
 def _broken(kind: str) -> dict:
@@ -250,5 +266,6 @@ def test_the_checks_fail_on_a_broken_workflow(front_end, kind, expected):
     problems = front_end.load(_broken(kind), f"broken-{kind.replace(' ', '-')}")
     front_end.screenshot(f"_broken-{kind.replace(' ', '-')}")
     assert any(p.startswith(expected) for p in problems), problems
-    if kind == "unknown node type":  # the front end tells the user, too
-        assert any(p.startswith("dialog: ") and "InDomainNoSuchNode" in p for p in problems), problems
+    if kind == "unknown node type":  # the front end tells the user, too: a dialog (1.35) or a notice panel (1.49)
+        told = any(p.startswith("dialog: ") and "InDomainNoSuchNode" in p for p in problems)
+        assert told or front_end.evaluate("document.body.innerText.includes('InDomainNoSuchNode')"), problems
