@@ -11,6 +11,12 @@ if [ ! -x "$host/.venv/bin/python" ] || [ ! -f "$host/comfy/samplers.py" ]; then
   bash ../shared/comfyui-host.sh "" "$host"
 fi
 "$host/.venv/bin/pip" install -q -r requirements.txt pytest
+# Newer hosts (0.33) import torchaudio at start-up; ../shared/comfyui-host.sh leaves it out, and the
+# registry has it only for older torch builds: take a matching set (about 90 s).
+if grep -qs "^import comfy.ldm.lightricks.vae.audio_vae" "$host/comfy/sd.py" \
+   && ! "$host/.venv/bin/python" -c "import torchaudio" 2>/dev/null; then
+  "$host/.venv/bin/pip" install -q torch==2.9.1 torchvision==0.24.1 torchaudio==2.9.1 2>&1 | grep -v "is ignored" || true
+fi
 
 # Chromium for the browser tests (headless, driven over the DevTools protocol).
 if [ -x "${CHROMIUM:-/usr/bin/chromium}" ]; then
