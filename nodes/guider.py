@@ -229,8 +229,11 @@ class DomainGuider(comfy.samplers.CFGGuider):
                     else:  # the base's options as CFGGuider.inner_sample hands them to predict_noise
                         options = comfy.model_patcher.create_model_options_clone(self.model_options)
                         options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
+                    patcher = d.term.model if d.kind == "model" else self.model_patcher
+                    # Dynamic VRAM (newer ComfyUI, e.g. 0.33 on NVIDIA) pages weights in per call: no fixed addresses to replay.
+                    dynamic = getattr(patcher, "is_dynamic", lambda: False)()
                     d.fast = fastpath.DomainForward(d.term.name, model, lambda key=d.key: self.conds[key], options, d.branches,
-                                                    use_graph=self.fast_mode == "graph")
+                                                    use_graph=self.fast_mode == "graph" and not dynamic)
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
         finally:
             for d in self.domains:
