@@ -226,7 +226,7 @@ class DomainForward:
             else:
                 self.model.apply_model = own
         if len(calls) != 1 or calls[0][0].shape != x.shape or calls[0][2].get("control") is not None:
-            self.reason = f"the host split the row into {len(calls)} model calls"
+            self.reason = f"the host's call was not one model call on the whole row ({len(calls)} calls)"
             self._report()
             return out
         # The conditioning tensors on the model's device once (the host copies them there on every call;
@@ -246,6 +246,9 @@ class DomainForward:
         return out
 
     def _graph_safe(self) -> bool:
+        patcher = getattr(self.model, "current_patcher", None)
+        if getattr(patcher, "is_dynamic", lambda: False)():
+            return False  # dynamic VRAM (newer ComfyUI, e.g. 0.33 on NVIDIA) pages weights in per call
         for m in self.model.modules():
             if getattr(m, "comfy_cast_weights", False) or getattr(m, "weight_function", None) or getattr(m, "bias_function", None):
                 return False  # weights cast or patched inside the forward (low VRAM, hooks): addresses not fixed

@@ -223,17 +223,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
                     self._prepare_domain_model(d, sigmas)
                     prepared.append(d)
                 if d.kind in ("model", "adapter") and self.fast_mode != "off":
-                    model = d.inner_model if d.kind == "model" else self.inner_model
-                    if d.kind == "model":
-                        options = d.model_options
-                    else:  # the base's options as CFGGuider.inner_sample hands them to predict_noise
-                        options = comfy.model_patcher.create_model_options_clone(self.model_options)
-                        options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
-                    patcher = d.term.model if d.kind == "model" else self.model_patcher
-                    # Dynamic VRAM (newer ComfyUI, e.g. 0.33 on NVIDIA) pages weights in per call: no fixed addresses to replay.
-                    dynamic = getattr(patcher, "is_dynamic", lambda: False)()
-                    d.fast = fastpath.DomainForward(d.term.name, model, lambda key=d.key: self.conds[key], options, d.branches,
-                                                    use_graph=self.fast_mode == "graph" and not dynamic)
+                    d.fast = self._domain_forward(d, sigmas)
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
         finally:
             for d in self.domains:
@@ -241,6 +231,17 @@ class DomainGuider(comfy.samplers.CFGGuider):
             for d in prepared:
                 d.term.model.restore_hook_patches()
                 d.inner_model = None
+
+    def _domain_forward(self, d: _Domain, sigmas) -> fastpath.DomainForward:
+        """The fast path of a full-copy domain (its own model) or a LoRA domain (the base's model)."""
+        if d.kind == "model":
+            model, options = d.inner_model, d.model_options
+        else:  # the base's options as CFGGuider.inner_sample hands them to predict_noise
+            model = self.inner_model
+            options = comfy.model_patcher.create_model_options_clone(self.model_options)
+            options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
+        return fastpath.DomainForward(d.term.name, model, lambda: self.conds[d.key], options, d.branches,
+                                      use_graph=self.fast_mode == "graph")
 
     def _prepare_domain_model(self, d: _Domain, sigmas):
         """Prepare a separately loaded domain model the way the host prepares the base."""
