@@ -17,6 +17,12 @@ ModelPatcher), and times with torch.cuda.synchronize around each whole sampling 
   full_ref       ours with INDOMAIN_FAST_DOMAIN=0: the straightforward guider (domain rows through the
                  host's calc_cond_batch every step), the reference the fast path is checked against
   lora_ref       the same for the LoRA domain (a weight hook of the base, rows in the base's call)
+  full_domain_only, lora_domain_only
+                 ours with INDOMAIN_FAST_DOMAIN=domain: only the domain row recorded (a CUDA graph), the
+                 base rows through the host's calc_cond_batch every step (the fast path before the
+                 base rows were recorded too)
+  zero           ours with domain_scale 0: the stock rows [prompt, negative] as a recorded CUDA graph,
+                 i.e. the GPU time of stock's own work without the CPU's launch time
 
 Each case: all models unloaded, one warm-up run (loads the models), then --repeats timed runs
 (median reported), peak memory = torch.cuda.max_memory_allocated over the timed runs. At the
@@ -74,7 +80,8 @@ MODELS = {
     "sdxl": (SDXL, SDXL_VEGA, ("SDXL", "Segmind_Vega"), 1024, 64, 2048, 1280),
 }
 LORA_TARGETS = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
-CASES = ("stock", "full", "full_half", "full_negnull", "lora", "lora_half", "full_ref", "lora_ref")
+CASES = ("stock", "full", "full_half", "full_negnull", "lora", "lora_half", "full_ref", "lora_ref", "full_domain_only",
+         "lora_domain_only", "zero")
 
 
 def is_cuda() -> bool:
@@ -276,10 +283,12 @@ class Bench:
         if case == "stock":
             return lambda: nodes.common_ksampler(m["base"], seed, self.steps, self.cfg, "euler", "normal",
                                                  c["positive"], c["negative"], latent)[0]["samples"]
+        if case == "zero":
+            case, domain_scale = "full", 0.0
         domain = m["full"] if case.startswith("full") else m["lora"]
         end = 0.5 if case.endswith("_half") else 1.0
         negative = c["null"] if case.endswith("_negnull") else c["negative"]
-        fast = "0" if case.endswith("_ref") else "1"
+        fast = "0" if case.endswith("_ref") else "domain" if case.endswith("_domain_only") else "1"
         s = self.sampling
 
         def fn():
@@ -299,7 +308,7 @@ class Bench:
     def active_steps(self, m, case: str) -> list[bool] | None:
         import comfy.samplers
 
-        if case == "stock":
+        if case in ("stock", "zero"):
             return None
         end = 0.5 if case.endswith("_half") else 1.0
         ms = m["base"].get_model_object("model_sampling")
@@ -431,10 +440,10 @@ def profile(fn, path: str) -> None:
 
 def table(rows: list[dict]) -> str:
     stock = {(r["model"], r["batch"]): r["median_s"] for r in rows if r["case"] == "stock" and "median_s" in r}
-    lines = [f"{'model':6} {'batch':>5} {'case':13} {'median s':>9} {'x stock':>8} {'peak GiB':>9} {'step in/out ms':>15}"]
+    lines = [f"{'model':6} {'batch':>5} {'case':17} {'median s':>9} {'x stock':>8} {'peak GiB':>9} {'step in/out ms':>15}"]
     for r in rows:
         if "median_s" not in r:
-            lines.append(f"{r['model']:6} {r['batch']:>5} {r['case']:13} ERROR {r.get('error', '')[:60]}")
+            lines.append(f"{r['model']:6} {r['batch']:>5} {r['case']:17} ERROR {r.get('error', '')[:60]}")
             continue
         ref = stock.get((r["model"], r["batch"]))
         ratio = f"{r['median_s'] / ref:.2f}" if ref else "-"
@@ -445,7 +454,7 @@ def table(rows: list[dict]) -> str:
             steps = f"{1e3 * d['median_step_in_interval_s']:.1f}/" + (f"{1e3 * off:.1f}" if off is not None else "-")
         elif d.get("median_step_s") is not None:
             steps = f"{1e3 * d['median_step_s']:.1f}"
-        lines.append(f"{r['model']:6} {r['batch']:>5} {r['case']:13} {r['median_s']:>9.3f} {ratio:>8} {r['peak_gib']:>9.2f} {steps:>15}")
+        lines.append(f"{r['model']:6} {r['batch']:>5} {r['case']:17} {r['median_s']:>9.3f} {ratio:>8} {r['peak_gib']:>9.2f} {steps:>15}")
     return "\n".join(lines)
 
 

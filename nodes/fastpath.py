@@ -46,11 +46,12 @@ _NOT_PLAIN = ("area", "mask", "strength", "hooks", "control", "timestep_start", 
 
 
 def mode() -> str:
-    """'graph' (default), 'eager' (no CUDA graphs) or 'off' (the straightforward guider)."""
+    """'graph' (default), 'eager' (no CUDA graphs), 'domain' (only the domain rows recorded, the
+    base rows through the host's call every step) or 'off' (the straightforward guider)."""
     value = os.environ.get(ENV, "1").strip().lower()
     if value in ("0", "off", "false", "no"):
         return "off"
-    return "eager" if value == "eager" else "graph"
+    return value if value in ("eager", "domain") else "graph"
 
 
 # -- a LoRA domain as per-module adapters ------------------------------------------------------
@@ -121,7 +122,7 @@ def lora_applied(branches: list[LoraBranch] | None, cache: dict):
             h.remove()
 
 
-# -- one domain row per step -------------------------------------------------------------------
+# -- recorded model calls ----------------------------------------------------------------------
 
 def plain_cond(cond: list) -> str | None:
     """Why `cond` is not a single plain row (None if it is)."""
@@ -129,6 +130,44 @@ def plain_cond(cond: list) -> str | None:
         return f"{len(cond)} conditioning entries"
     extra = [k for k in _NOT_PLAIN if cond[0].get(k) is not None and not (k == "strength" and cond[0][k] == 1.0)]
     return f"conditioning with {', '.join(extra)}" if extra else None
+
+
+def host_state_reason(model, model_options: dict) -> str | None:
+    """Why the host's calc_cond_batch does more per step than the one model call it makes (None if
+    it does not): wrappers of the whole call, per-step callbacks, hooks that swap weights."""
+    import comfy.patcher_extension as ext
+
+    if "model_function_wrapper" in model_options:
+        return "a model_function_wrapper is set"
+    if ext.get_all_wrappers(ext.WrappersMP.CALC_COND_BATCH, model_options, is_model_options=True):
+        return "a calc_cond_batch wrapper is set"
+    patcher = getattr(model, "current_patcher", None)
+    if patcher is not None:
+        if patcher.get_all_callbacks(ext.CallbacksMP.ON_PREPARE_STATE):
+            return "per-step model callbacks are set"
+        if getattr(patcher, "hook_patches", None) or getattr(patcher, "forced_hooks", None) is not None:
+            return "hook weight patches are registered"
+    return None
+
+
+def graph_reason(model, kwargs: dict) -> str | None:
+    """Why the recorded call cannot be a CUDA graph (None if it can): Python code inside the
+    forward that may act differently per step, or weights not at fixed addresses."""
+    options = kwargs.get("transformer_options", {})
+    for key in ("patches", "patches_replace"):
+        if any(options.get(key, {}).values()):
+            return f"model {key.replace('_', ' ')} are set"
+    if any(any(v for v in kind.values()) for kind in options.get("wrappers", {}).values()):
+        return "model wrappers are set"
+    patcher = getattr(model, "current_patcher", None)
+    if getattr(patcher, "is_dynamic", lambda: False)():
+        return "dynamic VRAM pages weights in per call"  # newer ComfyUI, e.g. 0.33 on NVIDIA
+    for m in model.modules():
+        if getattr(m, "comfy_cast_weights", False) or getattr(m, "weight_function", None) or getattr(m, "bias_function", None):
+            return "weights cast or patched inside the forward"  # low VRAM, hooks
+    if not all(p.device.type == "cuda" for p in model.parameters()):
+        return "weights not on the GPU"
+    return None
 
 
 def _to_device(value, device):
@@ -139,14 +178,23 @@ def _to_device(value, device):
     return value
 
 
+class GraphPool:
+    """One CUDA-graph memory pool shared by the graphs of a sampling run (replayed one after the
+    other on one stream, never concurrently, so their scratch memory can be the same)."""
+
+    def __init__(self):
+        self.handle = None
+
+
 class _CudaGraph:
     """fn(x, t) captured once, replayed on new inputs copied into its static buffers."""
 
-    def __init__(self, fn, x: torch.Tensor, t: torch.Tensor):
+    def __init__(self, fn, x: torch.Tensor, t: torch.Tensor, pool: GraphPool):
         self.x, self.t = x.clone(), t.clone()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.graph, pool=pool.handle, capture_error_mode="thread_local"):
             self.out = fn(self.x, self.t)
+        pool.handle = self.graph.pool()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.x.copy_(x)
@@ -155,52 +203,83 @@ class _CudaGraph:
         return self.out.clone()
 
 
-class DomainForward:
-    """d(x, t) for one domain row: the host's call first, then the recorded call (see module doc)."""
+class _Record:
+    """The host's one apply_model call for a fixed list of rows, recorded."""
 
-    def __init__(self, name: str, model, get_cond, model_options: dict, branches: list[LoraBranch] | None = None,
-                 use_graph: bool = True):
+    def __init__(self, shape, reason=None):
+        self.shape = shape  # x's shape
+        self.reason = reason  # why the host's call is made every step instead (None: recorded)
+        self.kwargs = None  # apply_model keyword arguments (conditioning on the device)
+        self.order: list[int] = []  # row index of each batch chunk of the call
+        self.graph: _CudaGraph | None = None
+        self.path = "host"  # "host" | "direct" | "graph"
+
+
+class RecordedCall:
+    """Rows of one model, rows -> [prediction per row] as comfy.samplers.calc_cond_batch gives them:
+    the host's call first, then its recorded model call (see module doc)."""
+
+    MAX_RECORDS = 8  # row lists per run (a partial interval gives two); more means they change per step
+
+    def __init__(self, name: str, model, model_options: dict | None = None, branches: list[LoraBranch] | None = None,
+                 use_graph: bool = True, pool: GraphPool | None = None):
         self.name = name
         self.model = model  # the host's BaseModel (the base's own for a LoRA domain)
-        self.get_cond = get_cond  # the row's conditioning as the host has processed it for this run
         self.model_options = model_options
         self.branches = branches
         self.use_graph = use_graph
+        self.pool = pool or GraphPool()
         self.cache: dict = {}
-        self.kwargs = None  # the recorded apply_model keyword arguments
-        self.shape = None
-        self.graph = None
-        self.params = None
-        self.path = "host"  # "host" | "direct" | "graph"
-        self.reason = "a model_function_wrapper is set" if "model_function_wrapper" in model_options else None
-        self.reported = False
+        self.records: dict[tuple, _Record] = {}
+        self.params = None  # (parameter, address) at capture time
+        self.reported: set = set()
 
-    def __call__(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        if self.kwargs is not None and x.shape == self.shape:
-            if self.graph is not None:
+    def __call__(self, rows: list, x: torch.Tensor, timestep: torch.Tensor, model_options: dict | None = None) -> list:
+        options = self.model_options if model_options is None else model_options
+        key = (id(options),) + tuple(None if r is None else id(r) for r in rows)
+        rec = self.records.get(key)
+        if rec is not None and rec.shape == x.shape:
+            if rec.reason is not None:
+                return self._host_call(rows, x, timestep, options)
+            if rec.graph is not None:
                 if self._weights_moved():
-                    self.graph = None
-                    return self._record(x, timestep)
-                return self.graph(x, timestep)
-            return self._direct(x, timestep)
-        return self._record(x, timestep)
+                    self.records.clear()
+                    return self._record(key, rows, x, timestep, options)
+                return self._split(rec, rec.graph(x, timestep), rows, x)
+            return self._split(rec, self._direct(rec, x, timestep), rows, x)
+        return self._record(key, rows, x, timestep, options)
 
-    # the recorded call, made directly
-    def _direct(self, x, timestep):
-        kwargs = dict(self.kwargs)
+    def _host_call(self, rows, x, timestep, options):
+        with lora_applied(self.branches, self.cache):
+            return comfy.samplers.calc_cond_batch(self.model, rows, x, timestep, options)
+
+    def _direct(self, rec: _Record, x, timestep):
+        """The recorded call made directly: the same kernels on the same inputs as the host's."""
+        kwargs = dict(rec.kwargs)
         kwargs["transformer_options"] = {**kwargs["transformer_options"], "sigmas": timestep}
+        n = len(rec.order)
         with lora_applied(self.branches, self.cache):
-            return self.model.apply_model(x, torch.cat([timestep]), **kwargs)
+            return self.model.apply_model(torch.cat([x] * n), torch.cat([timestep] * n), **kwargs)
 
-    def _host_call(self, x, timestep):
-        with lora_applied(self.branches, self.cache):
-            return comfy.samplers.calc_cond_batch(self.model, [self.get_cond()], x, timestep, self.model_options)[0]
+    @staticmethod
+    def _split(rec: _Record, out, rows, x) -> list:
+        """The batched output [n*B, ...] as the host returns it: one prediction per row, zeros for a
+        None row (mask and strength are 1 for a plain row, so the host's weighted sum is the output)."""
+        preds = [torch.zeros_like(x) for _ in rows]
+        for chunk, index in zip(out.chunk(len(rec.order)), rec.order):
+            preds[index] = chunk.to(x.dtype)
+        return preds
 
-    def _record(self, x, timestep):
-        self.reason = self.reason or plain_cond(self.get_cond())
-        if self.reason is not None:
-            self._report()
-            return self._host_call(x, timestep)
+    def _record(self, key, rows, x, timestep, options):
+        if len(self.records) >= self.MAX_RECORDS:
+            rec = _Record(x.shape, f"more than {self.MAX_RECORDS} different calls in one run")
+        else:
+            rec = _Record(x.shape, host_state_reason(self.model, options)
+                          or next((r for r in (plain_cond(c) for c in rows if c is not None) if r), None))
+        self.records[key] = rec
+        if rec.reason is not None:
+            self._report(rec, len(rows))
+            return self._host_call(rows, x, timestep, options)
         calls = []
         real = self.model.apply_model
 
@@ -208,7 +287,7 @@ class DomainForward:
             calls.append((input_x, t, kwargs))
             return real(input_x, t, **kwargs)
 
-        graph = self.use_graph and x.device.type == "cuda" and self._graph_safe()
+        graph = self.use_graph and x.device.type == "cuda"
         stream = torch.cuda.Stream(device=x.device) if graph else None
         own = self.model.__dict__.get("apply_model")  # another pack may have set one on the instance
         self.model.apply_model = recorder
@@ -216,52 +295,63 @@ class DomainForward:
             if stream is not None:  # the host's call doubles as the warm-up a CUDA graph capture needs
                 stream.wait_stream(torch.cuda.current_stream(x.device))
                 with torch.cuda.stream(stream):
-                    out = self._host_call(x, timestep)
+                    preds = self._host_call(rows, x, timestep, options)
                 torch.cuda.current_stream(x.device).wait_stream(stream)
             else:
-                out = self._host_call(x, timestep)
+                preds = self._host_call(rows, x, timestep, options)
         finally:
             if own is None:
                 del self.model.apply_model
             else:
                 self.model.apply_model = own
-        if len(calls) != 1 or calls[0][0].shape != x.shape or calls[0][2].get("control") is not None:
-            self.reason = f"the host's call was not one model call on the whole row ({len(calls)} calls)"
-            self._report()
-            return out
+        wanted = sorted(i for i, c in enumerate(rows) if c is not None)
+        order = list(calls[0][2].get("transformer_options", {}).get("cond_or_uncond", [])) if len(calls) == 1 else []
+        if (len(calls) != 1 or sorted(order) != wanted or calls[0][0].shape != (len(order) * x.shape[0], *x.shape[1:])
+                or calls[0][2].get("control") is not None):
+            rec.reason = f"the host's call was not one model call on all rows ({len(calls)} calls)"
+            self._report(rec, len(rows))
+            return preds
         # The conditioning tensors on the model's device once (the host copies them there on every call;
         # a CUDA graph cannot capture a copy from pageable CPU memory): the same values either way.
-        self.kwargs = {k: v if k == "transformer_options" else _to_device(v, x.device) for k, v in calls[0][2].items()}
-        self.shape, self.path = x.shape, "direct"
-        if graph:
+        rec.kwargs = {k: v if k == "transformer_options" else _to_device(v, x.device) for k, v in calls[0][2].items()}
+        rec.order, rec.path = order, "direct"
+        why_not = graph_reason(self.model, rec.kwargs) if self.use_graph else "off"
+        if graph and why_not is None:
             try:
-                self.graph = _CudaGraph(self._direct, x, timestep)
+                rec.graph = _CudaGraph(lambda gx, gt: self._direct(rec, gx, gt), x, timestep, self.pool)
                 self.params = [(p, p.data_ptr()) for p in self.model.parameters()]
-                self.path = "graph"
+                rec.path = "graph"
             except Exception as e:  # an op the capture cannot take: keep the direct call
-                log.warning("domain '%s': CUDA graph capture failed (%s: %s); calling the model directly",
+                log.warning("%s: CUDA graph capture failed (%s: %s); calling the model directly",
                             self.name, type(e).__name__, e)
-                self.graph = None
-        self._report()
-        return out
-
-    def _graph_safe(self) -> bool:
-        patcher = getattr(self.model, "current_patcher", None)
-        if getattr(patcher, "is_dynamic", lambda: False)():
-            return False  # dynamic VRAM (newer ComfyUI, e.g. 0.33 on NVIDIA) pages weights in per call
-        for m in self.model.modules():
-            if getattr(m, "comfy_cast_weights", False) or getattr(m, "weight_function", None) or getattr(m, "bias_function", None):
-                return False  # weights cast or patched inside the forward (low VRAM, hooks): addresses not fixed
-        return all(p.device.type == "cuda" for p in self.model.parameters())
+                rec.graph = None
+        elif graph:
+            log.info("%s: no CUDA graph (%s)", self.name, why_not)
+        self._report(rec, len(rows))
+        return preds
 
     def _weights_moved(self) -> bool:
-        return any(p.data_ptr() != ptr for p, ptr in self.params)
+        return self.params is not None and any(p.data_ptr() != ptr for p, ptr in self.params)
 
-    def _report(self):
-        if self.reported:
+    def _report(self, rec: _Record, n_rows: int):
+        what = (n_rows, rec.path, rec.reason)
+        if what in self.reported:
             return
-        self.reported = True
-        if self.reason is not None:
-            log.info("domain '%s': straightforward path (%s)", self.name, self.reason)
+        self.reported.add(what)
+        rows = f" ({n_rows} rows)" if n_rows > 1 else ""
+        if rec.reason is not None:
+            log.info("%s%s: straightforward path (%s)", self.name, rows, rec.reason)
         else:
-            log.info("domain '%s': fast path (%s%s)", self.name, self.path, ", LoRA as adapters" if self.branches else "")
+            log.info("%s%s: fast path (%s%s)", self.name, rows, rec.path, ", LoRA as adapters" if self.branches else "")
+
+
+class DomainForward:
+    """d(x, t) = one domain row's prediction through a RecordedCall."""
+
+    def __init__(self, name: str, model, get_cond, model_options: dict, branches: list[LoraBranch] | None = None,
+                 use_graph: bool = True, pool: GraphPool | None = None):
+        self.get_cond = get_cond  # the row's conditioning as the host has processed it for this run
+        self.call = RecordedCall(f"domain '{name}'", model, model_options, branches, use_graph, pool)
+
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.call([self.get_cond()], x, timestep)[0]

@@ -157,6 +157,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         self.domains: list[_Domain] = []
         self.fast_mode = fastpath.mode()
         self.read_sigma = True
+        self.base_fast: fastpath.RecordedCall | None = None
 
     def set_conds(self, positive, negative, null):
         """positive/negative as for KSampler; null: the base's empty-prompt conditioning."""
@@ -215,6 +216,12 @@ class DomainGuider(comfy.samplers.CFGGuider):
         # done when some term is on for part of the run.
         self.read_sigma = not all(covers_whole_run(d.term.start_percent, d.term.end_percent) for d in self.domains)
         prepared = []
+        pool = fastpath.GraphPool()
+        # The base rows recorded too, unless a LoRA domain rides in the base's call as a weight hook
+        # (the host swaps the base's weights around that row).
+        if self.fast_mode in ("graph", "eager") and not any(d.kind == "hook" for d in self.domains):
+            self.base_fast = fastpath.RecordedCall("base model", self.inner_model, use_graph=self.fast_mode == "graph",
+                                                   pool=pool)
         try:
             for d in self.domains:
                 s, e = d.term.start_percent, d.term.end_percent
@@ -223,16 +230,17 @@ class DomainGuider(comfy.samplers.CFGGuider):
                     self._prepare_domain_model(d, sigmas)
                     prepared.append(d)
                 if d.kind in ("model", "adapter") and self.fast_mode != "off":
-                    d.fast = self._domain_forward(d, sigmas)
+                    d.fast = self._domain_forward(d, sigmas, pool)
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
         finally:
+            self.base_fast = None  # frees the CUDA graphs' memory pool
             for d in self.domains:
-                d.fast = None  # frees a CUDA graph's memory pool
+                d.fast = None
             for d in prepared:
                 d.term.model.restore_hook_patches()
                 d.inner_model = None
 
-    def _domain_forward(self, d: _Domain, sigmas) -> fastpath.DomainForward:
+    def _domain_forward(self, d: _Domain, sigmas, pool: fastpath.GraphPool) -> fastpath.DomainForward:
         """The fast path of a full-copy domain (its own model) or a LoRA domain (the base's model)."""
         if d.kind == "model":
             model, options = d.inner_model, d.model_options
@@ -241,7 +249,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
             options = comfy.model_patcher.create_model_options_clone(self.model_options)
             options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
         return fastpath.DomainForward(d.term.name, model, lambda: self.conds[d.key], options, d.branches,
-                                      use_graph=self.fast_mode == "graph")
+                                      use_graph=self.fast_mode in ("graph", "domain"), pool=pool)
 
     def _prepare_domain_model(self, d: _Domain, sigmas):
         """Prepare a separately loaded domain model the way the host prepares the base."""
@@ -278,7 +286,10 @@ class DomainGuider(comfy.samplers.CFGGuider):
         hooked = [d for d in active if d.kind == "hook"]
         for d in hooked:
             rows.append(self.conds[d.key])
-        out = comfy.samplers.calc_cond_batch(self.inner_model, rows, x, timestep, model_options)
+        if self.base_fast is not None:
+            out = self.base_fast(rows, x, timestep, model_options)
+        else:
+            out = comfy.samplers.calc_cond_batch(self.inner_model, rows, x, timestep, model_options)
         for fn in model_options.get("sampler_pre_cfg_function", []):
             out[:2] = fn({"conds": rows[:2], "conds_out": out[:2], "cond_scale": self.cfg, "timestep": timestep,
                           "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})

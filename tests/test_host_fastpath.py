@@ -1,9 +1,10 @@
-"""The fast path for domain rows (nodes/fastpath.py) gives what the straightforward guider gives.
+"""The fast path (nodes/fastpath.py) gives what the straightforward guider gives.
 
-Each case samples the same graph twice in the real host: with the fast path (the default) and
-with INDOMAIN_FAST_DOMAIN=0 (every domain row through the host's calc_cond_batch each step, a
-LoRA domain as a weight hook of the base). On the CPU the fast path is the recorded model call
-made directly (CUDA graphs are checked on a GPU by bench/sampling.py --check).
+Each case samples the same graph twice in the real host: with the fast path (the default: the
+domain rows and the base rows each recorded once, then called directly) and with
+INDOMAIN_FAST_DOMAIN=0 (every row through the host's calc_cond_batch each step, a LoRA domain as
+a weight hook of the base). On the CPU the fast path is the recorded model call made directly
+(CUDA graphs are checked on a GPU by bench/sampling.py --check).
 """
 import logging
 import os
@@ -64,8 +65,8 @@ def test_full_copy_domain_fast_equals_straightforward(comfy, files, monkeypatch,
     slow = sample(comfy, monkeypatch, False, caplog, **kw)
     assert fast_paths(caplog) == []
     fast = sample(comfy, monkeypatch, True, caplog, **kw)
-    assert fast_paths(caplog) == ["domain 'domain_model': fast path (direct)"]
-    assert torch.equal(fast, slow)  # the same model call with the same inputs: bit for bit
+    assert fast_paths(caplog) == ["domain 'domain_model': fast path (direct)", "base model (3 rows): fast path (direct)"]
+    assert torch.equal(fast, slow)  # the same model calls with the same inputs: bit for bit
 
 
 @pytest.mark.parametrize("batch,end,negative", [(2, 0.5, "blurry"), (1, 1.0, "")])
@@ -80,9 +81,16 @@ def test_fast_path_with_batches_intervals_and_an_empty_negative(comfy, files, mo
         monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "1" if fast else "0")
         return comfy.run(p)["captured"]["out"]["samples"]
 
-    slow, fast = run(False), run(True)
+    slow = run(False)
+    caplog.clear()
+    fast = run(True)
     assert fast.shape[0] == batch and torch.isfinite(fast).all()
     assert close(fast, slow, rel=1e-4)
+    base = sorted(m for m in fast_paths(caplog) if m.startswith("base model"))
+    if end < 1.0:  # the LoRA term's interval ends mid-run: the null row is still needed by the other domain
+        assert base == ["base model (3 rows): fast path (direct)"]
+    else:  # an empty negative is the null row: one base row fewer
+        assert base == ["base model (2 rows): fast path (direct)"]
 
 
 @pytest.mark.parametrize("name", ["lora", "conv_lora"])
@@ -90,7 +98,8 @@ def test_lora_domain_as_adapters_equals_the_weight_hook(comfy, files, monkeypatc
     kw = dict(domain=["dom", 0], domain_scale=1.5, extra={"dom": loader(files[name])})
     hooked = sample(comfy, monkeypatch, False, caplog, **kw)
     adapters = sample(comfy, monkeypatch, True, caplog, **kw)
-    assert fast_paths(caplog) == ["domain 'domain_model': fast path (direct, LoRA as adapters)"]
+    assert fast_paths(caplog) == ["domain 'domain_model': fast path (direct, LoRA as adapters)",
+                                  "base model (3 rows): fast path (direct)"]
     assert close(adapters, hooked, rel=1e-4)  # unmerged x@W + (x@down)@up against merged weights
     base = tiny.tiny_model().model.diffusion_model.state_dict()
     assert all(torch.equal(base[k], v) for k, v in tiny.unet_state_dict(0).items())  # the base's weights untouched
@@ -100,7 +109,8 @@ def test_a_lora_that_is_not_plain_keeps_the_weight_hook(comfy, files, monkeypatc
     kw = dict(domain=["dom", 0], domain_scale=1.5, extra={"dom": loader(files["loha"])})
     slow = sample(comfy, monkeypatch, False, caplog, **kw)
     fast = sample(comfy, monkeypatch, True, caplog, **kw)
-    assert fast_paths(caplog) == []  # no adapter path: the domain rides in the base's call as before
+    # No adapter path: the domain rides in the base's call as a weight hook, so neither is recorded.
+    assert fast_paths(caplog) == []
     assert torch.equal(fast, slow)
 
 
@@ -123,7 +133,8 @@ def test_control_in_domain_takes_the_straightforward_path(comfy, files, monkeypa
 
     slow = run(False)
     fast = run(True)
-    assert fast_paths(caplog) == ["domain 'domain_model': straightforward path (conditioning with control)"]
+    assert fast_paths(caplog) == ["domain 'domain_model': straightforward path (conditioning with control)",
+                                  "base model (3 rows): straightforward path (conditioning with control)"]
     assert torch.equal(fast, slow)
 
 
@@ -150,3 +161,53 @@ def test_lora_branches_refuse_what_is_not_a_plain_lora(comfy):
         assert fastpath.lora_branches(model, {"lin.weight": [bad]}) is None
     assert fastpath.lora_branches(model, {"lin.bias": [plain]}) is None
     assert fastpath.lora_branches(model, {"missing.weight": [plain]}) is None
+
+
+@pytest.mark.parametrize("mode", ["1", "domain"])
+def test_domain_scale_zero_is_the_stock_ksampler_bit_for_bit(comfy, files, monkeypatch, caplog, mode):
+    stock = comfy.run(text_to_image(sampler="KSampler", steps=3))["captured"]["out"]["samples"]
+    monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", mode)
+    caplog.clear()
+    ours = comfy.run(text_to_image(steps=3, domain=["dom", 0], domain_scale=0.0,
+                                   extra={"dom": loader(files["domain"])}))["captured"]["out"]["samples"]
+    assert torch.equal(ours, stock)
+    # "domain": only domain rows are recorded (none here), the base rows go through the host every step.
+    assert fast_paths(caplog) == (["base model (2 rows): fast path (direct)"] if mode == "1" else [])
+
+
+def test_a_base_model_patch_keeps_the_fast_path_but_no_cuda_graph(comfy, files, monkeypatch, caplog):
+    """FreeU patches the base's forward with Python code: the recorded call runs it every step,
+    but a CUDA graph (which would freeze what that code does) is refused."""
+    fastpath = comfy.pack("nodes.fastpath")
+    seen = []
+    real = fastpath.graph_reason
+    monkeypatch.setattr(fastpath, "graph_reason", lambda model, kwargs: seen.append(real(model, kwargs)) or seen[-1])
+    extra = {"dom": loader(files["domain"]),
+             "freeu": {"class_type": "FreeU_V2", "inputs": {"model": ["ckpt", 0], "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}}}
+
+    def run(fast, patched):
+        p = text_to_image(steps=2, domain=["dom", 0], domain_scale=1.5, extra=extra)
+        if patched:
+            p["sample"]["inputs"]["model"] = ["freeu", 0]
+        monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "1" if fast else "0")
+        return comfy.run(p)["captured"]["out"]["samples"]
+
+    assert torch.equal(run(True, True), run(False, True))
+    # On the CPU the weights decide anyway; what matters is which check refuses first.
+    assert seen == ["weights not on the GPU", "model patches are set"]  # the domain's call, then the base's
+    seen.clear()
+    run(True, False)
+    assert seen == ["weights not on the GPU", "weights not on the GPU"]  # a plain run: nothing but the device
+
+
+def test_the_base_rows_fall_back_when_the_host_splits_them(comfy, files, monkeypatch, caplog):
+    """Low memory makes the host run the rows in several calls: nothing recorded, same result."""
+    from comfy import model_base
+
+    kw = dict(domain=["dom", 0], domain_scale=1.5, extra={"dom": loader(files["domain"])})
+    monkeypatch.setattr(model_base.BaseModel, "memory_required", lambda self, shape, **kw: 1e30)  # no two rows fit
+    slow = sample(comfy, monkeypatch, False, caplog, **kw)
+    fast = sample(comfy, monkeypatch, True, caplog, **kw)
+    assert torch.equal(fast, slow)
+    assert "base model (3 rows): straightforward path (the host's call was not one model call on all rows (3 calls))" \
+        in fast_paths(caplog)
