@@ -336,18 +336,19 @@ class Bench:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         times = []
-        for _ in range(self.repeats):
-            sync()
-            t0 = time.perf_counter()
-            out = fn()
-            sync()
-            times.append(time.perf_counter() - t0)
+        with PathLog() as timed_paths:
+            for _ in range(self.repeats):
+                sync()
+                t0 = time.perf_counter()
+                out = fn()
+                sync()
+                times.append(time.perf_counter() - t0)
         peak = torch.cuda.max_memory_allocated() if cuda else 0
         row = {"model": m["name"], "batch": batch, "case": case, "times_s": [round(t, 5) for t in times],
                "median_s": round(statistics.median(times), 5), "warmup_s": round(warm_s, 3),
                "peak_gib": gib(peak), "resident_gib": gib(resident), "before_gib": gib(base_alloc),
                "finite": bool(torch.isfinite(out).all()), "out_std": round(float(out.float().std()), 4),
-               "paths": paths.messages}
+               "paths": paths.messages, "captures_timed": [m for m in timed_paths.messages if "captured" in m]}
         if diagnose:
             with Probe() as probe:
                 sync()
@@ -399,12 +400,19 @@ class PathLog(logging.Handler):
         self._level = root.level
         root.addHandler(self)
         root.setLevel(min(root.level, logging.INFO))
+        self._fast = [l for l in logging.Logger.manager.loggerDict.values()
+                      if isinstance(l, logging.Logger) and l.name.endswith(".nodes.fastpath")]
+        for l in self._fast:  # its capture timings are DEBUG lines
+            l.setLevel(logging.DEBUG)
+        self.setLevel(logging.DEBUG)
         return self
 
     def __exit__(self, *exc):
         root = logging.getLogger()
         root.removeHandler(self)
         root.setLevel(self._level)
+        for l in self._fast:
+            l.setLevel(logging.NOTSET)
 
 
 def profile(fn, path: str) -> None:

@@ -1,35 +1,39 @@
-"""The fast path for a domain term's prediction d_k = domain_k(x, "") in each sampling step.
+"""The fast path of a sampling step: the model calls of the domain rows and of the base rows.
 
-Why: at Stable Diffusion sizes on a GPU, the step time of the straightforward guider is set by
-the host's Python work, not by the GPU: every UNet call is ~2000 kernel launches, and the host's
-per-call bookkeeping (conds, areas, memory checks, hook weight swaps) comes on top. A domain row
-in a call of its own therefore costs a whole step more, although its GPU work is small
-(docs/BENCHMARKS.md, "Sampling").
+Why: at Stable Diffusion sizes on a GPU, a UNet call is ~2000 kernel launches, and the host's
+Python work launching them (plus its per-call bookkeeping: conds, areas, memory checks, hook
+weight swaps) takes longer than the GPU's work at batch 1 (docs/BENCHMARKS.md, "Sampling").
+The straightforward guider paid a whole extra call per step for each domain row.
 
-What: a DomainForward makes the host's own call for the domain row once (comfy.samplers.
+What: a RecordedCall makes the host's own call for a list of rows once (comfy.samplers.
 calc_cond_batch, the straightforward path) and records the single apply_model call inside it.
-Every later step:
+Every later step with the same rows:
 
 - calls apply_model with the recorded conditioning directly: the same kernels on the same
   inputs, hence the same numbers, without the per-step bookkeeping;
-- on CUDA, replays that call as a CUDA graph: one launch per step instead of thousands;
-- is called before the base rows, so the GPU computes the domain row while the CPU is still
-  launching the base model's layers.
+- on CUDA, replays that call as a CUDA graph: one launch per step instead of thousands, so the
+  step costs the GPU's time, not the CPU's (the graphs of a run share one memory pool);
+- for the domain rows (DomainForward), is launched before the base rows.
 
 A LoRA domain (a clone of the base with LoRA patches) runs on the base's own modules, its LoRA
 added per module as scale * up(down(x)) by forward hooks that exist only inside the domain's
 call: no second copy of the weights and no weight swap per step.
 
-Whatever the path cannot reproduce exactly (ControlNet in the domain row, masks, areas, timestep
-ranges, model-function wrappers, weights that move between steps, LoRA variants other than
-plain LoRA) falls back to the straightforward path. INDOMAIN_FAST_DOMAIN=0 turns the fast path
-off, INDOMAIN_FAST_DOMAIN=eager keeps it without CUDA graphs.
+Whatever the recording cannot reproduce exactly falls back to the host's call every step:
+ControlNet, masks, areas, timestep ranges, hooks, model-function and calc_cond_batch wrappers,
+per-step model callbacks, rows the host splits over several calls (low memory), LoRA variants
+other than plain LoRA. No CUDA graph (the direct call instead) where Python inside the forward
+may act differently per step (model patches such as FreeU, wrappers) or the weights are not at
+fixed addresses (low VRAM, dynamic VRAM); weights that move between steps are re-recorded.
+INDOMAIN_FAST_DOMAIN=0 turns the fast path off, =eager keeps it without CUDA graphs, =domain
+records only the domain rows.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -187,14 +191,30 @@ class GraphPool:
 
 
 class _CudaGraph:
-    """fn(x, t) captured once, replayed on new inputs copied into its static buffers."""
+    """fn(x, t) captured once, replayed on new inputs copied into its static buffers.
+
+    Captured as torch.cuda.graph does, less its torch.cuda.empty_cache(): emptying the allocator's
+    cache at every capture made every later allocation of the run a fresh cudaMalloc."""
 
     def __init__(self, fn, x: torch.Tensor, t: torch.Tensor, pool: GraphPool):
         self.x, self.t = x.clone(), t.clone()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool.handle, capture_error_mode="thread_local"):
-            self.out = fn(self.x, self.t)
+        t0 = time.perf_counter()
+        torch.cuda.synchronize(x.device)
+        stream = torch.cuda.Stream(device=x.device)
+        with torch.cuda.stream(stream):
+            self.graph.capture_begin(pool=pool.handle, capture_error_mode="thread_local")
+            try:
+                t1 = time.perf_counter()
+                self.out = fn(self.x, self.t)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.graph.capture_end()  # ends the (invalidated) capture; the first error is the one to see
+                raise
+            t2 = time.perf_counter()
+            self.graph.capture_end()
         pool.handle = self.graph.pool()
+        self.timing_ms = tuple(round(1e3 * s, 1) for s in (t1 - t0, t2 - t1, time.perf_counter() - t2))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.x.copy_(x)
@@ -321,6 +341,8 @@ class RecordedCall:
                 rec.graph = _CudaGraph(lambda gx, gt: self._direct(rec, gx, gt), x, timestep, self.pool)
                 self.params = [(p, p.data_ptr()) for p in self.model.parameters()]
                 rec.path = "graph"
+                log.debug("%s: CUDA graph of %d rows captured (ms: set-up %s, capture %s, instantiate %s)",
+                          self.name, len(rec.order), *rec.graph.timing_ms)
             except Exception as e:  # an op the capture cannot take: keep the direct call
                 log.warning("%s: CUDA graph capture failed (%s: %s); calling the model directly",
                             self.name, type(e).__name__, e)
