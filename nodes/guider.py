@@ -8,6 +8,7 @@ cfg_function is the host's own KSampler guidance (so model patches such as Resca
 working, and every w_k = 0 is KSampler exactly); the domain sum is guidance.add_domain_terms.
 
 How each domain model is evaluated:
+- weight 0: not at all (not even loaded), the term is zero;
 - the same weights as the base (the base MODEL wired in twice): d_k = u, the term is zero;
 - a clone of the base with extra weight patches (a LoRA domain): plain LoRA patches run as
   adapters on the base's own modules (fastpath.lora_branches; no second model in memory);
@@ -17,10 +18,13 @@ How each domain model is evaluated:
   additional model of the conditioning, prepared like the base (pre_run, wrappers, hooks)
   and evaluated in its own call.
 
-Each domain row runs through a fastpath.DomainForward: the host's call on the first step, then
-the recorded model call directly (a CUDA graph on CUDA), launched before the base rows.
-INDOMAIN_FAST_DOMAIN=0 gives the straightforward path: every domain row through the host's
-calc_cond_batch each step (the reference the fast path is tested against).
+The fast path (fastpath.py): each domain row and the base's batched rows go through the host's
+calc_cond_batch on the first step; its one model call is recorded and, every later step, made
+directly (a CUDA graph on CUDA), the domain rows launched before the base rows. Whatever the
+recording cannot reproduce (ControlNet, hooks, areas, masks, wrappers...) keeps the host's call.
+INDOMAIN_FAST_DOMAIN=0 gives the straightforward path: every row through the host's
+calc_cond_batch each step (the reference the fast path is tested against); =domain records the
+domain rows only; =eager records without CUDA graphs.
 """
 from __future__ import annotations
 
@@ -137,7 +141,7 @@ class _Domain:
     def __init__(self, index: int, term: DomainTerm, kind: str):
         self.index = index
         self.term = term
-        self.kind = kind  # "same" | "adapter" | "hook" | "model"
+        self.kind = kind  # "off" | "same" | "adapter" | "hook" | "model"
         self.key = f"indomain_domain_{index}"
         self.interval: TermInterval | None = None
         self.inner_model = None
@@ -167,10 +171,10 @@ class DomainGuider(comfy.samplers.CFGGuider):
         control = self._positive_control(positive) if self.control_in_domain else None
         self.fast_mode = fastpath.mode()
         for i, term in enumerate(self.terms):
-            kind = self._kind(term.model)
+            kind = "off" if term.weight == 0.0 else self._kind(term.model)  # weight 0: not even loaded
             domain = _Domain(i, term, kind)
             self.domains.append(domain)
-            if kind == "same":
+            if kind in ("off", "same"):
                 continue
             values = {"prompt_type": "negative"}
             if kind == "hook":
@@ -265,7 +269,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         sigma = float(timestep.max()) if self.read_sigma else None
-        active = [d for d in self.domains if d.kind != "same" and d.term.weight != 0.0
+        active = [d for d in self.domains if d.kind not in ("off", "same")
                   and (sigma is None or is_active(d.interval, sigma))]
         # Fast domain rows first: the GPU computes them while the CPU launches the base rows.
         predictions = {d.index: d.fast(x, timestep) for d in active if d.fast is not None}

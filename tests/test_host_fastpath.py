@@ -165,12 +165,20 @@ def test_lora_branches_refuse_what_is_not_a_plain_lora(comfy):
 
 @pytest.mark.parametrize("mode", ["1", "domain"])
 def test_domain_scale_zero_is_the_stock_ksampler_bit_for_bit(comfy, files, monkeypatch, caplog, mode):
+    import comfy.model_management as mm
+
     stock = comfy.run(text_to_image(sampler="KSampler", steps=3))["captured"]["out"]["samples"]
+    mm.unload_all_models()
     monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", mode)
     caplog.clear()
     ours = comfy.run(text_to_image(steps=3, domain=["dom", 0], domain_scale=0.0,
                                    extra={"dom": loader(files["domain"])}))["captured"]["out"]["samples"]
     assert torch.equal(ours, stock)
+    import comfy.model_management as mm
+    from comfy import model_base
+
+    unets = [m for m in mm.current_loaded_models if isinstance(m.model.model, model_base.BaseModel)]
+    assert len(unets) == 1  # a domain of weight 0 is not even loaded
     # "domain": only domain rows are recorded (none here), the base rows go through the host every step.
     assert fast_paths(caplog) == (["base model (2 rows): fast path (direct)"] if mode == "1" else [])
 
