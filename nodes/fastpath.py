@@ -21,8 +21,8 @@ call: no second copy of the weights and no weight swap per step.
 
 Whatever the recording cannot reproduce exactly falls back to the host's call every step:
 ControlNet, masks, areas, timestep ranges, hooks, model-function and calc_cond_batch wrappers,
-per-step model callbacks, rows the host splits over several calls (low memory), LoRA variants
-other than plain LoRA. No CUDA graph (the direct call instead) where Python inside the forward
+per-step model callbacks, rows the host splits over several calls (low memory) or GPUs, LoRA
+variants other than plain LoRA. No CUDA graph (the direct call instead) where Python inside the forward
 may act differently per step (model patches such as FreeU, wrappers) or the weights are not at
 fixed addresses (low VRAM, dynamic VRAM); weights that move between steps are re-recorded.
 INDOMAIN_FAST_DOMAIN=0 turns the fast path off, =eager keeps it without CUDA graphs, =domain
@@ -143,6 +143,8 @@ def host_state_reason(model, model_options: dict) -> str | None:
 
     if "model_function_wrapper" in model_options:
         return "a model_function_wrapper is set"
+    if model_options.get("multigpu_clones"):
+        return "the rows are spread over several GPUs"  # newer ComfyUI's multi-GPU cond batching
     if ext.get_all_wrappers(ext.WrappersMP.CALC_COND_BATCH, model_options, is_model_options=True):
         return "a calc_cond_batch wrapper is set"
     patcher = getattr(model, "current_patcher", None)

@@ -219,3 +219,26 @@ def test_the_base_rows_fall_back_when_the_host_splits_them(comfy, files, monkeyp
     assert torch.equal(fast, slow)
     assert "base model (3 rows): straightforward path (the host's call was not one model call on all rows (3 calls))" \
         in fast_paths(caplog)
+
+
+def test_what_keeps_the_hosts_call_every_step(comfy):
+    """Host state that makes calc_cond_batch more than its one model call is never recorded."""
+    from comfy import hooks
+    from comfy import patcher_extension as ext
+
+    fastpath = comfy.pack("nodes.fastpath")
+    patcher = tiny.tiny_model()
+    model = patcher.model
+    model.current_patcher = patcher  # as the host's pre_run sets it
+    assert fastpath.host_state_reason(model, {}) is None
+    assert fastpath.host_state_reason(model, {"model_function_wrapper": lambda f, a: f(a["input"], a["timestep"], **a["c"])}) \
+        == "a model_function_wrapper is set"
+    assert fastpath.host_state_reason(model, {"multigpu_clones": {"cuda:1": patcher}}) == "the rows are spread over several GPUs"
+    options = {}
+    ext.add_wrapper(ext.WrappersMP.CALC_COND_BATCH, lambda executor, *a, **k: executor(*a, **k), options, is_model_options=True)
+    assert fastpath.host_state_reason(model, options) == "a calc_cond_batch wrapper is set"
+    patcher.add_callback(ext.CallbacksMP.ON_PREPARE_STATE, lambda *a: None)
+    assert fastpath.host_state_reason(model, {}) == "per-step model callbacks are set"
+    patcher.callbacks.clear()
+    patcher.hook_patches[hooks._HookRef()] = {"x.weight": []}
+    assert fastpath.host_state_reason(model, {}) == "hook weight patches are registered"
