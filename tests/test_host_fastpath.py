@@ -242,3 +242,14 @@ def test_what_keeps_the_hosts_call_every_step(comfy):
     patcher.callbacks.clear()
     patcher.hook_patches[hooks._HookRef()] = {"x.weight": []}
     assert fastpath.host_state_reason(model, {}) == "hook weight patches are registered"
+
+
+@pytest.mark.parametrize("sampler_name", ["heun", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc", "euler_cfg_pp"])
+def test_the_host_samplers_give_the_same_latents_on_the_fast_path(comfy, files, monkeypatch, caplog, sampler_name):
+    """Samplers that call the model twice per step, keep history, draw noise or read the
+    unconditional prediction back (CFG++): the recorded calls change nothing."""
+    kw = dict(domain=["dom", 0], domain_scale=1.5, sampler_name=sampler_name, extra={"dom": loader(files["domain"])})
+    slow = sample(comfy, monkeypatch, False, caplog, **kw)
+    fast = sample(comfy, monkeypatch, True, caplog, **kw)
+    assert fast_paths(caplog) == ["domain 'domain_model': fast path (direct)", "base model (3 rows): fast path (direct)"]
+    assert torch.equal(fast, slow)
