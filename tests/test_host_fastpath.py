@@ -183,6 +183,28 @@ def test_domain_scale_zero_is_the_stock_ksampler_bit_for_bit(comfy, files, monke
     assert fast_paths(caplog) == (["base model (2 rows): fast path (direct)"] if mode == "1" else [])
 
 
+@pytest.mark.parametrize("patch", [
+    # An attention patch recording the unconditional rows' attention, read back after cfg by a post-cfg
+    # function that calls the model again.
+    {"class_type": "SelfAttentionGuidance", "inputs": {"model": ["ckpt", 0], "scale": 0.8, "blur_sigma": 2.0}},
+    # An attention replacement for the middle block, and a post-cfg function calling the model with it.
+    {"class_type": "PerturbedAttentionGuidance", "inputs": {"model": ["ckpt", 0], "scale": 3.0}},
+], ids=["SelfAttentionGuidance", "PerturbedAttentionGuidance"])
+def test_model_patches_sample_as_on_the_straightforward_path(comfy, files, monkeypatch, caplog, patch):
+    extra = {"dom": loader(files["domain"]), "patched": patch}
+
+    def run(fast, patched=True):
+        p = text_to_image(steps=3, domain=["dom", 0], domain_scale=1.5, extra=extra)
+        if patched:
+            p["sample"]["inputs"]["model"] = ["patched", 0]
+        monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "1" if fast else "0")
+        return comfy.run(p)["captured"]["out"]["samples"]
+
+    fast = run(True)
+    assert torch.equal(fast, run(False))
+    assert not torch.equal(fast, run(True, patched=False))  # the patch does act on this model
+
+
 def test_a_base_model_patch_keeps_the_fast_path_but_no_cuda_graph(comfy, files, monkeypatch, caplog):
     """FreeU patches the base's forward with Python code: the recorded call runs it every step,
     but a CUDA graph (which would freeze what that code does) is refused."""
