@@ -249,7 +249,7 @@ def test_what_keeps_the_hosts_call_every_step(comfy):
     from comfy import patcher_extension as ext
 
     fastpath = comfy.pack("nodes.fastpath")
-    patcher = tiny.tiny_model()
+    patcher = tiny.load_unet(tiny.unet_state_dict(0))  # a model of its own (tiny_model() is shared)
     model = patcher.model
     model.current_patcher = patcher  # as the host's pre_run sets it
     assert fastpath.host_state_reason(model, {}) is None
