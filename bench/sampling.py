@@ -31,6 +31,9 @@ step callback), the UNet forwards per step and their batch sizes (BaseModel.appl
 the time the host spends swapping hook weights (ModelPatcher.patch_hooks). Also checks that
 domain_scale 0 reproduces stock.
 
+--channels-last: both UNets' weights in channels-last (NHWC) memory format before any case, for
+stock and ours alike: whether the rows' GPU time (the bound once every row is a graph) drops.
+
 --quick: tiny sizes on whatever device there is (CPU here): SD1 with one level, Segmind-Vega
 (the host's smallest SDXL-family config) at 64x64 px, 2 steps, 1 repeat. For testing the script.
 """
@@ -234,8 +237,9 @@ def _median(xs):
 # -- the benchmark ----------------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, host, quick: bool, steps: int, repeats: int, cfg: float, dtype):
+    def __init__(self, host, quick: bool, steps: int, repeats: int, cfg: float, dtype, channels_last: bool = False):
         self.host = host
+        self.channels_last = channels_last
         self.quick = quick
         self.steps = steps
         self.repeats = repeats
@@ -259,6 +263,9 @@ class Bench:
         del sd
         sd = random_unet_state_dict(config, seed=1, dtype=self.dtype, device=device)
         full = load_unet(sd, self.dtype)
+        if self.channels_last:  # conv weights NHWC; activations follow the weights' format through the UNet
+            for patcher in (base, full):
+                patcher.model.diffusion_model.to(memory_format=torch.channels_last)
         del sd
         gc.collect()
         mm.soft_empty_cache()
@@ -477,6 +484,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--cpu", action="store_true", help="run the host on the CPU even where there is a GPU")
+    ap.add_argument("--channels-last", action="store_true", help="UNet weights in channels-last memory format (all cases)")
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                     help="compare the fast path with the straightforward guider per model and batch (default on)")
     ap.add_argument("--profile", action="store_true",
@@ -509,9 +517,10 @@ def main(argv=None) -> int:
             "comfyui": comfyui_version.__version__, "dtype": str(dtype), "steps": steps, "repeats": repeats,
             "cfg": args.cfg, "sampler": "euler", "scheduler": "normal", "quick": args.quick,
             "attention": "pytorch" if mm.pytorch_attention_enabled() else "other",
-            "vram_state": str(mm.vram_state), "lora_rank": 32, "domain_scale": 1.5}
+            "vram_state": str(mm.vram_state), "lora_rank": 32, "domain_scale": 1.5,
+            "channels_last": args.channels_last}
     print(json.dumps(meta), flush=True)
-    bench = Bench(host, args.quick, steps, repeats, args.cfg, dtype)
+    bench = Bench(host, args.quick, steps, repeats, args.cfg, dtype, args.channels_last)
     result = {"meta": meta, "models": [], "results": [], "checks": []}
     json_path = os.path.join(args.out, "sampling.json")
 
