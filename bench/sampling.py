@@ -50,6 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 
@@ -299,17 +300,10 @@ class Bench:
         s = self.sampling
 
         def fn():
-            old = os.environ.get("INDOMAIN_FAST_DOMAIN")
-            os.environ["INDOMAIN_FAST_DOMAIN"] = fast
-            try:
+            with mock.patch.dict(os.environ, {"INDOMAIN_FAST_DOMAIN": fast}):  # restored afterwards
                 terms = s.collect_terms(domain, domain_scale, 0.0, end, None)
                 guider = s.make_guider(m["base"], c["positive"], negative, c["null"], self.cfg, terms, False)
                 return s.sample_like_ksampler(guider, seed, self.steps, "euler", "normal", latent, 1.0)["samples"]
-            finally:
-                if old is None:
-                    del os.environ["INDOMAIN_FAST_DOMAIN"]
-                else:
-                    os.environ["INDOMAIN_FAST_DOMAIN"] = old
         return fn
 
     def active_steps(self, m, case: str) -> list[bool] | None:
@@ -376,7 +370,6 @@ class Bench:
             out.append({"model": m["name"], "domain": case, "max_abs_diff": diff,
                         "max_abs_stock": stock_out.abs().max().item(), "finite": bool(torch.isfinite(sample).all())})
         return out
-
 
     def reference_check(self, m, batch: int) -> list[dict]:
         """The fast path (CUDA graphs on a GPU) against the straightforward guider, same seed."""

@@ -22,9 +22,9 @@ call: no second copy of the weights and no weight swap per step.
 Whatever the recording cannot reproduce exactly falls back to the host's call every step:
 ControlNet, masks, areas, timestep ranges, hooks, model-function and calc_cond_batch wrappers,
 per-step model callbacks, rows the host splits over several calls (low memory) or GPUs, LoRA
-variants other than plain LoRA. No CUDA graph (the direct call instead) where Python inside the forward
-may act differently per step (model patches such as FreeU, wrappers) or the weights are not at
-fixed addresses (low VRAM, dynamic VRAM); weights that move between steps are re-recorded.
+variants other than plain LoRA. No CUDA graph (the direct call instead) where Python inside the
+forward may act differently per step (model patches such as FreeU, wrappers) or the weights are
+not at fixed addresses (low VRAM, dynamic VRAM); weights that move between steps are re-recorded.
 INDOMAIN_FAST_DOMAIN=0 turns the fast path off, =eager keeps it without CUDA graphs, =domain
 records only the domain rows.
 """
