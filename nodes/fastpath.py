@@ -23,8 +23,11 @@ Whatever the recording cannot reproduce exactly falls back to the host's call ev
 ControlNet, masks, areas, timestep ranges, hooks, model-function and calc_cond_batch wrappers,
 per-step model callbacks, rows the host splits over several calls (low memory) or GPUs, LoRA
 variants other than plain LoRA. No CUDA graph (the direct call instead) where Python inside the
-forward may act differently per step (model patches such as FreeU, wrappers) or the weights are
-not at fixed addresses (low VRAM, dynamic VRAM); weights that move between steps are re-recorded.
+forward may act differently per step (model patches such as FreeU, wrappers other than the
+host's torch.compile one) or the weights are not at fixed addresses (low VRAM, dynamic VRAM);
+weights that move between steps are re-recorded; a capture that fails leaves the direct call
+(and the random generator as it was). A LoRA domain on a compiled model stays a weight hook:
+torch.compile does not see forward hooks added after it traced a module.
 INDOMAIN_FAST_DOMAIN=0 turns the fast path off, =eager keeps it without CUDA graphs, =domain
 records only the domain rows.
 """
@@ -126,6 +129,24 @@ def lora_applied(branches: list[LoraBranch] | None, cache: dict):
             h.remove()
 
 
+def compiled_reason(*patchers) -> str | None:
+    """Why the LoRA adapters' forward hooks could go unseen (None if they cannot): a compiled UNet.
+    Dynamo does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards), so a
+    graph it traced for a call without the hooks (the base's rows, a plain KSampler of the same
+    shape) would be reused for the domain's call with the LoRA silently left out."""
+    for patcher in patchers:
+        options = patcher.model_options
+        for wrappers in (getattr(patcher, "wrappers", {}), options.get("transformer_options", {}).get("wrappers", {})):
+            if any("compile" in str(key).lower() and fns for kind in wrappers.values() for key, fns in kind.items()):
+                return "the model is compiled (torch.compile wrapper)"
+        if options.get("torch_compile_kwargs"):
+            return "the model is compiled (torch.compile wrapper)"
+    for m in patchers[0].model.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule":
+            return "a module of the model is compiled"
+    return None
+
+
 # -- recorded model calls ----------------------------------------------------------------------
 
 def plain_cond(cond: list) -> str | None:
@@ -163,7 +184,7 @@ def graph_reason(model, kwargs: dict) -> str | None:
     for key in ("patches", "patches_replace"):
         if any(options.get(key, {}).values()):
             return f"model {key.replace('_', ' ')} are set"
-    if any(any(v for v in kind.values()) for kind in options.get("wrappers", {}).values()):
+    if any(fns for kind in options.get("wrappers", {}).values() for key, fns in kind.items() if key != _HOST_COMPILE_KEY):
         return "model wrappers are set"
     patcher = getattr(model, "current_patcher", None)
     if getattr(patcher, "is_dynamic", lambda: False)():
@@ -174,6 +195,12 @@ def graph_reason(model, kwargs: dict) -> str | None:
     if not all(p.device.type == "cuda" for p in model.parameters()):
         return "weights not on the GPU"
     return None
+
+
+# The host's TorchCompileModel wrapper (comfy_api.torch_helpers COMPILE_KEY): it only swaps the
+# compiled module in for the call, the same every step, so the call it makes can be a CUDA graph
+# (its compilation happens in the host's call of the first step, before the capture).
+_HOST_COMPILE_KEY = "torch.compile"
 
 
 def _to_device(value, device):
@@ -190,6 +217,24 @@ class GraphPool:
 
     def __init__(self):
         self.handle = None
+
+
+def _restore_rng(device: torch.device) -> None:
+    """Undo what a failed capture leaves behind in the device's default random generator.
+
+    When cudaStreamEndCapture fails, torch skips the generator's capture epilogue, and the
+    generator stays in capture mode: the next random op on the device outside a capture (an SDE
+    sampler's noise, inductor's autotuning) raises "Offset increment outside graph capture
+    encountered unexpectedly". A fresh generator state at the same seed and offset ends that."""
+    try:
+        gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        fresh = torch.Generator(device=device)
+        fresh.manual_seed(gen.initial_seed())
+        with contextlib.suppress(RuntimeError):  # the offset may be unreadable in that state: start at 0
+            fresh.set_offset(gen.get_offset())
+        gen.graphsafe_set_state(fresh.graphsafe_get_state())
+    except Exception as e:  # an older torch without graph-safe generator states: nothing more to do
+        log.debug("random generator state not restored after a failed capture (%s: %s)", type(e).__name__, e)
 
 
 class _CudaGraph:
@@ -212,6 +257,7 @@ class _CudaGraph:
             except BaseException:
                 with contextlib.suppress(Exception):
                     self.graph.capture_end()  # ends the (invalidated) capture; the first error is the one to see
+                _restore_rng(x.device)
                 raise
             t2 = time.perf_counter()
             self.graph.capture_end()
@@ -306,7 +352,10 @@ class RecordedCall:
         real = self.model.apply_model
 
         def recorder(input_x, t, **kwargs):
-            calls.append((input_x, t, kwargs))
+            # transformer_options as the host passed it: the UNet adds its own keys to the dict during
+            # the call (block, original_shape, ...), which a later call must not start with (a compiled
+            # UNet's guards would see a different dict and recompile, inside a CUDA graph capture)
+            calls.append((input_x, t, {**kwargs, "transformer_options": dict(kwargs.get("transformer_options", {}))}))
             return real(input_x, t, **kwargs)
 
         graph = self.use_graph and x.device.type == "cuda"

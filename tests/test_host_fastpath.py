@@ -105,6 +105,39 @@ def test_lora_domain_as_adapters_equals_the_weight_hook(comfy, files, monkeypatc
     assert all(torch.equal(base[k], v) for k, v in tiny.unet_state_dict(0).items())  # the base's weights untouched
 
 
+def test_a_compiled_model_keeps_the_lora_domain_as_a_weight_hook(comfy, files, monkeypatch, caplog):
+    """Dynamo does not guard on module hooks: a graph it traced without the adapters would be reused
+    with the LoRA silently dropped. Here a plain KSampler at cfg 1 (one row, like the domain's call)
+    traces the compiled UNet first; the LoRA domain must still act."""
+    from torch import _dynamo
+
+    real_compile = torch.compile
+    # The host's TorchCompileModel node, with dynamo's eager backend (the same tracing and guards
+    # without inductor's minutes of C++ compilation on a CPU).
+    monkeypatch.setattr(torch, "compile", lambda *a, **kw: real_compile(*a, **{**kw, "backend": "eager"}))
+    _dynamo.reset()
+    compiled = {"class_type": "TorchCompileModel", "inputs": {"model": ["ckpt", 0], "backend": "inductor"}}
+
+    def run(sampler, fast, **kw):
+        p = text_to_image(sampler=sampler, steps=2, extra={"compiled": compiled, "dom": loader(files["lora"], base=("compiled", 0))}, **kw)
+        p["sample"]["inputs"]["model"] = ["compiled", 0]
+        monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "1" if fast else "0")
+        caplog.clear()
+        return comfy.run(p)["captured"]["out"]["samples"]
+
+    try:
+        run("KSampler", True, cfg=1.0)
+        without = run("InDomainKSampler", True, domain=["dom", 0], domain_scale=0.0)
+        hooked = run("InDomainKSampler", False, domain=["dom", 0], domain_scale=1.5)
+        fast = run("InDomainKSampler", True, domain=["dom", 0], domain_scale=1.5)
+        messages = [r.getMessage() for r in caplog.records]
+    finally:
+        _dynamo.reset()
+    assert "domain 'domain_model': LoRA kept as a weight hook (the model is compiled (torch.compile wrapper))" in messages
+    assert not close(hooked, without, rel=1e-2)  # the LoRA acts on this model
+    assert close(fast, hooked, rel=1e-4)
+
+
 def test_a_lora_that_is_not_plain_keeps_the_weight_hook(comfy, files, monkeypatch, caplog):
     kw = dict(domain=["dom", 0], domain_scale=1.5, extra={"dom": loader(files["loha"])})
     slow = sample(comfy, monkeypatch, False, caplog, **kw)
@@ -264,6 +297,39 @@ def test_what_keeps_the_hosts_call_every_step(comfy):
     patcher.callbacks.clear()
     patcher.hook_patches[hooks._HookRef()] = {"x.weight": []}
     assert fastpath.host_state_reason(model, {}) == "hook weight patches are registered"
+
+
+def test_a_compiled_module_is_seen_whichever_way_it_was_compiled(comfy):
+    """The LoRA adapters stay off a compiled UNet: compiled in place (nn.Module.compile), a block
+    swapped for torch.compile's wrapper, or the host's compile wrapper on the MODEL."""
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+    fastpath = comfy.pack("nodes.fastpath")
+    patcher = tiny.load_unet(tiny.unet_state_dict(0))
+    unet = patcher.model.diffusion_model
+    assert fastpath.compiled_reason(patcher) is None
+    unet.compile()
+    assert fastpath.compiled_reason(patcher) == "a module of the model is compiled"
+    unet._compiled_call_impl = None
+    block = unet.output_blocks[0]
+    unet.output_blocks[0] = torch.compile(block)
+    assert fastpath.compiled_reason(patcher) == "a module of the model is compiled"
+    unet.output_blocks[0] = block
+    assert fastpath.compiled_reason(patcher) is None
+    clone = patcher.clone()
+    set_torch_compile_wrapper(clone, backend="eager")
+    assert fastpath.compiled_reason(patcher, clone) == "the model is compiled (torch.compile wrapper)"
+    del clone.model_options["torch_compile_kwargs"]  # the wrapper alone is seen too
+    assert fastpath.compiled_reason(patcher, clone) == "the model is compiled (torch.compile wrapper)"
+    assert fastpath.compiled_reason(patcher) is None  # the clone's options only
+    # The host's compile wrapper alone does not keep the recorded call from being a CUDA graph (on
+    # the CPU the device does); any other model wrapper does.
+    from comfy import patcher_extension as ext
+
+    kwargs = {"transformer_options": {"wrappers": clone.wrappers}}  # as the host's sampling run passes them
+    assert fastpath.graph_reason(clone.model, kwargs) == "weights not on the GPU"
+    clone.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, "another pack", lambda executor, *a, **k: executor(*a, **k))
+    assert fastpath.graph_reason(clone.model, kwargs) == "model wrappers are set"
 
 
 @pytest.mark.parametrize("sampler_name", ["heun", "dpmpp_2m", "dpmpp_2m_sde", "uni_pc", "euler_cfg_pp"])
