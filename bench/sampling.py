@@ -29,10 +29,21 @@ Each case: all models unloaded, one warm-up run (loads the models), then --repea
 first batch size an extra diagnostic run per case records per-step times (a synchronize in the
 step callback), the UNet forwards per step and their batch sizes (BaseModel.apply_model), and
 the time the host spends swapping hook weights (ModelPatcher.patch_hooks). Also checks that
-domain_scale 0 reproduces stock.
+domain_scale 0 reproduces stock, and on CUDA, first, that random numbers and captures still work
+after a CUDA graph capture of the fast path failed (plain torch alongside, in a child process).
 
---channels-last: both UNets' weights in channels-last (NHWC) memory format before any case, for
-stock and ours alike: whether the rows' GPU time (the bound once every row is a graph) drops.
+Variants: a case name may carry "+variant" suffixes (e.g. stock+cl, full+cl+cudnn); the variant
+applies to that case only, so its ratio against the plain case comes from the same run:
+
+  cl             both UNets' weights in channels-last (NHWC) memory format (activations follow)
+  cudnn          scaled_dot_product_attention with cuDNN attention first (the host's order on Windows)
+  autotune       torch.backends.cudnn.benchmark on (the host's --fast autotune)
+  compile        torch.compile (inductor, default mode, static shapes) of each UNet in place
+                 (nn.Module.compile: parameter names unchanged), inside our CUDA graphs on the fast
+                 path; the first run of each row shape compiles (reported as warmup_s)
+
+A "stock+variant" case is followed by the fast-vs-straightforward check under that variant.
+--channels-last: the cl variant for every case.
 
 --quick: tiny sizes on whatever device there is (CPU here): SD1 with one level, Segmind-Vega
 (the host's smallest SDXL-family config) at 64x64 px, 2 steps, 1 repeat. For testing the script.
@@ -40,6 +51,7 @@ stock and ours alike: whether the rows' GPU time (the bound once every row is a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -84,6 +96,7 @@ MODELS = {
     "sdxl": (SDXL, SDXL_VEGA, ("SDXL", "Segmind_Vega"), 1024, 64, 2048, 1280),
 }
 LORA_TARGETS = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
+VARIANTS = ("cl", "cudnn", "autotune", "compile")
 CASES = ("stock", "full", "full_half", "full_negnull", "lora", "lora_half", "full_ref", "lora_ref", "full_domain_only",
          "lora_domain_only", "zero")
 
@@ -279,6 +292,42 @@ class Bench:
                 "conds": conds, "build_s": round(time.perf_counter() - t0, 2),
                 "lora_keys": sum(1 for k in shapes if k.endswith(LORA_TARGETS) and len(shapes[k]) == 2)}
 
+    @contextlib.contextmanager
+    def variant(self, m, variants: set[str]):
+        """The case's variants on both UNets, undone afterwards (see the module doc)."""
+        unknown = variants - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"unknown variant(s) {sorted(unknown)}; known: {VARIANTS}")
+        dms = [m["base"].model.diffusion_model, m["full"].model.diffusion_model]
+        cl = "cl" in variants or self.channels_last
+        with contextlib.ExitStack() as stack:
+            for dm in dms:  # weights where they are (offloaded after unload_all_models); .to() keeps the format
+                dm.to(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            if "cudnn" in variants:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                         SDPBackend.MATH]
+                stack.enter_context(sdpa_kernel(order, set_priority=True))
+            if "autotune" in variants:
+                stack.callback(setattr, torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)
+                torch.backends.cudnn.benchmark = True
+            if "compile" in variants:
+                from torch import _dynamo
+
+                _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 32)
+                for dm in dms:
+                    dm.compile(dynamic=False)
+                    stack.callback(setattr, dm, "_compiled_call_impl", None)
+            yield
+
+    @staticmethod
+    def weights_channels_last(m) -> float:
+        """Share of the base UNet's 4-D weights in channels-last format (checks the variant took)."""
+        ws = [p for p in m["base"].model.diffusion_model.parameters() if p.ndim == 4]
+        ws = [p for p in ws if not (p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last))]  # 1x1: both
+        return round(sum(p.is_contiguous(memory_format=torch.channels_last) for p in ws) / max(1, len(ws)), 3)
+
     def latent(self, m, batch: int) -> dict:
         return {"samples": torch.zeros(batch, 4, m["px"] // 8, m["px"] // 8)}
 
@@ -324,6 +373,12 @@ class Bench:
         mm.unload_all_models()
         gc.collect()
         mm.soft_empty_cache()
+        plain, *variants = case.split("+")
+        with self.variant(m, set(variants)):
+            row = self.timed(m, plain, batch, diagnose)
+        return {**row, "case": case}
+
+    def timed(self, m, case: str, batch: int, diagnose: bool) -> dict:
         cuda = is_cuda()
         fn = self.run_fn(m, case, batch)
         sync()
@@ -349,7 +404,8 @@ class Bench:
                "median_s": round(statistics.median(times), 5), "warmup_s": round(warm_s, 3),
                "peak_gib": gib(peak), "resident_gib": gib(resident), "before_gib": gib(base_alloc),
                "finite": bool(torch.isfinite(out).all()), "out_std": round(float(out.float().std()), 4),
-               "paths": paths.messages, "captures_timed": [m for m in timed_paths.messages if "captured" in m]}
+               "paths": paths.messages, "captures_timed": [m for m in timed_paths.messages if "captured" in m],
+               "weights_channels_last": self.weights_channels_last(m)}
         if diagnose:
             with Probe() as probe:
                 sync()
@@ -381,6 +437,47 @@ class Bench:
             out.append({"model": m["name"], "batch": batch, "domain": case, "fast_vs_ref_max_abs_diff": diff,
                         "max_abs_ref": ref.abs().max().item(), "rel": diff / max(ref.abs().max().item(), 1e-12)})
         return out
+
+
+_RAW_FAILED_CAPTURE = """
+import torch
+x = torch.ones(4, device="cuda")
+g, s = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+with torch.cuda.stream(s):
+    g.capture_begin(capture_error_mode="thread_local")
+    try:
+        float(x.sum())  # a device sync: not allowed while capturing
+    except Exception:
+        pass
+    try:
+        g.capture_end()
+    except Exception:
+        pass
+torch.randn(4, device="cuda")
+"""
+
+
+def capture_failure_check(fastpath) -> dict:
+    """A failed CUDA graph capture, then random numbers on the device: plain torch (in a child
+    process: the state it leaves is process-wide) against fastpath._CudaGraph (restores it)."""
+    import subprocess
+
+    raw = subprocess.run([sys.executable, "-c", _RAW_FAILED_CAPTURE], capture_output=True, text=True)
+    x, t = torch.ones(4, device="cuda"), torch.zeros(1, device="cuda")
+    out = {"check": "failed capture, then torch.randn on the device",
+           "plain_torch": "ok" if raw.returncode == 0 else raw.stderr.strip().splitlines()[-1][:200]}
+    try:
+        fastpath._CudaGraph(lambda a, b: a * float(a.sum()), x, t, fastpath.GraphPool())
+        out["fastpath_capture"] = "captured (unexpected)"
+    except Exception as e:
+        out["fastpath_capture"] = f"failed as expected: {type(e).__name__}"
+    try:
+        torch.randn(4, device="cuda")
+        graph = fastpath._CudaGraph(lambda a, b: a * 2 + b, x, t, fastpath.GraphPool())
+        out["fastpath_after"] = "ok" if torch.equal(graph(x + 1, t + 1), (x + 1) * 2 + 1) else "wrong replay"
+    except Exception as e:
+        out["fastpath_after"] = f"{type(e).__name__}: {e}"[:200]
+    return out
 
 
 class PathLog(logging.Handler):
@@ -521,6 +618,9 @@ def main(argv=None) -> int:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
 
+    if is_cuda():
+        result["checks"].append(capture_failure_check(host.pack("nodes.fastpath")))
+        print(json.dumps(result["checks"][-1]), flush=True)
     batches = [int(b) for b in args.batches.split(",")]
     cases = [c for c in args.cases.split(",") if c]
     for name in args.models.split(","):
@@ -543,9 +643,11 @@ def main(argv=None) -> int:
                 result["results"].append(row)
                 print(json.dumps(row), flush=True)
                 save()
-                if case == "stock" and "median_s" in row and args.check:
+                plain, *variants = case.split("+")
+                if plain == "stock" and "median_s" in row and args.check:
                     try:
-                        checks = bench.reference_check(m, batch)
+                        with bench.variant(m, set(variants)):
+                            checks = [{**c, "variants": variants} for c in bench.reference_check(m, batch)]
                     except Exception as e:
                         checks = [{"model": name, "batch": batch, "error": f"{type(e).__name__}: {e}"}]
                     result["checks"].extend(checks)
@@ -569,7 +671,9 @@ def main(argv=None) -> int:
           f"median of {repeats}")
     print(table(result["results"]))
     for c in result["checks"]:
-        print("fast path vs straightforward:" if "fast_vs_ref_max_abs_diff" in c else "domain_scale 0 vs stock:", json.dumps(c))
+        label = ("fast path vs straightforward:" if "fast_vs_ref_max_abs_diff" in c else
+                 "capture failure:" if "check" in c else "domain_scale 0 vs stock:")
+        print(label, json.dumps(c))
     save()
     return 0
 
