@@ -184,9 +184,15 @@ def graph_reason(model, kwargs: dict) -> str | None:
     for key in ("patches", "patches_replace"):
         if any(options.get(key, {}).values()):
             return f"model {key.replace('_', ' ')} are set"
-    if any(fns for kind in options.get("wrappers", {}).values() for key, fns in kind.items() if key != _HOST_COMPILE_KEY):
+    wrappers = {key for kind in options.get("wrappers", {}).values() for key, fns in kind.items() if fns}
+    if wrappers - {_HOST_COMPILE_KEY}:
         return "model wrappers are set"
     patcher = getattr(model, "current_patcher", None)
+    if wrappers:
+        compile_kwargs = getattr(patcher, "model_options", {}).get("torch_compile_kwargs") or {}
+        backend, compile_mode = compile_kwargs.get("backend"), compile_kwargs.get("mode")
+        if backend != "inductor" or compile_mode not in (None, "default", "max-autotune-no-cudagraphs"):
+            return f"torch.compile with backend {backend!r}, mode {compile_mode!r} (may make CUDA graphs of its own)"
     if getattr(patcher, "is_dynamic", lambda: False)():
         return "dynamic VRAM pages weights in per call"  # newer ComfyUI, e.g. 0.33 on NVIDIA
     for m in model.modules():
@@ -199,7 +205,9 @@ def graph_reason(model, kwargs: dict) -> str | None:
 
 # The host's TorchCompileModel wrapper (comfy_api.torch_helpers COMPILE_KEY): it only swaps the
 # compiled module in for the call, the same every step, so the call it makes can be a CUDA graph
-# (its compilation happens in the host's call of the first step, before the capture).
+# (its compilation happens in the host's call of the first step, before the capture) when
+# inductor compiled it without CUDA graphs of its own (not the "cudagraphs" backend, nor the
+# "reduce-overhead" / "max-autotune" modes, whose graphs cannot be captured inside ours).
 _HOST_COMPILE_KEY = "torch.compile"
 
 

@@ -322,12 +322,21 @@ def test_a_compiled_module_is_seen_whichever_way_it_was_compiled(comfy):
     del clone.model_options["torch_compile_kwargs"]  # the wrapper alone is seen too
     assert fastpath.compiled_reason(patcher, clone) == "the model is compiled (torch.compile wrapper)"
     assert fastpath.compiled_reason(patcher) is None  # the clone's options only
-    # The host's compile wrapper alone does not keep the recorded call from being a CUDA graph (on
-    # the CPU the device does); any other model wrapper does.
+    # The host's compile wrapper (inductor, no CUDA graphs of its own) does not keep the recorded
+    # call from being a CUDA graph (on the CPU the device does); its CUDA-graph backend and any
+    # other model wrapper do.
     from comfy import patcher_extension as ext
 
     kwargs = {"transformer_options": {"wrappers": clone.wrappers}}  # as the host's sampling run passes them
+    clone.model.current_patcher = clone  # as the host's pre_run sets it
+    set_torch_compile_wrapper(clone, backend="inductor")
     assert fastpath.graph_reason(clone.model, kwargs) == "weights not on the GPU"
+    set_torch_compile_wrapper(clone, backend="cudagraphs")
+    assert fastpath.graph_reason(clone.model, kwargs) == \
+        "torch.compile with backend 'cudagraphs', mode None (may make CUDA graphs of its own)"
+    set_torch_compile_wrapper(clone, backend="inductor", mode="reduce-overhead")
+    assert "may make CUDA graphs of its own" in fastpath.graph_reason(clone.model, kwargs)
+    set_torch_compile_wrapper(clone, backend="inductor")
     clone.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, "another pack", lambda executor, *a, **k: executor(*a, **k))
     assert fastpath.graph_reason(clone.model, kwargs) == "model wrappers are set"
 
