@@ -277,9 +277,6 @@ class Bench:
         del sd
         sd = random_unet_state_dict(config, seed=1, dtype=self.dtype, device=device)
         full = load_unet(sd, self.dtype)
-        if self.channels_last:  # conv weights NHWC; activations follow the weights' format through the UNet
-            for patcher in (base, full):
-                patcher.model.diffusion_model.to(memory_format=torch.channels_last)
         del sd
         gc.collect()
         mm.soft_empty_cache()
@@ -299,7 +296,7 @@ class Bench:
         if unknown:
             raise ValueError(f"unknown variant(s) {sorted(unknown)}; known: {VARIANTS}")
         dms = [m["base"].model.diffusion_model, m["full"].model.diffusion_model]
-        cl = "cl" in variants or self.channels_last
+        cl = "cl" in variants or self.channels_last  # conv weights NHWC; activations follow through the UNet
         with contextlib.ExitStack() as stack:
             for dm in dms:  # weights where they are (offloaded after unload_all_models); .to() keeps the format
                 dm.to(memory_format=torch.channels_last if cl else torch.contiguous_format)

@@ -129,6 +129,12 @@ def lora_applied(branches: list[LoraBranch] | None, cache: dict):
             h.remove()
 
 
+# The host's TorchCompileModel (comfy_api.torch_helpers.set_torch_compile_wrapper): an
+# APPLY_MODEL wrapper under this key, and its torch.compile arguments in model_options.
+_HOST_COMPILE_KEY = "torch.compile"
+_HOST_COMPILE_KWARGS = "torch_compile_kwargs"
+
+
 def compiled_reason(*patchers) -> str | None:
     """Why the LoRA adapters' forward hooks could go unseen (None if they cannot): a compiled UNet.
     Dynamo does not guard on module hooks (torch._dynamo.config.skip_nnmodule_hook_guards), so a
@@ -136,10 +142,9 @@ def compiled_reason(*patchers) -> str | None:
     shape) would be reused for the domain's call with the LoRA silently left out."""
     for patcher in patchers:
         options = patcher.model_options
-        for wrappers in (getattr(patcher, "wrappers", {}), options.get("transformer_options", {}).get("wrappers", {})):
-            if any("compile" in str(key).lower() and fns for kind in wrappers.values() for key, fns in kind.items()):
-                return "the model is compiled (torch.compile wrapper)"
-        if options.get("torch_compile_kwargs"):
+        sources = (getattr(patcher, "wrappers", {}), options.get("transformer_options", {}).get("wrappers", {}))
+        wrapper_keys = {key for wrappers in sources for kind in wrappers.values() for key, fns in kind.items() if fns}
+        if options.get(_HOST_COMPILE_KWARGS) or any("compile" in str(key).lower() for key in wrapper_keys):
             return "the model is compiled (torch.compile wrapper)"
     for m in patchers[0].model.modules():
         if getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule":
@@ -184,12 +189,16 @@ def graph_reason(model, kwargs: dict) -> str | None:
     for key in ("patches", "patches_replace"):
         if any(options.get(key, {}).values()):
             return f"model {key.replace('_', ' ')} are set"
+    # The host's compile wrapper only swaps the compiled module in for the call, the same every
+    # step, so the call can be a CUDA graph (compiled in the host's call of the first step, before
+    # the capture) if inductor made no CUDA graphs of its own (the "cudagraphs" backend, the
+    # "reduce-overhead" / "max-autotune" modes: graphs that cannot be captured inside ours).
     wrappers = {key for kind in options.get("wrappers", {}).values() for key, fns in kind.items() if fns}
     if wrappers - {_HOST_COMPILE_KEY}:
         return "model wrappers are set"
     patcher = getattr(model, "current_patcher", None)
     if wrappers:
-        compile_kwargs = getattr(patcher, "model_options", {}).get("torch_compile_kwargs") or {}
+        compile_kwargs = getattr(patcher, "model_options", {}).get(_HOST_COMPILE_KWARGS) or {}
         backend, compile_mode = compile_kwargs.get("backend"), compile_kwargs.get("mode")
         if backend != "inductor" or compile_mode not in (None, "default", "max-autotune-no-cudagraphs"):
             return f"torch.compile with backend {backend!r}, mode {compile_mode!r} (may make CUDA graphs of its own)"
@@ -201,14 +210,6 @@ def graph_reason(model, kwargs: dict) -> str | None:
     if not all(p.device.type == "cuda" for p in model.parameters()):
         return "weights not on the GPU"
     return None
-
-
-# The host's TorchCompileModel wrapper (comfy_api.torch_helpers COMPILE_KEY): it only swaps the
-# compiled module in for the call, the same every step, so the call it makes can be a CUDA graph
-# (its compilation happens in the host's call of the first step, before the capture) when
-# inductor compiled it without CUDA graphs of its own (not the "cudagraphs" backend, nor the
-# "reduce-overhead" / "max-autotune" modes, whose graphs cannot be captured inside ours).
-_HOST_COMPILE_KEY = "torch.compile"
 
 
 def _to_device(value, device):

@@ -179,13 +179,14 @@ class DomainGuider(comfy.samplers.CFGGuider):
             values = {"prompt_type": "negative"}
             if kind == "hook":
                 extra = patch_difference(self.model_patcher, term.model)
-                compiled = fastpath.compiled_reason(self.model_patcher, term.model) if self.fast_mode != "off" else None
-                if compiled:
-                    log.info("domain %r: LoRA kept as a weight hook (%s)", term.name, compiled)
-                elif self.fast_mode != "off" and control is None:
-                    domain.branches = fastpath.lora_branches(self.model_patcher.model, extra)
-                    if domain.branches is not None:
-                        domain.kind = "adapter"
+                if self.fast_mode != "off" and control is None:
+                    compiled = fastpath.compiled_reason(self.model_patcher, term.model)
+                    if compiled:
+                        log.info("domain %r: LoRA kept as a weight hook (%s)", term.name, compiled)
+                    else:
+                        domain.branches = fastpath.lora_branches(self.model_patcher.model, extra)
+                        if domain.branches is not None:
+                            domain.kind = "adapter"
             if domain.kind == "hook":
                 hook = _PatchDiffHook(extra)
                 group = comfy.hooks.HookGroup()

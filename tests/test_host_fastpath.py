@@ -44,11 +44,15 @@ def files(comfy):
     return {n: os.path.basename(tiny.write_safetensors(os.path.join(d, f"fast_{n}.safetensors"), v)) for n, v in named.items()}
 
 
-def sample(comfy, monkeypatch, fast: bool, caplog=None, **kw):
+def sample(comfy, monkeypatch, fast: bool, caplog=None, *, steps=2, sample_inputs=None, **kw):
+    """The LATENT of text_to_image(**kw), the fast path on or off; sample_inputs: inputs of the
+    sampler node to change (e.g. its model)."""
     monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "1" if fast else "0")
     if caplog is not None:
         caplog.clear()
-    return comfy.run(text_to_image(steps=2, **kw))["captured"]["out"]["samples"]
+    p = text_to_image(steps=steps, **kw)
+    p["sample"]["inputs"].update(sample_inputs or {})
+    return comfy.run(p)["captured"]["out"]["samples"]
 
 
 def fast_paths(caplog) -> list[str]:
@@ -75,15 +79,10 @@ def test_fast_path_with_batches_intervals_and_an_empty_negative(comfy, files, mo
              "t1": {"class_type": "InDomainTerm", "inputs": {"domain_model": ["lora", 0], "weight": 0.7,
                                                              "start_percent": 0.0, "end_percent": end}}}
 
-    def run(fast):
-        p = text_to_image(steps=3, batch=batch, negative=negative, domain=["dom", 0], domain_scale=1.5, extra=extra)
-        p["sample"]["inputs"]["more_domains"] = ["t1", 0]
-        monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "1" if fast else "0")
-        return comfy.run(p)["captured"]["out"]["samples"]
-
-    slow = run(False)
-    caplog.clear()
-    fast = run(True)
+    kw = dict(steps=3, batch=batch, negative=negative, domain=["dom", 0], domain_scale=1.5, extra=extra,
+              sample_inputs={"more_domains": ["t1", 0]})
+    slow = sample(comfy, monkeypatch, False, caplog, **kw)
+    fast = sample(comfy, monkeypatch, True, caplog, **kw)
     assert fast.shape[0] == batch and torch.isfinite(fast).all()
     assert close(fast, slow, rel=1e-4)
     base = sorted(m for m in fast_paths(caplog) if m.startswith("base model"))
@@ -118,18 +117,13 @@ def test_a_compiled_model_keeps_the_lora_domain_as_a_weight_hook(comfy, files, m
     _dynamo.reset()
     compiled = {"class_type": "TorchCompileModel", "inputs": {"model": ["ckpt", 0], "backend": "inductor"}}
 
-    def run(sampler, fast, **kw):
-        p = text_to_image(sampler=sampler, steps=2, extra={"compiled": compiled, "dom": loader(files["lora"], base=("compiled", 0))}, **kw)
-        p["sample"]["inputs"]["model"] = ["compiled", 0]
-        monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "1" if fast else "0")
-        caplog.clear()
-        return comfy.run(p)["captured"]["out"]["samples"]
-
+    graph = dict(extra={"compiled": compiled, "dom": loader(files["lora"], base=("compiled", 0))},
+                 sample_inputs={"model": ["compiled", 0]})
     try:
-        run("KSampler", True, cfg=1.0)
-        without = run("InDomainKSampler", True, domain=["dom", 0], domain_scale=0.0)
-        hooked = run("InDomainKSampler", False, domain=["dom", 0], domain_scale=1.5)
-        fast = run("InDomainKSampler", True, domain=["dom", 0], domain_scale=1.5)
+        sample(comfy, monkeypatch, True, caplog, sampler="KSampler", cfg=1.0, **graph)
+        without = sample(comfy, monkeypatch, True, caplog, domain=["dom", 0], domain_scale=0.0, **graph)
+        hooked = sample(comfy, monkeypatch, False, caplog, domain=["dom", 0], domain_scale=1.5, **graph)
+        fast = sample(comfy, monkeypatch, True, caplog, domain=["dom", 0], domain_scale=1.5, **graph)
         messages = [r.getMessage() for r in caplog.records]
     finally:
         _dynamo.reset()
@@ -157,15 +151,10 @@ def test_control_in_domain_takes_the_straightforward_path(comfy, files, monkeypa
                  "positive": ["pos", 0], "negative": ["neg", 0], "control_net": ["cn", 0], "image": ["hint", 0],
                  "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}}
 
-    def run(fast):
-        p = text_to_image(steps=2, domain=["dom", 0], domain_scale=1.5, extra=extra)
-        p["sample"]["inputs"].update(positive=["apply", 0], negative=["apply", 1], control_in_domain=True)
-        monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "1" if fast else "0")
-        caplog.clear()
-        return comfy.run(p)["captured"]["out"]["samples"]
-
-    slow = run(False)
-    fast = run(True)
+    kw = dict(domain=["dom", 0], domain_scale=1.5, extra=extra,
+              sample_inputs=dict(positive=["apply", 0], negative=["apply", 1], control_in_domain=True))
+    slow = sample(comfy, monkeypatch, False, caplog, **kw)
+    fast = sample(comfy, monkeypatch, True, caplog, **kw)
     assert fast_paths(caplog) == ["domain 'domain_model': straightforward path (conditioning with control)",
                                   "base model (3 rows): straightforward path (conditioning with control)"]
     assert torch.equal(fast, slow)
@@ -207,7 +196,6 @@ def test_domain_scale_zero_is_the_stock_ksampler_bit_for_bit(comfy, files, monke
     ours = comfy.run(text_to_image(steps=3, domain=["dom", 0], domain_scale=0.0,
                                    extra={"dom": loader(files["domain"])}))["captured"]["out"]["samples"]
     assert torch.equal(ours, stock)
-    import comfy.model_management as mm
     from comfy import model_base
 
     unets = [m for m in mm.current_loaded_models if isinstance(m.model.model, model_base.BaseModel)]
@@ -227,11 +215,8 @@ def test_model_patches_sample_as_on_the_straightforward_path(comfy, files, monke
     extra = {"dom": loader(files["domain"]), "patched": patch}
 
     def run(fast, patched=True):
-        p = text_to_image(steps=3, domain=["dom", 0], domain_scale=1.5, extra=extra)
-        if patched:
-            p["sample"]["inputs"]["model"] = ["patched", 0]
-        monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "1" if fast else "0")
-        return comfy.run(p)["captured"]["out"]["samples"]
+        return sample(comfy, monkeypatch, fast, steps=3, domain=["dom", 0], domain_scale=1.5, extra=extra,
+                      sample_inputs={"model": ["patched", 0]} if patched else None)
 
     fast = run(True)
     assert torch.equal(fast, run(False))
@@ -249,11 +234,8 @@ def test_a_base_model_patch_keeps_the_fast_path_but_no_cuda_graph(comfy, files, 
              "freeu": {"class_type": "FreeU_V2", "inputs": {"model": ["ckpt", 0], "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}}}
 
     def run(fast, patched):
-        p = text_to_image(steps=2, domain=["dom", 0], domain_scale=1.5, extra=extra)
-        if patched:
-            p["sample"]["inputs"]["model"] = ["freeu", 0]
-        monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "1" if fast else "0")
-        return comfy.run(p)["captured"]["out"]["samples"]
+        return sample(comfy, monkeypatch, fast, domain=["dom", 0], domain_scale=1.5, extra=extra,
+                      sample_inputs={"model": ["freeu", 0]} if patched else None)
 
     assert torch.equal(run(True, True), run(False, True))
     # On the CPU the weights decide anyway; what matters is which check refuses first.
