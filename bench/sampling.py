@@ -12,7 +12,7 @@ ModelPatcher), and times with torch.cuda.synchronize around each whole sampling 
   full           ours, a full-copy domain UNet (a second model, its own forward per step)
   full_half      ours, full-copy domain on the interval [0, 0.5] of the run
   full_negnull   ours, full-copy domain with negative == null prompt (one base row shared)
-  lora           ours, a LoRA domain (rank 32 on every attention projection, nodes.loader.apply_lora)
+  lora           ours, a LoRA domain (rank 32 on every attention projection, nodes.domain_files.apply_lora)
   lora_half      ours, LoRA domain on [0, 0.5]
   full_ref       ours with INDOMAIN_FAST_DOMAIN=0: the straightforward guider (domain rows through the
                  host's calc_cond_batch every step), the reference the fast path is checked against
@@ -260,7 +260,7 @@ class Bench:
         self.cfg = cfg
         self.dtype = dtype
         self.sampling = host.pack("nodes.sampling")
-        self.loader = host.pack("nodes.loader")
+        self.loader = host.pack("nodes.domain_files")
 
     def build(self, name: str) -> dict:
         import comfy.model_management as mm

@@ -5,7 +5,7 @@
 Starts the real ComfyUI host in-process (tests/host.py; COMFYUI_PATH, else .hostsrc/ in this
 repo), builds the SD1.5 UNet from its config with random fp16 weights and loads it through the
 host (comfy.sd.load_diffusion_model_state_dict: the host detects SD15 and returns a ModelPatcher),
-then runs the node's own adapters and loop exactly as Train Domain UNet does (nodes/training.py:
+then runs the node's own adapters and loop exactly as Train Domain UNet does (nodes/train_run.py:
 load_models_gpu, make_autograd_safe, checkpointed_blocks; training.train), on 512x512 images,
 with the VAE replaced by random latents (the VAE runs once per image and is cached; it is not
 part of a training step) and a random empty-prompt context [1, 77, 768].
@@ -88,7 +88,7 @@ def fake_encoder(channels: int, factor: int):
 
 def run_case(model, name: str, px: int, steps: int, warmup: int, images: int) -> dict:
     import comfy.model_management as mm
-    training_node = host.pack("nodes.training")
+    training_node = host.pack("nodes.train_inputs")
     training = sys.modules[training_node.__name__.rsplit(".", 2)[0] + ".training"]
     mode, batch, ckpt, speed = CASES[name]
     device = mm.get_torch_device()

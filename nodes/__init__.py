@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .loading import DomainUNetLoader
+from .loader_node import DomainUNetLoader
 from .sampling import DomainGuiderNode, DomainKSampler, DomainTermNode
-from .training import DomainTrainer
+from .train_node import DomainTrainer
 
 NODES: list[type[io.ComfyNode]] = [DomainUNetLoader, DomainKSampler, DomainGuiderNode, DomainTermNode, DomainTrainer]
 

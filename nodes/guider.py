@@ -11,7 +11,7 @@ How each domain model is evaluated:
 - weight 0: not at all (not even loaded), the term is zero;
 - the same weights as the base (the base MODEL wired in twice): d_k = u, the term is zero;
 - a clone of the base with extra weight patches (a LoRA domain): plain LoRA patches run as
-  adapters on the base's own modules (fastpath.lora_branches; no second model in memory);
+  adapters on the base's own modules (lora_adapters.py; no second model in memory);
   other patch types ride in the base's batched call as a weight hook, the host's per-row
   mechanism;
 - a separate model (a full-copy domain UNet): it is loaded together with the base as an
@@ -41,6 +41,8 @@ import comfy.sampler_helpers
 import comfy.samplers
 
 from . import fastpath
+from .cuda_graphs import GraphPool
+from .lora_adapters import LoraBranch, compiled_reason, lora_branches
 from ..guidance import GuidanceTerm, TermInterval, add_domain_terms, covers_whole_run, is_active, percent_to_step_fraction
 
 log = logging.getLogger(__name__)
@@ -146,7 +148,7 @@ class _Domain:
         self.interval: TermInterval | None = None
         self.inner_model = None
         self.model_options = None
-        self.branches: list[fastpath.LoraBranch] | None = None  # kind "adapter"
+        self.branches: list[LoraBranch] | None = None  # kind "adapter"
         self.fast: fastpath.DomainForward | None = None
 
 
@@ -180,11 +182,11 @@ class DomainGuider(comfy.samplers.CFGGuider):
             if kind == "hook":
                 extra = patch_difference(self.model_patcher, term.model)
                 if self.fast_mode != "off" and control is None:
-                    compiled = fastpath.compiled_reason(self.model_patcher, term.model)
+                    compiled = compiled_reason(self.model_patcher, term.model)
                     if compiled:
                         log.info("domain %r: LoRA kept as a weight hook (%s)", term.name, compiled)
                     else:
-                        domain.branches = fastpath.lora_branches(self.model_patcher.model, extra)
+                        domain.branches = lora_branches(self.model_patcher.model, extra)
                         if domain.branches is not None:
                             domain.kind = "adapter"
             if domain.kind == "hook":
@@ -224,7 +226,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         # done when some term is on for part of the run.
         self.read_sigma = not all(covers_whole_run(d.term.start_percent, d.term.end_percent) for d in self.domains)
         prepared = []
-        pool = fastpath.GraphPool()
+        pool = GraphPool()
         # The base rows recorded too, unless a LoRA domain rides in the base's call as a weight hook
         # (the host swaps the base's weights around that row).
         if self.fast_mode in ("graph", "eager") and not any(d.kind == "hook" for d in self.domains):
@@ -248,7 +250,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
                 d.term.model.restore_hook_patches()
                 d.inner_model = None
 
-    def _domain_forward(self, d: _Domain, sigmas, pool: fastpath.GraphPool) -> fastpath.DomainForward:
+    def _domain_forward(self, d: _Domain, sigmas, pool: GraphPool) -> fastpath.DomainForward:
         """The fast path of a full-copy domain (its own model) or a LoRA domain (the base's model)."""
         if d.kind == "model":
             model, options = d.inner_model, d.model_options

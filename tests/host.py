@@ -103,7 +103,7 @@ class Host:
         return self
 
     def pack(self, submodule: str):
-        """A module of the loaded pack, e.g. pack("nodes.loader") (the host names it by its path)."""
+        """A module of the loaded pack, e.g. pack("nodes.domain_files") (the host names it by its path)."""
         suffix = f"{PACK_NAME}.{submodule}"
         for name, module in sys.modules.items():
             if name.endswith(suffix):

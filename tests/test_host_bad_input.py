@@ -46,7 +46,7 @@ def test_pickled_checkpoints_are_refused_unopened(comfy):
     # The loader's file list shows only safetensors; a pickle under another name is refused by extension.
     put(comfy, "evil.ckpt", b"\x80\x04not opened")
     assert "evil.ckpt" not in comfy.nodes["InDomainUNetLoader"].GET_SCHEMA().inputs[0].options
-    loader_mod = comfy.pack("nodes.loader")
+    loader_mod = comfy.pack("nodes.domain_files")
     with pytest.raises(loader_mod.DomainModelError, match="evil.ckpt.*not a .safetensors file"):
         loader_mod.read_safetensors(os.path.join(comfy.model_dir("domain_unets"), "evil.ckpt"))
 

@@ -161,7 +161,7 @@ def test_control_in_domain_takes_the_straightforward_path(comfy, files, monkeypa
 
 
 def test_lora_branches_refuse_what_is_not_a_plain_lora(comfy):
-    fastpath = comfy.pack("nodes.fastpath")
+    fastpath = comfy.pack("nodes.lora_adapters")
     from comfy.weight_adapter.lora import LoRAAdapter
 
     lin = torch.nn.Linear(8, 6)
@@ -226,7 +226,7 @@ def test_model_patches_sample_as_on_the_straightforward_path(comfy, files, monke
 def test_a_base_model_patch_keeps_the_fast_path_but_no_cuda_graph(comfy, files, monkeypatch, caplog):
     """FreeU patches the base's forward with Python code: the recorded call runs it every step,
     but a CUDA graph (which would freeze what that code does) is refused."""
-    fastpath = comfy.pack("nodes.fastpath")
+    fastpath = comfy.pack("nodes.fastpath")  # graph_reason as the recorder sees it
     seen = []
     real = fastpath.graph_reason
     monkeypatch.setattr(fastpath, "graph_reason", lambda model, kwargs: seen.append(real(model, kwargs)) or seen[-1])
@@ -263,7 +263,7 @@ def test_what_keeps_the_hosts_call_every_step(comfy):
     from comfy import hooks
     from comfy import patcher_extension as ext
 
-    fastpath = comfy.pack("nodes.fastpath")
+    fastpath = comfy.pack("nodes.fastpath_rules")
     patcher = tiny.load_unet(tiny.unet_state_dict(0))  # a model of its own (tiny_model() is shared)
     model = patcher.model
     model.current_patcher = patcher  # as the host's pre_run sets it
@@ -286,7 +286,7 @@ def test_a_compiled_module_is_seen_whichever_way_it_was_compiled(comfy):
     swapped for torch.compile's wrapper, or the host's compile wrapper on the MODEL."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
-    fastpath = comfy.pack("nodes.fastpath")
+    fastpath = comfy.pack("nodes.lora_adapters")
     patcher = tiny.load_unet(tiny.unet_state_dict(0))
     unet = patcher.model.diffusion_model
     assert fastpath.compiled_reason(patcher) is None
@@ -309,6 +309,7 @@ def test_a_compiled_module_is_seen_whichever_way_it_was_compiled(comfy):
     # other model wrapper do.
     from comfy import patcher_extension as ext
 
+    fastpath = comfy.pack("nodes.fastpath_rules")
     kwargs = {"transformer_options": {"wrappers": clone.wrappers}}  # as the host's sampling run passes them
     clone.model.current_patcher = clone  # as the host's pre_run sets it
     set_torch_compile_wrapper(clone, backend="inductor")

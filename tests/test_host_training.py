@@ -334,7 +334,7 @@ def test_sdxl_trains_on_its_size_conditioning_and_v_models_on_v(comfy):
     prompt's 'y' for each bucket size; a v-prediction base trains on v."""
     from tiny_nodes import UNET_CONFIG
 
-    training = comfy.pack("nodes.training")
+    training = comfy.pack("nodes.train_inputs")
     model_base, supported = importlib.import_module("comfy.model_base"), importlib.import_module("comfy.supported_models")
     config = {**UNET_CONFIG, "context_dim": 2048, "adm_in_channels": 2816, "use_linear_in_transformer": True,
               "num_head_channels": 64, "num_heads": -1}
@@ -355,7 +355,7 @@ def test_sdxl_trains_on_its_size_conditioning_and_v_models_on_v(comfy):
 def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_weights(comfy, folders):
     """The host's UNet calls each block's layers one by one, so checkpointing wraps the layers:
     their forward runs twice per step (forward, then recomputed in backward), the math is unchanged."""
-    training_node, loop = comfy.pack("nodes.training"), comfy.pack("training.trainable")
+    training_node, loop = comfy.pack("nodes.train_inputs"), comfy.pack("training.trainable")
     import tiny_nodes
     unet = tiny_nodes.tiny_model().model.diffusion_model
     names = training_node.checkpointed_blocks(unet)

@@ -1,10 +1,10 @@
-"""Load Domain UNet node."""
+"""Load Domain UNet node: declarations; the file logic is domain_files."""
 from __future__ import annotations
 
 import folder_paths
 from comfy_api.latest import io
 
-from .loader import FOLDER, load_domain_unet
+from .domain_files import FOLDER, load_domain_unet
 from .sampling import CATEGORY
 
 

@@ -1,0 +1,94 @@
+"""Train Domain UNet node: declarations; the run is train_run.run_training."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..training import TrainConfig
+from .plot import loss_curve_image
+from .sampling import CATEGORY
+from .train_run import run_training
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+class DomainTrainer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="InDomainTrainUNet",
+            display_name="Train Domain UNet",
+            category=CATEGORY,
+            description="Learns a visual domain from captionless images: a text-free copy of the base UNet (full) or "
+                        "LoRA adapters on it, trained with every image on the empty prompt. Writes "
+                        "models/domain_unets/<save_name>.safetensors and resumes from its checkpoint when run again.",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The base MODEL (from Load Checkpoint). Its noise schedule and prediction type are used."),
+                io.Vae.Input("vae", tooltip="The base checkpoint's VAE; images are encoded once and cached on disk."),
+                io.Combo.Input("mode", options=["lora", "full"], default="lora",
+                               tooltip="lora: small adapters on the base (fast, about 8 GiB at SD1.5). "
+                                       "full: the paper's text-free copy of the whole UNet (about 16 GiB at SD1.5 bs 8)."),
+                io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Total optimizer steps (a resumed run continues up to this)."),
+                io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Images per step (all from one aspect-ratio bucket)."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6, round=1e-7,
+                               tooltip="Peak learning rate (AdamW). About 1e-4 for lora, 1e-5 to 2e-5 for full."),
+                io.Combo.Input("lr_schedule", options=["constant", "cosine"], default="constant",
+                               tooltip="After warm-up: keep the learning rate, or decay it to 0 along a cosine."),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100_000, tooltip="Steps of linear warm-up to the learning rate."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
+                             tooltip="Seed of all training randomness (images, flips, timesteps, noise): the same seed gives the same weights."),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
+                             tooltip="Training area: buckets of about resolution x resolution pixels (512 for SD1, 768 for SD2, 1024 for SDXL). "
+                                     "Images of any size are resized and centre-cropped to the nearest aspect-ratio bucket."),
+                io.Boolean.Input("flip", default=True, tooltip="Horizontal-flip augmentation (off for text, logos or asymmetric subjects)."),
+                io.Combo.Input("training_dtype", options=list(PRECISIONS), default="bf16",
+                               tooltip="Autocast precision. bf16 on recent GPUs; fp16 uses loss scaling; fp32 is slow but exact."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute activations in backward: much less memory, about 30% slower."),
+                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.99999, step=0.0001, round=0.00001,
+                               tooltip="Exponential moving average of the weights (e.g. 0.999); the file and the output use it. 0 = off."),
+                io.Int.Input("lora_rank", default=16, min=1, max=1024, tooltip="LoRA rank (mode lora only)."),
+                io.Float.Input("lora_alpha", default=16.0, min=0.01, max=4096.0, step=0.5, tooltip="LoRA alpha; the update is scaled by alpha / rank (mode lora only)."),
+                io.String.Input("save_name", default="my_domain",
+                                tooltip="File name in models/domain_unets (subfolders allowed, no '..'). Running again with the same name resumes."),
+                io.Int.Input("checkpoint_every", default=250, min=0, max=1_000_000,
+                             tooltip="Save the model file and the resumable state every N steps (0: only at the end)."),
+                io.Int.Input("preview_every", default=0, min=0, max=1_000_000,
+                             tooltip="Every N steps, sample the domain model on the empty prompt (20 Euler steps, fixed seed), show it "
+                                     "on the node and save it to output/indomain_previews/<save_name>/. 0 = off."),
+                io.Boolean.Input("resume", default=True,
+                                 tooltip="On: continue from save_name's last checkpoint if there is one. Off: start over and replace it."),
+                io.Conditioning.Input("null_conditioning", optional=True,
+                                      tooltip="CLIP Text Encode of an empty string (the condition of every training sample). Or connect clip."),
+                io.Clip.Input("clip", optional=True, tooltip="Used to encode the empty prompt when null_conditioning is not connected."),
+                io.Image.Input("images", optional=True, tooltip="Domain images as an IMAGE batch (e.g. Load Image). Can be combined with image_folder."),
+                io.String.Input("image_folder", default="", optional=True,
+                                tooltip="A folder of domain images (png, jpg, webp, bmp); relative paths are inside ComfyUI's input folder. "
+                                        "Unreadable files are skipped with a warning."),
+                io.Boolean.Input("torch_compile", default=False, optional=True,
+                                 tooltip="Compile the trained UNet with torch.compile (needs a C++ compiler / Triton): the first step takes "
+                                         "2-3 minutes, then about 1.4x faster at batch 32 with less memory (mode full, no gradient "
+                                         "checkpointing; docs/BENCHMARKS.md). Pays for long runs."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="domain_model", tooltip="The trained domain UNet, for KSampler (Domain Guidance)."),
+                io.Image.Output(display_name="loss_curve", tooltip="The training loss per step of this run."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, mode, steps, batch_size, learning_rate, lr_schedule, warmup_steps, seed, resolution,
+                flip, training_dtype, gradient_checkpointing, ema_decay, lora_rank, lora_alpha, save_name,
+                checkpoint_every, preview_every, resume, null_conditioning=None, clip=None, images=None, image_folder="",
+                torch_compile=False) -> io.NodeOutput:
+        config = TrainConfig(
+            steps=steps, mode=mode, lora_rank=lora_rank, lora_alpha=lora_alpha, lr=learning_rate, lr_schedule=lr_schedule,
+            warmup_steps=warmup_steps, batch_size=batch_size, resolution=resolution, flip=flip, seed=seed,
+            precision=training_dtype, ema_decay=ema_decay, checkpoint_every=checkpoint_every, preview_every=preview_every,
+            gradient_checkpointing=("all",) if gradient_checkpointing else (), compile=torch_compile,
+        )
+        domain, losses, start, _ = run_training(model=model, vae=vae, null_conditioning=null_conditioning, clip=clip,
+                                                images=images, image_folder=image_folder, config=config,
+                                                save_name=save_name, resume=resume, node_id=cls.hidden.unique_id)
+        return io.NodeOutput(domain, loss_curve_image(losses, start))

@@ -1,0 +1,63 @@
+"""What the user sees while Train Domain UNet runs: the progress bar and text (step, loss,
+images/s, ETA) and the previews (the domain model sampled on the empty prompt by the host).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from PIL import Image
+
+import comfy.sample
+import folder_paths
+
+from ..training import TrainConfig
+
+PREVIEW_STEPS = 20
+
+
+def preview_function(model, vae, cross_attn, extras, config: TrainConfig, save_name: str, bar):
+    """(step, module being trained) -> one sample of the domain model on the empty prompt (what
+    KSampler (Domain Guidance) gives with cfg 0 and domain_scale 1), from the host's own sampler
+    with a fixed seed, shown on the node and saved to output/indomain_previews/<save_name>/."""
+    null = [[cross_attn, extras]]
+    folder = os.path.join(folder_paths.get_output_directory(), "indomain_previews", save_name)
+    side = config.resolution // getattr(vae, "downscale_ratio", 8)
+
+    @torch.no_grad()
+    def preview(step: int, module: torch.nn.Module) -> None:
+        latent = torch.zeros([1, model.model.latent_format.latent_channels, side, side])
+        noise = comfy.sample.prepare_noise(latent, config.seed)
+        original = model.model.diffusion_model
+        if config.mode == "full":  # the trained copy stands in for the base's UNet while sampling
+            model.model.diffusion_model = module
+        try:
+            samples = comfy.sample.sample(model, noise, PREVIEW_STEPS, 1.0, "euler", "normal", null, null, latent,
+                                          disable_pbar=True, seed=config.seed)
+        finally:
+            model.model.diffusion_model = original
+        pixels = vae.decode(samples)[0].clamp(0, 1).mul(255).round().byte().cpu().numpy()  # [H, W, 3]
+        image = Image.fromarray(pixels.reshape(pixels.shape[-3:]))
+        os.makedirs(folder, exist_ok=True)
+        image.save(os.path.join(folder, f"step_{step:06d}.png"))
+        bar.update_absolute(step, config.steps, ("PNG", image, 512))
+    return preview
+
+
+def progress_reporter(bar, node_id, steps: int):
+    """Progress(stage, ...) -> the host's progress bar, and a text line (step, loss, images/s, ETA)."""
+    server = getattr(sys.modules.get("server"), "PromptServer", None)  # the running ComfyUI server, if any
+    send_text = getattr(getattr(server, "instance", None), "send_progress_text", None)
+
+    def report(p) -> None:
+        if p.stage == "cache":
+            text = f"encoding images {p.step}/{p.total}"
+        else:
+            bar.update_absolute(p.step, steps)
+            text = f"step {p.step}/{p.total}  loss {p.loss:.4f}  {p.images_per_s:.1f} img/s  ETA {p.eta_s:.0f} s"
+        if send_text is not None and node_id is not None:
+            send_text(text, node_id)
+    return report
+
+

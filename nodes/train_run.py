@@ -1,0 +1,104 @@
+"""run_training: one Train Domain UNet run, from host objects to the written files and the domain
+MODEL, shared by the node and the headless trainer (tools/train_domain.py).
+
+Host objects become the loop's callables (train_inputs), the loop runs (training.train) with the
+host's progress bar, interrupt and previews (train_progress), and each checkpoint's weights are
+written as the model file (train_files). Out-of-memory and a full disk are reported with what
+was kept.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+from ..training import TrainConfig, save_model_file, train
+from .domain_files import apply_lora, load_full
+from .train_files import CACHE_FOLDER, kept_message, deliverable, domain_folder, file_metadata, fingerprint, output_paths
+from .train_inputs import (alphas_cumprod, check_vae, checkpointed_blocks, cond_function, empty_prompt, encode_function,
+                           make_autograd_safe, prediction_type)
+from .train_progress import preview_function, progress_reporter
+
+log = logging.getLogger(__name__)
+
+
+def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, image_folder="", config: TrainConfig,
+                 save_name: str, resume: bool = True, node_id=None, on_progress=None):
+    """Train, write the domain UNet file, and return (domain MODEL, losses, start step, model file path)."""
+    sources = []
+    if images is not None:
+        sources.append(images)
+    if image_folder and image_folder.strip():
+        folder = image_folder.strip()
+        sources.append(folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder))
+    if not sources:
+        raise ValueError("images / image_folder: connect an IMAGE batch or give a folder of domain images")
+    model_path, state_path = output_paths(save_name)
+    pred = prediction_type(model)
+    check_vae(vae, model)
+    cross_attn, extras = empty_prompt(null_conditioning, clip)
+    if not resume and os.path.exists(state_path):
+        log.info("resume is off: starting over, replacing %s", state_path)
+        os.remove(state_path)
+
+    with torch.inference_mode(False):
+        comfy.model_management.load_models_gpu([model], force_full_load=True)
+        unet = model.model.diffusion_model
+        make_autograd_safe(unet)
+        if config.gradient_checkpointing == ("all",):
+            config = TrainConfig(**{**config.__dict__, "gradient_checkpointing": checkpointed_blocks(unet)})
+        base_fp = fingerprint(unet)
+        storage = model.model.get_dtype()
+        counted = {}
+
+        def write(step: int, weights: dict[str, torch.Tensor]) -> None:
+            save_model_file(model_path, deliverable(weights, config, storage),
+                            file_metadata(model, config, step, counted.get("images", 0), base_fp))
+
+        def count_images(p) -> None:
+            if p.stage == "cache":
+                counted["images"] = p.step
+            report(p)
+            if on_progress is not None:
+                on_progress(p)
+
+        bar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
+        report = progress_reporter(bar, node_id, config.steps)
+        preview = preview_function(model, vae, cross_attn, extras, config, os.path.splitext(os.path.basename(model_path))[0], bar)
+        try:
+            result = train(
+                unet, sources if len(sources) > 1 else sources[0],
+                encode=encode_function(vae, model),
+                vae_id=f"{fingerprint(vae.first_stage_model)}|{type(model.model.latent_format).__name__}",
+                cond_for=cond_function(model, cross_attn, extras),
+                alphas_cumprod=alphas_cumprod(model), prediction_type=pred, config=config,
+                cache_dir=os.path.join(domain_folder(), CACHE_FOLDER), state_path=state_path,
+                check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                on_progress=count_images, on_checkpoint=write, on_preview=preview,
+                device=comfy.model_management.get_torch_device(),
+            )
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(kept_message(state_path, f"out of memory while training ({e}). Lower batch_size or resolution, "
+                                                 "turn on gradient_checkpointing, use bf16, or use mode lora")) from e
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise RuntimeError(kept_message(state_path, f"the disk is full while writing {e.filename or 'a checkpoint'}; "
+                                                     "free space and run again to resume")) from e
+            raise
+        final = result.ema_weights if result.ema_weights is not None else result.weights
+        write(result.step, final)
+
+    name = os.path.basename(model_path)
+    if config.mode == "full":
+        domain = load_full(deliverable(final, config, storage), {}, name)
+    else:
+        domain = apply_lora(model, final, name)
+    return domain, result.losses, result.start_step, model_path
+
+
