@@ -1,8 +1,17 @@
-"""pytest set-up: the real ComfyUI host, started once per session on CPU.
+"""pytest set-up: the real ComfyUI host, started once per session, on the CPU or (the GPU tier,
+`--gpu`) on the GPU.
 
 The host is found as a real install finds it (COMFYUI_PATH, else the ComfyUI two folders
 above the pack). Without one the session stops with a clear message: the host tests are the
 heart of this suite and are never silently skipped.
+
+Two tiers, one suite:
+- CPU (default, CI): the host on the CPU, which computes in float32 and casts weights itself.
+  Tests marked `gpu` are skipped, saying why.
+- GPU (`--gpu`, `bash scripts/test.sh --gpu`): the host picks the GPU and its own defaults, as
+  users run it (fp16/bf16 weights, no manual cast, CUDA graphs on the fast path). Every test runs
+  there but those marked `cpu_tier` (install, browser and the pure-torch reproduction, which
+  do not touch the GPU); `--gpu` without CUDA stops the session.
 """
 from __future__ import annotations
 
@@ -19,7 +28,20 @@ sys.path.append(REPO)  # `guidance` and `training` as top-level packages; after 
 import host as host_module  # noqa: E402
 
 
+def pytest_addoption(parser):
+    parser.addoption("--gpu", action="store_true",
+                     help="the GPU tier: start the host on the GPU with its own defaults (needs CUDA)")
+
+
 def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs the host on a CUDA GPU (the GPU tier, --gpu); skipped otherwise")
+    config.addinivalue_line("markers", "cpu_tier: runs in the CPU tier only (no GPU code: install, browser, "
+                                       "pure-torch reproduction)")
+    if config.getoption("--gpu"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("--gpu: this machine has no CUDA device (torch.cuda.is_available() is False)")
     if host_module.find_host() is None:
         raise pytest.UsageError(
             "No ComfyUI host found. Set COMFYUI_PATH to a ComfyUI folder (one with comfy/samplers.py), "
@@ -27,11 +49,26 @@ def pytest_configure(config):
         )
 
 
+def pytest_collection_modifyitems(config, items):
+    gpu = config.getoption("--gpu")
+    for item in items:
+        if gpu and "cpu_tier" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="CPU tier only (no GPU code); run without --gpu"))
+        elif not gpu and "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="GPU tier: run `bash scripts/test.sh --gpu` on a CUDA machine"))
+
+
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory):
+def on_gpu(pytestconfig) -> bool:
+    """True in the GPU tier: the host runs on the GPU with its own dtype defaults."""
+    return pytestconfig.getoption("--gpu")
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory, on_gpu):
     """The started host: ComfyUI with its built-in nodes and this pack, folders in a temp dir."""
     base = tmp_path_factory.mktemp("comfyui")
-    return host_module.Host(host_module.find_host(), str(base)).start()
+    return host_module.Host(host_module.find_host(), str(base), cpu=not on_gpu).start()
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 
+import torch
+
 
 def close(a, b, rel=1e-5) -> bool:
     """max |a - b| <= rel * max |b|: the tolerance the issue sets for 'the same latents'."""
@@ -51,14 +53,33 @@ TRAIN_DEFAULTS = dict(mode="lora", steps=4, batch_size=2, learning_rate=1e-3, lr
                       image_folder="domain")
 
 
-def train_graph(label="trained", **options):
-    """Tiny checkpoint -> empty prompt -> Train Domain UNet (images from input/<image_folder>) -> capture both outputs."""
+def train_graph(label="trained", unet_dtype="host default", **options):
+    """Tiny checkpoint (its UNet weights as tiny_nodes.UNET_DTYPES says) -> empty prompt -> Train Domain
+    UNet (images from input/<image_folder>) -> capture both outputs."""
     inputs = {**TRAIN_DEFAULTS, **options, "model": ["ckpt", 0], "vae": ["ckpt", 2], "null_conditioning": ["null", 0]}
     inputs = {k: v for k, v in inputs.items() if v is not None}
     return {
-        "ckpt": {"class_type": "TestTinyCheckpoint", "inputs": {"ckpt_name": "tiny"}},
+        "ckpt": {"class_type": "TestTinyCheckpoint", "inputs": {"ckpt_name": "tiny", "unet_dtype": unet_dtype}},
         "null": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": ""}},
         "train": {"class_type": "InDomainTrainUNet", "inputs": inputs},
         "cap_model": {"class_type": "TestCapture", "inputs": {"value": ["train", 0], "label": label}},
         "cap_loss": {"class_type": "TestCapture", "inputs": {"value": ["train", 1], "label": label + "_loss"}},
     }
+
+
+# On a GPU, training is reproducible only within float tolerance: cuDNN's backward kernels for some
+# float32 convolutions (the LoRA adapters' 1x1 convolutions) add in a varying order.
+GPU_TRAINING_RTOL = 1e-4
+
+
+def assert_same_training(a: dict, b: dict, on_gpu: bool, cpu_rtol: float = 0.0):
+    """Two runs' trained tensors agree: on the CPU within cpu_rtol (0: bit for bit), on a GPU within
+    GPU_TRAINING_RTOL of each tensor's largest value."""
+    assert a.keys() == b.keys()
+    rtol = GPU_TRAINING_RTOL if on_gpu else cpu_rtol
+    for k in a:
+        x, y = a[k].float(), b[k].float()
+        if rtol == 0.0:
+            assert torch.equal(x, y), k
+        else:
+            assert (x - y).abs().max() <= rtol * max(y.abs().max(), 1e-12), (k, float((x - y).abs().max() / y.abs().max()))

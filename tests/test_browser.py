@@ -26,6 +26,8 @@ from PIL import Image
 import live_server
 from cdp import Browser
 
+pytestmark = pytest.mark.cpu_tier  # no GPU code: the GPU tier (--gpu) leaves it out
+
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = os.path.join(live_server.TESTS, "_out", "browser")
 WORKFLOWS = {os.path.basename(p)[:-5]: p for p in live_server.workflow_paths()}

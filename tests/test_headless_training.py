@@ -32,22 +32,24 @@ def base_dir(comfy, tmp_path_factory):
     return base
 
 
-def run_tool(base, *extra):
-    cmd = [sys.executable, TOOL, "--comfyui", find_host(), "--base-directory", str(base), "--cpu",
+def run_tool(base, *extra, gpu=False):
+    """The tool on the CPU, or (gpu) on the GPU as the host picks it."""
+    cmd = [sys.executable, TOOL, "--comfyui", find_host(), "--base-directory", str(base), *([] if gpu else ["--cpu"]),
            "--unet", "tiny_unet.safetensors", "--vae", "tiny_taesd.safetensors", "--clip", "tiny_clip_l.safetensors",
            "--images", str(base / "images"), "--resolution", "64", "--batch-size", "2", "--training-dtype", "fp32",
            "--no-gradient-checkpointing", "--log-every", "1", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
-def test_trains_writes_the_file_and_resumes(base_dir):
-    first = run_tool(base_dir, "--save-name", "cli_domain", "--steps", "2", "--checkpoint-every", "1")
+def test_trains_writes_the_file_and_resumes(base_dir, on_gpu):
+    run = lambda *extra: run_tool(*extra, gpu=on_gpu)  # noqa: E731
+    first = run(base_dir, "--save-name", "cli_domain", "--steps", "2", "--checkpoint-every", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "step 2/2" in first.stderr
     path = base_dir / "models" / "domain_unets" / "cli_domain.safetensors"
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["indomain.steps"] == "2" and f.metadata()["indomain.mode"] == "lora"
-    more = run_tool(base_dir, "--save-name", "cli_domain", "--steps", "3")
+    more = run(base_dir, "--save-name", "cli_domain", "--steps", "3")
     assert more.returncode == 0, more.stderr[-3000:]
     assert "step 3/3" in more.stderr and "step 1/3" not in more.stderr  # resumed, not restarted
     with safe_open(str(path), framework="pt") as f:
@@ -59,3 +61,16 @@ def test_refuses_pickled_model_files_by_name(base_dir):
     bad = run_tool(base_dir, "--save-name", "x", "--steps", "1", "--vae", "evil.pt")
     assert bad.returncode != 0 and "evil.pt" in bad.stderr and "only .safetensors" in bad.stderr
     assert not (base_dir / "models" / "domain_unets" / "x.safetensors").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_trains_on_the_gpu_in_the_hosts_low_vram_mode_with_previews(base_dir, mode):
+    """--lowvram: the host loads the UNet in parts and unloads it for the VAE; training (and its
+    previews) goes on with the weights it trains."""
+    out = run_tool(base_dir, "--save-name", f"lowvram_{mode}", "--steps", "4", "--mode", mode, "--lowvram",
+                   "--preview-every", "2", "--training-dtype", "bf16", "--restart", gpu=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 4/4" in out.stderr
+    previews = base_dir / "output" / "indomain_previews" / f"lowvram_{mode}"
+    assert sorted(os.listdir(previews)) == ["step_000002.png", "step_000004.png"]

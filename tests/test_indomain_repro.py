@@ -19,6 +19,8 @@ import pytest
 
 from experiments.indomain_repro import CONFIGS, run
 
+pytestmark = pytest.mark.cpu_tier  # no GPU code: the GPU tier (--gpu) leaves it out
+
 # Margins from seeds 0 and 1 of the CPU configuration (docs/EVIDENCE.md): base - naive was 0.32
 # and 0.38, base - ours 0.03 and 0.13, FD ours / FD base 0.05 and 0.18. The test runs seed 0.
 CONTROL_MARGIN = 0.20  # ours may lose less than this much control accuracy against the base

@@ -9,6 +9,8 @@ import pytest
 
 import live_server
 
+pytestmark = pytest.mark.cpu_tier  # no GPU code: the GPU tier (--gpu) leaves it out
+
 PREFIX = "InDomain"
 
 

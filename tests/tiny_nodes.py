@@ -123,9 +123,29 @@ def tiny_vae():
     return comfy.sd.VAE(sd={k: v.contiguous() for k, v in module.state_dict().items()})
 
 
+# How the host keeps the UNet's weights: its own choice for the device ("host default": float32
+# on the CPU, fp16 on an H200), or as on a GPU even on the CPU: half-precision weights and no
+# manual cast (the host calls the UNet with its activations cast to the weights' dtype, and
+# autograd or a float32 copy meet them as they are).
+UNET_DTYPES = {"host default": None, "fp16 without cast": torch.float16, "bf16 without cast": torch.bfloat16}
+
+
+def tiny_model(unet_dtype: str = "host default"):
+    """The tiny SD1 MODEL, one per weight dtype for the whole session (as a loaded checkpoint is)."""
+    return _tiny_model(unet_dtype)
+
+
 @functools.lru_cache(maxsize=None)
-def tiny_model():
-    return load_unet(unet_state_dict(0))
+def _tiny_model(unet_dtype: str):
+    dtype = UNET_DTYPES[unet_dtype]
+    if dtype is None:
+        return load_unet(unet_state_dict(0))
+    import comfy.model_management
+    import comfy.sd
+    from unittest import mock
+
+    with mock.patch.object(comfy.model_management, "unet_manual_cast", lambda *args, **kwargs: None):
+        return comfy.sd.load_diffusion_model_state_dict(dict(unet_state_dict(0)), model_options={"dtype": dtype})
 
 
 def checkpoint_state_dict(dtype=torch.float16) -> dict[str, torch.Tensor]:
@@ -148,14 +168,15 @@ class TestTinyCheckpoint:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"ckpt_name": ("STRING", {"default": "tiny"})}}
+        return {"required": {"ckpt_name": ("STRING", {"default": "tiny"})},
+                "optional": {"unet_dtype": (list(UNET_DTYPES), {"default": "host default"})}}
 
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
     FUNCTION = "load"
     CATEGORY = "testing"
 
-    def load(self, ckpt_name):
-        return tiny_model(), tiny_clip(), tiny_vae()
+    def load(self, ckpt_name, unet_dtype="host default"):
+        return tiny_model(unet_dtype), tiny_clip(), tiny_vae()
 
 
 def make_capture(host):
@@ -202,10 +223,27 @@ class TestTinyTAESD:
         return (comfy.sd.VAE(sd={k: v.contiguous() for k, v in module.state_dict().items()}),)
 
 
+class TestConditioning:
+    """A CONDITIONING of the given text-embedding width ([1, 77, width], zeros): stands in for a
+    prompt encoded by a CLIP of another model family."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"width": ("INT", {"default": 96, "min": 1, "max": 8192})}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "make"
+    CATEGORY = "testing"
+
+    def make(self, width):
+        return ([[torch.zeros(1, 77, width), {}]],)
+
+
 def register(host):
     import nodes
 
     nodes.NODE_CLASS_MAPPINGS["TestTinyCheckpoint"] = TestTinyCheckpoint
+    nodes.NODE_CLASS_MAPPINGS["TestConditioning"] = TestConditioning
     nodes.NODE_CLASS_MAPPINGS["TestTinyTAESD"] = TestTinyTAESD
     nodes.NODE_CLASS_MAPPINGS["TestCapture"] = make_capture(host)
 

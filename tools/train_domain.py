@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base-directory", help="ComfyUI's --base-directory (models/, input/ live there)")
     p.add_argument("--extra-model-paths", help="an extra_model_paths.yaml to read")
     p.add_argument("--cpu", action="store_true", help="train on the CPU")
+    p.add_argument("--lowvram", action="store_true", help="the host's low-VRAM mode (the UNet loaded in parts, unloaded for the VAE)")
     return p.parse_args(argv)
 
 
@@ -72,6 +73,7 @@ def start_host(args):
     from comfy.cli_args import args as host_args
 
     host_args.cpu = args.cpu
+    host_args.lowvram = args.lowvram
     if args.base_directory:
         host_args.base_directory = os.path.abspath(args.base_directory)
     import folder_paths  # noqa: F401  (reads base_directory: the model folders)

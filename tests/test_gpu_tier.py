@@ -1,0 +1,127 @@
+"""The GPU tier's own tests (`bash scripts/test.sh --gpu`): what only a GPU exercises.
+
+The rest of the suite runs in that tier too, with the host on the GPU and its own defaults (fp16
+weights on an H200, no manual cast, CUDA graphs on the fast path). Skipped on the CPU, saying why.
+"""
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny_nodes as tiny
+from graphs import assert_same_training, loader, text_to_image, train_graph
+from test_host_gpu_dtypes import assert_same_state, host_state
+from test_host_training import domain_images
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def folders(comfy):
+    import folder_paths
+    domain_images(os.path.join(folder_paths.get_input_directory(), "domain"))
+    d = comfy.model_dir("domain_unets")
+    tiny.write_safetensors(os.path.join(d, "gpu_domain.safetensors"), tiny.domain_state_dict())
+    tiny.write_safetensors(os.path.join(d, "gpu_lora.safetensors"), tiny.lora_state_dict(seed=5))
+    return d
+
+
+def test_the_host_runs_the_unet_on_the_gpu_in_half_precision_without_manual_cast(comfy):
+    model = tiny.tiny_model()
+    assert model.load_device.type == "cuda"
+    assert model.model.get_dtype() in (torch.float16, torch.bfloat16) and model.model.manual_cast_dtype is None
+
+
+@pytest.mark.parametrize("previews", [0, 2], ids=["no-preview", "preview"])
+@pytest.mark.parametrize("ema", [0.0, 0.9], ids=["no-ema", "ema"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_every_training_setting_trains_on_the_gpu(comfy, folders, monkeypatch, mode, precision, checkpointing, ema, previews):
+    monkeypatch.setattr(comfy.pack("nodes.train_progress"), "PREVIEW_STEPS", 4)
+    model = tiny.tiny_model()
+    before = host_state(model)
+    name = f"matrix_{mode}_{precision}_{int(checkpointing)}_{ema}_{previews}"
+    comfy.run(train_graph(mode=mode, training_dtype=precision, gradient_checkpointing=checkpointing, ema_decay=ema,
+                          preview_every=previews, steps=2, checkpoint_every=1, save_name=name, resume=False))
+    weights = load_file(os.path.join(folders, name + ".safetensors"))
+    assert weights and all(torch.isfinite(v.float()).all() for v in weights.values())
+    assert_same_state(before, host_state(model))
+
+
+def test_the_gpu_resumes_exactly_and_a_cancel_keeps_the_checkpoint(comfy, folders, monkeypatch):
+    import comfy.model_management as mm
+
+    options = dict(mode="lora", training_dtype="bf16", gradient_checkpointing=True, steps=4, checkpoint_every=2)
+    comfy.run(train_graph(save_name="gpu_whole", resume=False, **options))
+    whole = load_file(os.path.join(folders, "gpu_whole.safetensors"))
+    loop = comfy.pack("training.loop")
+    real, calls = loop.denoising_step, []
+
+    def cancel_at_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise mm.InterruptProcessingException()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "denoising_step", cancel_at_3)
+    with pytest.raises(Exception):
+        comfy.run(train_graph(save_name="gpu_parts", resume=False, **options))
+    monkeypatch.setattr(loop, "denoising_step", real)
+    assert load_file(os.path.join(folders, "gpu_parts.safetensors")).keys() == whole.keys()  # step 2's file, complete
+    comfy.run(train_graph(save_name="gpu_parts", resume=True, **options))
+    assert_same_training(load_file(os.path.join(folders, "gpu_parts.safetensors")), whole, on_gpu=True)
+
+
+@pytest.mark.parametrize("domain", ["gpu_domain.safetensors", "gpu_lora.safetensors"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cuda_graphs_replay_what_the_host_computes(comfy, folders, monkeypatch, caplog, domain, batch):
+    """The graph path, the eager path and the straightforward path give the same latents."""
+    import logging
+    caplog.set_level(logging.INFO)
+    prompt = text_to_image(steps=4, batch=batch, domain=["dom", 0], domain_scale=1.5, extra={"dom": loader(domain)})
+    out = {}
+    for mode in ("1", "eager", "0"):
+        monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", mode)
+        caplog.clear()
+        out[mode] = comfy.run(prompt)["captured"]["out"]["samples"]
+        paths = [r.getMessage() for r in caplog.records if "fast path (" in r.getMessage()]
+        if mode == "1":
+            assert paths and all("fast path (graph" in p for p in paths)
+        elif mode == "eager":
+            assert paths and all("fast path (direct" in p for p in paths)
+    rel = 1e-5 if domain == "gpu_domain.safetensors" else 1.2e-4  # a LoRA's adapters vs its merged weights
+    scale = out["0"].abs().max()
+    assert (out["1"] - out["eager"]).abs().max() <= 1e-5 * scale
+    assert (out["1"] - out["0"]).abs().max() <= rel * scale
+
+
+def test_a_failed_capture_falls_back_and_leaves_the_random_generator_usable(comfy, folders, monkeypatch, caplog):
+    """A capture that fails (here: forced) keeps the direct call; an SDE sampler's noise after it works."""
+    cuda_graphs = comfy.pack("nodes.cuda_graphs")
+
+    class Failing(cuda_graphs.CudaGraph):
+        def __init__(self, fn, x, t, pool):
+            def failing(gx, gt):
+                fn(gx, gt)
+                torch.cuda.synchronize()  # not allowed while capturing: invalidates the capture
+            super().__init__(failing, x, t, pool)
+
+    monkeypatch.setattr(comfy.pack("nodes.fastpath"), "CudaGraph", Failing)
+    prompt = text_to_image(steps=4, sampler_name="dpmpp_2m_sde", domain=["dom", 0], domain_scale=1.5,
+                           extra={"dom": loader("gpu_domain.safetensors")})
+    failed = comfy.run(prompt)["captured"]["out"]["samples"]
+    assert any("CUDA graph capture failed" in r.getMessage() for r in caplog.records)
+    monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "0")
+    straightforward = comfy.run(prompt)["captured"]["out"]["samples"]
+    assert (failed - straightforward).abs().max() <= 1e-5 * straightforward.abs().max()
+
+
+def test_cuda_graphs_are_given_back_after_each_run(comfy, folders):
+    """The graphs (and their memory pool) live for one sampling run: none is left once it ends."""
+    import gc
+    prompt = text_to_image(steps=3, domain=["dom", 0], domain_scale=1.5, extra={"dom": loader("gpu_domain.safetensors")})
+    comfy.run(prompt)
+    gc.collect()
+    assert [o for o in gc.get_objects() if isinstance(o, torch.cuda.CUDAGraph)] == []
