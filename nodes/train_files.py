@@ -37,25 +37,37 @@ def domain_folder() -> str:
     return folder
 
 
+def check_file_name(save_name: str) -> None:
+    """ValueError unless the save name's last part is a plain file name: not empty, not only dots,
+    not starting with '.' (a hidden file). Subfolders ('faces/v1') are fine."""
+    last = re.split(r"[/\\]", save_name)[-1].strip()
+    if not last.strip(".") or last.startswith("."):
+        raise ValueError(f"save name {save_name!r} does not end in a plain file name (its last part is {last!r}); "
+                         "give a name such as 'my_domain' or 'faces/v1'")
+
+
 def output_paths(save_name: str) -> tuple[str, str]:
     """(model file, state file) for a save name, inside the domain_unets folder (never outside)."""
     save_name = save_name.strip()
     stem, ext = os.path.splitext(save_name)
     if ext.lower() in (".safetensors", ".sft"):
         save_name = stem
-    if not save_name or save_name.endswith(("/", "\\")):
-        raise ValueError(f"save name {save_name!r} is empty; give a file name such as 'my_domain'")
+    check_file_name(save_name)
     model_path = safe_join(domain_folder(), save_name + ".safetensors")
     return model_path, os.path.splitext(model_path)[0] + STATE_EXTENSION
 
 
+@torch.inference_mode()
 def fingerprint(module: torch.nn.Module) -> str:
     """A short content hash of a module's weights: every name and shape, and a strided sample of
-    every tensor's values (hashing all of an SDXL UNet would take seconds)."""
+    every tensor's values (hashing all of an SDXL UNet would take seconds).
+
+    Read in inference mode, without views: the host's weights may be inference tensors, or
+    parameters that refuse a view ("Inference tensors do not track version counter")."""
     h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        flat = t.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu()
+    for name, t in module.state_dict(keep_vars=True).items():
+        picks = torch.arange(0, t.numel(), max(1, t.numel() // 256), device=t.device)[:256]
+        sample = torch.take(t, picks).float().cpu()  # no view of t: see train_inputs.make_autograd_safe
         h.update(f"{name}{list(t.shape)}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]

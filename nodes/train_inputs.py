@@ -2,24 +2,61 @@
 
 Everything the loop needs comes from the host: the UNet module (weights with the base's LoRAs
 merged, loaded by the host's model management), the VAE encode, the latent scaling, the noise
-schedule and prediction type of the base's own model_sampling, and the empty-prompt conditioning
-(with SDXL's size embedding from the base's extra_conds).
+schedule and prediction type of the model_sampling the host samples it with (the base's own,
+or a node's patch of it), and the empty-prompt conditioning (with SDXL's size embedding from
+the base's extra_conds).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+import comfy.model_sampling
+
+
+def model_sampling(model):
+    """The model_sampling the host samples `model` with: a node's patch of it (e.g. the host's
+    ModelSamplingDiscrete: v_prediction, zsnr) if there is one, else the model's own. The
+    prediction type and the schedule are both read from it, so training matches sampling."""
+    get = getattr(model, "get_model_object", None)
+    return get("model_sampling") if get is not None else model.model.model_sampling
+
+
+def _defining_class(cls: type, attribute: str) -> type:
+    """The class in cls's MRO whose own body defines `attribute` (what an instance really runs)."""
+    return next((c for c in cls.__mro__ if attribute in c.__dict__), None)
+
+
 def prediction_type(model) -> str:
-    name = model.model.model_type.name
-    kinds = {"EPS": "eps", "V_PREDICTION": "v"}
-    if name not in kinds:
-        raise ValueError(f"model: training supports eps- and v-prediction models (SD1.x, SD2.x, SDXL); this one is {name}")
-    return kinds[name]
+    """The prediction type, "eps" or "v": how the host reads the UNet's output, from the class
+    of the model_sampling it samples with.
+
+    The host composes model_sampling from a schedule and a parameterization (model_base.
+    model_sampling; the ModelSamplingDiscrete node likewise). The parameterization is the class
+    whose calculate_denoised runs: EPS (x0 = x - sigma eps) or V_PREDICTION (v, Salimans & Ho);
+    not isinstance, since V_PREDICTION, X0 and LCM all subclass EPS. The schedule must be the
+    discrete one (ModelSamplingDiscrete's sigma/timestep: the UNet's timestep t is the index of
+    sigmas[t]), which is what the loop's timesteps 0..T-1 and alphas_cumprod assume. Anything
+    else (x0, LCM, EDM, flow, continuous-time schedules) is refused naming the model.
+    """
+    cls = type(model_sampling(model))
+    parameterization, schedule = _defining_class(cls, "calculate_denoised"), _defining_class(cls, "sigma")
+    kinds = {comfy.model_sampling.EPS: "eps", comfy.model_sampling.V_PREDICTION: "v"}
+    discrete = comfy.model_sampling.ModelSamplingDiscrete
+    if parameterization not in kinds or schedule is not discrete or _defining_class(cls, "timestep") is not discrete:
+        raise ValueError(
+            f"model: training supports eps- and v-prediction models on a discrete noise schedule (SD1.x, SD2.x, "
+            f"SDXL, also patched by the host's ModelSamplingDiscrete to eps or v_prediction); this one "
+            f"({type(model.model.model_config).__name__}) is sampled as {getattr(parameterization, '__name__', None)} "
+            f"on {getattr(schedule, '__name__', None)}")
+    return kinds[parameterization]
 
 
 def alphas_cumprod(model) -> torch.Tensor:
-    """The base's training schedule from its own model_sampling: alpha_bar = 1 / (1 + sigma^2)."""
-    sigmas = model.get_model_object("model_sampling").sigmas.detach().double().cpu()  # [T]
+    """The training schedule from the model_sampling the host samples with (zsnr included):
+    alpha_bar = 1 / (1 + sigma^2), float64 [T]."""
+    sigmas = model_sampling(model).sigmas.detach().double().cpu()  # [T]
     return 1.0 / (1.0 + sigmas**2)
 
 
@@ -63,26 +100,110 @@ def check_vae(vae, model) -> None:
 
 
 def encode_function(vae, model):
-    """IMAGE [1, H, W, 3] -> the model's latents [1, C, h, w] (VAE encode, then the latent scaling)."""
+    """IMAGE [1, H, W, 3] -> the model's latents [1, C, h, w] (VAE encode, then the latent scaling).
+    The VAE runs in the host's inference mode (the host moves it as it always does); the host may
+    unload the UNet to make room for it: the UNet is loaded again after each image."""
     def encode(pixels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return model.model.process_latent_in(vae.encode(pixels)).float().clone()
+        with torch.inference_mode():
+            latent = model.model.process_latent_in(vae.encode(pixels)).float()
+        load_for_training(model)
+        return latent.clone()  # outside inference mode: an ordinary tensor
     return encode
 
 
-@torch.no_grad()
-def make_autograd_safe(module: torch.nn.Module) -> int:
-    """Replace weights created under the host's inference mode (which autograd refuses to save for
-    backward) by ordinary copies with the same values. Returns how many were replaced."""
+def load_for_training(model) -> torch.nn.Module:
+    """The base's UNet on the device, whole (the host's model management loads it, with the base's
+    LoRAs merged), its weights usable by autograd. Cheap when it is loaded already; called again
+    wherever the host may have unloaded it (VAE encoding, previews), so that training goes on with
+    the weights it trains, where it trains them."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    unet = model.model.diffusion_model
+    make_autograd_safe(unet)
+    return unet
+
+
+@contextlib.contextmanager
+def weights_cast_to_input(module: torch.nn.Module, needed: bool = True):
+    """Within the block, every layer of `module` casts its weight to its input's dtype, by the
+    host's own manual cast (the comfy_cast_weights flag of its ops, what the host sets for weights
+    stored in a dtype the GPU does not compute in); the flags are restored on exit, also on error.
+
+    Needed wherever a layer meets inputs of another dtype than its weights without autocast: on
+    a GPU the host keeps the UNet in fp16/bf16 and calls it without casting, so training it in
+    fp32 (LoRA mode) feeds fp32 activations to fp16 weights; a float32 full copy standing in for
+    the host's UNet in a preview gets the host's fp16 inputs. Layers without the flag (not the
+    host's ops) are left alone."""
+    changed = [m for m in module.modules() if getattr(m, "comfy_cast_weights", None) is False] if needed else []
+    for m in changed:
+        m.comfy_cast_weights = True
+    try:
+        yield len(changed)
+    finally:
+        for m in changed:
+            m.comfy_cast_weights = False
+
+
+def mixed_dtypes(module: torch.nn.Module, compute: torch.dtype) -> bool:
+    """True if some floating-point weight of `module` is stored in another dtype than `compute`."""
+    return any(p.is_floating_point() and p.dtype != compute for p in module.parameters())
+
+
+def _replace_tensors(module: torch.nn.Module, wanted) -> int:
+    """Replace each parameter and buffer t of `module` with wanted(t) is True by a copy with the same
+    values, made in the current inference mode (a Parameter stays a Parameter, its flag kept).
+    Returns how many were replaced. The copy reads t without a view of it: a tensor in the state
+    described at make_autograd_safe refuses views."""
     replaced = 0
-    for owner in module.modules():
-        for store in (owner._parameters, owner._buffers):
-            for name, t in store.items():
-                if t is not None and t.is_inference():
-                    copy = t.detach().clone()
-                    store[name] = torch.nn.Parameter(copy, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else copy
-                    replaced += 1
+    with torch.no_grad():
+        for owner in module.modules():
+            for store in (owner._parameters, owner._buffers):
+                for name, t in store.items():
+                    if t is not None and wanted(t):
+                        copy = torch.empty_like(t).copy_(t)
+                        store[name] = torch.nn.Parameter(copy, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else copy
+                        replaced += 1
     return replaced
+
+
+def _not_for_autograd(t: torch.Tensor) -> bool:
+    """An inference tensor, or a tensor without a version counter: a Parameter made outside
+    inference mode whose data the host replaced inside it (moving the model between devices
+    while it executes a graph)."""
+    if t.is_inference():
+        return True
+    try:
+        t._version
+    except RuntimeError:
+        return True
+    return False
+
+
+def make_autograd_safe(module: torch.nn.Module) -> int:
+    """Replace the host's weights that autograd cannot use (created under the host's inference mode,
+    which autograd refuses to save for backward, or left without a version counter) by ordinary
+    copies with the same values. Returns how many were replaced. give_back_to_host undoes it."""
+    with torch.inference_mode(False):
+        return _replace_tensors(module, _not_for_autograd)
+
+
+def give_back_to_host(module: torch.nn.Module) -> int:
+    """The host's weights as the host makes them: inference tensors (it loads and moves models while
+    it executes a graph, in inference mode; an ordinary Parameter whose data it then replaced by an
+    inference tensor would refuse every view, in the host's sampling as in the next training)."""
+    with torch.inference_mode():
+        return _replace_tensors(module, lambda t: not t.is_inference())
+
+
+@contextlib.contextmanager
+def weights_for_autograd(model):
+    """Within the block the base's UNet is loaded (load_for_training) with weights autograd can use;
+    afterwards, also after an error or Cancel, its weights are the host's kind again."""
+    try:
+        yield load_for_training(model)
+    finally:
+        give_back_to_host(model.model.diffusion_model)
 
 
 def checkpointed_blocks(unet: torch.nn.Module) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ import comfy.sample
 import folder_paths
 
 from ..training import TrainConfig
+from .train_inputs import load_for_training, weights_cast_to_input
 
 PREVIEW_STEPS = 20
 
@@ -25,24 +26,40 @@ def preview_function(model, vae, cross_attn, extras, config: TrainConfig, save_n
     folder = os.path.join(folder_paths.get_output_directory(), "indomain_previews", save_name)
     side = config.resolution // getattr(vae, "downscale_ratio", 8)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # the host's mode, in which it loads and moves models
     def preview(step: int, module: torch.nn.Module) -> None:
         latent = torch.zeros([1, model.model.latent_format.latent_channels, side, side])
         noise = comfy.sample.prepare_noise(latent, config.seed)
-        original = model.model.diffusion_model
-        if config.mode == "full":  # the trained copy stands in for the base's UNet while sampling
-            model.model.diffusion_model = module
-        try:
-            samples = comfy.sample.sample(model, noise, PREVIEW_STEPS, 1.0, "euler", "normal", null, null, latent,
-                                          disable_pbar=True, seed=config.seed)
-        finally:
-            model.model.diffusion_model = original
+        sampled = model
+        if config.mode == "full":  # the trained copy stands in for the base's UNet inside each model call
+            sampled = model.clone()
+            sampled.set_model_unet_function_wrapper(standing_in(model.model, module))
+        samples = comfy.sample.sample(sampled, noise, PREVIEW_STEPS, 1.0, "euler", "normal", null, null, latent,
+                                      disable_pbar=True, seed=config.seed)
         pixels = vae.decode(samples)[0].clamp(0, 1).mul(255).round().byte().cpu().numpy()  # [H, W, 3]
         image = Image.fromarray(pixels.reshape(pixels.shape[-3:]))
         os.makedirs(folder, exist_ok=True)
         image.save(os.path.join(folder, f"step_{step:06d}.png"))
         bar.update_absolute(step, config.steps, ("PNG", image, 512))
+        with torch.inference_mode(False):
+            load_for_training(model)  # the host may have moved or unloaded the UNet to sample or decode
     return preview
+
+
+def standing_in(base_model, module: torch.nn.Module):
+    """A model_function_wrapper in which `module` (the float32 copy being trained) computes each
+    model call in place of the base's UNet, its weights cast to the host's compute dtype (as the
+    saved file holds them). Only inside the call: the host's model management, which may load or
+    unload the base while sampling, never sees the trained copy."""
+    def wrapper(apply_model, args):
+        original = base_model.diffusion_model
+        base_model.diffusion_model = module
+        try:
+            with weights_cast_to_input(module):
+                return apply_model(args["input"], args["timestep"], **args["c"])
+        finally:
+            base_model.diffusion_model = original
+    return wrapper
 
 
 def progress_reporter(bar, node_id, steps: int):

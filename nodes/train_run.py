@@ -19,10 +19,10 @@ import comfy.utils
 import folder_paths
 
 from ..training import TrainConfig, save_model_file, train
-from .domain_files import apply_lora, load_full
+from .domain_files import apply_lora, model_from_base_config
 from .train_files import CACHE_FOLDER, kept_message, deliverable, domain_folder, file_metadata, fingerprint, output_paths
 from .train_inputs import (alphas_cumprod, check_vae, checkpointed_blocks, cond_function, empty_prompt, encode_function,
-                           make_autograd_safe, prediction_type)
+                           mixed_dtypes, prediction_type, weights_cast_to_input, weights_for_autograd)
 from .train_progress import preview_function, progress_reporter
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,7 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
         log.info("resume is off: starting over, replacing %s", state_path)
         os.remove(state_path)
 
-    with torch.inference_mode(False):
-        comfy.model_management.load_models_gpu([model], force_full_load=True)
-        unet = model.model.diffusion_model
-        make_autograd_safe(unet)
+    with torch.inference_mode(False), weights_for_autograd(model) as unet:
         if config.gradient_checkpointing == ("all",):
             config = TrainConfig(**{**config.__dict__, "gradient_checkpointing": checkpointed_blocks(unet)})
         base_fp = fingerprint(unet)
@@ -71,18 +68,22 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
         bar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
         report = progress_reporter(bar, node_id, config.steps)
         preview = preview_function(model, vae, cross_attn, extras, config, os.path.splitext(os.path.basename(model_path))[0], bar)
+        # LoRA in fp32 runs the host's UNet without autocast: its fp16/bf16 weights (a GPU's) are cast
+        # to the fp32 activations layer by layer.
+        casting = config.mode == "lora" and config.precision == "fp32" and mixed_dtypes(unet, torch.float32)
         try:
-            result = train(
-                unet, sources if len(sources) > 1 else sources[0],
-                encode=encode_function(vae, model),
-                vae_id=f"{fingerprint(vae.first_stage_model)}|{type(model.model.latent_format).__name__}",
-                cond_for=cond_function(model, cross_attn, extras),
-                alphas_cumprod=alphas_cumprod(model), prediction_type=pred, config=config,
-                cache_dir=os.path.join(domain_folder(), CACHE_FOLDER), state_path=state_path,
-                check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-                on_progress=count_images, on_checkpoint=write, on_preview=preview,
-                device=comfy.model_management.get_torch_device(),
-            )
+            with weights_cast_to_input(unet, casting):
+                result = train(
+                    unet, sources if len(sources) > 1 else sources[0],
+                    encode=encode_function(vae, model),
+                    vae_id=f"{fingerprint(vae.first_stage_model)}|{type(model.model.latent_format).__name__}",
+                    cond_for=cond_function(model, cross_attn, extras),
+                    alphas_cumprod=alphas_cumprod(model), prediction_type=pred, config=config,
+                    cache_dir=os.path.join(domain_folder(), CACHE_FOLDER), state_path=state_path,
+                    check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                    on_progress=count_images, on_checkpoint=write, on_preview=preview,
+                    device=comfy.model_management.get_torch_device(),
+                )
         except torch.OutOfMemoryError as e:
             raise RuntimeError(kept_message(state_path, f"out of memory while training ({e}). Lower batch_size or resolution, "
                                                  "turn on gradient_checkpointing, use bf16, or use mode lora")) from e
@@ -96,7 +97,7 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
 
     name = os.path.basename(model_path)
     if config.mode == "full":
-        domain = load_full(deliverable(final, config, storage), {}, name)
+        domain = model_from_base_config(model, deliverable(final, config, storage), name)
     else:
         domain = apply_lora(model, final, name)
     return domain, result.losses, result.start_step, model_path
