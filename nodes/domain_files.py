@@ -12,6 +12,7 @@ import safetensors
 import torch
 
 import comfy.lora
+import comfy.model_patcher
 import comfy.sd
 
 log = logging.getLogger(__name__)
@@ -63,22 +64,24 @@ def _comparable_unet_config(model) -> dict:
     return {k: v for k, v in model.model.model_config.unet_config.items() if k not in ignore}
 
 
-def check_compatible(domain, base, name: str) -> None:
-    """Raise DomainModelError unless `domain` has the base's architecture and latent format."""
+def check_compatible(domain, base, name: str = "", *, what: str | None = None) -> None:
+    """Raise DomainModelError unless `domain` has the base's architecture, latent format and
+    prediction type. The message names `what` (default: the file `name`), e.g. an input's name."""
+    what = what or f"domain UNet '{name}'"
     if type(domain.model.model_config) is not type(base.model.model_config) or \
             type(domain.model.latent_format) is not type(base.model.latent_format):
         raise DomainModelError(
-            f"domain UNet '{name}' is {describe(domain)}, but the base model is {describe(base)}: "
+            f"{what} is {describe(domain)}, but the base model is {describe(base)}: "
             "a domain UNet must be trained from the same family as the base it guides"
         )
     a, b = _comparable_unet_config(domain), _comparable_unet_config(base)
     if a != b:
         diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         detail = ", ".join(f"{k}: domain {a.get(k)!r} vs base {b.get(k)!r}" for k in diff[:4])
-        raise DomainModelError(f"domain UNet '{name}' has another UNet architecture than the base model ({detail})")
+        raise DomainModelError(f"{what} has another UNet architecture than the base model ({detail})")
     if domain.model.model_type != base.model.model_type:
         raise DomainModelError(
-            f"domain UNet '{name}' predicts {domain.model.model_type.name}, the base model "
+            f"{what} predicts {domain.model.model_type.name}, the base model "
             f"{base.model.model_type.name}: train the domain UNet from this base"
         )
 
@@ -93,6 +96,32 @@ def load_full(tensors, metadata, name: str, model_options: dict | None = None):
             "saved by Train Domain UNet or by the host's UNET save nodes, or a LoRA"
         )
     return model
+
+
+def base_config_copy(base):
+    """A fresh copy of the base's model config (class, UNet config, inference and cast dtypes,
+    operations) whose prediction type is the base's, not re-detected from weights."""
+    source = base.model.model_config
+    config = type(source)(source.unet_config)
+    config.manual_cast_dtype = source.manual_cast_dtype
+    config.custom_operations = source.custom_operations
+    config.optimizations = dict(source.optimizations)
+    model_type = base.model.model_type
+    config.model_type = lambda state_dict, prefix="": model_type
+    return config
+
+
+def model_from_base_config(base, tensors, name: str):
+    """A MODEL of a full UNet state dict of the base's architecture, built from the base's own model
+    config as the host builds a loaded model (no detection: it works where the host could not
+    recognise the weights on their own)."""
+    config = base_config_copy(base)
+    model = config.get_model(tensors, "").to(base.offload_device)
+    missing = sorted(set(model.diffusion_model.state_dict()) - set(tensors))
+    if missing:
+        raise DomainModelError(f"domain UNet '{name}' lacks {len(missing)} weights of the base's UNet (e.g. '{missing[0]}')")
+    model.load_model_weights(dict(tensors), "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=base.load_device, offload_device=base.offload_device)
 
 
 def apply_lora(base, tensors, name: str, strength: float = 1.0):

@@ -15,19 +15,13 @@ Every later step with the same rows:
   step costs the GPU's time, not the CPU's (the graphs of a run share one memory pool);
 - for the domain rows (DomainForward), is launched before the base rows.
 
-A LoRA domain (a clone of the base with LoRA patches) runs on the base's own modules, its LoRA
-added per module as scale * up(down(x)) by forward hooks that exist only inside the domain's
-call: no second copy of the weights and no weight swap per step.
+A LoRA domain runs on the base's own modules with its LoRA as adapters (lora_adapters.py).
 
-Whatever the recording cannot reproduce exactly falls back to the host's call every step:
-ControlNet, masks, areas, timestep ranges, hooks, model-function and calc_cond_batch wrappers,
-per-step model callbacks, rows the host splits over several calls (low memory) or GPUs, LoRA
-variants other than plain LoRA. No CUDA graph (the direct call instead) where Python inside the
-forward may act differently per step (model patches such as FreeU, wrappers other than the
-host's torch.compile one) or the weights are not at fixed addresses (low VRAM, dynamic VRAM);
-weights that move between steps are re-recorded; a capture that fails leaves the direct call
-(and the random generator as it was). A LoRA domain on a compiled model stays a weight hook:
-torch.compile does not see forward hooks added after it traced a module.
+Whatever the recording cannot reproduce exactly falls back to the host's call every step, and no
+CUDA graph is made where the call may act differently per step or the weights are not at fixed
+addresses: the rules are fastpath_rules.py. Weights that move, or are replaced, between steps are
+re-recorded; a capture that fails leaves the direct call (cuda_graphs.py). A record serves only
+the very options and rows objects it was made for.
 INDOMAIN_FAST_DOMAIN=0 turns the fast path off, =eager keeps it without CUDA graphs, =domain
 records only the domain rows.
 """
@@ -68,13 +62,19 @@ def _to_device(value, device):
 class _Record:
     """The host's one apply_model call for a fixed list of rows, recorded."""
 
-    def __init__(self, shape, reason=None):
+    def __init__(self, shape, options, rows, reason=None):
+        # The objects the record is keyed by (their ids), held so that no other object takes an id over.
+        self.options, self.rows = options, list(rows)
         self.shape = shape  # x's shape
         self.reason = reason  # why the host's call is made every step instead (None: recorded)
         self.kwargs = None  # apply_model keyword arguments (conditioning on the device)
         self.order: list[int] = []  # row index of each batch chunk of the call
         self.graph: CudaGraph | None = None
         self.path = "host"  # "host" | "direct" | "graph"
+
+    def holds(self, options, rows) -> bool:
+        """True if the record was made for these very objects."""
+        return self.options is options and len(rows) == len(self.rows) and all(a is b for a, b in zip(rows, self.rows))
 
 
 class RecordedCall:
@@ -93,14 +93,14 @@ class RecordedCall:
         self.pool = pool or GraphPool()
         self.cache: dict = {}
         self.records: dict[tuple, _Record] = {}
-        self.params = None  # (parameter, address) at capture time
+        self.params = None  # the parameters' addresses at capture time
         self.reported: set = set()
 
     def __call__(self, rows: list, x: torch.Tensor, timestep: torch.Tensor, model_options: dict | None = None) -> list:
         options = self.model_options if model_options is None else model_options
         key = (id(options),) + tuple(None if r is None else id(r) for r in rows)
         rec = self.records.get(key)
-        if rec is not None and rec.shape == x.shape:
+        if rec is not None and rec.shape == x.shape and rec.holds(options, rows):
             if rec.reason is not None:
                 return self._host_call(rows, x, timestep, options)
             if rec.graph is not None:
@@ -134,9 +134,9 @@ class RecordedCall:
 
     def _record(self, key, rows, x, timestep, options):
         if len(self.records) >= self.MAX_RECORDS:
-            rec = _Record(x.shape, f"more than {self.MAX_RECORDS} different calls in one run")
+            rec = _Record(x.shape, options, rows, f"more than {self.MAX_RECORDS} different calls in one run")
         else:
-            rec = _Record(x.shape, host_state_reason(self.model, options)
+            rec = _Record(x.shape, options, rows, host_state_reason(self.model, options)
                           or next((r for r in (plain_cond(c) for c in rows if c is not None) if r), None))
         self.records[key] = rec
         if rec.reason is not None:
@@ -184,7 +184,7 @@ class RecordedCall:
         if graph and why_not is None:
             try:
                 rec.graph = CudaGraph(lambda gx, gt: self._direct(rec, gx, gt), x, timestep, self.pool)
-                self.params = [(p, p.data_ptr()) for p in self.model.parameters()]
+                self.params = self._addresses()
                 rec.path = "graph"
                 log.debug("%s: CUDA graph of %d rows captured (ms: set-up %s, capture %s, instantiate %s)",
                           self.name, len(rec.order), *rec.graph.timing_ms)
@@ -197,8 +197,13 @@ class RecordedCall:
         self._report(rec, len(rows))
         return preds
 
+    def _addresses(self) -> list[int]:
+        return [p.data_ptr() for p in self.model.parameters()]
+
     def _weights_moved(self) -> bool:
-        return self.params is not None and any(p.data_ptr() != ptr for p, ptr in self.params)
+        """True if the model's weights are not where the graphs read them: moved, or replaced by new
+        Parameter objects (the model's parameters as they are now, not the objects captured)."""
+        return self.params is not None and self._addresses() != self.params
 
     def _report(self, rec: _Record, n_rows: int):
         what = (n_rows, rec.path, rec.reason)

@@ -39,15 +39,19 @@ import comfy.hooks
 import comfy.model_patcher
 import comfy.sampler_helpers
 import comfy.samplers
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from . import fastpath
 from .cuda_graphs import GraphPool
+from .domain_files import check_compatible
 from .lora_adapters import LoraBranch, compiled_reason, lora_branches
 from ..guidance import GuidanceTerm, TermInterval, add_domain_terms, covers_whole_run, is_active, percent_to_step_fraction
 
 log = logging.getLogger(__name__)
 
 DOMAIN_TERMS = "INDOMAIN_TERMS"  # the node type of a list[DomainTerm]
+# A model patch that replaces the host's batching of the text rows (the host's sampling_function honours it).
+CUSTOM_ROWS = "sampler_calc_cond_batch_function"
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,29 @@ def same_conditioning(a, b) -> bool:
     return True
 
 
+def check_text_width(base, conditioning, input_name: str) -> None:
+    """ValueError naming `input_name` when its text embedding is not as wide as the base's
+    cross-attention takes (context_dim of the base's UNet config; other models are not checked)."""
+    model = base.model
+    expected = model.model_config.unet_config.get("context_dim")
+    if expected is None or not isinstance(model.diffusion_model, UNetModel) or hasattr(model, "cc_projection"):
+        return  # (Stable Zero123 projects other widths itself)
+    for tensor, _ in conditioning:
+        if tensor.shape[-1] != expected:
+            fix = "encode the empty prompt" if input_name == "null_conditioning" else "encode it"
+            raise ValueError(
+                f"{input_name}: its text embedding is {tensor.shape[-1]} wide, but the base model "
+                f"({type(model.model_config).__name__}) takes {expected}: {fix} with the base checkpoint's CLIP"
+            )
+
+
+def check_domain_model(base, term: "DomainTerm") -> None:
+    """DomainModelError naming the input of a separately loaded domain model whose family,
+    architecture or prediction type is not the base's."""
+    subject = term.name if term.name == "domain_model" else f"more_domains {term.name}"
+    check_compatible(term.model, base, what=subject)
+
+
 def _with_values(conditioning, values: dict):
     """A CONDITIONING list with `values` set on every entry (the entries are copied)."""
     return [[t, {**d, **values}] for t, d in conditioning]
@@ -167,6 +194,8 @@ class DomainGuider(comfy.samplers.CFGGuider):
 
     def set_conds(self, positive, negative, null):
         """positive/negative as for KSampler; null: the base's empty-prompt conditioning."""
+        for input_name, conditioning in (("positive", positive), ("negative", negative), ("null_conditioning", null)):
+            check_text_width(self.model_patcher, conditioning, input_name)
         self.negative_is_null = same_conditioning(negative, null)
         conds = {"positive": positive, "negative": negative, "null": null}
         self.domains = []
@@ -195,6 +224,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
                 group.add(hook)
                 values["hooks"] = group
             elif domain.kind == "model":
+                check_domain_model(self.model_patcher, term)
                 # Loaded with the base for the whole run, as the host loads models carried by conditioning.
                 # (Never a LoRA clone: loading it would patch the weights it shares with the base.)
                 values["additional_models"] = [term.model]
@@ -227,9 +257,12 @@ class DomainGuider(comfy.samplers.CFGGuider):
         self.read_sigma = not all(covers_whole_run(d.term.start_percent, d.term.end_percent) for d in self.domains)
         prepared = []
         pool = GraphPool()
-        # The base rows recorded too, unless a LoRA domain rides in the base's call as a weight hook
-        # (the host swaps the base's weights around that row).
-        if self.fast_mode in ("graph", "eager") and not any(d.kind == "hook" for d in self.domains):
+        # The base rows recorded too, where some term can be on (with none, every step is the host's own
+        # sampling_function), unless a LoRA domain rides in the base's call as a weight hook (the host
+        # swaps the base's weights around that row) or a model patch replaces the host's row batching.
+        if (self.fast_mode in ("graph", "eager") and any(d.kind not in ("off", "same") for d in self.domains)
+                and not any(d.kind == "hook" for d in self.domains)
+                and CUSTOM_ROWS not in self.model_options):
             self.base_fast = fastpath.RecordedCall("base model", self.inner_model, use_graph=self.fast_mode == "graph",
                                                    pool=pool)
         try:
@@ -242,6 +275,12 @@ class DomainGuider(comfy.samplers.CFGGuider):
                 if d.kind in ("model", "adapter") and self.fast_mode != "off":
                     d.fast = self._domain_forward(d, sigmas, pool)
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
+        except BaseException:
+            # The host cleans up the models loaded with the conditioning after a run that ended well
+            # (sampler_helpers.cleanup_models); after a failure or Cancel only the base's cleanup() runs.
+            for d in prepared:
+                d.term.model.cleanup()
+            raise
         finally:
             self.base_fast = None  # frees the CUDA graphs' memory pool
             for d in self.domains:
@@ -277,40 +316,48 @@ class DomainGuider(comfy.samplers.CFGGuider):
         sigma = float(timestep.max()) if self.read_sigma else None
         active = [d for d in self.domains if d.kind not in ("off", "same")
                   and (sigma is None or is_active(d.interval, sigma))]
+        if not active:  # no domain term this step: the host's own sampling_function, KSampler exactly
+            return super().predict_noise(x, timestep, model_options, seed)
         # Fast domain rows first: the GPU computes them while the CPU launches the base rows.
         predictions = {d.index: d.fast(x, timestep) for d in active if d.fast is not None}
         positive = self.conds.get("positive")
         negative = self.conds.get("negative")
-        null = self.conds.get("null")
         cfg1 = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
-
-        # One batched call of the base: [positive, negative | None, null?, LoRA-domain rows...].
-        rows = [positive, None if cfg1 else negative]
-        null_row = None
-        if active:
-            if self.negative_is_null and not cfg1:
-                null_row = 1
-            else:
-                rows.append(null)
-                null_row = len(rows) - 1
+        text = [positive, None if cfg1 else negative]
         hooked = [d for d in active if d.kind == "hook"]
-        for d in hooked:
-            rows.append(self.conds[d.key])
-        if self.base_fast is not None:
-            out = self.base_fast(rows, x, timestep, model_options)
-        else:
-            out = comfy.samplers.calc_cond_batch(self.inner_model, rows, x, timestep, model_options)
+        out, null_row = self._base_rows(text, hooked, x, timestep, model_options)
         for fn in model_options.get("sampler_pre_cfg_function", []):
-            out[:2] = fn({"conds": rows[:2], "conds_out": out[:2], "cond_scale": self.cfg, "timestep": timestep,
+            out[:2] = fn({"conds": text, "conds_out": out[:2], "cond_scale": self.cfg, "timestep": timestep,
                           "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})
         guided = comfy.samplers.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep,
-                                             model_options=model_options, cond=rows[0], uncond=rows[1])
-        if not active:
-            return guided
-
+                                             model_options=model_options, cond=text[0], uncond=text[1])
         predictions.update({d.index: out[len(out) - len(hooked) + j] for j, d in enumerate(hooked)})
         for d in active:
             if d.index not in predictions:  # the straightforward path of a full-copy domain
                 predictions[d.index] = comfy.samplers.calc_cond_batch(d.inner_model, [self.conds[d.key]], x, timestep, d.model_options)[0]
         terms = [GuidanceTerm(predictions[d.index], d.term.weight) for d in active]
         return add_domain_terms(guided, out[null_row], terms)
+
+    def _base_rows(self, text: list, hooked: list, x, timestep, model_options) -> tuple[list, int]:
+        """The base's predictions [positive, negative | zeros, null?, LoRA-domain rows...] and the index
+        of the empty prompt's row u.
+
+        One batched call of the base, as the host batches KSampler's rows (the negative row doubles as
+        u when the negative is the empty prompt). A model patch that replaces the host's row batching
+        (sampler_calc_cond_batch_function, e.g. SkipLayerGuidance) gets the text rows exactly as the
+        host's sampling_function gives them; u and the LoRA-domain rows are then a plain call of their own."""
+        null = self.conds.get("null")
+        custom = model_options.get(CUSTOM_ROWS)
+        if custom is None:
+            extra = [] if self.negative_is_null and text[1] is not None else [null]
+            rows = text + extra + [self.conds[d.key] for d in hooked]
+            if self.base_fast is not None:
+                out = self.base_fast(rows, x, timestep, model_options)
+            else:
+                out = comfy.samplers.calc_cond_batch(self.inner_model, rows, x, timestep, model_options)
+            return out, (2 if extra else 1)
+        out = list(custom({"conds": text, "input": x, "sigma": timestep, "model": self.inner_model,
+                           "model_options": model_options}))
+        out += comfy.samplers.calc_cond_batch(self.inner_model, [null] + [self.conds[d.key] for d in hooked],
+                                              x, timestep, model_options)
+        return out, 2

@@ -82,3 +82,74 @@ def test_empty_interval_is_refused(comfy):
     p["sample"]["inputs"].update(domain_start=0.8, domain_end=0.2)
     msg = error_of(comfy, p)
     assert "start_percent=0.8" in msg and "end_percent=0.2" in msg
+
+
+# --- inputs to sampling that do not fit the base model: refused before the first step ----------
+
+def guider_graph(**extra):
+    """Domain Guider -> SamplerCustomAdvanced on the tiny checkpoint (4 Euler steps)."""
+    p = text_to_image(extra=extra)
+    p["guider"] = {"class_type": "InDomainGuider", "inputs": {
+        "model": ["ckpt", 0], "positive": ["pos", 0], "negative": ["neg", 0], "null_conditioning": ["null", 0],
+        "cfg": 5.0, "domain_scale": 1.0, "domain_start": 0.0, "domain_end": 1.0, "control_in_domain": False}}
+    p.update({
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
+        "ksel": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "sigmas": {"class_type": "BasicScheduler", "inputs": {"model": ["ckpt", 0], "scheduler": "normal", "steps": 4, "denoise": 1.0}},
+        "sample": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["ksel", 0], "sigmas": ["sigmas", 0],
+            "latent_image": ["latent", 0]}},
+    })
+    return p
+
+
+@pytest.mark.parametrize("node", ["InDomainKSampler", "InDomainGuider"])
+@pytest.mark.parametrize("which", ["null_conditioning", "positive"])
+def test_conditioning_of_another_text_width_names_the_input(comfy, node, which):
+    """A prompt encoded by a CLIP of another width (96 here; the tiny SD1.5 model takes 768)."""
+    name = put(comfy, "ok_domain.safetensors", tiny.domain_state_dict())
+    extra = {"dom": loader(name), "wide": {"class_type": "TestConditioning", "inputs": {"width": 96}}}
+    p = text_to_image(domain=["dom", 0], extra=extra) if node == "InDomainKSampler" else guider_graph(**extra)
+    if node == "InDomainGuider":
+        p["guider"]["inputs"]["domain_model"] = ["dom", 0]
+    p["sample" if node == "InDomainKSampler" else "guider"]["inputs"][which] = ["wide", 0]
+    with pytest.raises(HostError) as e:
+        comfy.run(p)
+    assert e.value.detail["node_type"] == node  # refused by the node, before sampling started
+    msg = e.value.exception_message
+    assert msg.startswith(f"{which}:") and "96 wide" in msg and "SD15" in msg and "768" in msg and "CLIP" in msg
+
+
+def sd2_domain_unloaded(comfy):
+    """The SD2-family domain file, loaded without base_model (so the loader cannot check it)."""
+    return loader(put(comfy, "sd2_domain.safetensors", tiny.unet_state_dict(5, "sd2")), base=None)
+
+
+def test_a_domain_model_of_another_family_wired_straight_in_names_domain_model(comfy):
+    msg = error_of(comfy, text_to_image(domain=["dom", 0], extra={"dom": sd2_domain_unloaded(comfy)}))
+    assert msg.startswith("domain_model ") and "SD20" in msg and "SD15" in msg and "same family" in msg
+
+
+def test_a_domain_term_of_another_family_names_its_term(comfy):
+    extra = {"dom": sd2_domain_unloaded(comfy),
+             "t0": {"class_type": "InDomainTerm", "inputs": {"domain_model": ["dom", 0], "weight": 1.0,
+                                                            "start_percent": 0.0, "end_percent": 1.0}}}
+    p = text_to_image(extra=extra)
+    p["sample"]["inputs"]["more_domains"] = ["t0", 0]
+    msg = error_of(comfy, p)
+    assert msg.startswith("more_domains term0 ") and "SD20" in msg and "SD15" in msg
+
+
+def test_a_domain_model_of_another_architecture_from_the_hosts_unet_loader_names_what_differs(comfy):
+    """An SD1.5-family UNet with two blocks per stage (the tiny base has one), read by the host's
+    own Load Diffusion Model."""
+    import folder_paths
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    config = {**tiny.UNET_CONFIG, "num_res_blocks": [2], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1]}
+    unet = tiny.randomize_(UNetModel(**config, dtype=tiny.torch.float32, device="cpu"), seed=6)
+    name = put(comfy, "two_blocks.safetensors", unet.state_dict())
+    folder_paths.add_model_folder_path("diffusion_models", comfy.model_dir("domain_unets"))
+    extra = {"dom": {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}}
+    msg = error_of(comfy, text_to_image(domain=["dom", 0], extra=extra))
+    assert msg.startswith("domain_model ") and "another UNet architecture" in msg and "num_res_blocks" in msg

@@ -3,8 +3,8 @@
 Each case samples the same graph twice in the real host: with the fast path (the default: the
 domain rows and the base rows each recorded once, then called directly) and with
 INDOMAIN_FAST_DOMAIN=0 (every row through the host's calc_cond_batch each step, a LoRA domain as
-a weight hook of the base). On the CPU the fast path is the recorded model call made directly
-(CUDA graphs are checked on a GPU by bench/sampling.py --check).
+a weight hook of the base). The recorded call is made directly on the CPU and replayed as a CUDA
+graph on the GPU (the GPU tier, --gpu): the logs below name it "recorded" for either.
 """
 import logging
 import os
@@ -55,8 +55,19 @@ def sample(comfy, monkeypatch, fast: bool, caplog=None, *, steps=2, sample_input
     return comfy.run(p)["captured"]["out"]["samples"]
 
 
+RECORDED = {False: "(direct", True: "(graph"}  # how the device makes a recorded call, by on_gpu
+
+
+@pytest.fixture(autouse=True)
+def device_path(on_gpu):
+    global RECORDED_HERE
+    RECORDED_HERE = RECORDED[on_gpu]
+
+
 def fast_paths(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if "fast path" in r.getMessage() or "straightforward path" in r.getMessage()]
+    """The fast path's log lines, the device's way of making a recorded call named "(recorded"."""
+    lines = [r.getMessage() for r in caplog.records if "fast path" in r.getMessage() or "straightforward path" in r.getMessage()]
+    return [line.replace(RECORDED_HERE, "(recorded") for line in lines]
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +80,7 @@ def test_full_copy_domain_fast_equals_straightforward(comfy, files, monkeypatch,
     slow = sample(comfy, monkeypatch, False, caplog, **kw)
     assert fast_paths(caplog) == []
     fast = sample(comfy, monkeypatch, True, caplog, **kw)
-    assert fast_paths(caplog) == ["domain 'domain_model': fast path (direct)", "base model (3 rows): fast path (direct)"]
+    assert fast_paths(caplog) == ["domain 'domain_model': fast path (recorded)", "base model (3 rows): fast path (recorded)"]
     assert torch.equal(fast, slow)  # the same model calls with the same inputs: bit for bit
 
 
@@ -87,9 +98,9 @@ def test_fast_path_with_batches_intervals_and_an_empty_negative(comfy, files, mo
     assert close(fast, slow, rel=1e-4)
     base = sorted(m for m in fast_paths(caplog) if m.startswith("base model"))
     if end < 1.0:  # the LoRA term's interval ends mid-run: the null row is still needed by the other domain
-        assert base == ["base model (3 rows): fast path (direct)"]
+        assert base == ["base model (3 rows): fast path (recorded)"]
     else:  # an empty negative is the null row: one base row fewer
-        assert base == ["base model (2 rows): fast path (direct)"]
+        assert base == ["base model (2 rows): fast path (recorded)"]
 
 
 @pytest.mark.parametrize("name", ["lora", "conv_lora"])
@@ -97,11 +108,11 @@ def test_lora_domain_as_adapters_equals_the_weight_hook(comfy, files, monkeypatc
     kw = dict(domain=["dom", 0], domain_scale=1.5, extra={"dom": loader(files[name])})
     hooked = sample(comfy, monkeypatch, False, caplog, **kw)
     adapters = sample(comfy, monkeypatch, True, caplog, **kw)
-    assert fast_paths(caplog) == ["domain 'domain_model': fast path (direct, LoRA as adapters)",
-                                  "base model (3 rows): fast path (direct)"]
+    assert fast_paths(caplog) == ["domain 'domain_model': fast path (recorded, LoRA as adapters)",
+                                  "base model (3 rows): fast path (recorded)"]
     assert close(adapters, hooked, rel=1e-4)  # unmerged x@W + (x@down)@up against merged weights
     base = tiny.tiny_model().model.diffusion_model.state_dict()
-    assert all(torch.equal(base[k], v) for k, v in tiny.unet_state_dict(0).items())  # the base's weights untouched
+    assert all(torch.equal(base[k].cpu(), v.to(base[k].dtype)) for k, v in tiny.unet_state_dict(0).items())  # untouched
 
 
 def test_a_compiled_model_keeps_the_lora_domain_as_a_weight_hook(comfy, files, monkeypatch, caplog):
@@ -185,12 +196,15 @@ def test_lora_branches_refuse_what_is_not_a_plain_lora(comfy):
     assert fastpath.lora_branches(model, {"missing.weight": [plain]}) is None
 
 
-@pytest.mark.parametrize("mode", ["1", "domain"])
+@pytest.mark.parametrize("mode", ["1", "eager", "domain"])
 def test_domain_scale_zero_is_the_stock_ksampler_bit_for_bit(comfy, files, monkeypatch, caplog, mode):
+    """With no domain term on, each step is the host's own sampling_function: nothing is recorded."""
     import comfy.model_management as mm
 
-    stock = comfy.run(text_to_image(sampler="KSampler", steps=3))["captured"]["out"]["samples"]
-    mm.unload_all_models()
+    mm.unload_all_models()  # then the loaded models are this test's
+    # The stock run just before ours: on a GPU the first run after loading can differ in the last bits.
+    for _ in range(2):
+        stock = comfy.run(text_to_image(sampler="KSampler", steps=3))["captured"]["out"]["samples"]
     monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", mode)
     caplog.clear()
     ours = comfy.run(text_to_image(steps=3, domain=["dom", 0], domain_scale=0.0,
@@ -200,8 +214,7 @@ def test_domain_scale_zero_is_the_stock_ksampler_bit_for_bit(comfy, files, monke
 
     unets = [m for m in mm.current_loaded_models if isinstance(m.model.model, model_base.BaseModel)]
     assert len(unets) == 1  # a domain of weight 0 is not even loaded
-    # "domain": only domain rows are recorded (none here), the base rows go through the host every step.
-    assert fast_paths(caplog) == (["base model (2 rows): fast path (direct)"] if mode == "1" else [])
+    assert fast_paths(caplog) == []
 
 
 @pytest.mark.parametrize("patch", [
@@ -223,7 +236,7 @@ def test_model_patches_sample_as_on_the_straightforward_path(comfy, files, monke
     assert not torch.equal(fast, run(True, patched=False))  # the patch does act on this model
 
 
-def test_a_base_model_patch_keeps_the_fast_path_but_no_cuda_graph(comfy, files, monkeypatch, caplog):
+def test_a_base_model_patch_keeps_the_fast_path_but_no_cuda_graph(comfy, files, monkeypatch, caplog, on_gpu):
     """FreeU patches the base's forward with Python code: the recorded call runs it every step,
     but a CUDA graph (which would freeze what that code does) is refused."""
     fastpath = comfy.pack("nodes.fastpath")  # graph_reason as the recorder sees it
@@ -239,10 +252,11 @@ def test_a_base_model_patch_keeps_the_fast_path_but_no_cuda_graph(comfy, files, 
 
     assert torch.equal(run(True, True), run(False, True))
     # On the CPU the weights decide anyway; what matters is which check refuses first.
-    assert seen == ["weights not on the GPU", "model patches are set"]  # the domain's call, then the base's
+    device = None if on_gpu else "weights not on the GPU"
+    assert seen == [device, "model patches are set"]  # the domain's call, then the base's
     seen.clear()
     run(True, False)
-    assert seen == ["weights not on the GPU", "weights not on the GPU"]  # a plain run: nothing but the device
+    assert seen == [device, device]  # a plain run: nothing but the device
 
 
 def test_the_base_rows_fall_back_when_the_host_splits_them(comfy, files, monkeypatch, caplog):
@@ -331,5 +345,96 @@ def test_the_host_samplers_give_the_same_latents_on_the_fast_path(comfy, files, 
     kw = dict(domain=["dom", 0], domain_scale=1.5, sampler_name=sampler_name, extra={"dom": loader(files["domain"])})
     slow = sample(comfy, monkeypatch, False, caplog, **kw)
     fast = sample(comfy, monkeypatch, True, caplog, **kw)
-    assert fast_paths(caplog) == ["domain 'domain_model': fast path (direct)", "base model (3 rows): fast path (direct)"]
+    assert fast_paths(caplog) == ["domain 'domain_model': fast path (recorded)", "base model (3 rows): fast path (recorded)"]
     assert torch.equal(fast, slow)
+
+
+class TestRowBatching:
+    """A model patch that replaces the host's batching of the text rows (sampler_calc_cond_batch_function,
+    as the host's SkipLayerGuidance nodes set it): here it also scales the negative's prediction."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    CATEGORY = "testing"
+    calls: list = []
+
+    def patch(self, model):
+        import comfy.samplers
+
+        def rows(args):
+            TestRowBatching.calls.append(len(args["conds"]))
+            cond, uncond = args["conds"]  # exactly the host's two text rows, as SkipLayerGuidance unpacks them
+            out = comfy.samplers.calc_cond_batch(args["model"], [cond, uncond], args["input"], args["sigma"], args["model_options"])
+            return [out[0], out[1] * 0.9]
+
+        m = model.clone()
+        m.set_model_sampler_calc_cond_batch_function(rows)
+        return (m,)
+
+
+HOST_PATCHES = {
+    "RescaleCFG": {"class_type": "RescaleCFG", "inputs": {"model": ["ckpt", 0], "multiplier": 0.7}},
+    "FreeU_V2": {"class_type": "FreeU_V2", "inputs": {"model": ["ckpt", 0], "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}},
+    "SelfAttentionGuidance": {"class_type": "SelfAttentionGuidance", "inputs": {"model": ["ckpt", 0], "scale": 0.8, "blur_sigma": 2.0}},
+    "PerturbedAttentionGuidance": {"class_type": "PerturbedAttentionGuidance", "inputs": {"model": ["ckpt", 0], "scale": 3.0}},
+    "SkipLayerGuidanceDiTSimple": {"class_type": "SkipLayerGuidanceDiTSimple", "inputs": {
+        "model": ["ckpt", 0], "double_layers": "1", "single_layers": "1", "start_percent": 0.0, "end_percent": 1.0}},
+    "row batching": {"class_type": "TestRowBatching", "inputs": {"model": ["ckpt", 0]}},
+}
+
+
+@pytest.fixture(scope="module")
+def row_batching_node(comfy):
+    import nodes
+    nodes.NODE_CLASS_MAPPINGS["TestRowBatching"] = TestRowBatching
+
+
+@pytest.mark.parametrize("patch", list(HOST_PATCHES))
+def test_domain_weight_zero_is_ksampler_under_every_host_model_patch(comfy, files, monkeypatch, caplog, row_batching_node, patch):
+    """Every domain weight 0: each step is the host's own sampling_function, so whatever a model
+    patch does (guidance functions, attention patches, forward patches, its own row batching), the
+    result is KSampler's, bit for bit."""
+    extra = {"patched": HOST_PATCHES[patch], "dom": loader(files["domain"])}
+    stock = sample(comfy, monkeypatch, True, caplog, steps=3, sampler="KSampler", extra=extra,
+                   sample_inputs={"model": ["patched", 0]})
+    for fast in (True, False):
+        ours = sample(comfy, monkeypatch, fast, caplog, steps=3, domain=["dom", 0], domain_scale=0.0, extra=extra,
+                      sample_inputs={"model": ["patched", 0]})
+        assert torch.equal(ours, stock)
+
+
+def test_a_patch_that_batches_the_text_rows_itself_keeps_doing_so_with_a_domain(comfy, files, monkeypatch, caplog, row_batching_node):
+    """With a domain term on, the patch still gets exactly the two text rows each step (the empty
+    prompt and the domain rows are computed beside it), and what it does to them stays in the result."""
+    extra = {"patched": HOST_PATCHES["row batching"], "dom": loader(files["domain"])}
+    TestRowBatching.calls.clear()
+    patched = sample(comfy, monkeypatch, True, caplog, steps=3, domain=["dom", 0], domain_scale=1.5, extra=extra,
+                     sample_inputs={"model": ["patched", 0]})
+    assert TestRowBatching.calls == [2, 2, 2]
+    straightforward = sample(comfy, monkeypatch, False, caplog, steps=3, domain=["dom", 0], domain_scale=1.5, extra=extra,
+                             sample_inputs={"model": ["patched", 0]})
+    assert torch.equal(patched, straightforward)
+    plain = sample(comfy, monkeypatch, True, caplog, steps=3, domain=["dom", 0], domain_scale=1.5, extra={"dom": extra["dom"]})
+    assert not close(patched, plain, rel=1e-3)
+
+
+def test_a_record_serves_only_the_objects_and_weights_it_was_made_for(comfy):
+    """Records are keyed by the ids of the step's options and rows, and hold them, so that no later
+    object can take an id over; a CUDA graph is re-recorded when a weight is replaced by a new
+    Parameter, not only when the captured Parameter moved."""
+    fastpath = comfy.pack("nodes.fastpath")
+    options, rows = {"transformer_options": {}}, [[{"model_conds": {}}], None]
+    rec = fastpath._Record((1, 4, 8, 8), options, rows)
+    assert rec.holds(options, rows)
+    assert not rec.holds(dict(options), rows) and not rec.holds(options, [[{"model_conds": {}}], None])
+    patcher = tiny.load_unet(tiny.unet_state_dict(0))  # a model of its own
+    call = fastpath.RecordedCall("test", patcher.model)
+    call.params = call._addresses()  # as at a capture
+    assert not call._weights_moved()
+    out = patcher.model.diffusion_model.out[2]
+    out.weight = torch.nn.Parameter(out.weight.detach().clone())  # e.g. a pack swapping in new weights
+    assert call._weights_moved()
