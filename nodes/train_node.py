@@ -23,7 +23,8 @@ class DomainTrainer(io.ComfyNode):
                         "models/domain_unets/<save_name>.safetensors and resumes from its checkpoint when run again.",
             is_output_node=True,
             inputs=[
-                io.Model.Input("model", tooltip="The base MODEL (from Load Checkpoint). Its noise schedule and prediction type are used."),
+                io.Model.Input("model", tooltip="The base MODEL (from Load Checkpoint). Its noise schedule and prediction type are used, "
+                               "as the host samples it (a ModelSamplingDiscrete patch, e.g. v_prediction + zsnr, included)."),
                 io.Vae.Input("vae", tooltip="The base checkpoint's VAE; images are encoded once and cached on disk."),
                 io.Combo.Input("mode", options=["lora", "full"], default="lora",
                                tooltip="lora: small adapters on the base (fast, about 8 GiB at SD1.5). "
@@ -46,7 +47,8 @@ class DomainTrainer(io.ComfyNode):
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in backward: much less memory, about 30% slower."),
                 io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.99999, step=0.0001, round=0.00001,
-                               tooltip="Exponential moving average of the weights (e.g. 0.999); the file and the output use it. 0 = off."),
+                               tooltip="Exponential moving average of the weights (e.g. 0.999); the file and the output use it. 0 = off. "
+                                       "With warm-up: step t uses min(ema_decay, (1 + t) / (10 + t)), so the starting weights fade early."),
                 io.Int.Input("lora_rank", default=16, min=1, max=1024, tooltip="LoRA rank (mode lora only)."),
                 io.Float.Input("lora_alpha", default=16.0, min=0.01, max=4096.0, step=0.5, tooltip="LoRA alpha; the update is scaled by alpha / rank (mode lora only)."),
                 io.String.Input("save_name", default="my_domain",

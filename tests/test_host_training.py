@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from graphs import close, text_to_image, train_graph
+from graphs import assert_same_training, close, text_to_image, train_graph
 from host import HostError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,6 +88,25 @@ def test_loss_falls_and_the_model_file_is_written(comfy, folders, mode):
         assert all(k.startswith("diffusion_model.") for k in keys) and any(k.endswith(".lora_up.weight") for k in keys)
     else:
         assert "input_blocks.0.0.weight" in keys
+
+
+def test_ema_file_has_left_the_base_weights_after_a_few_steps(comfy, folders):
+    """With ema_decay 0.999 the written EMA weights are not the base's: the warm-up
+    (decay min(0.999, (1 + t) / (10 + t))) lets 4 steps move them most of the way the weights went
+    (without it the EMA would keep 0.999^4 of the base, and move 0.4 % of the way)."""
+    from tiny_nodes import unet_state_dict
+
+    base = unet_state_dict(0)
+    options = dict(mode="full", steps=4, learning_rate=1e-3, checkpoint_every=0)
+    train(comfy, save_name="ema_off", ema_decay=0.0, **options)
+    train(comfy, save_name="ema_on", ema_decay=0.999, **options)
+    trained, ema = (load_file(os.path.join(folders, f"{name}.safetensors")) for name in ("ema_off", "ema_on"))
+
+    def moved(weights):
+        return sum(float((weights[k].float() - base[k]).square().sum()) for k in base) ** 0.5
+
+    assert moved(trained) > 0
+    assert moved(ema) > 0.5 * moved(trained), (moved(ema), moved(trained))
 
 
 # --- the files load in our loader and in the host's own loaders, and sample as the output does --
@@ -163,7 +182,7 @@ def file_step(path):
         return int(f.metadata()["indomain.steps"])
 
 
-def test_cancel_keeps_the_last_checkpoint_and_resuming_equals_an_uninterrupted_run(comfy, folders, monkeypatch):
+def test_cancel_keeps_the_last_checkpoint_and_resuming_equals_an_uninterrupted_run(comfy, folders, monkeypatch, on_gpu):
     mm, utils = importlib.import_module("comfy.model_management"), importlib.import_module("comfy.utils")
     train(comfy, save_name="straight", **RESUMABLE)
     update = utils.ProgressBar.update_absolute
@@ -186,9 +205,7 @@ def test_cancel_keeps_the_last_checkpoint_and_resuming_equals_an_uninterrupted_r
     train(comfy, save_name="stopped", **RESUMABLE)  # run again: resumes at step 3
     assert [t.split()[1] for t in comfy.server.progress_texts("train") if t.startswith("step ")] == ["3/6", "4/6", "5/6", "6/6"]
     a, b = load_file(os.path.join(folders, "straight.safetensors")), load_file(os.path.join(folders, "stopped.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+    assert_same_training(a, b, on_gpu, cpu_rtol=1e-5)
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(comfy, folders, monkeypatch):
@@ -205,6 +222,41 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(co
     assert "diverged at step 4" in msg and "step 2" in msg and "lower" in msg
     assert comfy.pack("training.checkpoint").read_state_header(os.path.join(folders, "diverged.indomain-state")).step == 2
     assert file_step(os.path.join(folders, "diverged.safetensors")) == 2 and no_temp_files(folders)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_after_a_nan_loss_resuming_with_a_lower_lr_and_another_dtype_continues_from_the_kept_step(
+        comfy, folders, monkeypatch, caplog, dtype):
+    """What the divergence error advises can be done: the same save_name, a lower learning_rate and a
+    steadier training_dtype resume from the kept checkpoint (the fp16 loss scale is dropped)."""
+    loop = comfy.pack("training.loop")
+    real, calls = loop.denoising_step, []
+
+    def nan_from_step_4(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= 4 else loss
+
+    monkeypatch.setattr(loop, "denoising_step", nan_from_step_4)
+    name = f"diverged_{dtype}"
+    assert "diverged at step 4" in error_of(comfy, save_name=name, **{**RESUMABLE, "training_dtype": "fp16"})
+    monkeypatch.setattr(loop, "denoising_step", real)
+
+    with caplog.at_level(logging.INFO):
+        train(comfy, save_name=name, **{**RESUMABLE, "learning_rate": 1e-3, "training_dtype": dtype})
+    assert [t.split()[1] for t in comfy.server.progress_texts("train") if t.startswith("step ")] == ["3/6", "4/6", "5/6", "6/6"]
+    assert all(np.isfinite(shown_losses(comfy)))
+    assert "with lr 0.001 (saved 0.01)" in caplog.text and f"with precision {dtype} (saved fp16)" in caplog.text
+    state = comfy.pack("training.checkpoint").read_state_header(os.path.join(folders, f"{name}.indomain-state"))
+    assert state.step == 6 and state.config["lr"] == 1e-3 and state.config["precision"] == dtype
+    with safe_open(os.path.join(folders, f"{name}.safetensors"), framework="pt") as f:
+        assert f.metadata()["indomain.steps"] == "6" and f.metadata()["indomain.learning_rate"] == "0.001"
+
+
+def test_resuming_with_another_batch_size_is_refused_naming_what_may_change(comfy, folders):
+    train(comfy, save_name="refused_resume", steps=2)
+    msg = error_of(comfy, save_name="refused_resume", steps=4, batch_size=1)
+    assert "batch_size: saved 2, now 1" in msg and "lr, lr_schedule, warmup_steps, precision may change" in msg
 
 
 def test_full_disk_keeps_the_last_checkpoint(comfy, folders, monkeypatch):
@@ -291,6 +343,19 @@ def test_save_name_cannot_leave_the_model_folder(comfy, folders, name):
     assert not glob.glob(os.path.join(parent, "escape*")) and not os.path.exists("/tmp/abs.safetensors")
 
 
+@pytest.mark.parametrize("name", [".", "...", "a/.", "a/..", "sub/", ".hidden", "faces/.safetensors", " / "])
+def test_save_name_must_end_in_a_plain_file_name(comfy, folders, name):
+    msg = error_of(comfy, save_name=name, steps=1)
+    assert "save name" in msg and repr(name.strip()) in msg and "file name" in msg
+    hidden = [p for p in glob.glob(os.path.join(folders, "**", ".*"), recursive=True) if ".latent-cache" not in p]
+    assert hidden == []
+
+
+def test_save_name_may_have_subfolders(comfy, folders):
+    train(comfy, save_name="faces/v1.safetensors", steps=1)
+    assert files(os.path.join(folders, "faces"), "v1") == ["v1.indomain-state", "v1.safetensors"]
+
+
 def test_images_from_an_image_batch_and_a_folder_together(comfy, folders):
     prompt = train_graph(save_name="both", steps=2)
     prompt["img"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 3, "color": 0x336699}}
@@ -300,14 +365,14 @@ def test_images_from_an_image_batch_and_a_folder_together(comfy, folders):
         assert f.metadata()["indomain.image_count"] == "9"  # 3 from the batch + 6 in the folder
 
 
-def test_clip_instead_of_null_conditioning_is_the_same_training(comfy, folders):
+def test_clip_instead_of_null_conditioning_is_the_same_training(comfy, folders, on_gpu):
     train(comfy, save_name="with_null", steps=2)
     prompt = train_graph(save_name="with_clip", steps=2)
     del prompt["train"]["inputs"]["null_conditioning"]
     prompt["train"]["inputs"]["clip"] = ["ckpt", 1]
     comfy.run(prompt)
     a, b = load_file(os.path.join(folders, "with_null.safetensors")), load_file(os.path.join(folders, "with_clip.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_training(a, b, on_gpu)
 
 
 def test_previews_are_the_domain_model_sampled_by_the_host(comfy, folders):
@@ -352,6 +417,54 @@ def test_sdxl_trains_on_its_size_conditioning_and_v_models_on_v(comfy):
     assert training.prediction_type(type("Patcher", (), {"model": v_model})()) == "v"
 
 
+def test_a_model_patched_to_v_with_zero_terminal_snr_trains_on_v_and_that_schedule(comfy, folders, monkeypatch):
+    """The host's ModelSamplingDiscrete node (v_prediction, zsnr) makes the host sample the model
+    as v-prediction on a zero-terminal-SNR schedule: training then uses the same pair, from the
+    same model_sampling, and the file says v. Unpatched, the tiny SD1 model stays eps."""
+    run = comfy.pack("nodes.train_run")
+    real, seen = run.train, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "train", spy)
+    prompt = train_graph(save_name="zsnr_v", steps=2, checkpoint_every=0)
+    prompt["msd"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["ckpt", 0], "sampling": "v_prediction", "zsnr": True}}
+    prompt["train"]["inputs"]["model"] = ["msd", 0]
+    comfy.run(prompt)
+    train(comfy, save_name="plain_eps", steps=2, checkpoint_every=0)
+
+    (patched, plain), meta = seen, {}
+    for name in ("zsnr_v", "plain_eps"):
+        with safe_open(os.path.join(folders, f"{name}.safetensors"), framework="pt") as f:
+            meta[name] = f.metadata()["indomain.prediction_type"]
+    assert patched["prediction_type"] == "v" and meta["zsnr_v"] == "v"
+    assert plain["prediction_type"] == "eps" and meta["plain_eps"] == "eps"
+    zsnr, sd = patched["alphas_cumprod"], plain["alphas_cumprod"]
+    assert zsnr[-1] < 1e-7 and sd[-1] > 1e-3  # zero terminal SNR: alpha_bar ~ 0 at the last step
+    assert torch.allclose(zsnr[0], sd[0], rtol=1e-4)  # the rescaling keeps the first step
+    assert all(np.isfinite(v) for v in shown_losses(comfy))
+
+
+def test_models_sampled_as_anything_but_eps_or_v_on_the_discrete_schedule_are_refused_naming_them(comfy):
+    """x0 and LCM subclass the host's EPS but read the output otherwise; flow models have another
+    schedule: training refuses them, naming the model and how it is sampled."""
+    from tiny_nodes import UNET_CONFIG, tiny_model
+
+    training = comfy.pack("nodes.train_inputs")
+    patch = comfy.nodes["ModelSamplingDiscrete"]().patch
+    assert training.prediction_type(patch(tiny_model(), "eps", False)[0]) == "eps"
+    for sampling, described in [("x0", "SD15\\) is sampled as X0 on ModelSamplingDiscrete"),
+                                ("lcm", "SD15\\) is sampled as LCM on ModelSamplingDiscreteDistilled")]:
+        with pytest.raises(ValueError, match=f"eps- and v-prediction.*{described}"):
+            training.prediction_type(patch(tiny_model(), sampling, False)[0])
+    model_base, supported = importlib.import_module("comfy.model_base"), importlib.import_module("comfy.supported_models")
+    flow = model_base.BaseModel(supported.SD15(dict(UNET_CONFIG)), model_type=model_base.ModelType.FLOW)
+    with pytest.raises(ValueError, match="is sampled as CONST on ModelSamplingDiscreteFlow"):
+        training.prediction_type(type("Patcher", (), {"model": flow})())
+
+
 def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_weights(comfy, folders):
     """The host's UNet calls each block's layers one by one, so checkpointing wraps the layers:
     their forward runs twice per step (forward, then recomputed in backward), the math is unchanged."""
@@ -368,17 +481,43 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_weights(co
         return original(*args, **kwargs)
 
     layer.forward = counted  # beneath the checkpoint wrapper: counts the recomputation too
+    undo = lambda: None  # noqa: E731
     try:
         with torch.inference_mode(False):
             training_node.make_autograd_safe(unet)
             undo = loop.enable_gradient_checkpointing(unet, names)
-            x = torch.randn(1, 4, 8, 8, requires_grad=True)
-            unet(x, torch.tensor([500.0]), context=torch.randn(1, 77, 768)).square().mean().backward()
-            undo()
+            p = next(unet.parameters())
+            x = torch.randn(1, 4, 8, 8, device=p.device, dtype=p.dtype, requires_grad=True)
+            t, context = torch.tensor([500.0], device=p.device), torch.randn(1, 77, 768, device=p.device, dtype=p.dtype)
+            unet(x, t, context=context).float().square().mean().backward()
     finally:
+        undo()
         layer.__dict__.pop("forward", None)
+        training_node.give_back_to_host(unet)
     assert len(calls) == 2
     train(comfy, save_name="ckpt_on", steps=2, gradient_checkpointing=True)
     train(comfy, save_name="ckpt_off", steps=2, gradient_checkpointing=False)
     a, b = load_file(os.path.join(folders, "ckpt_on.safetensors")), load_file(os.path.join(folders, "ckpt_off.safetensors"))
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+
+
+def test_full_mode_builds_its_model_from_the_base_config_not_by_detecting_the_weights(comfy, folders, monkeypatch):
+    """A base whose saved weights the host cannot detect again (as for a model only its own loader
+    knows): the trained MODEL is made from the base's model config, and samples as the written
+    file does when the host can read it."""
+    import tiny_nodes
+    tiny_nodes.TestTinyCheckpoint().load("tiny")  # the base, loaded before detection stops working
+    detection = importlib.import_module("comfy.model_detection")
+    for fn in ("model_config_from_unet", "model_config_from_diffusers_unet", "convert_diffusers_mmdit"):
+        monkeypatch.setattr(detection, fn, lambda *args, **kwargs: None)
+    node = {"class_type": "InDomainTrainUNet", "inputs": train_graph(
+        mode="full", steps=2, learning_rate=1e-3, save_name="undetected")["train"]["inputs"]}
+    comfy.run(text_to_image(positive="", negative="", cfg=0.0, steps=3, domain=["train", 0], extra={"train": node}))
+    trained = comfy.captured["out"]["samples"]
+    assert torch.isfinite(trained).all() and file_step(os.path.join(folders, "undetected.safetensors")) == 2
+
+    monkeypatch.undo()
+    comfy.run(text_to_image(positive="", negative="", cfg=0.0, steps=3, domain=["dom", 0], extra={"dom": {
+        "class_type": "InDomainUNetLoader", "inputs": {"unet_name": "undetected.safetensors", "lora_strength": 1.0,
+                                                       "base_model": ["ckpt", 0]}}}))
+    assert close(trained, comfy.captured["out"]["samples"], 1e-4)

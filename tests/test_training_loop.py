@@ -101,12 +101,24 @@ def test_a_huge_learning_rate_diverges_and_the_last_checkpoint_stays_finite(tmp_
 def test_resuming_with_another_config_is_refused_naming_the_keys(tmp_path):
     run(tmp_path, steps=2, lr=1e-3)
     saved = (tmp_path / "state.train").read_bytes()
-    with pytest.raises(ResumeMismatch, match=r"lr: saved 0.001, now 0.002"):
-        run(tmp_path, steps=4, lr=2e-3)
+    with pytest.raises(ResumeMismatch, match=r"batch_size: saved 2, now 1; seed: saved 0, now 3"):
+        run(tmp_path, steps=4, lr=2e-3, batch_size=1, seed=3)
     write_image(tmp_path / "images" / "new.png", 64, 64, seed=99)
     with pytest.raises(ResumeMismatch, match=r"image_set: saved .*num_images: saved 4, now 5"):
         run(tmp_path, steps=4, lr=1e-3)
     assert (tmp_path / "state.train").read_bytes() == saved
+
+
+@pytest.mark.parametrize("before, after", [("fp16", "bf16"), ("fp32", "fp16"), ("fp16", "fp16")])
+def test_lr_schedule_and_precision_may_change_on_resume(tmp_path, before, after):
+    """A diverged run is continued with a lower lr and a steadier precision (the error's advice); the
+    fp16 loss scale is kept where both runs are fp16, else dropped or started afresh."""
+    run(tmp_path, steps=2, lr=1e-2, precision=before)
+    resumed = run(tmp_path, steps=4, lr=1e-3, lr_schedule="cosine", warmup_steps=1, precision=after)
+    assert resumed.start_step == 2 and resumed.step == 4 and all(math.isfinite(v) for v in resumed.losses)
+    header = read_state_header(tmp_path / "state.train")
+    assert header.config["lr"] == 1e-3 and header.config["precision"] == after and header.config["lr_schedule"] == "cosine"
+    assert ("scaler.scale" in load_file(tmp_path / "state.train")) == (after == "fp16")
 
 
 def test_a_finished_run_returns_at_once_and_a_longer_one_continues_it(tmp_path):
@@ -129,6 +141,46 @@ def test_full_mode_trains_a_copy_and_returns_the_unets_state_dict(tmp_path):
     assert all(torch.equal(unet.state_dict()[k], v) for k, v in before.items())  # the host's UNet is untouched
     assert all(p.requires_grad for p in unet.parameters())
     assert run(tmp_path, unet=unet, steps=1, state_name=None).ema_weights is None  # ema_decay 0: no EMA
+
+
+def _warm_decay(step: int, decay: float) -> float:
+    """The EMA warm-up written out: decay_t = min(decay, (1 + t) / (10 + t))."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def test_ema_warms_up_so_the_initial_weights_fade_within_a_short_run():
+    """After N updates the EMA's weight on its starting value is prod_t decay_t: with the warm-up
+    about 1e-4 after 1000 steps at 0.999, not 0.999^1000 = 37 %."""
+    from training.trainable import ema_decay_at, ema_init, ema_update
+
+    assert ema_decay_at(1, 0.999) == pytest.approx(2 / 11) and ema_decay_at(100, 0.999) == pytest.approx(101 / 110)
+    assert ema_decay_at(10**6, 0.999) == 0.999  # the warm-up ends where (1 + t) / (10 + t) reaches the decay
+    param = {"w": torch.nn.Parameter(torch.ones(3))}  # the initial value 1, then 0 at every step
+    ema = ema_init(param)
+    with torch.no_grad():
+        param["w"].zero_()
+    for step in range(1, 1001):
+        ema_update(ema, param, ema_decay_at(step, 0.999))
+    weight_on_initial = math.prod(_warm_decay(t, 0.999) for t in range(1, 1001))
+    assert torch.allclose(ema["w"], torch.full((3,), weight_on_initial), rtol=1e-4)
+    assert weight_on_initial < 1e-3 < 0.999**1000
+
+
+def test_the_saved_ema_is_the_warmed_up_average_of_the_weights_of_every_step(tmp_path):
+    """The run's EMA equals the EMA computed by hand over the weights after each step (the same
+    seed trains the same weights with or without EMA), starting from the UNet's own weights."""
+    unet = tiny_unet()
+    trajectory = []
+    run(tmp_path / "a", unet=unet, steps=5, checkpoint_every=1, on_checkpoint=lambda step, w: trajectory.append({k: v.clone() for k, v in w.items()}))
+    ema = {k: v.double() for k, v in unet.state_dict().items()}
+    for step, weights in enumerate(trajectory, 1):
+        d = _warm_decay(step, 0.999)
+        ema = {k: d * ema[k] + (1 - d) * weights[k].double() for k in ema}
+    result = run(tmp_path / "b", unet=unet, steps=5, ema_decay=0.999)
+    assert _rel_close(result.ema_weights, {k: v.float() for k, v in ema.items()}, tol=1e-5)
+    start = unet.state_dict()
+    moved = {k: float((result.ema_weights[k] - start[k]).norm() / (result.weights[k] - start[k]).norm()) for k in start}
+    assert min(moved.values()) > 0.5, moved  # the EMA has left the starting weights (without warm-up: 0.5 %)
 
 
 def test_lora_mode_returns_comfyui_lora_tensors_and_gives_the_unet_back(tmp_path):

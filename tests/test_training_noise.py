@@ -48,3 +48,14 @@ def test_schedule_checks_name_the_input():
         check_schedule(torch.tensor([1.5, 0.5]), "eps")
     with pytest.raises(ValueError, match="prediction_type='epsilon'"):
         check_schedule(sd_alphas_cumprod(), "epsilon")
+
+
+def test_a_zero_terminal_snr_step_is_pure_noise_and_its_v_target_is_minus_x0():
+    """Zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps Are
+    Flawed") ends the schedule at alpha_bar = 0: x_t is the noise alone and v = -x0, a finite
+    target (eps would be unlearnable there, which is why zsnr goes with v-prediction)."""
+    zsnr = torch.cat([sd_alphas_cumprod()[:-1], torch.zeros(1)])
+    check_schedule(zsnr, "v")
+    zero = torch.zeros(3)
+    assert torch.equal(q_sample(x0, eps, zero), eps)
+    assert torch.equal(v_target(x0, eps, zero), -x0)

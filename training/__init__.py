@@ -25,12 +25,13 @@ The host interface: `train(unet, images, *, ...)` (loop.py) takes
     alphas_cumprod   1-D tensor [T] (usually T = 1000): the training noise schedule.
     prediction_type  "eps" or "v".
     config           TrainConfig (mode, lora rank/alpha/targets, lr, schedule, warm-up, batch size,
-                     resolution, flip, seed, precision, EMA decay, checkpoint/preview periods,
-                     gradient-checkpointed submodules).
+                     resolution, flip, seed, precision, EMA decay (warmed up: trainable.ema_decay_at),
+                     checkpoint/preview periods, gradient-checkpointed submodules).
     cache_dir        folder for the latent cache (`<sha256>.latent` files, reused across runs).
     state_path       the training-state file (one safetensors file, any extension): saved every
                      config.checkpoint_every steps and at the end; if it exists, training resumes
-                     from it (a differing config raises ResumeMismatch naming the keys).
+                     from it (a differing config raises ResumeMismatch naming the keys; lr,
+                     lr_schedule, warmup_steps and precision may change, and the change is logged).
     check_interrupt  () -> None; raises the host's interrupt exception. Called at the start of each
                      step, once more before each optimizer update, and before each image is encoded.
     on_progress      Progress(stage, step, total, loss, images_per_s, eta_s) -> None: after each

@@ -139,16 +139,20 @@ def read_state_header(path: str | os.PathLike) -> StateHeader:
         ) from e
 
 
-def check_resume_config(header: StateHeader, current: dict) -> None:
-    """Refuse to resume from a state whose config differs, naming each differing key."""
+def check_resume_config(header: StateHeader, current: dict, adjustable: tuple[str, ...] = ()) -> list[tuple[str, object, object]]:
+    """Refuse to resume from a state whose config differs, naming each differing key; keys in
+    `adjustable` may differ: their changes are returned as (key, saved, now)."""
     current = json.loads(json.dumps(current, sort_keys=True))  # compare as stored (tuples -> lists)
     keys = sorted(set(header.config) | set(current))
-    diffs = [f"{k}: saved {header.config.get(k)!r}, now {current.get(k)!r}" for k in keys if header.config.get(k) != current.get(k)]
+    changed = [(k, header.config.get(k), current.get(k)) for k in keys if header.config.get(k) != current.get(k)]
+    diffs = [f"{k}: saved {saved!r}, now {now!r}" for k, saved, now in changed if k not in adjustable]
     if diffs:
+        may = f" ({', '.join(adjustable)} may change)" if adjustable else ""
         raise ResumeMismatch(
             f"cannot resume from {header.path!r}: it was trained with a different configuration ({'; '.join(diffs)}). "
-            f"Use the saved values to continue it, or delete it / choose another name to start over."
+            f"Use the saved values to continue it{may}, or delete it / choose another name to start over."
         )
+    return [c for c in changed if c[0] in adjustable]
 
 
 def restore_state(
@@ -179,7 +183,10 @@ def restore_state(
             fields = {k.split(".")[2]: f.get_tensor(k) for k in keys if k.startswith(f"optim.{i}.")}
             if fields:
                 state[i] = fields
-        if scaler is not None and scaler.is_enabled():
+        if scaler is not None and scaler.is_enabled() and "scaler.scale" not in keys:
+            log.info("%s has no fp16 loss scale (it was trained in another precision): starting from the initial scale",
+                     header.path)
+        elif scaler is not None and scaler.is_enabled():
             sd = scaler.state_dict()
             sd["scale"] = float(f.get_tensor("scaler.scale"))
             sd["_growth_tracker"] = int(f.get_tensor("scaler.growth_tracker"))

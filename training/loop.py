@@ -27,7 +27,7 @@ from .data import ImageSet
 from .latents import LatentSet, cache_latents
 from .lora import DEFAULT_TARGETS
 from .noise import check_schedule, denoising_loss, prediction_target, q_sample
-from .trainable import MODES, ema_init, ema_update, enable_gradient_checkpointing, full_copy, lora_adapters
+from .trainable import MODES, ema_decay_at, ema_init, ema_update, enable_gradient_checkpointing, full_copy, lora_adapters
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ LR_SCHEDULES = ("constant", "cosine")
 # TrainConfig fields that may change between a run and its resumption (they do not change the math).
 # options that change speed or bookkeeping, not the math: a run may be resumed with other values
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "preview_every", "gradient_checkpointing", "compile")
+# Options that change the math of the steps still to run but may change on resume (e.g. a lower lr or
+# another precision after a NaN loss): recorded in the state, a change is logged.
+ADJUSTABLE_ON_RESUME = ("lr", "lr_schedule", "warmup_steps", "precision")
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,7 @@ class TrainConfig:
     flip: bool = True  # horizontal-flip augmentation
     seed: int = 0
     precision: str = "bf16"  # autocast dtype: "bf16", "fp16" (with loss scaling) or "fp32"
-    ema_decay: float = 0.0  # 0 = no EMA
+    ema_decay: float = 0.0  # 0 = no EMA; step t uses min(ema_decay, (1 + t) / (10 + t)) (warm-up)
     checkpoint_every: int = 0  # save the state every N steps (0: only at the end); needs state_path
     preview_every: int = 0  # call on_preview every N steps (0: never)
     gradient_checkpointing: tuple[str, ...] = ()  # UNet submodule paths whose activations are recomputed
@@ -250,7 +253,8 @@ def train(
     header = None
     if state_path is not None and os.path.exists(state_path):
         header = read_state_header(state_path)
-        check_resume_config(header, current)
+        for key, saved, now in check_resume_config(header, current, ADJUSTABLE_ON_RESUME):
+            log.info("Resuming %s with %s %s (saved %s)", state_path, key, now, saved)
 
     # 2. The trainable (a full copy, or LoRA adapters), AdamW, the fp16 loss scaler, the EMA.
     if config.mode == "full":
@@ -298,7 +302,7 @@ def train(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema_update(ema, params, config.ema_decay)
+                ema_update(ema, params, ema_decay_at(step, config.ema_decay))
             losses.append(loss_value)
 
             elapsed, done = time.monotonic() - t0, step - start

@@ -81,7 +81,19 @@ def ema_init(params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     return {k: p.detach().float().clone() for k, p in params.items()}
 
 
+def ema_decay_at(step: int, decay: float) -> float:
+    """The EMA decay of update `step` (1-based), with warm-up: min(decay, (1 + t) / (10 + t)).
+
+    The num_updates rule of TensorFlow's tf.train.ExponentialMovingAverage (diffusers' EMAModel
+    with use_ema_warmup=False applies it one step later): early updates average over the few
+    steps there are, so the starting weights fade within tens of steps instead of keeping a
+    weight of decay^t (0.999^1000 = 37 %). It depends on the step alone, so a resumed run
+    continues it exactly.
+    """
+    return min(decay, (1 + step) / (10 + step))
+
+
 @torch.no_grad()
 def ema_update(ema: Mapping[str, torch.Tensor], params: Mapping[str, nn.Parameter], decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * param, for every parameter."""
+    """ema <- decay * ema + (1 - decay) * param, for every parameter (decay: this step's, see ema_decay_at)."""
     torch._foreach_lerp_(list(ema.values()), [p.detach().float() for p in params.values()], 1.0 - decay)
