@@ -21,11 +21,12 @@ ModelPatcher), and times with torch.cuda.synchronize around each whole sampling 
                  ours with INDOMAIN_FAST_DOMAIN=domain: only the domain row recorded (a CUDA graph), the
                  base rows through the host's calc_cond_batch every step (the fast path before the
                  base rows were recorded too)
-  zero           ours with domain_scale 0: the stock rows [prompt, negative] as a recorded CUDA graph,
-                 i.e. the GPU time of stock's own work without the CPU's launch time
+  zero           ours with domain_scale 0: each step the host's own sampling_function (since issue 15;
+                 it recorded the stock rows as a CUDA graph before), i.e. stock through our node
 
 Each case: all models unloaded, one warm-up run (loads the models), then --repeats timed runs
-(median reported), peak memory = torch.cuda.max_memory_allocated over the timed runs. At the
+(median reported), peak memory = torch.cuda.max_memory_allocated over the timed runs (and
+max_memory_reserved, which holds the CUDA graphs' pools while a run lasts). At the
 first batch size an extra diagnostic run per case records per-step times (a synchronize in the
 step callback), the UNet forwards per step and their batch sizes (BaseModel.apply_model), and
 the time the host spends swapping hook weights (ModelPatcher.patch_hooks). Also checks that
@@ -387,6 +388,7 @@ class Bench:
         warm_s = time.perf_counter() - t0
         resident = torch.cuda.memory_allocated() if cuda else 0
         if cuda:
+            torch.cuda.empty_cache()  # the reserved peak then counts this case's blocks and graph pools only
             torch.cuda.reset_peak_memory_stats()
         times = []
         with PathLog() as timed_paths:
@@ -397,9 +399,11 @@ class Bench:
                 sync()
                 times.append(time.perf_counter() - t0)
         peak = torch.cuda.max_memory_allocated() if cuda else 0
+        peak_reserved = torch.cuda.max_memory_reserved() if cuda else 0  # CUDA-graph pools held during the run
         row = {"model": m["name"], "batch": batch, "case": case, "times_s": [round(t, 5) for t in times],
                "median_s": round(statistics.median(times), 5), "warmup_s": round(warm_s, 3),
-               "peak_gib": gib(peak), "resident_gib": gib(resident), "before_gib": gib(base_alloc),
+               "peak_gib": gib(peak), "peak_reserved_gib": gib(peak_reserved), "resident_gib": gib(resident),
+               "before_gib": gib(base_alloc),
                "finite": bool(torch.isfinite(out).all()), "out_std": round(float(out.float().std()), 4),
                "paths": paths.messages, "captures_timed": [m for m in timed_paths.messages if "captured" in m],
                "weights_channels_last": self.weights_channels_last(m)}

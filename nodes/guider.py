@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 import comfy.hooks
+import comfy.model_management
 import comfy.model_patcher
 import comfy.sampler_helpers
 import comfy.samplers
@@ -265,6 +266,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
                 and CUSTOM_ROWS not in self.model_options):
             self.base_fast = fastpath.RecordedCall("base model", self.inner_model, use_graph=self.fast_mode == "graph",
                                                    pool=pool)
+        self._make_room_for_the_extra_rows(noise.shape, device)
         try:
             for d in self.domains:
                 s, e = d.term.start_percent, d.term.end_percent
@@ -288,6 +290,20 @@ class DomainGuider(comfy.samplers.CFGGuider):
             for d in prepared:
                 d.term.model.restore_hook_patches()
                 d.inner_model = None
+
+    def _make_room_for_the_extra_rows(self, noise_shape, device) -> None:
+        """The host made room for KSampler's two rows (prepare_sampling's estimate); the empty prompt's
+        row and the domain rows come on top, and the recorded calls keep theirs in a CUDA-graph pool
+        for the whole run. Ask the host's model management for that room too, as it does for its own
+        rows: it unloads other models if it must, never the base or the domains of this run."""
+        rows = sum(1 for d in self.domains if d.kind not in ("off", "same"))
+        if rows == 0:
+            return
+        rows += 0 if self.negative_is_null else 1
+        need = self.inner_model.memory_required([noise_shape[0] * rows] + list(noise_shape[1:]))
+        ours = [self.model_patcher, *getattr(self, "loaded_models", [])]
+        keep = [m for m in comfy.model_management.current_loaded_models if any(m.model is p for p in ours)]
+        comfy.model_management.free_memory(need, device, keep_loaded=keep)
 
     def _domain_forward(self, d: _Domain, sigmas, pool: GraphPool) -> fastpath.DomainForward:
         """The fast path of a full-copy domain (its own model) or a LoRA domain (the base's model)."""

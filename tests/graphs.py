@@ -68,8 +68,9 @@ def train_graph(label="trained", unet_dtype="host default", **options):
 
 
 # On a GPU, training is reproducible only within float tolerance: cuDNN's backward kernels for some
-# float32 convolutions (the LoRA adapters' 1x1 convolutions) add in a varying order.
-GPU_TRAINING_RTOL = 1e-4
+# float32 convolutions (the LoRA adapters' 1x1 convolutions) add in a varying order. Seen on an H200:
+# 3.7e-4 of a LoRA up-projection's largest value after 6 steps at lr 1e-2 (resumed vs uninterrupted).
+GPU_TRAINING_RTOL = 1e-3
 
 
 def assert_same_training(a: dict, b: dict, on_gpu: bool, cpu_rtol: float = 0.0):

@@ -438,3 +438,24 @@ def test_a_record_serves_only_the_objects_and_weights_it_was_made_for(comfy):
     out = patcher.model.diffusion_model.out[2]
     out.weight = torch.nn.Parameter(out.weight.detach().clone())  # e.g. a pack swapping in new weights
     assert call._weights_moved()
+
+
+@pytest.mark.parametrize("negative, rows", [("blurry", 2), ("", 1)])
+def test_the_host_makes_room_for_the_rows_it_does_not_count(comfy, files, monkeypatch, caplog, negative, rows):
+    """The host's estimate covers KSampler's two rows; the guider asks its model management for the
+    empty prompt's row (unless the negative is the empty prompt) and the domain row on top, keeping
+    this run's models loaded."""
+    import comfy.model_management as mm
+    asked = []
+    real = mm.free_memory
+    monkeypatch.setattr(mm, "free_memory", lambda need, device, keep_loaded=[]: asked.append((need, keep_loaded)) or real(need, device, keep_loaded))
+    sample(comfy, monkeypatch, True, caplog, negative=negative, domain=["dom", 0], domain_scale=1.5,
+           extra={"dom": loader(files["domain"])})
+    model = tiny.tiny_model().model
+    need, keep = asked[-1]
+    assert need == model.memory_required([rows, 4, 8, 8])
+    assert len(keep) == 2  # the base and the full-copy domain
+    asked.clear()
+    sample(comfy, monkeypatch, True, caplog, negative=negative, domain=["dom", 0], domain_scale=0.0,
+           extra={"dom": loader(files["domain"])})
+    assert not [a for a in asked if a[0] == model.memory_required([rows, 4, 8, 8])]  # nothing more without a term
