@@ -98,6 +98,8 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
     name = os.path.basename(model_path)
     if config.mode == "full":
         domain = model_from_base_config(model, deliverable(final, config, storage), name)
+        if "model_sampling" in model.object_patches:  # e.g. ModelSamplingDiscrete's v / zsnr: what it was trained on
+            domain.add_object_patch("model_sampling", model.get_model_object("model_sampling"))
     else:
         domain = apply_lora(model, final, name)
     return domain, result.losses, result.start_step, model_path

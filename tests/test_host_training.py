@@ -447,6 +447,18 @@ def test_a_model_patched_to_v_with_zero_terminal_snr_trains_on_v_and_that_schedu
     assert all(np.isfinite(v) for v in shown_losses(comfy))
 
 
+def test_a_full_domain_trained_on_a_patched_base_is_sampled_as_it_was_trained(comfy, folders):
+    """The full-mode output of a v / zsnr-patched base carries the base's model_sampling (the domain
+    term then predicts as the base does); the written file needs the same patch when loaded later."""
+    prompt = train_graph(mode="full", save_name="zsnr_full", steps=1, checkpoint_every=0, resume=False)
+    prompt["msd"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["ckpt", 0], "sampling": "v_prediction", "zsnr": True}}
+    prompt["train"]["inputs"]["model"] = ["msd", 0]
+    prompt["cap_base"] = {"class_type": "TestCapture", "inputs": {"value": ["msd", 0], "label": "base"}}
+    comfy.run(prompt)
+    base, domain = comfy.captured["base"], comfy.captured["trained"]
+    assert domain.get_model_object("model_sampling") is base.get_model_object("model_sampling")
+
+
 def test_models_sampled_as_anything_but_eps_or_v_on_the_discrete_schedule_are_refused_naming_them(comfy):
     """x0 and LCM subclass the host's EPS but read the output otherwise; flow models have another
     schedule: training refuses them, naming the model and how it is sampled."""
