@@ -43,7 +43,7 @@ class DomainTrainer(io.ComfyNode):
                                      "Images of any size are resized and centre-cropped to the nearest aspect-ratio bucket."),
                 io.Boolean.Input("flip", default=True, tooltip="Horizontal-flip augmentation (off for text, logos or asymmetric subjects)."),
                 io.Combo.Input("training_dtype", options=list(PRECISIONS), default="bf16",
-                               tooltip="Autocast precision. bf16 on recent GPUs; fp16 uses loss scaling; fp32 is slow but exact."),
+                               tooltip="Autocast precision. bf16 on recent GPUs (its runs repeat bit for bit); fp16 uses loss scaling; fp32 is full precision and slow (on a GPU two fp32 runs differ slightly)."),
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in backward: much less memory, about 30% slower."),
                 io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.99999, step=0.0001, round=0.00001,

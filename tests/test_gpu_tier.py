@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny_nodes as tiny
-from graphs import assert_same_training, loader, text_to_image, train_graph
+from graphs import loader, text_to_image, train_graph
 from test_host_gpu_dtypes import assert_same_state, host_state
 from test_host_training import domain_images
 
@@ -71,7 +71,8 @@ def test_the_gpu_resumes_exactly_and_a_cancel_keeps_the_checkpoint(comfy, folder
     monkeypatch.setattr(loop, "denoising_step", real)
     assert load_file(os.path.join(folders, "gpu_parts.safetensors")).keys() == whole.keys()  # step 2's file, complete
     comfy.run(train_graph(save_name="gpu_parts", resume=True, **options))
-    assert_same_training(load_file(os.path.join(folders, "gpu_parts.safetensors")), whole, on_gpu=True)
+    parts = load_file(os.path.join(folders, "gpu_parts.safetensors"))
+    assert all(torch.equal(parts[k], whole[k]) for k in whole)  # bf16 on a GPU repeats bit for bit
 
 
 @pytest.mark.parametrize("domain", ["gpu_domain.safetensors", "gpu_lora.safetensors"])
