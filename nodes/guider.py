@@ -5,7 +5,12 @@ Per step, with u = base(null), c = base(positive), n = base(negative), d_k = dom
     denoised = cfg_function(c, n, cfg) + sum_k w_k * (d_k - u)
 
 cfg_function is the host's own KSampler guidance (so model patches such as RescaleCFG keep
-working, and every w_k = 0 is KSampler exactly); the domain sum is guidance.add_domain_terms.
+working); the domain sum is guidance.add_domain_terms. A step where no term is on (every w_k = 0,
+or outside every term's interval) is the host's own sampling_function: KSampler exactly, under any
+model patch. A patch that batches the text rows itself (sampler_calc_cond_batch_function) gets
+exactly [c, n] as from the host; u and the LoRA-domain rows are then a call of their own.
+Before the run the guider asks the host's model management for room for the rows its estimate
+leaves out (u and the domain rows).
 
 How each domain model is evaluated:
 - weight 0: not at all (not even loaded), the term is zero;

@@ -211,16 +211,21 @@ def test_cancel_keeps_the_last_checkpoint_and_resuming_equals_an_uninterrupted_r
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(comfy, folders, monkeypatch):
+def nan_loss_from_step(comfy, monkeypatch, step: int):
+    """From the step-th step on, the loss is NaN (as when training diverges)."""
     loop = comfy.pack("training.loop")
     real, calls = loop.denoising_step, []
 
-    def nan_from_step_4(*args, **kwargs):
+    def nan_from(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
-        return loss * float("nan") if len(calls) >= 4 else loss
+        return loss * float("nan") if len(calls) >= step else loss
 
-    monkeypatch.setattr(loop, "denoising_step", nan_from_step_4)
+    monkeypatch.setattr(loop, "denoising_step", nan_from)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(comfy, folders, monkeypatch):
+    nan_loss_from_step(comfy, monkeypatch, 4)
     msg = error_of(comfy, save_name="diverged", **RESUMABLE)
     assert "diverged at step 4" in msg and "step 2" in msg and "lower" in msg
     assert comfy.pack("training.checkpoint").read_state_header(os.path.join(folders, "diverged.indomain-state")).step == 2
@@ -232,15 +237,7 @@ def test_after_a_nan_loss_resuming_with_a_lower_lr_and_another_dtype_continues_f
         comfy, folders, monkeypatch, caplog, dtype):
     """What the divergence error advises can be done: the same save_name, a lower learning_rate and a
     steadier training_dtype resume from the kept checkpoint (the fp16 loss scale is dropped)."""
-    loop = comfy.pack("training.loop")
-    real, calls = loop.denoising_step, []
-
-    def nan_from_step_4(*args, **kwargs):
-        calls.append(1)
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if len(calls) >= 4 else loss
-
-    monkeypatch.setattr(loop, "denoising_step", nan_from_step_4)
+    nan_loss_from_step(comfy, monkeypatch, 4)
     name = f"diverged_{dtype}"
     assert "diverged at step 4" in error_of(comfy, save_name=name, **{**RESUMABLE, "training_dtype": "fp16"})
     monkeypatch.setattr(loop, "denoising_step", real)
