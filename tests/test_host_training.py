@@ -212,7 +212,7 @@ def test_cancel_keeps_the_last_checkpoint_and_resuming_equals_an_uninterrupted_r
 
 
 def nan_loss_from_step(comfy, monkeypatch, step: int):
-    """From the step-th step on, the loss is NaN (as when training diverges)."""
+    """From the step-th step on, the loss is NaN (as when training diverges). Returns the undo."""
     loop = comfy.pack("training.loop")
     real, calls = loop.denoising_step, []
 
@@ -222,6 +222,7 @@ def nan_loss_from_step(comfy, monkeypatch, step: int):
         return loss * float("nan") if len(calls) >= step else loss
 
     monkeypatch.setattr(loop, "denoising_step", nan_from)
+    return lambda: monkeypatch.setattr(loop, "denoising_step", real)
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(comfy, folders, monkeypatch):
@@ -237,10 +238,10 @@ def test_after_a_nan_loss_resuming_with_a_lower_lr_and_another_dtype_continues_f
         comfy, folders, monkeypatch, caplog, dtype):
     """What the divergence error advises can be done: the same save_name, a lower learning_rate and a
     steadier training_dtype resume from the kept checkpoint (the fp16 loss scale is dropped)."""
-    nan_loss_from_step(comfy, monkeypatch, 4)
+    undo = nan_loss_from_step(comfy, monkeypatch, 4)
     name = f"diverged_{dtype}"
     assert "diverged at step 4" in error_of(comfy, save_name=name, **{**RESUMABLE, "training_dtype": "fp16"})
-    monkeypatch.setattr(loop, "denoising_step", real)
+    undo()
 
     with caplog.at_level(logging.INFO):
         train(comfy, save_name=name, **{**RESUMABLE, "learning_rate": 1e-3, "training_dtype": dtype})
