@@ -23,6 +23,10 @@ How each domain model is evaluated:
   additional model of the conditioning, prepared like the base (pre_run, wrappers, hooks)
   and evaluated in its own call.
 
+A guidance-distilled model (Flux.1 dev) reads its guidance value from each row's conditioning: u and
+every d_k take the positive's (with_prompt_guidance), so the domain term is measured at c's guidance,
+whatever the empty prompt carries; n keeps the negative's own, as in KSampler.
+
 The fast path (fastpath.py): each domain row and the base's batched rows go through the host's
 calc_cond_batch on the first step; its one model call is recorded and, every later step, made
 directly (a CUDA graph on CUDA), the domain rows launched before the base rows. Whatever the
@@ -170,6 +174,28 @@ def _with_values(conditioning, values: dict):
     return [[t, {**d, **values}] for t, d in conditioning]
 
 
+GUIDANCE = "guidance"  # a guidance-distilled model's guidance value (Flux.1 dev: FluxGuidance), read per row
+_NO_GUIDANCE = object()
+
+
+def with_prompt_guidance(null, positive):
+    """The empty prompt for the domain rows u and d_k, at the prompt's guidance value.
+
+    A guidance-distilled model (Flux.1 dev) reads its guidance embedding from each row's conditioning.
+    The domain term w (d - u) is added to the prompt's prediction c, so u and d are computed at c's
+    guidance: the positive's value (its first entry that has one), or none (the model's default) when
+    the positive has none; the empty prompt's own value is not used. The null list itself when it
+    already has that value on every entry (models without a guidance embedding never see a change)."""
+    wanted = next((d[GUIDANCE] for _, d in positive if GUIDANCE in d), _NO_GUIDANCE)
+    if all(d.get(GUIDANCE, _NO_GUIDANCE) is wanted or d.get(GUIDANCE, _NO_GUIDANCE) == wanted for _, d in null):
+        return null
+    log.info("domain rows: the empty prompt takes the prompt's guidance (%s)",
+             "the model's default" if wanted is _NO_GUIDANCE else wanted)
+    if wanted is _NO_GUIDANCE:
+        return [[t, {k: v for k, v in d.items() if k != GUIDANCE}] for t, d in null]
+    return _with_values(null, {GUIDANCE: wanted})
+
+
 class _Domain:
     """Run-time state of one domain term inside a sampling run."""
 
@@ -202,6 +228,8 @@ class DomainGuider(comfy.samplers.CFGGuider):
         """positive/negative as for KSampler; null: the base's empty-prompt conditioning."""
         for input_name, conditioning in (("positive", positive), ("negative", negative), ("null_conditioning", null)):
             check_text_width(self.model_patcher, conditioning, input_name)
+        if any(term.weight != 0.0 for term in self.terms):  # (no domain row: the empty prompt is not used)
+            null = with_prompt_guidance(null, positive)  # u and d at c's guidance (Flux.1 dev)
         self.negative_is_null = same_conditioning(negative, null)
         conds = {"positive": positive, "negative": negative, "null": null}
         self.domains = []
