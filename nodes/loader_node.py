@@ -1,6 +1,8 @@
 """Load Domain UNet node: declarations; the file logic is domain_files."""
 from __future__ import annotations
 
+import os
+
 import folder_paths
 from comfy_api.latest import io
 
@@ -29,6 +31,17 @@ class DomainUNetLoader(io.ComfyNode):
             outputs=[io.Model.Output(display_name="domain_model",
                                            tooltip="The domain UNet, for the domain_model input of KSampler (Domain Guidance), Domain Guider or Domain Term.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, unet_name, **kwargs):
+        """The file's size and modification time: a file rewritten (e.g. by a training run with the
+        same save_name) is loaded again; an unchanged one is the host's cached model."""
+        path = folder_paths.get_full_path(FOLDER, unet_name)
+        try:
+            st = os.stat(path)
+        except (OSError, TypeError):  # missing: execute names the error
+            return None
+        return f"{path}|{st.st_size}|{st.st_mtime_ns}"
 
     @classmethod
     def execute(cls, unet_name, lora_strength, base_model=None) -> io.NodeOutput:

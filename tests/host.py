@@ -4,12 +4,15 @@
   (ComfyUI/custom_nodes/<pack>).
 - start(base_dir): imports ComfyUI with its model/input/output folders under base_dir,
   loads the host's built-in nodes and this pack through the host's own custom-node loader.
-- run(prompt): validates and executes an API-format prompt with the host's PromptExecutor.
+- run(prompt): validates and executes an API-format prompt with the host's PromptExecutor (a new
+  one per run, caching nothing across runs); run(prompt, executor=host.executor()) runs it through
+  one executor kept across runs, with the host's real output cache, as a running ComfyUI queues.
 - tiny SD1-architecture models with random weights (nothing downloaded).
 """
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 import sys
@@ -123,10 +126,21 @@ class Host:
         os.makedirs(path, exist_ok=True)
         return path
 
-    def run(self, prompt: dict, outputs: list[str] | None = None) -> dict:
+    def executor(self, cache_type: str = "CLASSIC", lru: int = 10):
+        """A PromptExecutor with the host's real output cache (cache_type: a name of the host's
+        execution.CacheType, CLASSIC being 0.8.0's default), to pass to run(..., executor=) for
+        several prompts in a row: a node runs again only when its inputs or its fingerprint changed."""
+        import execution
+
+        return execution.PromptExecutor(self.server, cache_type=getattr(execution.CacheType, cache_type),
+                                        cache_args={"lru": lru, "ram": 0.0, "ram_inactive": 0.0})
+
+    def run(self, prompt: dict, outputs: list[str] | None = None, executor=None) -> dict:
         """Validate and execute an API-format prompt; return {"ui": ..., "captured": ...}.
 
-        Raises HostError with the host's own validation or execution error.
+        executor: None (a new PromptExecutor that caches nothing across runs), or one from
+        executor(), reused across runs with its cache. Raises HostError with the host's own
+        validation or execution error.
         """
         import execution
 
@@ -136,7 +150,11 @@ class Host:
             raise HostError(f"prompt did not validate: {valid[1]} {valid[3]}")
         self.captured.clear()
         self.server.messages.clear()
-        executor = execution.PromptExecutor(self.server, cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
+        if executor is None:
+            executor = execution.PromptExecutor(self.server, cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
+        else:  # the host writes each node's fingerprint into the prompt; a server gets a fresh one per queue
+            prompt = copy.deepcopy(prompt)
+        executor.success = True  # a run whose nodes all come from the cache executes none to set it
         executor.execute(prompt, prompt_id, {}, valid[2])
         if not executor.success:
             errors = [(e, d) for e, d in executor.status_messages if e in ("execution_error", "execution_interrupted")]
