@@ -9,6 +9,7 @@ was kept.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 
@@ -19,6 +20,7 @@ import comfy.utils
 import folder_paths
 
 from ..training import TrainConfig, save_model_file, train
+from ..training.data import IMAGE_EXTENSIONS
 from .domain_files import apply_lora, model_from_base_config
 from .train_files import CACHE_FOLDER, kept_message, deliverable, domain_folder, file_metadata, fingerprint, output_paths
 from .train_inputs import (alphas_cumprod, check_vae, checkpointed_blocks, cond_function, empty_prompt, encode_function,
@@ -28,15 +30,60 @@ from .train_progress import preview_function, progress_reporter
 log = logging.getLogger(__name__)
 
 
+def resolve_image_folder(image_folder: str, *, anywhere: bool = False) -> str:
+    """The folder `image_folder` names: a relative path is inside ComfyUI's input directory.
+
+    Unless `anywhere` (the headless trainer), the folder must lie inside the input directory after
+    resolving symlinks and '..' (as Load Image reads only from there), so that a shared server
+    cannot be made to train on arbitrary server paths; otherwise a ValueError names the folder and
+    the allowed root."""
+    folder = image_folder.strip()
+    input_dir = folder_paths.get_input_directory()
+    path = folder if os.path.isabs(folder) else os.path.join(input_dir, folder)
+    if anywhere:
+        return path
+    root, real = os.path.realpath(input_dir), os.path.realpath(path)
+    try:
+        inside = os.path.commonpath([root, real]) == root
+    except ValueError:  # another drive (Windows)
+        inside = False
+    if not inside:
+        raise ValueError(f"image_folder {image_folder!r} is outside ComfyUI's input directory {root} (it resolves to {real}): "
+                         "only folders inside the input directory are read; put the images in a folder there, e.g. "
+                         f"{os.path.join(root, 'my_domain_images')}, and give its name ('my_domain_images')")
+    return real
+
+
+def image_folder_fingerprint(image_folder: str) -> str:
+    """A cheap fingerprint of the images in `image_folder` (names, sizes, modification times; the
+    contents are not read): changes when an image is added, removed or rewritten. The node's
+    fingerprint_inputs, so the host runs the training again then and reuses its output otherwise."""
+    if not image_folder or not image_folder.strip():
+        return ""
+    try:
+        folder = resolve_image_folder(image_folder)
+        entries = []
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                    st = entry.stat()
+                    entries.append(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}")
+    except (OSError, ValueError) as e:  # the run reports it; a failed run is not cached
+        return f"error: {e}"
+    return hashlib.sha256("\n".join([folder, *sorted(entries)]).encode()).hexdigest()
+
+
 def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, image_folder="", config: TrainConfig,
-                 save_name: str, resume: bool = True, node_id=None, on_progress=None):
-    """Train, write the domain UNet file, and return (domain MODEL, losses, start step, model file path)."""
+                 save_name: str, resume: bool = True, node_id=None, on_progress=None, image_folder_anywhere: bool = False):
+    """Train, write the domain UNet file, and return (domain MODEL, losses, start step, model file path).
+
+    image_folder: a folder inside ComfyUI's input directory (relative to it, or an absolute path
+    inside it); image_folder_anywhere=True (the headless trainer) accepts any folder."""
     sources = []
     if images is not None:
         sources.append(images)
     if image_folder and image_folder.strip():
-        folder = image_folder.strip()
-        sources.append(folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder))
+        sources.append(resolve_image_folder(image_folder, anywhere=image_folder_anywhere))
     if not sources:
         raise ValueError("images / image_folder: connect an IMAGE batch or give a folder of domain images")
     model_path, state_path = output_paths(save_name)

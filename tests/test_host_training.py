@@ -306,6 +306,32 @@ def test_missing_or_empty_image_folder(comfy, folders):
     assert written(folders, "bad1") == []
 
 
+def test_image_folder_outside_the_input_directory_is_refused_before_anything_is_written(comfy, folders, tmp_path):
+    """Like Load Image, the node reads only inside ComfyUI's input directory (after resolving '..'
+    and symlinks): a path outside is an error naming the folder and the allowed root."""
+    import folder_paths
+    root = os.path.realpath(folder_paths.get_input_directory())
+    beside = domain_images(os.path.join(os.path.dirname(root), "beside_input"), sizes=((64, 64), (64, 96)))
+    elsewhere = domain_images(str(tmp_path / "elsewhere"), sizes=((64, 64), (64, 96)))
+    link = os.path.join(root, "linked_outside")
+    if not os.path.islink(link):
+        os.symlink(elsewhere, link)
+    for folder in ("../beside_input", elsewhere, "linked_outside", os.path.join(root, "domain", "..", "..", "beside_input"),
+                   beside):
+        msg = error_of(comfy, image_folder=folder, save_name="escaped")
+        assert "outside ComfyUI's input directory" in msg and repr(folder) in msg and root in msg, msg
+    assert files(folders, "escaped") == []
+
+
+def test_image_folder_by_name_or_by_an_absolute_path_inside_the_input_directory(comfy, folders):
+    import folder_paths
+    train(comfy, image_folder="domain", steps=1, checkpoint_every=0, save_name="by_name")
+    train(comfy, image_folder=os.path.join(folder_paths.get_input_directory(), "domain"), steps=1, checkpoint_every=0,
+          save_name="by_path")
+    assert files(folders, "by_name") == ["by_name.indomain-state", "by_name.safetensors"]
+    assert files(folders, "by_path") == ["by_path.indomain-state", "by_path.safetensors"]
+
+
 def test_unreadable_images_are_skipped_with_a_warning_and_none_readable_is_an_error(comfy, folders, caplog):
     import folder_paths
     mixed = domain_images(os.path.join(folder_paths.get_input_directory(), "mixed"), sizes=((64, 64), (64, 96)))

@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     try:
         _, losses, start, path = training_node.run_training(
             model=model, vae=vae, clip=clip, image_folder=os.path.abspath(args.images), config=config,
-            save_name=args.save_name, resume=not args.restart, on_progress=log_progress)
+            save_name=args.save_name, resume=not args.restart, on_progress=log_progress, image_folder_anywhere=True)
     except KeyboardInterrupt:
         log.warning("stopped; the last checkpoint is kept: run the same command again to resume")
         return 130
