@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 
+import comfy.model_management
 import comfy.model_sampling
 
 
@@ -116,8 +117,6 @@ def load_for_training(model) -> torch.nn.Module:
     LoRAs merged), its weights usable by autograd. Cheap when it is loaded already; called again
     wherever the host may have unloaded it (VAE encoding, previews), so that training goes on with
     the weights it trains, where it trains them."""
-    import comfy.model_management
-
     comfy.model_management.load_models_gpu([model], force_full_load=True)
     unet = model.model.diffusion_model
     make_autograd_safe(unet)

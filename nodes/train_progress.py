@@ -34,8 +34,10 @@ def preview_function(model, vae, cross_attn, extras, config: TrainConfig, save_n
         if config.mode == "full":  # the trained copy stands in for the base's UNet inside each model call
             sampled = model.clone()
             sampled.set_model_unet_function_wrapper(standing_in(model.model, module))
-        samples = comfy.sample.sample(sampled, noise, PREVIEW_STEPS, 1.0, "euler", "normal", null, null, latent,
-                                      disable_pbar=True, seed=config.seed)
+        # The float32 copy's weights cast to the host's compute dtype, as the saved file holds them.
+        with weights_cast_to_input(module, config.mode == "full"):
+            samples = comfy.sample.sample(sampled, noise, PREVIEW_STEPS, 1.0, "euler", "normal", null, null, latent,
+                                          disable_pbar=True, seed=config.seed)
         pixels = vae.decode(samples)[0].clamp(0, 1).mul(255).round().byte().cpu().numpy()  # [H, W, 3]
         image = Image.fromarray(pixels.reshape(pixels.shape[-3:]))
         os.makedirs(folder, exist_ok=True)
@@ -47,16 +49,14 @@ def preview_function(model, vae, cross_attn, extras, config: TrainConfig, save_n
 
 
 def standing_in(base_model, module: torch.nn.Module):
-    """A model_function_wrapper in which `module` (the float32 copy being trained) computes each
-    model call in place of the base's UNet, its weights cast to the host's compute dtype (as the
-    saved file holds them). Only inside the call: the host's model management, which may load or
-    unload the base while sampling, never sees the trained copy."""
+    """A model_function_wrapper in which `module` (the copy being trained) computes each model call
+    in place of the base's UNet. Only inside the call: the host's model management, which may load
+    or unload the base while sampling, never sees the trained copy."""
     def wrapper(apply_model, args):
         original = base_model.diffusion_model
         base_model.diffusion_model = module
         try:
-            with weights_cast_to_input(module):
-                return apply_model(args["input"], args["timestep"], **args["c"])
+            return apply_model(args["input"], args["timestep"], **args["c"])
         finally:
             base_model.diffusion_model = original
     return wrapper
