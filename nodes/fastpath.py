@@ -19,7 +19,9 @@ A LoRA domain runs on the base's own modules with its LoRA as adapters (lora_ada
 
 Whatever the recording cannot reproduce exactly falls back to the host's call every step, and no
 CUDA graph is made where the call may act differently per step or the weights are not at fixed
-addresses: the rules are fastpath_rules.py. Weights that move, or are replaced, between steps are
+addresses: the rules are fastpath_rules.py. Under the host's dynamic VRAM the weights have fixed
+slots that a later allocation may evict: a graph replays only while they hold the pages it read
+(dynamic_vram.py). Weights that move, or are replaced, between steps are
 re-recorded; a capture that fails leaves the direct call (cuda_graphs.py). A record serves only
 the very options and rows objects it was made for.
 INDOMAIN_FAST_DOMAIN=0 turns the fast path off, =eager keeps it without CUDA graphs, =domain
@@ -27,6 +29,7 @@ records only the domain rows.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -34,6 +37,7 @@ import torch
 
 import comfy.samplers
 
+from . import dynamic_vram
 from .cuda_graphs import CudaGraph, GraphPool
 from .fastpath_rules import graph_reason, host_state_reason, plain_cond
 from .lora_adapters import LoraBranch, lora_applied
@@ -94,6 +98,7 @@ class RecordedCall:
         self.cache: dict = {}
         self.records: dict[tuple, _Record] = {}
         self.params = None  # the parameters' addresses at capture time
+        self.slots: dynamic_vram.Slots | None = None  # dynamic VRAM: the weight slots the graphs read
         self.reported: set = set()
 
     def __call__(self, rows: list, x: torch.Tensor, timestep: torch.Tensor, model_options: dict | None = None) -> list:
@@ -106,8 +111,9 @@ class RecordedCall:
             if rec.graph is not None:
                 if self._weights_moved():
                     self.records.clear()
+                    self.slots = None
                     return self._record(key, rows, x, timestep, options)
-                return self._split(rec, rec.graph(x, timestep), rows, x)
+                return self._split(rec, self._replay(rec, x, timestep), rows, x)
             return self._split(rec, self._direct(rec, x, timestep), rows, x)
         return self._record(key, rows, x, timestep, options)
 
@@ -122,6 +128,23 @@ class RecordedCall:
         n = len(rec.order)
         with lora_applied(self.branches, self.cache):
             return self.model.apply_model(torch.cat([x] * n), torch.cat([timestep] * n), **kwargs)
+
+    def _replay(self, rec: _Record, x, timestep):
+        """The graph, or under dynamic VRAM, the graph if every weight slot still holds the pages it
+        read; else the layers' own call, which pages the weights in again (dynamic_vram.py)."""
+        if self.slots is None:
+            return rec.graph(x, timestep)
+        with self.slots.guard() as resident:
+            if resident:
+                return rec.graph(x, timestep)
+        out = self._direct(rec, x, timestep)
+        back = self.slots.refresh()
+        if ("evicted", back) not in self.reported:
+            self.reported.add(("evicted", back))
+            log.info("%s: weights evicted from VRAM during the run; called directly%s", self.name,
+                     ", then the CUDA graph again (weights back in their slots)" if back else
+                     " until they are back in their slots")
+        return out
 
     @staticmethod
     def _split(rec: _Record, out, rows, x) -> list:
@@ -181,9 +204,18 @@ class RecordedCall:
         rec.kwargs = {k: v if k == "transformer_options" else _to_device(v, x.device) for k, v in calls[0][2].items()}
         rec.order, rec.path = order, "direct"
         why_not = graph_reason(self.model, rec.kwargs) if self.use_graph else "off"
+        slots = None
+        if graph and why_not is None and dynamic_vram.is_dynamic(self.model):
+            slots = self.slots or dynamic_vram.Slots(self.model)
+            if not slots.refresh():
+                why_not = "weights not all resident in VRAM (dynamic VRAM)"
         if graph and why_not is None:
             try:
-                rec.graph = CudaGraph(lambda gx, gt: self._direct(rec, gx, gt), x, timestep, self.pool)
+                with contextlib.ExitStack() as pinned:
+                    if slots is not None and not pinned.enter_context(slots.guard()):
+                        raise RuntimeError("weights evicted from VRAM before the capture")
+                    rec.graph = CudaGraph(lambda gx, gt: self._direct(rec, gx, gt), x, timestep, self.pool)
+                self.slots = slots
                 self.params = self._addresses()
                 rec.path = "graph"
                 log.debug("%s: CUDA graph of %d rows captured (ms: set-up %s, capture %s, instantiate %s)",
@@ -197,8 +229,9 @@ class RecordedCall:
         self._report(rec, len(rows))
         return preds
 
-    def _addresses(self) -> list[int]:
-        return [p.data_ptr() for p in self.model.parameters()]
+    def _addresses(self) -> list:
+        weights = [p.data_ptr() for p in self.model.parameters()]
+        return weights + (self.slots.addresses() if self.slots is not None else [])
 
     def _weights_moved(self) -> bool:
         """True if the model's weights are not where the graphs read them: moved, or replaced by new

@@ -6,10 +6,12 @@ not (a sentence for the log) or None.
 - host_state_reason: the host's calc_cond_batch does nothing per step beyond that call (no
   wrappers of the whole call, per-step callbacks, hook weight swaps, multi-GPU split);
 - graph_reason: the recorded call may be a CUDA graph (no Python inside the forward that may act
-  differently per step, weights at fixed addresses on the GPU).
+  differently per step, weights at fixed addresses on the GPU, or in dynamic VRAM's slots:
+  dynamic_vram.py).
 """
 from __future__ import annotations
 
+from . import dynamic_vram
 from .lora_adapters import HOST_COMPILE_KEY, HOST_COMPILE_KWARGS
 
 # Entries of a cond that make its prediction more than one plain apply_model call on all of x.
@@ -64,8 +66,8 @@ def graph_reason(model, kwargs: dict) -> str | None:
         backend, compile_mode = compile_kwargs.get("backend"), compile_kwargs.get("mode")
         if backend != "inductor" or compile_mode not in (None, "default", "max-autotune-no-cudagraphs"):
             return f"torch.compile with backend {backend!r}, mode {compile_mode!r} (may make CUDA graphs of its own)"
-    if getattr(patcher, "is_dynamic", lambda: False)():
-        return "dynamic VRAM pages weights in per call"  # newer ComfyUI, e.g. 0.33 on NVIDIA
+    if dynamic_vram.is_dynamic(model):  # newer ComfyUI, e.g. 0.33 on NVIDIA: weights in slots, checked per replay
+        return dynamic_vram.graph_reason(model)
     for m in model.modules():
         if getattr(m, "comfy_cast_weights", False) or getattr(m, "weight_function", None) or getattr(m, "bias_function", None):
             return "weights cast or patched inside the forward"  # low VRAM, hooks

@@ -53,6 +53,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from . import fastpath
 from .cuda_graphs import GraphPool
+from .dynamic_vram import settle_lazy_dtypes
 from .domain_files import check_compatible
 from .lora_adapters import LoraBranch, compiled_reason, lora_branches
 from ..guidance import GuidanceTerm, TermInterval, add_domain_terms, covers_whole_run, is_active, percent_to_step_fraction
@@ -253,6 +254,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
                         if domain.branches is not None:
                             domain.kind = "adapter"
             if domain.kind == "hook":
+                self._check_hook_allowed(term.name)
                 hook = _PatchDiffHook(extra)
                 group = comfy.hooks.HookGroup()
                 group.add(hook)
@@ -266,6 +268,26 @@ class DomainGuider(comfy.samplers.CFGGuider):
                 values["control"] = control
             conds[domain.key] = _with_values(null, values)
         self.inner_set_conds(conds)
+
+    def inner_set_conds(self, conds):
+        dynamic = self.model_patcher
+        super().inner_set_conds(conds)  # under dynamic VRAM, conds with hooks: the host's non-dynamic delegate
+        if self.model_patcher is not dynamic:
+            settle_lazy_dtypes(self.model_patcher.model)
+
+    def _check_hook_allowed(self, name: str) -> None:
+        """Under dynamic VRAM the host runs a weight hook on a non-dynamic copy of the base, which
+        it can make only of a MODEL from its own loaders (comfy ModelPatcher.cached_patcher_init)."""
+        base = self.model_patcher
+        if getattr(base, "is_dynamic", lambda: False)() and getattr(base, "cached_patcher_init", None) is None:
+            from .domain_files import DomainModelError
+
+            raise DomainModelError(
+                f"domain {name!r} is a LoRA of the base that runs as a weight hook here (not a plain LoRA, a "
+                "compiled model, ControlNet in the domain row, or INDOMAIN_FAST_DOMAIN=0); under ComfyUI's "
+                "dynamic VRAM the host runs weight hooks on a copy of the base that it loads again from its "
+                "file, and this base MODEL came from a node that gives no such recipe. Load the base with "
+                "Load Checkpoint or Load Diffusion Model, or start ComfyUI with --disable-dynamic-vram")
 
     def _kind(self, domain) -> str:
         base = self.model_patcher

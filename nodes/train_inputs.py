@@ -9,11 +9,16 @@ the base's extra_conds).
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 
 import comfy.model_management
 import comfy.model_sampling
+
+from .dynamic_vram import non_dynamic_copy
+
+log = logging.getLogger(__name__)
 
 
 def model_sampling(model):
@@ -110,6 +115,25 @@ def encode_function(vae, model):
         load_for_training(model)
         return latent.clone()  # outside inference mode: an ordinary tensor
     return encode
+
+
+def for_training(model):
+    """The MODEL to train on: `model` itself, or under the host's dynamic VRAM (ComfyUI 0.33+ on
+    NVIDIA, where the weights stay in host memory and each layer pages its weights into a VRAM slot
+    per call, outside autograd) the host's own non-dynamic delegate of it: the same file and patches
+    loaded as a classic model (what the host itself uses for weight hooks; cached on the patcher,
+    at the cost of a second copy of the weights in RAM)."""
+    if not getattr(model, "is_dynamic", lambda: False)():
+        return model
+    if getattr(model, "cached_patcher_init", None) is None:
+        raise ValueError(
+            "model: under ComfyUI's dynamic VRAM, training needs a base MODEL that the host can load "
+            "again without it, i.e. one from the host's own loaders (Load Checkpoint, Load Diffusion "
+            "Model); this one came from a node that gives no such recipe. Load the base with the host's "
+            "loader, or start ComfyUI with --disable-dynamic-vram")
+    log.info("dynamic VRAM: training on the host's non-dynamic copy of the base (its weights on the GPU, "
+             "for autograd)")
+    return non_dynamic_copy(model)
 
 
 def load_for_training(model) -> torch.nn.Module:

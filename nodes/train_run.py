@@ -8,6 +8,7 @@ was kept.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -22,9 +23,11 @@ import folder_paths
 from ..training import TrainConfig, save_model_file, train
 from ..training.data import IMAGE_EXTENSIONS
 from .domain_files import apply_lora, model_from_base_config
+from .dynamic_vram import release
 from .train_files import CACHE_FOLDER, kept_message, deliverable, domain_folder, file_metadata, fingerprint, output_paths
 from .train_inputs import (alphas_cumprod, check_vae, checkpointed_blocks, cond_function, empty_prompt, encode_function,
-                           mixed_dtypes, prediction_type, weights_cast_to_input, weights_for_autograd)
+                           for_training, mixed_dtypes, prediction_type, weights_cast_to_input,
+                           weights_for_autograd)
 from .train_progress import preview_function, progress_reporter
 
 log = logging.getLogger(__name__)
@@ -94,11 +97,15 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
         log.info("resume is off: starting over, replacing %s", state_path)
         os.remove(state_path)
 
-    with torch.inference_mode(False), weights_for_autograd(model) as unet:
+    # Under dynamic VRAM, the host's non-dynamic copy of the base; the outputs below refer to `model`.
+    trainer = for_training(model)
+    with contextlib.ExitStack() as copy, torch.inference_mode(False), weights_for_autograd(trainer) as unet:
+        if trainer is not model:
+            copy.callback(release, trainer)
         if config.gradient_checkpointing == ("all",):
             config = TrainConfig(**{**config.__dict__, "gradient_checkpointing": checkpointed_blocks(unet)})
         base_fp = fingerprint(unet)
-        storage = model.model.get_dtype()
+        storage = trainer.model.get_dtype()
         counted = {}
 
         def write(step: int, weights: dict[str, torch.Tensor]) -> None:
@@ -114,7 +121,7 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
 
         bar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
         report = progress_reporter(bar, node_id, config.steps)
-        preview = preview_function(model, vae, cross_attn, extras, config, os.path.splitext(os.path.basename(model_path))[0], bar)
+        preview = preview_function(trainer, vae, cross_attn, extras, config, os.path.splitext(os.path.basename(model_path))[0], bar)
         # LoRA in fp32 runs the host's UNet without autocast: its fp16/bf16 weights (a GPU's) are cast
         # to the fp32 activations layer by layer.
         casting = config.mode == "lora" and config.precision == "fp32" and mixed_dtypes(unet, torch.float32)
@@ -122,10 +129,10 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
             with weights_cast_to_input(unet, casting):
                 result = train(
                     unet, sources if len(sources) > 1 else sources[0],
-                    encode=encode_function(vae, model),
-                    vae_id=f"{fingerprint(vae.first_stage_model)}|{type(model.model.latent_format).__name__}",
-                    cond_for=cond_function(model, cross_attn, extras),
-                    alphas_cumprod=alphas_cumprod(model), prediction_type=pred, config=config,
+                    encode=encode_function(vae, trainer),
+                    vae_id=f"{fingerprint(vae.first_stage_model)}|{type(trainer.model.latent_format).__name__}",
+                    cond_for=cond_function(trainer, cross_attn, extras),
+                    alphas_cumprod=alphas_cumprod(trainer), prediction_type=pred, config=config,
                     cache_dir=os.path.join(domain_folder(), CACHE_FOLDER), state_path=state_path,
                     check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                     on_progress=count_images, on_checkpoint=write, on_preview=preview,
