@@ -9,7 +9,8 @@ Two tiers, one suite:
 - CPU (default, CI): the host on the CPU, which computes in float32 and casts weights itself.
   Tests marked `gpu` are skipped, saying why.
 - GPU (`--gpu`, `bash scripts/test.sh --gpu`): the host picks the GPU and its own defaults, as
-  users run it (fp16/bf16 weights, no manual cast, CUDA graphs on the fast path). Every test runs
+  users run it (fp16/bf16 weights, no manual cast, CUDA graphs on the fast path; on ComfyUI
+  0.33+ dynamic VRAM, turned on as its main.py does). Every test runs
   there but those marked `cpu_tier` (install, browser and the pure-torch reproduction, which
   do not touch the GPU); `--gpu` without CUDA stops the session.
 """
@@ -68,7 +69,7 @@ def on_gpu(pytestconfig) -> bool:
 def comfy(tmp_path_factory, on_gpu):
     """The started host: ComfyUI with its built-in nodes and this pack, folders in a temp dir."""
     base = tmp_path_factory.mktemp("comfyui")
-    return host_module.Host(host_module.find_host(), str(base), cpu=not on_gpu).start()
+    return host_module.Host(host_module.find_host(), str(base), cpu=not on_gpu, dynamic_vram=on_gpu).start()
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,22 @@ from __future__ import annotations
 import copy
 
 
-def close(a, b, rel=1e-5) -> bool:
+class Closeness:
+    """The outcome of close(): true or false, and on a failed assert the numbers it compared."""
+
+    def __init__(self, diff: float, scale: float, rel: float):
+        self.diff, self.scale, self.rel = diff, scale, rel
+
+    def __bool__(self) -> bool:
+        return self.diff <= self.rel * self.scale
+
+    def __repr__(self) -> str:
+        return f"<max|a-b| {self.diff:.3g} = {self.diff / max(self.scale, 1e-30):.3g} x max|b| {self.scale:.3g}; rel {self.rel:g}>"
+
+
+def close(a, b, rel=1e-5) -> Closeness:
     """max |a - b| <= rel * max |b|: the tolerance the issue sets for 'the same latents'."""
-    return (a - b).abs().max().item() <= rel * b.abs().max().item()
+    return Closeness((a - b).abs().max().item(), b.abs().max().item(), rel)
 
 
 def text_to_image(*, sampler="InDomainKSampler", positive="a photo of a cat", negative="blurry, low quality",

@@ -53,13 +53,19 @@ class _Server:
 
 
 class Host:
-    def __init__(self, comfy_path: str, base_dir: str, cpu: bool = True, builtin_nodes: bool = True):
+    def __init__(self, comfy_path: str, base_dir: str, cpu: bool = True, builtin_nodes: bool = True,
+                 dynamic_vram: bool = False):
         """cpu=False lets the host pick its accelerator (benchmarks); builtin_nodes=False skips the
-        host's comfy_extras nodes (and their optional dependencies): only nodes.py and this pack."""
+        host's comfy_extras nodes (and their optional dependencies): only nodes.py and this pack.
+        dynamic_vram=True turns on the host's dynamic VRAM as its main.py does on NVIDIA (ComfyUI
+        0.33+; only in a process that has not imported the host yet); self.dynamic_vram then says
+        whether it is on."""
         self.path = comfy_path
         self.base_dir = base_dir
         self.cpu = cpu
         self.builtin_nodes = builtin_nodes
+        self.want_dynamic_vram = dynamic_vram
+        self.dynamic_vram = False
         self.server = _Server()
         self.captured = {}
 
@@ -71,6 +77,8 @@ class Host:
         args.cpu = self.cpu
         args.base_directory = self.base_dir
         args.disable_all_custom_nodes = False
+        if self.want_dynamic_vram:
+            self._aimdo_init(args)
         import folder_paths
 
         folder_paths.set_output_directory(os.path.join(self.base_dir, "output"))
@@ -80,6 +88,8 @@ class Host:
             os.makedirs(os.path.join(self.base_dir, sub), exist_ok=True)
         import nodes
 
+        if self.want_dynamic_vram:
+            self.dynamic_vram = self._dynamic_vram_on(args)
         if self.builtin_nodes:
             asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         # Load the pack the way the host loads custom_nodes/<pack>.
@@ -104,6 +114,72 @@ class Host:
         elif getattr(getattr(sys.modules["server"], "PromptServer", None), "instance", None) is None:
             sys.modules["server"].PromptServer.instance = self.server
         return self
+
+    @staticmethod
+    def _aimdo_init(args):
+        """main.py, before any comfy module that loads comfy_aimdo (they copy its library handle)."""
+        if any(name == "comfy.model_management" for name in sys.modules):
+            raise RuntimeError("dynamic VRAM must be turned on before the host is imported (a fresh process)")
+        try:
+            from comfy.cli_args import enables_dynamic_vram
+            import comfy_aimdo.control  # noqa: F401
+        except ImportError:  # a host before dynamic VRAM (0.8.0)
+            return
+        if args.cpu or not enables_dynamic_vram():
+            return
+        import comfy_aimdo.control
+
+        headroom = None if args.reserve_vram is None else int(args.reserve_vram * 1024 ** 3)
+        try:
+            comfy_aimdo.control.init(simple_vram_headroom=headroom,
+                                     nvml_pressure=not getattr(args, "disable_nvml_pressure", False))
+        except TypeError:  # older comfy-aimdo protocols
+            try:
+                comfy_aimdo.control.init(simple_vram_headroom=headroom)
+            except TypeError:
+                comfy_aimdo.control.init()
+
+    @staticmethod
+    def _dynamic_vram_on(args) -> bool:
+        """main.py, after `import nodes`: the devices registered with aimdo, the dynamic patcher as
+        the core ModelPatcher (the host's loaders build theirs with it)."""
+        import comfy.model_management as mm
+        import comfy.model_patcher
+
+        try:
+            from comfy.cli_args import enables_dynamic_vram
+            import comfy.memory_management
+            import comfy_aimdo.control
+        except ImportError:  # a host before dynamic VRAM (0.8.0)
+            return False
+        if args.cpu or not enables_dynamic_vram() or not mm.is_nvidia() or mm.torch_version_numeric < (2, 8):
+            return False
+
+        try:
+            ok = comfy_aimdo.control.init_devices((d.index, int(args.vram_headroom * 1024 ** 3))
+                                                  for d in mm.get_all_torch_devices())
+        except TypeError:  # comfy-aimdo 0.4.9
+            ok = comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices())
+        if ok:
+            comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+            comfy.memory_management.aimdo_enabled = True
+        return bool(ok)
+
+    def after_node(self):
+        """What the host's executor does after each node (0.33: cast buffers, prefetch queues and
+        dynamic VRAM watermarks reset), for code that calls node functions directly."""
+        import comfy.model_management as mm
+
+        if hasattr(mm, "reset_cast_buffers"):
+            mm.reset_cast_buffers()
+        try:
+            import comfy.model_prefetch
+            import comfy_aimdo.model_vbar
+        except ImportError:
+            return
+        comfy.model_prefetch.cleanup_prefetch_queues()
+        if self.dynamic_vram:
+            comfy_aimdo.model_vbar.vbars_reset_watermark_limits()
 
     def pack(self, submodule: str):
         """A module of the loaded pack, e.g. pack("nodes.domain_files") (the host names it by its path)."""

@@ -21,12 +21,14 @@ def base_dir(comfy, tmp_path_factory):
     from comfy.taesd.taesd import TAESD
 
     tiny.write_safetensors(str(base / "models" / "diffusion_models" / "tiny_unet.safetensors"), tiny.unet_state_dict(0))
-    taesd = tiny.randomize_(TAESD(latent_channels=4), seed=5, scale=1.0)
+    with tiny.plain_weights():
+        taesd = tiny.randomize_(TAESD(latent_channels=4), seed=5, scale=1.0)
     tiny.write_safetensors(str(base / "models" / "vae" / "tiny_taesd.safetensors"), taesd.state_dict())
     import comfy.sd1_clip
 
     # The host's text-encoder loader builds the real CLIP-L shape, so this one is full size (random, fp16).
-    clip_l = tiny.randomize_(comfy.sd1_clip.SDClipModel(dtype=torch.float16), seed=10, scale=1.0)
+    with tiny.plain_weights():
+        clip_l = tiny.randomize_(comfy.sd1_clip.SDClipModel(dtype=torch.float16), seed=10, scale=1.0)
     tiny.write_safetensors(str(base / "models" / "text_encoders" / "tiny_clip_l.safetensors"), clip_l.transformer.state_dict())
     domain_images(str(base / "images"))
     return base

@@ -147,7 +147,8 @@ def test_a_domain_model_of_another_architecture_from_the_hosts_unet_loader_names
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     config = {**tiny.UNET_CONFIG, "num_res_blocks": [2], "transformer_depth": [1, 1], "transformer_depth_output": [1, 1, 1]}
-    unet = tiny.randomize_(UNetModel(**config, dtype=tiny.torch.float32, device="cpu"), seed=6)
+    with tiny.plain_weights():
+        unet = tiny.randomize_(UNetModel(**config, dtype=tiny.torch.float32, device="cpu"), seed=6)
     name = put(comfy, "two_blocks.safetensors", unet.state_dict())
     folder_paths.add_model_folder_path("diffusion_models", comfy.model_dir("domain_unets"))
     extra = {"dom": {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": "default"}}}

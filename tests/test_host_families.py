@@ -117,6 +117,17 @@ def run(comfy, monkeypatch, prompt, fast=True) -> dict:
     return {k: v["samples"] for k, v in comfy.run(prompt)["captured"].items()}
 
 
+def rel_tolerance(family: str, on_gpu: bool, cpu: float) -> float:
+    """`cpu` on the CPU (float32); on a GPU, the precision the host runs the family's weights in
+    (bf16 for Flux and Z-Image, fp16 for the others on an H200) sets it: the same maths in another
+    order of rounding (rows batched or one by one, LoRA merged or as x down up) differs by about
+    that much after a few layers (measured on the H200: fp16 up to 1.2e-3, bf16 up to 9.3e-3)."""
+    if not on_gpu:
+        return cpu
+    dtype = fam.family_model(family).model.get_dtype()
+    return {torch.float16: 3e-3, torch.bfloat16: 2e-2}.get(dtype, 1e-3)
+
+
 def path_lines(caplog, on_gpu) -> list[str]:
     lines = [r.getMessage() for r in caplog.records
              if "fast path" in r.getMessage() or "straightforward path" in r.getMessage()]
@@ -192,7 +203,7 @@ def test_full_copy_domain_fast_equals_straightforward_equals_the_formula(comfy, 
     assert lines == ["domain 'domain_model': fast path (recorded)", "base model (3 rows): fast path (recorded)"], lines
     assert torch.equal(fast, slow["out"]) if not on_gpu else close(fast, slow["out"])
     # rows batched by the host vs one call per row (half-precision GEMMs of other batch sizes on a GPU: not measured)
-    assert close(slow["out"], slow["formula"], rel=1e-3 if on_gpu else 1e-5)
+    assert close(slow["out"], slow["formula"], rel=rel_tolerance(family, on_gpu, 1e-5))
     assert close(slow["guided"], slow["out"])  # the guider node gives what the sampler node gives
     assert not close(slow["out"], stock[family], rel=1e-3)  # the domain term counts
 
@@ -209,7 +220,7 @@ def test_lora_domain_fast_path_equals_the_weight_hook(comfy, monkeypatch, caplog
     assert lines == ["domain 'domain_model': fast path (recorded, LoRA as adapters)",
                      "base model (3 rows): fast path (recorded)"], lines
     assert torch.isfinite(adapters).all()
-    assert close(adapters, hooked, rel=2e-4 if on_gpu else 1e-4)  # x W + (x down) up against the merged weights
+    assert close(adapters, hooked, rel=rel_tolerance(family, on_gpu, 1e-4))  # x W + (x down) up against the merged weights
     assert not close(adapters, stock[family], rel=1e-3)  # the LoRA moves the sample
 
 
@@ -281,4 +292,4 @@ def test_flux_dev_as_users_run_it_cfg_one_guidance_on_the_prompt_only(comfy, mon
     assert path_lines(caplog, on_gpu) == ["domain 'domain_model': fast path (recorded)",
                                           "base model (3 rows): fast path (recorded)"]  # (the skipped negative counted)
     assert torch.equal(fast, slow["out"]) if not on_gpu else close(fast, slow["out"])
-    assert close(slow["out"], slow["formula"], rel=1e-3 if on_gpu else 1e-5)
+    assert close(slow["out"], slow["formula"], rel=rel_tolerance("flux_dev", on_gpu, 1e-5))

@@ -14,6 +14,7 @@ import torch
 
 import tiny_nodes as tiny
 from graphs import close, loader, text_to_image
+from host import HostError
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,13 @@ def test_a_compiled_model_keeps_the_lora_domain_as_a_weight_hook(comfy, files, m
     graph = dict(extra={"compiled": compiled, "dom": loader(files["lora"], base=("compiled", 0))},
                  sample_inputs={"model": ["compiled", 0]})
     try:
-        sample(comfy, monkeypatch, True, caplog, sampler="KSampler", cfg=1.0, **graph)
+        try:
+            sample(comfy, monkeypatch, True, caplog, sampler="KSampler", cfg=1.0, **graph)
+        except HostError as e:
+            if comfy.dynamic_vram and "same dtype" in str(e):  # the host's own KSampler, before any of ours
+                pytest.xfail("ComfyUI 0.33's own KSampler fails on a compiled model under dynamic VRAM when "
+                             f"the file's dtype is not the model's (fp32 file, fp16 model): {str(e)[-160:]}")
+            raise
         without = sample(comfy, monkeypatch, True, caplog, domain=["dom", 0], domain_scale=0.0, **graph)
         hooked = sample(comfy, monkeypatch, False, caplog, domain=["dom", 0], domain_scale=1.5, **graph)
         fast = sample(comfy, monkeypatch, True, caplog, domain=["dom", 0], domain_scale=1.5, **graph)
@@ -327,7 +334,7 @@ def test_a_compiled_module_is_seen_whichever_way_it_was_compiled(comfy):
     kwargs = {"transformer_options": {"wrappers": clone.wrappers}}  # as the host's sampling run passes them
     clone.model.current_patcher = clone  # as the host's pre_run sets it
     set_torch_compile_wrapper(clone, backend="inductor")
-    assert fastpath.graph_reason(clone.model, kwargs) == "weights not on the GPU"
+    assert fastpath.graph_reason(clone.model, kwargs).startswith("weights not on the GPU")  # (dynamic VRAM: no slots)
     set_torch_compile_wrapper(clone, backend="cudagraphs")
     assert fastpath.graph_reason(clone.model, kwargs) == \
         "torch.compile with backend 'cudagraphs', mode None (may make CUDA graphs of its own)"
@@ -448,7 +455,7 @@ def test_the_host_makes_room_for_the_rows_it_does_not_count(comfy, files, monkey
     import comfy.model_management as mm
     asked = []
     real = mm.free_memory
-    monkeypatch.setattr(mm, "free_memory", lambda need, device, keep_loaded=[]: asked.append((need, keep_loaded)) or real(need, device, keep_loaded))
+    monkeypatch.setattr(mm, "free_memory", lambda need, device, keep_loaded=[], **kw: asked.append((need, keep_loaded)) or real(need, device, keep_loaded, **kw))
     sample(comfy, monkeypatch, True, caplog, negative=negative, domain=["dom", 0], domain_scale=1.5,
            extra={"dom": loader(files["domain"])})
     model = tiny.tiny_model().model

@@ -30,7 +30,7 @@ import zlib
 
 import torch
 
-from tiny_nodes import randomize_
+from tiny_nodes import plain_weights, randomize_
 
 _SD_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1], channel_mult=[1],
                 transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=1,
@@ -103,7 +103,8 @@ def _family_model(family: str, seed: int):
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    model = family_config(family).get_model({}, "")
+    with plain_weights():
+        model = family_config(family).get_model({}, "")
     seed = 1000 * (list(FAMILIES).index(family) + 1) + seed
     randomize_(model.diffusion_model, seed)
     g = torch.Generator().manual_seed(seed)

@@ -5,6 +5,7 @@ host's own model detection recognises it as SD15, but has one level and one bloc
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -29,6 +30,23 @@ VAE_DDCONFIG = {'double_z': True, 'z_channels': 4, 'resolution': 256, 'in_channe
                 'ch_mult': [1, 2, 4, 4], 'num_res_blocks': 2, 'attn_resolutions': [], 'dropout': 0.0}
 
 
+@contextlib.contextmanager
+def plain_weights():
+    """Host modules built by a test inside the block get ordinary weights (under the host's dynamic
+    VRAM, 0.33+ on NVIDIA, its ops leave a new layer's weights unset until a loader fills them)."""
+    try:
+        import comfy.memory_management as mem
+    except ImportError:  # hosts before dynamic VRAM
+        yield
+        return
+    before = mem.aimdo_enabled
+    mem.aimdo_enabled = False
+    try:
+        yield
+    finally:
+        mem.aimdo_enabled = before
+
+
 def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.5) -> torch.nn.Module:
     """Fill every parameter with seeded noise (~unit activations); no zero-initialised outputs."""
     g = torch.Generator().manual_seed(seed)
@@ -44,7 +62,8 @@ def unet_state_dict(seed: int = 0, config_name: str = "sd1") -> dict[str, torch.
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     config = UNET_CONFIG if config_name == "sd1" else SD2_UNET_CONFIG
-    model = randomize_(UNetModel(**config, dtype=torch.float32, device="cpu"), seed)
+    with plain_weights():
+        model = randomize_(UNetModel(**config, dtype=torch.float32, device="cpu"), seed)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
@@ -92,7 +111,8 @@ def controlnet_state_dict(seed: int = 3) -> dict[str, torch.Tensor]:
     from comfy.cldm.cldm import ControlNet
 
     cfg = {k: v for k, v in UNET_CONFIG.items() if k not in ("out_channels", "transformer_depth_output", "use_temporal_resblock", "use_temporal_attention")}
-    model = randomize_(ControlNet(hint_channels=3, **cfg, dtype=torch.float32, device="cpu"), seed, scale=0.5)
+    with plain_weights():
+        model = randomize_(ControlNet(hint_channels=3, **cfg, dtype=torch.float32, device="cpu"), seed, scale=0.5)
     return {k: v.contiguous() for k, v in model.state_dict().items()}
 
 
@@ -109,7 +129,8 @@ def tiny_clip():
 
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
     target.params = {"clip_model": TinyClipL}
-    clip = comfy.sd.CLIP(target=target)
+    with plain_weights():
+        clip = comfy.sd.CLIP(target=target)
     randomize_(clip.cond_stage_model, seed=10, scale=1.0)
     return clip
 
@@ -119,7 +140,8 @@ def tiny_vae():
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    module = randomize_(AutoencoderKL(ddconfig=VAE_DDCONFIG, embed_dim=4), seed=11, scale=1.0)
+    with plain_weights():
+        module = randomize_(AutoencoderKL(ddconfig=VAE_DDCONFIG, embed_dim=4), seed=11, scale=1.0)
     return comfy.sd.VAE(sd={k: v.contiguous() for k, v in module.state_dict().items()})
 
 
@@ -137,15 +159,21 @@ def tiny_model(unet_dtype: str = "host default"):
 
 @functools.lru_cache(maxsize=None)
 def _tiny_model(unet_dtype: str):
-    dtype = UNET_DTYPES[unet_dtype]
-    if dtype is None:
-        return load_unet(unet_state_dict(0))
+    """Loaded from a file in the host's diffusion_models folder as UNETLoader loads it (the host can
+    then load it again, e.g. without dynamic VRAM for training or weight hooks)."""
     import comfy.model_management
     import comfy.sd
+    import folder_paths
     from unittest import mock
 
+    path = os.path.join(folder_paths.get_folder_paths("diffusion_models")[0], "tiny_base.safetensors")
+    if not os.path.exists(path):  # written once: a loaded model may read it (mmap) for its whole life
+        write_safetensors(path, unet_state_dict(0))
+    dtype = UNET_DTYPES[unet_dtype]
+    if dtype is None:
+        return comfy.sd.load_diffusion_model(path)
     with mock.patch.object(comfy.model_management, "unet_manual_cast", lambda *args, **kwargs: None):
-        return comfy.sd.load_diffusion_model_state_dict(dict(unet_state_dict(0)), model_options={"dtype": dtype})
+        return comfy.sd.load_diffusion_model(path, model_options={"dtype": dtype})
 
 
 def checkpoint_state_dict(dtype=torch.float16) -> dict[str, torch.Tensor]:
@@ -155,8 +183,9 @@ def checkpoint_state_dict(dtype=torch.float16) -> dict[str, torch.Tensor]:
     import comfy.sd1_clip
     from comfy.taesd.taesd import TAESD
 
-    clip = randomize_(comfy.sd1_clip.SDClipModel(), seed=10, scale=1.0)
-    vae = randomize_(TAESD(latent_channels=4), seed=11, scale=1.0)
+    with plain_weights():
+        clip = randomize_(comfy.sd1_clip.SDClipModel(), seed=10, scale=1.0)
+        vae = randomize_(TAESD(latent_channels=4), seed=11, scale=1.0)
     parts = {"model.diffusion_model.": unet_state_dict(0), "cond_stage_model.": clip.state_dict(),
              "first_stage_model.": vae.state_dict()}
     return {prefix + k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
@@ -219,7 +248,8 @@ class TestTinyTAESD:
         import comfy.sd
         from comfy.taesd.taesd import TAESD
 
-        module = randomize_(TAESD(latent_channels=latent_channels), seed=5, scale=1.0)
+        with plain_weights():
+            module = randomize_(TAESD(latent_channels=latent_channels), seed=5, scale=1.0)
         return (comfy.sd.VAE(sd={k: v.contiguous() for k, v in module.state_dict().items()}),)
 
 
