@@ -46,6 +46,11 @@ applies to that case only, so its ratio against the plain case comes from the sa
 A "stock+variant" case is followed by the fast-vs-straightforward check under that variant.
 --channels-last: the cl variant for every case.
 
+The host is started as its main.py starts it: with dynamic VRAM where main.py turns it on
+(ComfyUI 0.33+ on NVIDIA; --dynamic-vram off for the other mode), the models loaded from files
+written to its diffusion_models folder as UNETLoader loads them, and what the executor does after
+each node done after each sampling run.
+
 --quick: tiny sizes on whatever device there is (CPU here): SD1 with one level, Segmind-Vega
 (the host's smallest SDXL-family config) at 64x64 px, 2 steps, 1 repeat. For testing the script.
 """
@@ -124,7 +129,8 @@ def random_unet_state_dict(config: dict, seed: int, dtype, device) -> dict[str, 
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    model = UNetModel(**config, dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)
+    with plain_weights():
+        model = UNetModel(**config, dtype=dtype, device=device, operations=comfy.ops.disable_weight_init)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for _, p in sorted(model.named_parameters()):
@@ -135,13 +141,36 @@ def random_unet_state_dict(config: dict, seed: int, dtype, device) -> dict[str, 
     return sd
 
 
-def load_unet(sd: dict, dtype):
+def load_unet(host, sd: dict, dtype, name: str):
+    """The state dict written to the host's diffusion_models folder and loaded as its UNETLoader
+    loads a file (comfy.sd.load_diffusion_model: the model it gives can be reloaded by the host,
+    e.g. without dynamic VRAM for weight hooks)."""
     import comfy.sd
+    import safetensors.torch
 
-    patcher = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
+    path = os.path.join(host.model_dir("diffusion_models"), name + ".safetensors")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    patcher = comfy.sd.load_diffusion_model(path, model_options={"dtype": dtype})
     if patcher is None:
-        raise RuntimeError("the host did not recognise the benchmark UNet state dict")
+        raise RuntimeError("the host did not recognise the benchmark UNet file")
     return patcher
+
+
+@contextlib.contextmanager
+def plain_weights():
+    """Models built here keep ordinary parameters (with dynamic VRAM on, the host's ops leave the
+    weights of a new model out of its state_dict until a loader fills them)."""
+    try:
+        import comfy.memory_management as mem
+    except ImportError:  # hosts before dynamic VRAM
+        yield
+        return
+    before = getattr(mem, "aimdo_enabled", False)
+    mem.aimdo_enabled = False
+    try:
+        yield
+    finally:
+        mem.aimdo_enabled = before
 
 
 def lora_state_dict(shapes: dict[str, torch.Size], rank: int, seed: int, dtype) -> dict[str, torch.Tensor]:
@@ -274,10 +303,10 @@ class Bench:
         sd = random_unet_state_dict(config, seed=0, dtype=self.dtype, device=device)
         shapes = {k: v.shape for k, v in sd.items()}
         n_params = sum(v.numel() for v in sd.values())
-        base = load_unet(sd, self.dtype)
+        base = load_unet(self.host, sd, self.dtype, f"bench_{name}_base")
         del sd
         sd = random_unet_state_dict(config, seed=1, dtype=self.dtype, device=device)
-        full = load_unet(sd, self.dtype)
+        full = load_unet(self.host, sd, self.dtype, f"bench_{name}_domain")
         del sd
         gc.collect()
         mm.soft_empty_cache()
@@ -330,6 +359,17 @@ class Bench:
         return {"samples": torch.zeros(batch, 4, m["px"] // 8, m["px"] // 8)}
 
     def run_fn(self, m, case: str, batch: int, domain_scale: float = 1.5):
+        """One sampling run of the case, then what the host's executor does after a node."""
+        fn = self._run_fn(m, case, batch, domain_scale)
+
+        def run():
+            try:
+                return fn()
+            finally:
+                self.host.after_node()
+        return run
+
+    def _run_fn(self, m, case: str, batch: int, domain_scale: float = 1.5):
         import nodes
 
         latent = self.latent(m, batch)
@@ -575,6 +615,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--cpu", action="store_true", help="run the host on the CPU even where there is a GPU")
+    ap.add_argument("--dynamic-vram", choices=("auto", "off"), default="auto",
+                    help="auto: the host's dynamic VRAM on where its main.py turns it on (ComfyUI 0.33+ on "
+                         "NVIDIA); off: as with --disable-dynamic-vram")
     ap.add_argument("--channels-last", action="store_true", help="UNet weights in channels-last memory format (all cases)")
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                     help="compare the fast path with the straightforward guider per model and batch (default on)")
@@ -595,7 +638,12 @@ def main(argv=None) -> int:
         return 2
     use_cpu = args.cpu or not torch.cuda.is_available()
     base_dir = tempfile.mkdtemp(prefix="indomain-bench-")
-    host = host_module.Host(path, base_dir, cpu=use_cpu, builtin_nodes=False).start()
+    if args.dynamic_vram == "off":
+        sys.path.insert(0, path)
+        from comfy.cli_args import args as host_args
+
+        host_args.disable_dynamic_vram = True
+    host = host_module.Host(path, base_dir, cpu=use_cpu, builtin_nodes=False, dynamic_vram=True).start()
     import comfy.model_management as mm
     import comfy.utils
     import comfyui_version
@@ -609,7 +657,8 @@ def main(argv=None) -> int:
             "cfg": args.cfg, "sampler": "euler", "scheduler": "normal", "quick": args.quick,
             "attention": "pytorch" if mm.pytorch_attention_enabled() else "other",
             "vram_state": str(mm.vram_state), "lora_rank": 32, "domain_scale": 1.5,
-            "channels_last": args.channels_last}
+            "channels_last": args.channels_last, "dynamic_vram": host.dynamic_vram,
+            "models_from": "files (comfy.sd.load_diffusion_model, as UNETLoader)"}
     print(json.dumps(meta), flush=True)
     bench = Bench(host, args.quick, steps, repeats, args.cfg, dtype, args.channels_last)
     result = {"meta": meta, "models": [], "results": [], "checks": []}
