@@ -12,11 +12,14 @@ import contextlib
 import logging
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 import comfy.model_management
 import comfy.model_sampling
 
+from ..training import FlowSchedule
 from .dynamic_vram import non_dynamic_copy
+from .train_families import family_of
 
 log = logging.getLogger(__name__)
 
@@ -35,35 +38,56 @@ def _defining_class(cls: type, attribute: str) -> type:
 
 
 def prediction_type(model) -> str:
-    """The prediction type, "eps" or "v": how the host reads the UNet's output, from the class
-    of the model_sampling it samples with.
+    """The prediction type, "eps", "v" or "flow": how the host reads the model's output, from the
+    class of the model_sampling it samples with.
 
     The host composes model_sampling from a schedule and a parameterization (model_base.
     model_sampling; the ModelSamplingDiscrete node likewise). The parameterization is the class
-    whose calculate_denoised runs: EPS (x0 = x - sigma eps) or V_PREDICTION (v, Salimans & Ho);
-    not isinstance, since V_PREDICTION, X0 and LCM all subclass EPS. The schedule must be the
-    discrete one (ModelSamplingDiscrete's sigma/timestep: the UNet's timestep t is the index of
-    sigmas[t]), which is what the loop's timesteps 0..T-1 and alphas_cumprod assume. Anything
-    else (x0, LCM, EDM, flow, continuous-time schedules) is refused naming the model.
+    whose calculate_denoised runs: EPS (x0 = x - sigma eps), V_PREDICTION (v, Salimans & Ho) or
+    CONST (rectified flow: x0 = x - sigma v); not isinstance, since V_PREDICTION, X0 and LCM all
+    subclass EPS. eps and v need the discrete schedule (ModelSamplingDiscrete's sigma/timestep:
+    the model's timestep t is the index of sigmas[t]), which the loop's timesteps 0..T-1 and
+    alphas_cumprod assume; flow needs a flow schedule (ModelSamplingDiscreteFlow: SD3, Z-Image;
+    ModelSamplingFlux). Anything else (x0, LCM, EDM, continuous-time schedules) is refused naming
+    the model.
     """
     cls = type(model_sampling(model))
     parameterization, schedule = _defining_class(cls, "calculate_denoised"), _defining_class(cls, "sigma")
-    kinds = {comfy.model_sampling.EPS: "eps", comfy.model_sampling.V_PREDICTION: "v"}
-    discrete = comfy.model_sampling.ModelSamplingDiscrete
-    if parameterization not in kinds or schedule is not discrete or _defining_class(cls, "timestep") is not discrete:
+    ms = comfy.model_sampling
+    kinds = {ms.EPS: "eps", ms.V_PREDICTION: "v", ms.CONST: "flow"}
+    schedules = {"eps": (ms.ModelSamplingDiscrete,), "v": (ms.ModelSamplingDiscrete,),
+                 "flow": (ms.ModelSamplingDiscreteFlow, ms.ModelSamplingFlux)}
+    kind = kinds.get(parameterization)
+    if kind is None or schedule not in schedules[kind] or _defining_class(cls, "timestep") is not schedule:
         raise ValueError(
             f"model: training supports eps- and v-prediction models on a discrete noise schedule (SD1.x, SD2.x, "
-            f"SDXL, also patched by the host's ModelSamplingDiscrete to eps or v_prediction); this one "
-            f"({type(model.model.model_config).__name__}) is sampled as {getattr(parameterization, '__name__', None)} "
-            f"on {getattr(schedule, '__name__', None)}")
-    return kinds[parameterization]
+            f"SDXL, also patched by the host's ModelSamplingDiscrete to eps or v_prediction) and rectified-flow "
+            f"models (SD3, SD3.5, Flux.1, Z-Image); this one ({type(model.model.model_config).__name__}) is "
+            f"sampled as {getattr(parameterization, '__name__', None)} on {getattr(schedule, '__name__', None)}")
+    return kind
 
 
-def alphas_cumprod(model) -> torch.Tensor:
-    """The training schedule from the model_sampling the host samples with (zsnr included):
-    alpha_bar = 1 / (1 + sigma^2), float64 [T]."""
+def alphas_cumprod(model) -> torch.Tensor | None:
+    """The training schedule of an eps or v model from the model_sampling the host samples with
+    (zsnr included): alpha_bar = 1 / (1 + sigma^2), float64 [T]. None for a flow model."""
+    if prediction_type(model) == "flow":
+        return None
     sigmas = model_sampling(model).sigmas.detach().double().cpu()  # [T]
     return 1.0 / (1.0 + sigmas**2)
+
+
+def flow_schedule(model) -> FlowSchedule | None:
+    """A flow model's training schedule from the model_sampling the host samples it with (its
+    shift, also a ModelSamplingSD3/Flux node's): sigma = sigma(timestep(u)), the model's timestep
+    input timestep(sigma) (x 1000 for SD3, x 1 for Flux and Z-Image). None for eps and v models."""
+    if prediction_type(model) != "flow":
+        return None
+    ms = model_sampling(model)
+    settings = {k: getattr(ms, k) for k in ("shift", "multiplier") if hasattr(ms, k)}
+    name = f"{type(ms).__name__} " + " ".join(f"{k}={float(v):g}" for k, v in sorted(settings.items()))
+    with torch.inference_mode(False):  # the host's buffers are inference tensors; these are plain maths
+        return FlowSchedule(sigma=lambda u: torch.as_tensor(ms.sigma(ms.timestep(u))).float(),
+                            timestep=lambda sigma: torch.as_tensor(ms.timestep(sigma)).float(), name=name)
 
 
 def empty_prompt(null_conditioning, clip) -> tuple[torch.Tensor, dict]:
@@ -79,20 +103,27 @@ def empty_prompt(null_conditioning, clip) -> tuple[torch.Tensor, dict]:
 
 
 def cond_function(model, cross_attn: torch.Tensor, extras: dict):
-    """(height_px, width_px) -> the UNet's keyword inputs for the empty prompt at that size,
-    built by the base's own extra_conds (SDXL's size embedding 'y' included)."""
-    def cond_for(height: int, width: int) -> dict[str, torch.Tensor]:
+    """(height_px, width_px) -> the diffusion model's keyword inputs for the empty prompt at that
+    size, built by the base's own extra_conds (SDXL's size embedding 'y', SD3's and Flux's pooled
+    'y', Flux dev's guidance (the empty prompt's FluxGuidance, else the host's default), Z-Image's
+    token count), named as the family's row says (train_families)."""
+    keys = family_of(model).conds
+    passed = {k: extras[k] for k in ("guidance", "attention_mask") if extras.get(k) is not None}
+
+    def cond_for(height: int, width: int) -> dict:
         conds = model.model.extra_conds(cross_attn=cross_attn, pooled_output=extras.get("pooled_output"),
                                         width=width, height=height, target_width=width, target_height=height,
-                                        device=torch.device("cpu"))
-        unknown = sorted(set(conds) - {"c_crossattn", "y"})
+                                        device=torch.device("cpu"), **passed)
+        unknown = sorted(set(conds) - set(keys))
         if unknown:
             raise ValueError(f"model: this model needs extra inputs {unknown} (an inpainting or edit model?); "
                              "train from a plain text-to-image base")
-        out = {"context": conds["c_crossattn"].cond}
-        if "y" in conds:
-            out["y"] = conds["y"].cond
-        return {k: v.detach().clone().float() for k, v in out.items()}
+        out = {}
+        for key, cond in conds.items():
+            value = cond.cond
+            out[keys[key]] = value.detach().clone().float() if torch.is_tensor(value) and value.is_floating_point() \
+                else value.detach().clone() if torch.is_tensor(value) else value
+        return out
     return cond_for
 
 
@@ -134,6 +165,85 @@ def for_training(model):
     log.info("dynamic VRAM: training on the host's non-dynamic copy of the base (its weights on the GPU, "
              "for autograd)")
     return non_dynamic_copy(model)
+
+
+def _apply_rope1(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in plain torch ops (the host's own fallback, comfy/ldm/flux/math.py)."""
+    x_ = x.to(dtype=freqs_cis.dtype).reshape(*x.shape[:-1], -1, 1, 2)
+    if x_.shape[2] != 1 and freqs_cis.shape[2] != 1 and x_.shape[2] != freqs_cis.shape[2]:
+        freqs_cis = freqs_cis[:, :, :x_.shape[2]]
+    out = freqs_cis[..., 0] * x_[..., 0] + freqs_cis[..., 1] * x_[..., 1]
+    return out.reshape(*x.shape).type_as(x)
+
+
+def _apply_rope(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
+    return _apply_rope1(xq, freqs_cis), _apply_rope1(xk, freqs_cis)
+
+
+class _OutOfPlaceAdds(TorchFunctionMode):
+    """In-place arithmetic on a tensor that autograd tracks, done out of place (same values).
+
+    Some of the host's blocks update their residual stream in place (Flux's `img += ...`), which
+    autograd refuses when an earlier op saved that tensor for backward (a LayerNorm does).
+    `x += y` rebinds x to what __iadd__ returns, so a new tensor serves the block the same way."""
+
+    OPS = {torch.Tensor.__iadd__: torch.add, torch.Tensor.__isub__: torch.sub, torch.Tensor.__imul__: torch.mul,
+           torch.Tensor.add_: torch.add, torch.Tensor.sub_: torch.sub, torch.Tensor.mul_: torch.mul,
+           torch.Tensor.addcmul_: torch.addcmul}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out_of_place = self.OPS.get(func)
+        if out_of_place is not None and torch.is_grad_enabled() and isinstance(args[0], torch.Tensor) and (
+                args[0].requires_grad or any(isinstance(a, torch.Tensor) and a.requires_grad for a in args[1:])):
+            return out_of_place(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def host_in_training(model=None):
+    """Within the block the host computes what autograd can differentiate. Its comfy-kitchen ops
+    (the fused rotary embedding of Flux and Z-Image) have no backward: ComfyUI 0.33 switches to
+    plain torch ops while comfy.model_management.in_training is set (what its own LoRA trainer
+    does); older hosts (0.8.0) bind the kitchen's ops at import, in comfy.ldm.flux.math and in the
+    modules that import them from there, so those bindings are swapped for the same plain ops for
+    the block. For a family whose blocks add in place (train_families), those adds are made out of
+    place within the block (_OutOfPlaceAdds). Restored on exit, also after an error or Cancel."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_differentiable_host_ops())
+        if model is not None and family_of(model).adds_in_place:
+            stack.enter_context(_OutOfPlaceAdds())
+        yield
+
+
+@contextlib.contextmanager
+def _differentiable_host_ops():
+    import sys
+
+    mm = comfy.model_management
+    if hasattr(mm, "in_training"):
+        before = mm.in_training
+        mm.in_training = True
+        try:
+            yield
+        finally:
+            mm.in_training = before
+        return
+    plain = {"apply_rope": _apply_rope, "apply_rope1": _apply_rope1}
+    swapped = []
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("comfy.ldm.") or module is None:
+            continue
+        for attr, replacement in plain.items():
+            fn = getattr(module, attr, None)
+            if fn is not None and "comfy_kitchen" in (getattr(fn, "__module__", "") or "") + repr(fn):
+                swapped.append((module, attr, fn))
+                setattr(module, attr, replacement)
+    try:
+        yield
+    finally:
+        for module, attr, fn in swapped:
+            setattr(module, attr, fn)
 
 
 def load_for_training(model) -> torch.nn.Module:
@@ -229,16 +339,8 @@ def weights_for_autograd(model):
         give_back_to_host(model.model.diffusion_model)
 
 
-def checkpointed_blocks(unet: torch.nn.Module) -> tuple[str, ...]:
-    """The UNet layers whose activations are recomputed in backward: every layer (ResBlock,
-    SpatialTransformer, up/downsampling) of every input, middle and output block. The layers, not
-    the blocks: the host's UNet calls a block's layers one by one (forward_timestep_embed)."""
-    names = []
-    for name, child in unet.named_children():
-        if name in ("input_blocks", "output_blocks"):
-            names += [f"{name}.{i}.{j}" for i, block in enumerate(child) for j in range(len(block))]
-        elif name == "middle_block":
-            names += [f"{name}.{j}" for j in range(len(child))]
-    return tuple(names)
+def checkpointed_blocks(model) -> tuple[str, ...]:
+    """The blocks gradient checkpointing recomputes, from the family's row (train_families)."""
+    return family_of(model).blocks(model.model.diffusion_model)
 
 

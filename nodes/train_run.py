@@ -20,13 +20,14 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..training import TrainConfig, save_model_file, train
+from ..training import DEFAULT_TARGETS, TrainConfig, save_model_file, train
 from ..training.data import IMAGE_EXTENSIONS
 from .domain_files import apply_lora, model_from_base_config
 from .dynamic_vram import release
 from .train_files import CACHE_FOLDER, kept_message, deliverable, domain_folder, file_metadata, fingerprint, output_paths
+from .train_families import family_of
 from .train_inputs import (alphas_cumprod, check_vae, checkpointed_blocks, cond_function, empty_prompt, encode_function,
-                           for_training, mixed_dtypes, prediction_type, weights_cast_to_input,
+                           flow_schedule, for_training, host_in_training, mixed_dtypes, prediction_type, weights_cast_to_input,
                            weights_for_autograd)
 from .train_progress import preview_function, progress_reporter
 
@@ -103,7 +104,9 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
         if trainer is not model:
             copy.callback(release, trainer)
         if config.gradient_checkpointing == ("all",):
-            config = TrainConfig(**{**config.__dict__, "gradient_checkpointing": checkpointed_blocks(unet)})
+            config = TrainConfig(**{**config.__dict__, "gradient_checkpointing": checkpointed_blocks(trainer)})
+        if config.lora_targets == DEFAULT_TARGETS:  # the UNet's layer names: the family's own, for a DiT
+            config = TrainConfig(**{**config.__dict__, "lora_targets": family_of(trainer).lora_targets})
         base_fp = fingerprint(unet)
         storage = trainer.model.get_dtype()
         counted = {}
@@ -126,13 +129,13 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
         # to the fp32 activations layer by layer.
         casting = config.mode == "lora" and config.precision == "fp32" and mixed_dtypes(unet, torch.float32)
         try:
-            with weights_cast_to_input(unet, casting):
+            with weights_cast_to_input(unet, casting), host_in_training(trainer):
                 result = train(
                     unet, sources if len(sources) > 1 else sources[0],
                     encode=encode_function(vae, trainer),
                     vae_id=f"{fingerprint(vae.first_stage_model)}|{type(trainer.model.latent_format).__name__}",
                     cond_for=cond_function(trainer, cross_attn, extras),
-                    alphas_cumprod=alphas_cumprod(trainer), prediction_type=pred, config=config,
+                    alphas_cumprod=alphas_cumprod(trainer), prediction_type=pred, flow=flow_schedule(trainer), config=config,
                     cache_dir=os.path.join(domain_folder(), CACHE_FOLDER), state_path=state_path,
                     check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                     on_progress=count_images, on_checkpoint=write, on_preview=preview,

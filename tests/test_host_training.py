@@ -491,9 +491,10 @@ def test_a_full_domain_trained_on_a_patched_base_is_sampled_as_it_was_trained(co
     assert domain.get_model_object("model_sampling") is base.get_model_object("model_sampling")
 
 
-def test_models_sampled_as_anything_but_eps_or_v_on_the_discrete_schedule_are_refused_naming_them(comfy):
-    """x0 and LCM subclass the host's EPS but read the output otherwise; flow models have another
-    schedule: training refuses them, naming the model and how it is sampled."""
+def test_models_sampled_as_anything_but_eps_v_or_flow_on_their_schedules_are_refused_naming_them(comfy):
+    """x0 and LCM subclass the host's EPS but read the output otherwise; EDM has a continuous
+    schedule: training refuses them, naming the model and how it is sampled. Flow (CONST on a flow
+    schedule) trains."""
     from tiny_nodes import UNET_CONFIG, tiny_model
 
     training = comfy.pack("nodes.train_inputs")
@@ -505,8 +506,10 @@ def test_models_sampled_as_anything_but_eps_or_v_on_the_discrete_schedule_are_re
             training.prediction_type(patch(tiny_model(), sampling, False)[0])
     model_base, supported = importlib.import_module("comfy.model_base"), importlib.import_module("comfy.supported_models")
     flow = model_base.BaseModel(supported.SD15(dict(UNET_CONFIG)), model_type=model_base.ModelType.FLOW)
-    with pytest.raises(ValueError, match="is sampled as CONST on ModelSamplingDiscreteFlow"):
-        training.prediction_type(type("Patcher", (), {"model": flow})())
+    assert training.prediction_type(type("Patcher", (), {"model": flow})()) == "flow"
+    edm = model_base.BaseModel(supported.SD15(dict(UNET_CONFIG)), model_type=model_base.ModelType.EDM)
+    with pytest.raises(ValueError, match="rectified-flow models .* is sampled as EDM on ModelSamplingContinuousEDM"):
+        training.prediction_type(type("Patcher", (), {"model": edm})())
 
 
 def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_weights(comfy, folders):
@@ -515,7 +518,7 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_weights(co
     training_node, loop = comfy.pack("nodes.train_inputs"), comfy.pack("training.trainable")
     import tiny_nodes
     unet = tiny_nodes.tiny_model().model.diffusion_model
-    names = training_node.checkpointed_blocks(unet)
+    names = training_node.checkpointed_blocks(tiny_nodes.tiny_model())
     assert "input_blocks.1.0" in names and "middle_block.1" in names and "output_blocks.0.1" in names
     layer = dict(unet.named_modules())["input_blocks.1.1"]  # a SpatialTransformer
     calls, original = [], layer.forward

@@ -21,9 +21,12 @@ The host interface: `train(unet, images, *, ...)` (loop.py) takes
     cond_for         (height_px, width_px) -> {name: tensor [1, ...]}: the empty prompt's
                      conditioning for one bucket, e.g. {"context": [1, 77, 768]}, plus "y" [1, 2816]
                      for SDXL (its size embedding depends on the image size). Called once per bucket;
-                     each tensor is expanded to the batch and passed as unet(x, t, **cond).
-    alphas_cumprod   1-D tensor [T] (usually T = 1000): the training noise schedule.
-    prediction_type  "eps" or "v".
+                     each tensor is expanded to the batch and passed as unet(x, t, **cond) (plain numbers,
+                     e.g. Z-Image's token count, as they are).
+    alphas_cumprod   1-D tensor [T] (usually T = 1000): the training noise schedule (None for "flow").
+    prediction_type  "eps", "v" or "flow" (rectified flow: SD3, Flux, Z-Image; noise.py).
+    flow             for "flow": FlowSchedule(sigma=u -> sigma, timestep=sigma -> the model's timestep
+                     input, name=what a resumed run must agree on): the base's own shift (noise.py).
     config           TrainConfig (mode, lora rank/alpha/targets, lr, schedule, warm-up, batch size,
                      resolution, flip, seed, precision, EMA decay (warmed up: trainable.ema_decay_at),
                      checkpoint/preview periods, gradient-checkpointed submodules).
@@ -55,10 +58,12 @@ from .data import ImageSet, make_buckets, nearest_bucket
 from .latents import cache_latents
 from .lora import DEFAULT_TARGETS, LoRANetwork, inject_lora, load_lora, lora_state_dict, merged_weight
 from .loop import Progress, TrainConfig, TrainingDiverged, TrainResult, learning_rate, train
-from .noise import denoising_loss, prediction_target, q_sample, v_target
+from .noise import DiscreteSchedule, FlowSchedule, denoising_loss, flow_sample, flow_target, prediction_target, q_sample, v_target
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "DiscreteSchedule",
+    "FlowSchedule",
     "ImageSet",
     "LoRANetwork",
     "Progress",
@@ -69,6 +74,8 @@ __all__ = [
     "atomic_save",
     "cache_latents",
     "denoising_loss",
+    "flow_sample",
+    "flow_target",
     "inject_lora",
     "learning_rate",
     "load_lora",

@@ -26,7 +26,7 @@ from .checkpoint import check_resume_config, read_state_header, restore_state, s
 from .data import ImageSet
 from .latents import LatentSet, cache_latents
 from .lora import DEFAULT_TARGETS
-from .noise import check_schedule, denoising_loss, prediction_target, q_sample
+from .noise import DiscreteSchedule, FlowSchedule, check_schedule, denoising_loss
 from .trainable import MODES, ema_decay_at, ema_init, ema_update, enable_gradient_checkpointing, full_copy, lora_adapters
 
 log = logging.getLogger(__name__)
@@ -134,15 +134,18 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 class Batch:
     bucket: tuple[int, int]  # (height, width) in pixels
     x0: torch.Tensor  # [B, C, h, w] latents (some mirrored)
-    t: torch.Tensor  # [B] int64 timesteps in 0..T-1
+    t: torch.Tensor  # [B] int64 timesteps in 0..T-1 (a discrete schedule), or u in (0, 1) (a flow schedule)
     eps: torch.Tensor  # [B, C, h, w] noise
 
 
-def sample_batch(data: LatentSet, step: int, config: TrainConfig, num_timesteps: int) -> Batch:
+def sample_batch(data: LatentSet, step: int, config: TrainConfig, schedule: DiscreteSchedule | FlowSchedule | int) -> Batch:
     """Step `step`'s batch: a random image picks the bucket, batch_size images of that bucket
     (without replacement where the bucket has enough), flips, timesteps and noise. All on CPU,
-    from step_generator(seed, step).
+    from step_generator(seed, step). schedule: what draws the timesteps (an int T: a discrete
+    schedule's t ~ U{0..T-1}).
     """
+    if isinstance(schedule, int):
+        schedule = DiscreteSchedule(torch.zeros(schedule, dtype=torch.float64), "eps")
     g = step_generator(config.seed, step)
     images = data.images
     bucket = images[int(torch.randint(len(images), (1,), generator=g))].bucket
@@ -154,13 +157,13 @@ def sample_batch(data: LatentSet, step: int, config: TrainConfig, num_timesteps:
         images[members[i]].flipped if (config.flip and bool(f)) else images[members[i]].latent
         for i, f in zip(picks.tolist(), flips)
     ])
-    t = torch.randint(num_timesteps, (b,), generator=g)
+    t = schedule.draw(g, b)
     eps = torch.randn(x0.shape, generator=g)
     return Batch(bucket, x0, t, eps)
 
 
 def run_config(config: TrainConfig, data: LatentSet, vae_id: str, prediction_type: str, unet: nn.Module,
-               alphas_cumprod: torch.Tensor) -> dict:
+               schedule: DiscreteSchedule | FlowSchedule) -> dict:
     """What a state file must agree on to be resumed: the config's math, the images, the VAE, the base."""
     cfg = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
     shapes = hashlib.sha256("".join(f"{k}:{list(v.shape)};" for k, v in unet.state_dict().items()).encode())
@@ -170,7 +173,7 @@ def run_config(config: TrainConfig, data: LatentSet, vae_id: str, prediction_typ
         "num_images": len(data.images),
         "vae_id": vae_id,
         "prediction_type": prediction_type,
-        "schedule": hashlib.sha256(alphas_cumprod.detach().double().cpu().numpy().tobytes()).hexdigest()[:16],
+        "schedule": schedule.id,
         "unet_shapes": shapes.hexdigest()[:16],
     }
 
@@ -182,9 +185,13 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torc
 
 
 def _batch_cond(cond: Mapping[str, torch.Tensor], batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """The host's conditioning ([1, ...] or [B, ...] per key) expanded to the batch, on device."""
+    """The host's conditioning ([1, ...] or [B, ...] per key) expanded to the batch, on device;
+    plain numbers (e.g. a token count) passed as they are."""
     out = {}
     for k, v in cond.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = v
+            continue
         if not isinstance(v, torch.Tensor) or v.shape[0] not in (1, batch_size):
             got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"cond_for returned {k!r} = {got}; expected a tensor with batch size 1 or {batch_size}")
@@ -198,18 +205,18 @@ def _check_finite(params: Mapping[str, torch.Tensor], step: int, state_path, sav
             raise TrainingDiverged(step, f"weight {name} is not finite", state_path, saved_step)
 
 
-def denoising_step(model: nn.Module, batch: Batch, cond: Mapping[str, torch.Tensor], alphas_cumprod: torch.Tensor,
-                   prediction_type: str, precision: str, device: torch.device) -> torch.Tensor:
-    """The loss of one batch: noise x0 to x_t (DDPM eq. 4), predict under autocast, MSE to the target."""
-    a_t = alphas_cumprod[batch.t].to(device, torch.float32)  # [B]
+def denoising_step(model: nn.Module, batch: Batch, cond: Mapping[str, torch.Tensor],
+                   schedule: DiscreteSchedule | FlowSchedule, precision: str, device: torch.device) -> torch.Tensor:
+    """The loss of one batch: noise x0 to x_t (DDPM eq. 4, or rectified flow's), predict under
+    autocast, MSE to the target (noise.py)."""
     x0, eps = batch.x0.to(device), batch.eps.to(device)  # [B, C, h, w]
-    x_t = q_sample(x0, eps, a_t)
+    x_t, timestep, target = schedule.noised(x0, eps, batch.t)
     with torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32"):
-        prediction = model(x_t, batch.t.to(device, torch.float32), **cond)
+        prediction = model(x_t, timestep, **cond)
     if prediction.shape != x_t.shape:
         raise ValueError(f"the UNet returned {list(prediction.shape)} for input {list(x_t.shape)}; "
                          f"expected the raw model output, shaped like x")
-    return denoising_loss(prediction, prediction_target(x0, eps, a_t, prediction_type))
+    return denoising_loss(prediction, target)
 
 
 def train(
@@ -219,7 +226,7 @@ def train(
     encode: Callable[[torch.Tensor], torch.Tensor],
     vae_id: str,
     cond_for: Callable[[int, int], Mapping[str, torch.Tensor]],
-    alphas_cumprod: torch.Tensor,
+    alphas_cumprod: torch.Tensor | None,
     prediction_type: str,
     config: TrainConfig,
     cache_dir: str | os.PathLike,
@@ -229,6 +236,7 @@ def train(
     on_preview: Callable[[int, nn.Module], None] | None = None,
     on_checkpoint: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
     device: torch.device | str | None = None,
+    flow: FlowSchedule | None = None,
 ) -> TrainResult:
     """Train a domain UNet text-free on `images`; the package docstring describes every argument.
 
@@ -236,7 +244,9 @@ def train(
     keys); if it has already reached config.steps, its weights are returned without training.
     """
     config.validate()
-    check_schedule(alphas_cumprod, prediction_type)
+    check_schedule(alphas_cumprod, prediction_type, flow)
+    schedule = flow if prediction_type == "flow" else DiscreteSchedule(
+        alphas_cumprod.detach().to("cpu", torch.float64), prediction_type)
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     state_path = os.fspath(state_path) if state_path is not None else None
     report = on_progress or (lambda info: None)
@@ -249,7 +259,7 @@ def train(
         check_interrupt=check_interrupt,
         on_image=lambda done, secs: report(Progress("cache", done, n, None, done / max(secs, 1e-9), secs / done * (n - done))),
     )
-    current = run_config(config, data, vae_id, prediction_type, unet, alphas_cumprod)
+    current = run_config(config, data, vae_id, prediction_type, unet, schedule)
     header = None
     if state_path is not None and os.path.exists(state_path):
         header = read_state_header(state_path)
@@ -275,7 +285,6 @@ def train(
             restore_state(header, params=params, ema=ema, optimizer=optimizer, scaler=scaler)
             log.info("Resuming %s at step %d of %d", state_path, start, config.steps)
         saved_step = header.step if header is not None else None
-        alphas = alphas_cumprod.detach().to("cpu", torch.float64)
         conds: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         losses: list[float] = []
         t0 = time.monotonic()
@@ -286,10 +295,10 @@ def train(
         # 3. The steps.
         for step in range(start + 1, config.steps + 1):
             check_interrupt()
-            batch = sample_batch(data, step, config, len(alphas))
+            batch = sample_batch(data, step, config, schedule)
             if batch.bucket not in conds:
                 conds[batch.bucket] = _batch_cond(cond_for(*batch.bucket), config.batch_size, device)
-            loss = denoising_step(model, batch, conds[batch.bucket], alphas, prediction_type, config.precision, device)
+            loss = denoising_step(model, batch, conds[batch.bucket], schedule, config.precision, device)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(step, f"the loss is {loss_value}", state_path, saved_step)

@@ -1,0 +1,83 @@
+"""The model families Train Domain UNet trains: one row per family of the host's diffusion models.
+
+Each row says which layers take LoRA adapters (the attention and feed-forward projections, as the
+family's usual LoRA trainers choose them), which blocks gradient checkpointing recomputes, and
+which of the host's conditioning inputs (model_base.extra_conds) the diffusion model takes, under
+which keyword. How a family is noised and what it predicts comes from the host's model_sampling
+(train_inputs.noise_schedule), not from this table.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..training import DEFAULT_TARGETS
+
+
+def _numbered(module: torch.nn.Module, *lists: str) -> tuple[str, ...]:
+    """'name.0', 'name.1', ... for each ModuleList attribute named in `lists`."""
+    return tuple(f"{name}.{i}" for name in lists for i in range(len(getattr(module, name, ()))))
+
+
+def unet_blocks(unet: torch.nn.Module) -> tuple[str, ...]:
+    """The UNet layers whose activations are recomputed in backward: every layer (ResBlock,
+    SpatialTransformer, up/downsampling) of every input, middle and output block. The layers, not
+    the blocks: the host's UNet calls a block's layers one by one (forward_timestep_embed)."""
+    names = []
+    for name, child in unet.named_children():
+        if name in ("input_blocks", "output_blocks"):
+            names += [f"{name}.{i}.{j}" for i, block in enumerate(child) for j in range(len(block))]
+        elif name == "middle_block":
+            names += [f"{name}.{j}" for j in range(len(child))]
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # as the README and errors name it
+    module: str  # the host's class of the diffusion model, "package.module:Class"
+    lora_targets: tuple[str, ...]  # module-path suffixes (fnmatch) of the Linear/Conv2d layers adapted
+    blocks: Callable[[torch.nn.Module], tuple[str, ...]]  # what gradient checkpointing recomputes
+    conds: dict[str, str]  # host extra_conds key -> the diffusion model's keyword argument
+    adds_in_place: bool = False  # its blocks update tensors autograd saved (train_inputs._OutOfPlaceAdds)
+
+
+FAMILIES = (
+    Family("UNet (SD1.x, SD2.x, SDXL)", "comfy.ldm.modules.diffusionmodules.openaimodel:UNetModel",
+           DEFAULT_TARGETS, unet_blocks, {"c_crossattn": "context", "y": "y"}),
+    Family("MMDiT (SD3, SD3.5)", "comfy.ldm.modules.diffusionmodules.mmdit:OpenAISignatureMMDITWrapper",
+           ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"), lambda m: _numbered(m, "joint_blocks"),
+           {"c_crossattn": "context", "y": "y"}),
+    Family("Flux.1 (dev, schnell)", "comfy.ldm.flux.model:Flux",
+           ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
+            "txt_mlp.0", "txt_mlp.2", "linear1", "linear2"),
+           lambda m: _numbered(m, "double_blocks", "single_blocks"),
+           {"c_crossattn": "context", "y": "y", "guidance": "guidance"}, adds_in_place=True),
+    Family("Z-Image (Lumina 2 DiT)", "comfy.ldm.lumina.model:NextDiT",
+           ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
+           lambda m: _numbered(m, "noise_refiner", "context_refiner", "layers"),
+           {"c_crossattn": "context", "num_tokens": "num_tokens", "attention_mask": "attention_mask"}),
+)
+
+
+def _host_class(path: str):
+    module, name = path.split(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):  # a host without this family
+        return None
+
+
+def family_of(model) -> Family:
+    """The row of the MODEL's diffusion model; ValueError naming it and the supported families."""
+    dm = model.model.diffusion_model
+    for family in FAMILIES:
+        cls = _host_class(family.module)
+        if cls is not None and isinstance(dm, cls):
+            return family
+    raise ValueError(
+        f"model: training supports {', '.join(f.name for f in FAMILIES)}; this model "
+        f"({type(model.model.model_config).__name__}, a {type(dm).__name__}) is none of them")
