@@ -101,3 +101,18 @@ def test_full_mode_gives_a_model_of_the_bases_family(comfy, family):
     trained = load_file(model_file(comfy, family, f"fam_full_{family}"))
     assert trained.keys() == base.model.diffusion_model.state_dict().keys()
     assert any(not torch.equal(trained[k].float(), v.float().cpu()) for k, v in base.model.diffusion_model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux_dev", "zimage"])
+def test_gradient_checkpointing_of_the_familys_blocks_trains_the_same_weights(comfy, family):
+    """The family's blocks (joint, double/single, refiner and main layers) recomputed in backward:
+    the same LoRA weights as without checkpointing."""
+    runs = {}
+    for checkpointing in (False, True):
+        name = f"fam_ckpt_{family}_{int(checkpointing)}"
+        comfy.run(train_graph(family, steps=2, checkpoint_every=0, resume=False, save_name=name,
+                              gradient_checkpointing=checkpointing))
+        runs[checkpointing] = load_file(model_file(comfy, family, name))
+    assert runs[True].keys() == runs[False].keys()
+    assert all(torch.allclose(runs[True][k], runs[False][k], rtol=1e-5, atol=1e-7) for k in runs[True])
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in runs[True].items() if "lora_up" in k)  # it trained

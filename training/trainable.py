@@ -7,6 +7,9 @@ thing: a module to call as module(x, t, **cond), its trainable parameters by nam
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import copy
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -48,9 +51,29 @@ def lora_adapters(unet: nn.Module, rank: int, alpha: float, targets: Sequence[st
     return Trainable(unet, network.named_params(), lambda values: lora_state_dict(network, values), network.remove)
 
 
+def _function_modes() -> list:
+    """The torch function modes active now (innermost last)."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    return list(_get_current_function_mode_stack())
+
+
+def _in_modes(modes: list, forward, *args, **kwargs):
+    """forward under `modes` unless they are active already (the first pass; the recomputation in
+    backward runs without them: autograd does not carry them there)."""
+    if _function_modes() == modes:
+        return forward(*args, **kwargs)
+    with contextlib.ExitStack() as stack:
+        for mode in modes:
+            stack.enter_context(mode)
+        return forward(*args, **kwargs)
+
+
 def enable_gradient_checkpointing(model: nn.Module, names: Sequence[str]) -> Callable[[], None]:
     """Recompute the named submodules' activations in backward (torch.utils.checkpoint,
     use_reentrant=False) instead of storing them. Returns the function that undoes it.
+    The recomputation runs under the torch function modes active at the forward call (a host's
+    rewrite of in-place ops, for one), as the forward did.
     """
     modules = dict(model.named_modules())
     unknown = [n for n in names if n not in modules]
@@ -63,7 +86,8 @@ def enable_gradient_checkpointing(model: nn.Module, names: Sequence[str]) -> Cal
 
         def checkpointed(*args, _forward=forward, **kwargs):
             if torch.is_grad_enabled():
-                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+                modes = _function_modes()
+                return checkpoint(functools.partial(_in_modes, modes, _forward), *args, use_reentrant=False, **kwargs)
             return _forward(*args, **kwargs)
 
         module.forward = checkpointed  # an instance attribute: the class is untouched
