@@ -116,3 +116,29 @@ def test_gradient_checkpointing_of_the_familys_blocks_trains_the_same_weights(co
     assert runs[True].keys() == runs[False].keys()
     assert all(torch.allclose(runs[True][k], runs[False][k], rtol=1e-5, atol=1e-7) for k in runs[True])
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in runs[True].items() if "lora_up" in k)  # it trained
+
+
+def test_a_base_of_a_family_the_trainer_does_not_know_is_refused_listing_the_supported_ones(comfy):
+    family_of = comfy.pack("nodes.train_families").family_of
+    unknown = type("Model", (), {"diffusion_model": torch.nn.Linear(2, 2), "model_config": object()})()
+    with pytest.raises(ValueError) as e:
+        family_of(type("Patcher", (), {"model": unknown})())
+    message = str(e.value)
+    assert message.startswith("model: training supports") and "a Linear" in message
+    assert all(name in message for name in ("SD1.x", "SDXL", "SD3", "Flux.1", "Z-Image"))
+
+
+def test_a_lora_trained_on_another_family_is_refused_naming_the_file(comfy):
+    from host import HostError
+
+    path = os.path.join(comfy.model_dir("domain_unets"), "fam_other_flux_lora.safetensors")
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in fam.lora_state_dict("flux_dev").items()}, path)
+    graph = train_graph("sd3")  # (only its base and conditioning)
+    prompt = {k: graph[k] for k in ("base",)}
+    prompt["dom"] = {"class_type": "InDomainUNetLoader", "inputs": {"unet_name": os.path.basename(path),
+                                                                    "lora_strength": 1.0, "base_model": ["base", 0]}}
+    prompt["cap"] = {"class_type": "TestCapture", "inputs": {"value": ["dom", 0], "label": "dom"}}
+    with pytest.raises(HostError) as e:
+        comfy.run(prompt)
+    assert "fam_other_flux_lora" in e.value.exception_message and "another base model" in e.value.exception_message
