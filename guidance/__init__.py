@@ -6,11 +6,13 @@ guided combination. The predictions may be noise (eps), denoised images (x0) or 
 each combination is affine with coefficients that sum to one, so it is the same in all three
 parametrisations.
 """
-from .combine import GuidanceTerm, add_domain_terms, decoupled_guidance, domain_term, ksampler_cfg, text_term
+from .combine import (GuidanceTerm, add_domain_differences, add_domain_terms, decoupled_guidance, domain_term,
+                      ksampler_cfg, recompute_domain, text_term)
 from .schedule import TermInterval, covers_whole_run, is_active, percent_to_step_fraction
 
 __all__ = [
     "GuidanceTerm",
+    "add_domain_differences",
     "add_domain_terms",
     "TermInterval",
     "covers_whole_run",
@@ -19,5 +21,6 @@ __all__ = [
     "is_active",
     "ksampler_cfg",
     "percent_to_step_fraction",
+    "recompute_domain",
     "text_term",
 ]

@@ -15,6 +15,10 @@ term keeps KSampler's negative-prompt semantics exactly:
 
 so with every domain weight 0 it is KSampler's classifier-free guidance for any negative,
 and when the negative is the empty prompt (n = u) it is the paper's formula verbatim.
+
+A speed dial below that (opt-in, not in the paper): the domain difference d_k - u computed on
+every k-th model evaluation only, and reused in between (add_domain_differences); the steps in
+between cost KSampler's two rows. k = 1 is the exact formula.
 """
 from __future__ import annotations
 
@@ -61,6 +65,23 @@ def add_domain_terms(guided: torch.Tensor, uncond: torch.Tensor, terms: Sequence
         if term.weight != 0.0:
             out = out + domain_term(term.prediction, uncond, term.weight)
     return out
+
+
+def add_domain_differences(guided: torch.Tensor, differences: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """guided + sum_k w_k delta_k with each delta_k = d_k - u as computed at an earlier evaluation
+    (the speed dial: see module doc). Weight-0 terms are skipped, as in add_domain_terms."""
+    out = guided
+    for delta, weight in differences:
+        if weight != 0.0:
+            out = out + weight * delta
+    return out
+
+
+def recompute_domain(evaluation: int, every: int) -> bool:
+    """True if the domain rows are computed at this model evaluation of the run (0, k, 2k, ...)."""
+    if every < 1:
+        raise ValueError(f"domain_every={every}: must be 1 (every evaluation, exact) or more")
+    return evaluation % every == 0
 
 
 def decoupled_guidance(

@@ -10,7 +10,9 @@ or outside every term's interval) is the host's own sampling_function: KSampler 
 model patch. A patch that batches the text rows itself (sampler_calc_cond_batch_function) gets
 exactly [c, n] as from the host; u and the LoRA-domain rows are then a call of their own.
 Before the run the guider asks the host's model management for room for the rows its estimate
-leaves out (u and the domain rows).
+leaves out (u and the domain rows). domain_every = k > 1 (opt-in): the domain rows and u on every
+k-th model evaluation only; in between, KSampler's two rows plus each term's last d_k - u
+(guidance.add_domain_differences; a term that was off, or a new latent shape, computes afresh).
 
 How each domain model is evaluated:
 - weight 0: not at all (not even loaded), the term is zero;
@@ -56,7 +58,8 @@ from .cuda_graphs import GraphPool
 from .dynamic_vram import settle_lazy_dtypes
 from .domain_files import check_compatible
 from .lora_adapters import LoraBranch, compiled_reason, lora_branches
-from ..guidance import GuidanceTerm, TermInterval, add_domain_terms, covers_whole_run, is_active, percent_to_step_fraction
+from ..guidance import (GuidanceTerm, TermInterval, add_domain_differences, add_domain_terms, covers_whole_run, is_active,
+                        percent_to_step_fraction, recompute_domain)
 
 log = logging.getLogger(__name__)
 
@@ -215,10 +218,15 @@ class _Domain:
 class DomainGuider(comfy.samplers.CFGGuider):
     """CFGGuider of the base MODEL plus text-free domain terms (see module docstring)."""
 
-    def __init__(self, model_patcher, terms: list[DomainTerm] = (), control_in_domain: bool = False):
+    def __init__(self, model_patcher, terms: list[DomainTerm] = (), control_in_domain: bool = False,
+                 domain_every: int = 1):
         super().__init__(model_patcher)
         self.terms = list(terms)
         self.control_in_domain = control_in_domain
+        self.domain_every = int(domain_every)  # 1: exact; k: domain rows every k-th evaluation (guidance.combine)
+        recompute_domain(0, self.domain_every)  # (checks it)
+        self.evaluation = 0  # model evaluations so far in this run
+        self.differences: dict[int, torch.Tensor] = {}  # domain index -> d - u at its last computation
         self.negative_is_null = False
         self.domains: list[_Domain] = []
         self.fast_mode = fastpath.mode()
@@ -311,6 +319,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         # Reading the step's sigma is a device sync (the stock KSampler has none per step): only
         # done when some term is on for part of the run.
         self.read_sigma = not all(covers_whole_run(d.term.start_percent, d.term.end_percent) for d in self.domains)
+        self.evaluation, self.differences = 0, {}
         prepared = []
         pool = GraphPool()
         # The base rows recorded too, where some term can be on (with none, every step is the host's own
@@ -388,7 +397,12 @@ class DomainGuider(comfy.samplers.CFGGuider):
         active = [d for d in self.domains if d.kind not in ("off", "same")
                   and (sigma is None or is_active(d.interval, sigma))]
         if not active:  # no domain term this step: the host's own sampling_function, KSampler exactly
+            self.differences = {}
             return super().predict_noise(x, timestep, model_options, seed)
+        evaluation, self.evaluation = self.evaluation, self.evaluation + 1
+        if self.domain_every > 1 and not recompute_domain(evaluation, self.domain_every) and \
+                all(d.index in self.differences and self.differences[d.index].shape == x.shape for d in active):
+            return self._with_last_differences(active, x, timestep, model_options)
         # Fast domain rows first: the GPU computes them while the CPU launches the base rows.
         predictions = {d.index: d.fast(x, timestep) for d in active if d.fast is not None}
         positive = self.conds.get("positive")
@@ -407,7 +421,30 @@ class DomainGuider(comfy.samplers.CFGGuider):
             if d.index not in predictions:  # the straightforward path of a full-copy domain
                 predictions[d.index] = comfy.samplers.calc_cond_batch(d.inner_model, [self.conds[d.key]], x, timestep, d.model_options)[0]
         terms = [GuidanceTerm(predictions[d.index], d.term.weight) for d in active]
+        if self.domain_every > 1:
+            self.differences = {d.index: predictions[d.index] - out[null_row] for d in active}
         return add_domain_terms(guided, out[null_row], terms)
+
+    def _with_last_differences(self, active: list, x, timestep, model_options):
+        """A step between two computations of the domain rows (domain_every > 1): KSampler's two rows
+        and guidance, plus each term's last d - u (guidance.combine.add_domain_differences)."""
+        positive, negative = self.conds.get("positive"), self.conds.get("negative")
+        cfg1 = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+        text = [positive, None if cfg1 else negative]
+        custom = model_options.get(CUSTOM_ROWS)
+        if custom is not None:
+            out = list(custom({"conds": text, "input": x, "sigma": timestep, "model": self.inner_model,
+                               "model_options": model_options}))
+        elif self.base_fast is not None:
+            out = self.base_fast(text, x, timestep, model_options)
+        else:
+            out = comfy.samplers.calc_cond_batch(self.inner_model, text, x, timestep, model_options)
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            out[:2] = fn({"conds": text, "conds_out": out[:2], "cond_scale": self.cfg, "timestep": timestep,
+                          "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})
+        guided = comfy.samplers.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep,
+                                             model_options=model_options, cond=text[0], uncond=text[1])
+        return add_domain_differences(guided, [(self.differences[d.index], d.term.weight) for d in active])
 
     def _base_rows(self, text: list, hooked: list, x, timestep, model_options) -> tuple[list, int]:
         """The base's predictions [positive, negative | zeros, null?, LoRA-domain rows...] and the index

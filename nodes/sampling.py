@@ -28,6 +28,9 @@ END_TIP = "Fraction of the sampling run at which the domain term stops (1 = last
 CONTROL_TIP = ("Off (default): a ControlNet on the positive stays in the text term only, as the paper does. "
                "On: the domain model also receives the positive's ControlNet, so the domain term follows the control too.")
 MORE_TIP = "Further domain terms from Domain Term nodes, each with its own model, weight and interval."
+EVERY_TIP = ("Speed dial, opt-in: compute the domain term every k-th model evaluation and reuse its last "
+             "value (domain - empty prompt) in between, where the step costs what KSampler's does. "
+             "1 (default) is the exact formula; the quality cost of each k: docs/BENCHMARKS.md.")
 
 
 def domain_inputs() -> list:
@@ -39,6 +42,7 @@ def domain_inputs() -> list:
         io.Float.Input("domain_end", default=1.0, min=0.0, max=1.0, step=0.01, tooltip=END_TIP),
         io.Boolean.Input("control_in_domain", default=False, tooltip=CONTROL_TIP),
         DomainTerms.Input("more_domains", optional=True, tooltip=MORE_TIP),
+        io.Int.Input("domain_every", default=1, min=1, max=50, optional=True, tooltip=EVERY_TIP),
     ]
 
 
@@ -52,8 +56,9 @@ def collect_terms(domain_model, domain_scale, domain_start, domain_end, more_dom
     return terms
 
 
-def make_guider(model, positive, negative, null_conditioning, cfg, terms, control_in_domain) -> DomainGuider:
-    guider = DomainGuider(model, terms, control_in_domain=control_in_domain)
+def make_guider(model, positive, negative, null_conditioning, cfg, terms, control_in_domain,
+                domain_every: int = 1) -> DomainGuider:
+    guider = DomainGuider(model, terms, control_in_domain=control_in_domain, domain_every=domain_every)
     guider.set_conds(positive, negative, null_conditioning)
     guider.set_cfg(cfg)
     return guider
@@ -118,9 +123,9 @@ class DomainKSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler_name, scheduler, positive, negative, null_conditioning,
                 latent_image, denoise, domain_scale, domain_start, domain_end, control_in_domain,
-                domain_model=None, more_domains=None) -> io.NodeOutput:
+                domain_model=None, more_domains=None, domain_every=1) -> io.NodeOutput:
         terms = collect_terms(domain_model, domain_scale, domain_start, domain_end, more_domains)
-        guider = make_guider(model, positive, negative, null_conditioning, cfg, terms, control_in_domain)
+        guider = make_guider(model, positive, negative, null_conditioning, cfg, terms, control_in_domain, domain_every)
         return io.NodeOutput(sample_like_ksampler(guider, seed, steps, sampler_name, scheduler, latent_image, denoise))
 
 
@@ -161,6 +166,7 @@ class DomainGuiderNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, null_conditioning, cfg, domain_scale, domain_start, domain_end,
-                control_in_domain, domain_model=None, more_domains=None) -> io.NodeOutput:
+                control_in_domain, domain_model=None, more_domains=None, domain_every=1) -> io.NodeOutput:
         terms = collect_terms(domain_model, domain_scale, domain_start, domain_end, more_domains)
-        return io.NodeOutput(make_guider(model, positive, negative, null_conditioning, cfg, terms, control_in_domain))
+        return io.NodeOutput(make_guider(model, positive, negative, null_conditioning, cfg, terms, control_in_domain,
+                                         domain_every))

@@ -52,3 +52,16 @@ def test_only_the_whole_run_needs_no_sigma():
     assert not covers_whole_run(0.0, 0.99) and not covers_whole_run(0.01, 1.0) and not covers_whole_run(0.5, 0.5)
     with pytest.raises(ValueError, match="end_percent=1.5"):
         percent_to_step_fraction(0.0, 1.5)
+
+
+def test_the_speed_dial_reuses_each_terms_last_difference_with_its_weight():
+    from guidance import add_domain_differences, recompute_domain
+
+    g = torch.Generator().manual_seed(3)
+    guided, d1, d2 = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(3))
+    assert torch.equal(add_domain_differences(guided, [(d1, 0.0), (d2, 0.0)]), guided)  # weight 0: guided itself
+    assert torch.allclose(add_domain_differences(guided, [(d1, 1.5), (d2, -0.5)]), guided + 1.5 * d1 - 0.5 * d2)
+    assert [recompute_domain(i, 3) for i in range(7)] == [True, False, False, True, False, False, True]
+    assert all(recompute_domain(i, 1) for i in range(5))
+    with pytest.raises(ValueError, match="domain_every=0"):
+        recompute_domain(0, 0)
