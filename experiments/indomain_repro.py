@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guidance import GuidanceTerm, decoupled_guidance
+from guidance import GuidanceTerm, add_domain_differences, decoupled_guidance, recompute_domain
 from training import TrainConfig, denoising_loss, prediction_target, q_sample, train
 
 from .shapes import BASE_STYLE, CLASSES, DOMAIN_STYLE, make_set
@@ -94,6 +94,7 @@ class Config:
     cfg: float = 7.5  # Stable Diffusion's usual guidance scale
     domain_weights: tuple = (1.5,)
     headline_weight: float = 1.5
+    domain_every: tuple = ()  # extra rows "ours" at headline_weight with the speed dial k (guidance.recompute_domain)
     seed: int = 0
     grid_per_cell: int = 4
 
@@ -382,21 +383,29 @@ def ddim_sample(predict_v, labels: torch.Tensor, cfg: Config, alphas_cumprod, se
     return x0.cpu()
 
 
-def guided_predictor(cond_model, domain_model, cfg_scale: float, domain_weight: float):
+def guided_predictor(cond_model, domain_model, cfg_scale: float, domain_weight: float, every: int = 1,
+                     steps: int = 1):
     """v prediction of one method.
 
     cond_model gives u and c (the base for (a) and ours, the fine-tuned copy for naive (b));
     domain_model, when given, adds the domain term domain_weight * (d - u) with d its
-    null-condition prediction. The negative prompt is the empty one (n = u).
+    null-condition prediction. The negative prompt is the empty one (n = u). every = k > 1: the
+    speed dial of the nodes' domain_every: d - u computed at steps 0, k, 2k, ... of each run of
+    `steps` steps and reused in between (guidance.add_domain_differences).
     """
+    calls, last = [0], {}
 
     def predict(x, t, y):
         null = torch.full_like(y, cond_model.null_class)
         u, c = cond_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, y])).chunk(2)
-        terms = []
-        if domain_model is not None:
-            terms.append(GuidanceTerm(domain_model(x, t, null), domain_weight))
-        return decoupled_guidance(u, c, None, cfg_scale, terms=terms)
+        step, calls[0] = calls[0] % steps, calls[0] + 1
+        if domain_model is None:
+            return decoupled_guidance(u, c, None, cfg_scale)
+        if every > 1 and not recompute_domain(step, every):
+            return add_domain_differences(decoupled_guidance(u, c, None, cfg_scale), [(last["delta"], domain_weight)])
+        d = domain_model(x, t, null)
+        last["delta"] = d - u
+        return decoupled_guidance(u, c, None, cfg_scale, terms=[GuidanceTerm(d, domain_weight)])
 
     return predict
 
@@ -446,12 +455,14 @@ def markdown_table(results: dict) -> str:
         f"({results['config']['samples_per_class']} per class), config `{results['config']['name']}`, "
         f"seed {results['config']['seed']}",
         "",
-        "| method | domain weight | control accuracy | domain rate | FD to domain |",
-        "| --- | --- | --- | --- | --- |",
+        "| method | domain weight | control accuracy | domain rate | FD to domain | mean abs. diff. to exact |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for m in results["methods"]:
         w = "-" if m["domain_weight"] is None else f"{m['domain_weight']:g}"
-        lines.append(f"| {m['method']} | {w} | {m['control_accuracy']:.3f} | {m['domain_rate']:.3f} | {m['fd_domain']:.2f} |")
+        diff = m.get("mean_abs_diff_to_exact")
+        diff = "-" if diff is None else f"{diff:.4f}"
+        lines.append(f"| {m['method']} | {w} | {m['control_accuracy']:.3f} | {m['domain_rate']:.3f} | {m['fd_domain']:.2f} | {diff} |")
     ref = results["reference"]
     lines += [
         "",
@@ -537,13 +548,15 @@ def _run(cfg: Config, out: Path, device: str) -> dict:
     n_per = cfg.samples_per_class
     labels = torch.arange(K).repeat_interleave(n_per)
     chunk = 512 if device == "cpu" else 4096
-    methods = [("base", None, base_ema, None), ("naive fine-tune", None, ft_ema, None)]
-    methods += [("ours", w, base_ema, ft_ema) for w in cfg.domain_weights]
+    methods = [("base", None, base_ema, None, 1), ("naive fine-tune", None, ft_ema, None, 1)]
+    methods += [("ours", w, base_ema, ft_ema, 1) for w in cfg.domain_weights]
+    methods += [(f"ours, domain_every {k}", cfg.headline_weight, base_ema, ft_ema, k) for k in cfg.domain_every]
     samples = []
-    for name, w, cond_model, dom_model in methods:
-        pred = guided_predictor(cond_model, dom_model, cfg.cfg, w or 0.0)
+    for name, w, cond_model, dom_model, every in methods:
+        pred = guided_predictor(cond_model, dom_model, cfg.cfg, w or 0.0, every, cfg.sample_steps)
         imgs = _sample_in_chunks(pred, labels, cfg, ac, s + 12, device, chunk)  # same noise for all
         samples.append((name, w, imgs))
+    exact = next((imgs for name, w, imgs in samples if name == "ours" and w == cfg.headline_weight), None)
     timings["sampling"] = time.time() - t0
 
     # 6. metrics -------------------------------------------------------------------------------
@@ -569,6 +582,10 @@ def _run(cfg: Config, out: Path, device: str) -> dict:
             "control_accuracy_per_class": per_class,
             "domain_rate": float((st == DOMAIN_STYLE).float().mean()),
             "fd_domain": frechet_distance(f, f_ref),
+            # against the exact formula's samples (same noise, same weight): mean |difference| in [-1, 1] pixels
+            "mean_abs_diff_to_exact": (float((imgs - exact).abs().mean())
+                                       if exact is not None and name.startswith("ours") and w == cfg.headline_weight
+                                       else None),
         })
     timings["metrics"] = time.time() - t0
     timings["total"] = time.time() - t_start
