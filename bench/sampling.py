@@ -21,6 +21,8 @@ ModelPatcher), and times with torch.cuda.synchronize around each whole sampling 
                  ours with INDOMAIN_FAST_DOMAIN=domain: only the domain row recorded (a CUDA graph), the
                  base rows through the host's calc_cond_batch every step (the fast path before the
                  base rows were recorded too)
+  full_everyK, lora_everyK
+                 ours with domain_every = K (the domain rows every K-th evaluation; e.g. full_every2)
   zero           ours with domain_scale 0: each step the host's own sampling_function (since issue 15;
                  it recorded the stock rows as a CUDA graph before), i.e. stock through our node
 
@@ -380,6 +382,9 @@ class Bench:
                                                  c["positive"], c["negative"], latent)[0]["samples"]
         if case == "zero":
             case, domain_scale = "full", 0.0
+        every = 1
+        if "_every" in case:  # e.g. full_every2: the speed dial domain_every = 2
+            case, every = case.split("_every")[0], int(case.split("_every")[1])
         domain = m["full"] if case.startswith("full") else m["lora"]
         end = 0.5 if case.endswith("_half") else 1.0
         negative = c["null"] if case.endswith("_negnull") else c["negative"]
@@ -389,7 +394,7 @@ class Bench:
         def fn():
             with mock.patch.dict(os.environ, {"INDOMAIN_FAST_DOMAIN": fast}):  # restored afterwards
                 terms = s.collect_terms(domain, domain_scale, 0.0, end, None)
-                guider = s.make_guider(m["base"], c["positive"], negative, c["null"], self.cfg, terms, False)
+                guider = s.make_guider(m["base"], c["positive"], negative, c["null"], self.cfg, terms, False, every)
                 return s.sample_like_ksampler(guider, seed, self.steps, "euler", "normal", latent, 1.0)["samples"]
         return fn
 
