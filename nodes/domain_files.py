@@ -15,6 +15,8 @@ import comfy.lora
 import comfy.model_patcher
 import comfy.sd
 
+from . import paper_format
+
 log = logging.getLogger(__name__)
 
 FOLDER = "domain_unets"
@@ -150,6 +152,14 @@ def load_domain_unet(path: str, base=None, strength: float = 1.0, model_options:
         if base is None:
             raise DomainModelError(f"'{name}' is a LoRA: connect the base MODEL it was trained on to base_model")
         return apply_lora(base, tensors, name, strength)
+    if paper_format.is_paper_format(tensors):  # the authors' null-text UNet (paper_format.py)
+        if base is None:
+            raise DomainModelError(f"'{name}' is a null-text domain UNet of the paper's code (diffusers layout, no "
+                                   "cross-attention): connect the base MODEL it was trained from to base_model")
+        try:
+            return model_from_base_config(base, paper_format.to_host_unet(tensors, base, name), name)
+        except ValueError as e:
+            raise DomainModelError(str(e)) from e
     domain = load_full(tensors, metadata, name, model_options)
     if base is not None:
         check_compatible(domain, base, name)
