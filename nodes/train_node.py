@@ -19,8 +19,8 @@ class DomainTrainer(io.ComfyNode):
             display_name="Train Domain UNet",
             category=CATEGORY,
             description="Learns a visual domain from captionless images: a text-free copy of the base UNet (full) or "
-                        "LoRA adapters on it, trained with every image on the empty prompt. Writes "
-                        "models/domain_unets/<save_name>.safetensors and resumes from its checkpoint when run again.",
+                        "LoRA adapters on it, trained with every image on the empty prompt. Writes models/loras/<save_name>.safetensors "
+                        "(lora) or models/diffusion_models/<save_name>.safetensors (full) and resumes from its checkpoint when run again.",
             is_output_node=True,
             inputs=[
                 io.Model.Input("model", tooltip="The base MODEL (from Load Checkpoint). Its noise schedule and prediction type are used, "
@@ -52,7 +52,8 @@ class DomainTrainer(io.ComfyNode):
                 io.Int.Input("lora_rank", default=16, min=1, max=1024, tooltip="LoRA rank (mode lora only)."),
                 io.Float.Input("lora_alpha", default=16.0, min=0.01, max=4096.0, step=0.5, tooltip="LoRA alpha; the update is scaled by alpha / rank (mode lora only)."),
                 io.String.Input("save_name", default="my_domain",
-                                tooltip="File name in models/domain_unets (subfolders allowed, no '..'). Running again with the same name resumes."),
+                                tooltip="File name in models/loras (lora) or models/diffusion_models (full); subfolders allowed, no '..'. "
+                                        "Running again with the same name resumes."),
                 io.Int.Input("checkpoint_every", default=250, min=0, max=1_000_000,
                              tooltip="Save the model file and the resumable state every N steps (0: only at the end)."),
                 io.Int.Input("preview_every", default=0, min=0, max=1_000_000,
