@@ -8,14 +8,16 @@ from comfy_api.latest import io
 
 from .domain_files import load_domain_unet
 from .folders import FOLDER
+from .host_schema import schema
 from .sampling import CATEGORY
 
 
 class DomainUNetLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="InDomainUNetLoader",
+            search_aliases=["domain unet", "domain lora", "in-domain", "text-free", "domain guidance"],
             display_name="Load Domain UNet",
             category=CATEGORY,
             description="Loads a text-free domain UNet: a LoRA of the base (models/loras, applied to a copy of base_model) "
