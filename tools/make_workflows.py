@@ -1,4 +1,4 @@
-"""Writes workflows/*.json (ComfyUI UI format) from the compact graphs below.
+"""Writes example_workflows/*.json (ComfyUI UI format) from the compact graphs below.
 
 Run inside a started host (it reads the real node definitions for sockets and widget order):
     COMFYUI_PATH=... python tools/make_workflows.py
@@ -193,7 +193,7 @@ def _set_order(nodes, links):
 
 def main():
     h = host.Host(host.find_host(), tempfile.mkdtemp()).start()
-    out_dir = os.path.join(REPO, "workflows")
+    out_dir = os.path.join(REPO, "example_workflows")
     os.makedirs(out_dir, exist_ok=True)
     for name, graph in GRAPHS.items():
         with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
