@@ -7,6 +7,10 @@ import logging
 
 log = logging.getLogger(__name__)
 
+# Served by the host at /extensions/<pack folder>/: docs/<node id>.md are the node library's help
+# pages (the front end's info panel fetches /extensions/<pack>/docs/<node id>.md). No scripts.
+WEB_DIRECTORY = "./web"
+
 try:
     import folder_paths  # present only inside ComfyUI
 except ImportError:  # imported outside the host (e.g. by tools): expose nothing host-bound

@@ -1,7 +1,7 @@
 """The workflows in ComfyUI's real front end (the host's comfyui-frontend-package, served by the
 running server), driven by headless Chromium over the DevTools protocol.
 
-Every workflow in workflows/ loads with no missing node type, no widget value outside its
+Every workflow in example_workflows/ loads with no missing node type, no widget value outside its
 options or range, its widget values kept, no node overlapping another, every node in view, no
 dialog or warning toast, and no console error; a screenshot of each goes to
 tests/_out/browser/<workflow>.png. One workflow, shrunk to a few steps at 64x64, is queued from
@@ -271,3 +271,46 @@ def test_the_checks_fail_on_a_broken_workflow(front_end, kind, expected):
     if kind == "unknown node type":  # the front end tells the user, too: a dialog (1.35) or a notice panel (1.49)
         told = any(p.startswith("dialog: ") and "InDomainNoSuchNode" in p for p in problems)
         assert told or front_end.evaluate("document.body.innerText.includes('InDomainNoSuchNode')"), problems
+
+
+# --- help pages and templates, as the page asks for them -----------------------------------------
+
+HELP_JS = """(async () => {
+  // the front end's NodeHelpService for a custom node: /extensions/<pack>/docs/<node id>.md, the pack
+  // being the folder in the node definition's python_module ("custom_nodes.<folder>")
+  const out = {};
+  for (const [name, type] of Object.entries(LiteGraph.registered_node_types)) {
+    if (!name.startsWith('InDomain')) continue;
+    const pack = type.nodeData.python_module.split('.')[1].split('@')[0];
+    const response = await fetch(`extensions/${pack}/docs/${name}.md`);
+    out[name] = [response.status, await response.text()];
+  }
+  return out;
+})()"""
+
+TEMPLATES_JS = """(async () => {
+  // what the Templates dialog reads: the custom nodes' templates by folder, each <name>.jpg beside it
+  const listed = await (await fetch('api/workflow_templates')).json();
+  const thumbnails = {};
+  for (const [pack, names] of Object.entries(listed)) for (const name of names) {
+    const image = new Image();
+    image.src = `api/workflow_templates/${pack}/${name}.jpg`;
+    try { await image.decode(); thumbnails[`${pack}/${name}`] = [image.naturalWidth, image.naturalHeight]; }
+    catch (e) { thumbnails[`${pack}/${name}`] = null; }
+  }
+  return {listed, thumbnails};
+})()"""
+
+
+def test_each_nodes_help_page_is_served_to_the_page(front_end):
+    pages = front_end.evaluate(HELP_JS)
+    assert set(pages) == live_server.pack_node_ids(live_server.REPO)
+    for name, (status, text) in pages.items():
+        assert status == 200 and text.startswith("# ") and "n + cfg · (c − n)" in text, (name, status, text[:80])
+
+
+def test_the_templates_dialog_finds_the_packs_templates_and_thumbnails(front_end):
+    found = front_end.evaluate(TEMPLATES_JS)
+    assert sorted(found["listed"][live_server.PACK_NAME]) == sorted(WORKFLOWS)
+    for name in WORKFLOWS:
+        assert found["thumbnails"][f"{live_server.PACK_NAME}/{name}"] == [400, 300], name
