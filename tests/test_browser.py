@@ -288,6 +288,27 @@ HELP_JS = """(async () => {
   return out;
 })()"""
 
+PANEL_JS = """(async (name, expected) => {
+  // the node library's info panel, opened as its (i) button does: the node library tab, then the
+  // help store's openHelp(node definition); the panel fetches and renders the page itself
+  const stores = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s;
+  const wait = async (shown) => {
+    for (let i = 0; i < 100 && document.body.innerText.includes(expected) !== shown; i++) await new Promise(r => setTimeout(r, 100));
+    return document.body.innerText.includes(expected) === shown;
+  };
+  stores.get('nodeHelp').closeHelp();  // the previous node's page gone first
+  if (!await wait(false)) return false;
+  stores.get('sidebarTab').activeSidebarTabId = 'node-library';
+  stores.get('nodeHelp').openHelp(stores.get('nodeDef').nodeDefsByName[name]);
+  return await wait(true);
+})"""
+
+CLOSE_PANEL_JS = """(() => {
+  const stores = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s;
+  stores.get('nodeHelp').closeHelp();
+  stores.get('sidebarTab').activeSidebarTabId = null;
+})()"""
+
 TEMPLATES_JS = """(async () => {
   // what the Templates dialog reads: the custom nodes' templates by folder, each <name>.jpg beside it
   const listed = await (await fetch('api/workflow_templates')).json();
@@ -307,6 +328,18 @@ def test_each_nodes_help_page_is_served_to_the_page(front_end):
     assert set(pages) == live_server.pack_node_ids(live_server.REPO)
     for name, (status, text) in pages.items():
         assert status == 200 and text.startswith("# ") and "n + cfg · (c − n)" in text, (name, status, text[:80])
+
+
+def test_each_nodes_help_page_shows_in_the_node_librarys_info_panel(front_end):
+    """The rendered page (its formula), not the node's description (the panel's fallback when the page
+    is missing)."""
+    try:
+        for name in sorted(live_server.pack_node_ids(live_server.REPO)):
+            shown = front_end.evaluate(f"{PANEL_JS}({json.dumps(name)}, 'Σₖ wₖ · (dₖ − u)')")
+            front_end.screenshot(f"_help-{name}")
+            assert shown, f"{name}: the info panel does not show its help page"
+    finally:
+        front_end.evaluate(CLOSE_PANEL_JS)
 
 
 def test_the_templates_dialog_finds_the_packs_templates_and_thumbnails(front_end):
