@@ -2,6 +2,7 @@
 
 Run inside a started host (it reads the real node definitions for sockets and widget order):
     COMFYUI_PATH=... python tools/make_workflows.py
+then draw their thumbnails for the Templates dialog: python tools/make_thumbnails.py
 """
 from __future__ import annotations
 
