@@ -4,24 +4,24 @@ The pure packages `guidance/` and `training/` import anywhere; the node classes 
 only when the ComfyUI host is present (this file is then loaded by its custom-node loader).
 """
 import logging
-import os
 
 log = logging.getLogger(__name__)
+
+# Served by the host at /extensions/<pack folder>/: docs/<node id>.md are the node library's help
+# pages (the front end's info panel fetches /extensions/<pack>/docs/<node id>.md). No scripts.
+WEB_DIRECTORY = "./web"
 
 try:
     import folder_paths  # present only inside ComfyUI
 except ImportError:  # imported outside the host (e.g. by tools): expose nothing host-bound
     folder_paths = None
 
-DOMAIN_UNETS = "domain_unets"
-
 if folder_paths is not None:
-    # models/domain_unets, plus any `domain_unets:` entries of extra_model_paths.yaml (loaded
-    # before custom nodes, so they may already be registered): safetensors files only.
-    folder_paths.add_model_folder_path(DOMAIN_UNETS, os.path.join(folder_paths.models_dir, DOMAIN_UNETS))
-    folder_paths.folder_names_and_paths[DOMAIN_UNETS] = (
-        folder_paths.folder_names_and_paths[DOMAIN_UNETS][0], {".safetensors", ".sft"})
+    # models/domain_unets (and extra_model_paths.yaml's `domain_unets:`), then the host's loras and
+    # diffusion_models folders, where training writes: see nodes/folders.py.
+    from .nodes.folders import register
 
+    register()
     from .nodes import InDomainExtension
 
     async def comfy_entrypoint() -> InDomainExtension:

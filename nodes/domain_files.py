@@ -19,7 +19,6 @@ from . import paper_format
 
 log = logging.getLogger(__name__)
 
-FOLDER = "domain_unets"
 LORA_MARKERS = (".lora_up.", ".lora_down.", ".lora_A.", ".lora_B.", ".lora.up.", ".lora.down.", ".hada_w1_a", ".lokr_w1", ".alpha")
 
 

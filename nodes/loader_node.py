@@ -6,23 +6,27 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from .domain_files import FOLDER, load_domain_unet
+from .domain_files import load_domain_unet
+from .folders import FOLDER
+from .host_schema import schema
 from .sampling import CATEGORY
 
 
 class DomainUNetLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="InDomainUNetLoader",
+            search_aliases=["domain unet", "domain lora", "in-domain", "text-free", "domain guidance"],
             display_name="Load Domain UNet",
             category=CATEGORY,
-            description="Loads a text-free domain UNet from models/domain_unets: a full UNet state dict, "
-                        "or a LoRA applied to a copy of base_model. With base_model connected, checks that "
-                        "the domain UNet has the base's architecture and latent format.",
+            description="Loads a text-free domain UNet: a LoRA of the base (models/loras, applied to a copy of base_model) "
+                        "or a full UNet state dict (models/diffusion_models; files of older versions: models/domain_unets). "
+                        "With base_model connected, checks that the domain UNet has the base's architecture and latent format.",
             inputs=[
                 io.Combo.Input("unet_name", options=folder_paths.get_filename_list(FOLDER),
-                               tooltip="A .safetensors file in models/domain_unets (or a folder from extra_model_paths.yaml)."),
+                               tooltip="A .safetensors file: models/domain_unets, then models/loras (where Train Domain UNet writes a LoRA), "
+                                       "then models/diffusion_models (a full copy); extra_model_paths.yaml folders too."),
                 io.Model.Input("base_model", optional=True,
                                tooltip="The base MODEL. Required for a LoRA file; for a full UNet it enables the compatibility check."),
                 io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.01,

@@ -11,6 +11,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from .guider import DOMAIN_TERMS, DomainGuider, DomainTerm
+from .host_schema import schema
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ def make_guider(model, positive, negative, null_conditioning, cfg, terms, contro
 class DomainTermNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="InDomainTerm",
+            search_aliases=["domain term", "multi domain", "in-domain", "domain guidance", "DoG"],
             display_name="Domain Term",
             category=CATEGORY,
             description="One more domain term w * (domain(x, '') - base(x, '')) for the domain sampler or guider. "
@@ -93,8 +95,9 @@ class DomainTermNode(io.ComfyNode):
 class DomainKSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="InDomainKSampler",
+            search_aliases=["domain guidance", "in-domain", "text-free", "DoG", "domain sampler", "decoupled guidance"],
             display_name="KSampler (Domain Guidance)",
             category=CATEGORY,
             description="KSampler with decoupled domain guidance: the base model keeps the prompt, negative and "
@@ -148,8 +151,9 @@ def sample_like_ksampler(guider, seed, steps, sampler_name, scheduler, latent, d
 class DomainGuiderNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="InDomainGuider",
+            search_aliases=["domain guidance", "in-domain", "text-free", "DoG", "guider", "decoupled guidance"],
             display_name="Domain Guider",
             category=CATEGORY,
             description="A GUIDER for SamplerCustomAdvanced with the same terms as KSampler (Domain Guidance).",

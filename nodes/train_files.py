@@ -1,13 +1,16 @@
-"""What Train Domain UNet writes, and where: models/domain_unets (or its first folder from
-extra_model_paths.yaml), each file written atomically by training.save_model_file / atomic_save:
+"""What Train Domain UNet writes, and where (nodes/folders.py), each file written atomically by
+training.save_model_file / atomic_save:
 
-    <save_name>.safetensors          the domain UNet (full state dict, or a LoRA), rewritten at
-                                     every checkpoint
-    <save_name>.indomain-state       the training state (weights, AdamW, EMA, step): resume
-    .latent-cache/<sha256>.latent    VAE latents, reused by every run on the same images and VAE
+    loras/<save_name>.safetensors             a LoRA domain, rewritten at every checkpoint
+    diffusion_models/<save_name>.safetensors  a full-copy domain (folders.kind_folder: models/loras and
+                                              models/diffusion_models, not the legacy models/unet)
+    <save_name>.indomain-state                next to it: the training state (weights, AdamW, EMA,
+                                              step), for resume
+    domain_unets/.latent-cache/<sha256>.latent  VAE latents, reused by every run on the same images and VAE
 
-None of these extensions but the first is listed by the host's model pickers. The model file's
-metadata records how it was trained (file_metadata).
+A save name that already has a file in the pack's own domain_unets folder (trained before 0.3.0)
+is written there still, so its run resumes. None of these extensions but the first is listed by
+the host's model pickers. The model file's metadata records how it was trained (file_metadata).
 """
 from __future__ import annotations
 
@@ -17,12 +20,13 @@ import os
 import re
 import time
 
+import safetensors
 import torch
 
 import folder_paths
 
 from ..training import TrainConfig, safe_join
-from .domain_files import FOLDER
+from .folders import FOLDER, is_inside, kind_folder, own_folders
 from .train_inputs import prediction_type
 
 STATE_EXTENSION = ".indomain-state"
@@ -30,9 +34,9 @@ CACHE_FOLDER = ".latent-cache"
 FILE_FORMAT = "indomain-domain-unet/1"
 
 
-def domain_folder() -> str:
-    """The folder trained files are written to: the first registered domain_unets folder."""
-    folder = folder_paths.get_folder_paths(FOLDER)[0]
+def cache_folder() -> str:
+    """The latent cache: a hidden folder in the pack's first domain_unets folder."""
+    folder = os.path.join(own_folders()[0], CACHE_FOLDER)
     os.makedirs(folder, exist_ok=True)
     return folder
 
@@ -46,15 +50,37 @@ def check_file_name(save_name: str) -> None:
                          "give a name such as 'my_domain' or 'faces/v1'")
 
 
-def output_paths(save_name: str) -> tuple[str, str]:
-    """(model file, state file) for a save name, inside the domain_unets folder (never outside)."""
+def output_paths(save_name: str, mode: str) -> tuple[str, str]:
+    """(model file, state file) for a save name and training mode: in the host's loras (LoRA) or
+    diffusion_models (full) folder, never outside it; in the pack's own folder where the name has a
+    file there from before. Refused when Load Domain UNet lists another file under the same name,
+    or when the file exists and this pack did not write it (a user's own LoRA or model)."""
     save_name = save_name.strip()
     stem, ext = os.path.splitext(save_name)
     if ext.lower() in (".safetensors", ".sft"):
         save_name = stem
     check_file_name(save_name)
-    model_path = safe_join(domain_folder(), save_name + ".safetensors")
+    name = save_name + ".safetensors"
+    model_path = safe_join(kind_folder(mode), name)
+    listed = folder_paths.get_full_path(FOLDER, name)
+    if listed and is_inside(listed, own_folders()):
+        model_path = os.path.realpath(listed)  # trained before 0.3.0: it stays where its run resumes from
+    elif listed and os.path.realpath(listed) != os.path.realpath(model_path):
+        raise ValueError(f"save name {save_name!r} is taken: Load Domain UNet already lists {listed} under that "
+                         f"name; choose another save_name or remove that file")
+    if os.path.exists(model_path) and not written_by_pack(model_path):
+        raise ValueError(f"save name {save_name!r}: {model_path} exists and was not written by Train Domain UNet; "
+                         "choose another save_name (it would be overwritten)")
     return model_path, os.path.splitext(model_path)[0] + STATE_EXTENSION
+
+
+def written_by_pack(path: str) -> bool:
+    """True for a domain file this pack wrote (its metadata names the format)."""
+    try:
+        with safetensors.safe_open(path, framework="pt", device="cpu") as f:
+            return (f.metadata() or {}).get("indomain.format") == FILE_FORMAT
+    except Exception:  # unreadable: not ours to overwrite
+        return False
 
 
 @torch.inference_mode()

@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..training import TrainConfig
+from .host_schema import advanced, schema
 from .plot import loss_curve_image
 from .sampling import CATEGORY
 from .train_run import image_folder_fingerprint, run_training
@@ -14,13 +15,14 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 class DomainTrainer(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="InDomainTrainUNet",
+            search_aliases=["train domain", "in-domain", "text-free", "captionless", "fine-tune", "domain lora", "DoG"],
             display_name="Train Domain UNet",
             category=CATEGORY,
             description="Learns a visual domain from captionless images: a text-free copy of the base UNet (full) or "
-                        "LoRA adapters on it, trained with every image on the empty prompt. Writes "
-                        "models/domain_unets/<save_name>.safetensors and resumes from its checkpoint when run again.",
+                        "LoRA adapters on it, trained with every image on the empty prompt. Writes models/loras/<save_name>.safetensors "
+                        "(lora) or models/diffusion_models/<save_name>.safetensors (full) and resumes from its checkpoint when run again.",
             is_output_node=True,
             inputs=[
                 io.Model.Input("model", tooltip="The base MODEL (from Load Checkpoint). Its noise schedule and prediction type are used, "
@@ -34,30 +36,31 @@ class DomainTrainer(io.ComfyNode):
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6, round=1e-7,
                                tooltip="Peak learning rate (AdamW). About 1e-4 for lora, 1e-5 to 2e-5 for full."),
                 io.Combo.Input("lr_schedule", options=["constant", "cosine"], default="constant",
-                               tooltip="After warm-up: keep the learning rate, or decay it to 0 along a cosine."),
-                io.Int.Input("warmup_steps", default=0, min=0, max=100_000, tooltip="Steps of linear warm-up to the learning rate."),
+                               tooltip="After warm-up: keep the learning rate, or decay it to 0 along a cosine.", **advanced()),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100_000, tooltip="Steps of linear warm-up to the learning rate.", **advanced()),
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
-                             tooltip="Seed of all training randomness (images, flips, timesteps, noise): the same seed gives the same weights."),
+                             tooltip="Seed of all training randomness (images, flips, timesteps, noise): the same seed gives the same weights.", **advanced()),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
                              tooltip="Training area: buckets of about resolution x resolution pixels (512 for SD1, 768 for SD2, 1024 for SDXL). "
                                      "Images of any size are resized and centre-cropped to the nearest aspect-ratio bucket."),
-                io.Boolean.Input("flip", default=True, tooltip="Horizontal-flip augmentation (off for text, logos or asymmetric subjects)."),
+                io.Boolean.Input("flip", default=True, tooltip="Horizontal-flip augmentation (off for text, logos or asymmetric subjects).", **advanced()),
                 io.Combo.Input("training_dtype", options=list(PRECISIONS), default="bf16",
-                               tooltip="Autocast precision. bf16 on recent GPUs (its runs repeat bit for bit); fp16 uses loss scaling; fp32 is full precision and slow (on a GPU two fp32 runs differ slightly)."),
+                               tooltip="Autocast precision. bf16 on recent GPUs (its runs repeat bit for bit); fp16 uses loss scaling; fp32 is full precision and slow (on a GPU two fp32 runs differ slightly).", **advanced()),
                 io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute activations in backward: much less memory, about 30% slower."),
+                                 tooltip="Recompute activations in backward: much less memory, about 30% slower.", **advanced()),
                 io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.99999, step=0.0001, round=0.00001,
                                tooltip="Exponential moving average of the weights (e.g. 0.999); the file and the output use it. 0 = off. "
-                                       "With warm-up: step t uses min(ema_decay, (1 + t) / (10 + t)), so the starting weights fade early."),
-                io.Int.Input("lora_rank", default=16, min=1, max=1024, tooltip="LoRA rank (mode lora only)."),
-                io.Float.Input("lora_alpha", default=16.0, min=0.01, max=4096.0, step=0.5, tooltip="LoRA alpha; the update is scaled by alpha / rank (mode lora only)."),
+                                       "With warm-up: step t uses min(ema_decay, (1 + t) / (10 + t)), so the starting weights fade early.", **advanced()),
+                io.Int.Input("lora_rank", default=16, min=1, max=1024, tooltip="LoRA rank (mode lora only).", **advanced()),
+                io.Float.Input("lora_alpha", default=16.0, min=0.01, max=4096.0, step=0.5, tooltip="LoRA alpha; the update is scaled by alpha / rank (mode lora only).", **advanced()),
                 io.String.Input("save_name", default="my_domain",
-                                tooltip="File name in models/domain_unets (subfolders allowed, no '..'). Running again with the same name resumes."),
+                                tooltip="File name in models/loras (lora) or models/diffusion_models (full); subfolders allowed, no '..'. "
+                                        "Running again with the same name resumes."),
                 io.Int.Input("checkpoint_every", default=250, min=0, max=1_000_000,
-                             tooltip="Save the model file and the resumable state every N steps (0: only at the end)."),
+                             tooltip="Save the model file and the resumable state every N steps (0: only at the end).", **advanced()),
                 io.Int.Input("preview_every", default=0, min=0, max=1_000_000,
                              tooltip="Every N steps, sample the domain model on the empty prompt (20 Euler steps, fixed seed), show it "
-                                     "on the node and save it to output/indomain_previews/<save_name>/. 0 = off."),
+                                     "on the node and save it to output/indomain_previews/<save_name>/. 0 = off.", **advanced()),
                 io.Boolean.Input("resume", default=True,
                                  tooltip="On: continue from save_name's last checkpoint if there is one. Off: start over and replace it."),
                 io.Conditioning.Input("null_conditioning", optional=True,
@@ -72,7 +75,7 @@ class DomainTrainer(io.ComfyNode):
                 io.Boolean.Input("torch_compile", default=False, optional=True,
                                  tooltip="Compile the trained UNet with torch.compile (needs a C++ compiler / Triton): the first step takes "
                                          "2-3 minutes, then about 1.4x faster at batch 32 with less memory (mode full, no gradient "
-                                         "checkpointing; docs/BENCHMARKS.md). Pays for long runs."),
+                                         "checkpointing; docs/BENCHMARKS.md). Pays for long runs.", **advanced()),
             ],
             outputs=[
                 io.Model.Output(display_name="domain_model", tooltip="The trained domain UNet, for KSampler (Domain Guidance)."),

@@ -24,8 +24,8 @@ from ..training import DEFAULT_TARGETS, TrainConfig, save_model_file, train
 from ..training.data import IMAGE_EXTENSIONS
 from .domain_files import apply_lora, model_from_base_config
 from .dynamic_vram import release
-from .train_files import CACHE_FOLDER, kept_message, deliverable, domain_folder, file_metadata, fingerprint, output_paths
 from .train_families import family_of
+from .train_files import kept_message, deliverable, cache_folder, file_metadata, fingerprint, output_paths
 from .train_inputs import (alphas_cumprod, check_vae, checkpointed_blocks, cond_function, empty_prompt, encode_function,
                            flow_schedule, for_training, host_in_training, mixed_dtypes, prediction_type, weights_cast_to_input,
                            weights_for_autograd)
@@ -90,7 +90,7 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
         sources.append(resolve_image_folder(image_folder, anywhere=image_folder_anywhere))
     if not sources:
         raise ValueError("images / image_folder: connect an IMAGE batch or give a folder of domain images")
-    model_path, state_path = output_paths(save_name)
+    model_path, state_path = output_paths(save_name, config.mode)
     pred = prediction_type(model)
     check_vae(vae, model)
     cross_attn, extras = empty_prompt(null_conditioning, clip)
@@ -136,7 +136,7 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
                     vae_id=f"{fingerprint(vae.first_stage_model)}|{type(trainer.model.latent_format).__name__}",
                     cond_for=cond_function(trainer, cross_attn, extras),
                     alphas_cumprod=alphas_cumprod(trainer), prediction_type=pred, flow=flow_schedule(trainer), config=config,
-                    cache_dir=os.path.join(domain_folder(), CACHE_FOLDER), state_path=state_path,
+                    cache_dir=cache_folder(), state_path=state_path,
                     check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                     on_progress=count_images, on_checkpoint=write, on_preview=preview,
                     device=comfy.model_management.get_torch_device(),

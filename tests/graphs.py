@@ -86,3 +86,25 @@ def train_graph(label="trained", unet_dtype="host default", **options):
 def reproducible_dtype(on_gpu: bool) -> str:
     """The training_dtype whose runs repeat bit for bit on this device (the defaults' fp32 on the CPU)."""
     return "bf16" if on_gpu else TRAIN_DEFAULTS["training_dtype"]
+
+
+def saved(name: str) -> str:
+    """Where Train Domain UNet wrote a file (e.g. "dom.safetensors", "dom.indomain-state"): models/loras
+    (mode lora) or models/diffusion_models (mode full); the loras path when in neither."""
+    import os
+
+    import folder_paths
+
+    paths = [os.path.join(folder_paths.models_dir, kind, name) for kind in ("loras", "diffusion_models")]
+    return next((p for p in paths if os.path.exists(p)), paths[0])
+
+
+def written(name: str) -> list[str]:
+    """The files Train Domain UNet wrote for save name `name` (model and state), in any of its folders."""
+    import glob
+    import os
+
+    import folder_paths
+
+    folders = [os.path.join(folder_paths.models_dir, kind) for kind in ("loras", "diffusion_models", "domain_unets")]
+    return sorted(os.path.basename(p) for f in folders for p in glob.glob(os.path.join(f, name + ".*")))

@@ -56,7 +56,7 @@ def free_port() -> int:
 
 def workflow_paths() -> list[str]:
     """The UI-format workflows a user drags in (from the tested repository's working tree)."""
-    folder = os.path.join(REPO, "workflows")
+    folder = os.path.join(REPO, "example_workflows")
     return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".json"))
 
 
@@ -177,6 +177,14 @@ class LiveServer:
     def get(self, path: str, timeout: float = 30.0):
         with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
             return json.loads(response.read())
+
+    def fetch(self, path: str, timeout: float = 30.0) -> tuple[int, str, bytes]:
+        """(status, content type, body) of a GET, errors included (e.g. 404)."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+                return response.status, response.headers.get("Content-Type", ""), response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("Content-Type", ""), e.read()
 
     def wait_for_history(self, exclude=(), timeout: float = 120.0) -> dict:
         """The /history entry of the first finished prompt whose id is not in `exclude`."""

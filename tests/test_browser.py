@@ -1,7 +1,7 @@
 """The workflows in ComfyUI's real front end (the host's comfyui-frontend-package, served by the
 running server), driven by headless Chromium over the DevTools protocol.
 
-Every workflow in workflows/ loads with no missing node type, no widget value outside its
+Every workflow in example_workflows/ loads with no missing node type, no widget value outside its
 options or range, its widget values kept, no node overlapping another, every node in view, no
 dialog or warning toast, and no console error; a screenshot of each goes to
 tests/_out/browser/<workflow>.png. One workflow, shrunk to a few steps at 64x64, is queued from
@@ -271,3 +271,79 @@ def test_the_checks_fail_on_a_broken_workflow(front_end, kind, expected):
     if kind == "unknown node type":  # the front end tells the user, too: a dialog (1.35) or a notice panel (1.49)
         told = any(p.startswith("dialog: ") and "InDomainNoSuchNode" in p for p in problems)
         assert told or front_end.evaluate("document.body.innerText.includes('InDomainNoSuchNode')"), problems
+
+
+# --- help pages and templates, as the page asks for them -----------------------------------------
+
+HELP_JS = """(async () => {
+  // the front end's NodeHelpService for a custom node: /extensions/<pack>/docs/<node id>.md, the pack
+  // being the folder in the node definition's python_module ("custom_nodes.<folder>")
+  const out = {};
+  for (const [name, type] of Object.entries(LiteGraph.registered_node_types)) {
+    if (!name.startsWith('InDomain')) continue;
+    const pack = type.nodeData.python_module.split('.')[1].split('@')[0];
+    const response = await fetch(`extensions/${pack}/docs/${name}.md`);
+    out[name] = [response.status, await response.text()];
+  }
+  return out;
+})()"""
+
+PANEL_JS = """(async (name, expected) => {
+  // the node library's info panel, opened as its (i) button does: the node library tab, then the
+  // help store's openHelp(node definition); the panel fetches and renders the page itself
+  const stores = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s;
+  const wait = async (shown) => {
+    for (let i = 0; i < 100 && document.body.innerText.includes(expected) !== shown; i++) await new Promise(r => setTimeout(r, 100));
+    return document.body.innerText.includes(expected) === shown;
+  };
+  stores.get('nodeHelp').closeHelp();  // the previous node's page gone first
+  if (!await wait(false)) return false;
+  stores.get('sidebarTab').activeSidebarTabId = 'node-library';
+  stores.get('nodeHelp').openHelp(stores.get('nodeDef').nodeDefsByName[name]);
+  return await wait(true);
+})"""
+
+CLOSE_PANEL_JS = """(() => {
+  const stores = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia._s;
+  stores.get('nodeHelp').closeHelp();
+  stores.get('sidebarTab').activeSidebarTabId = null;
+})()"""
+
+TEMPLATES_JS = """(async () => {
+  // what the Templates dialog reads: the custom nodes' templates by folder, each <name>.jpg beside it
+  const listed = await (await fetch('api/workflow_templates')).json();
+  const thumbnails = {};
+  for (const [pack, names] of Object.entries(listed)) for (const name of names) {
+    const image = new Image();
+    image.src = `api/workflow_templates/${pack}/${name}.jpg`;
+    try { await image.decode(); thumbnails[`${pack}/${name}`] = [image.naturalWidth, image.naturalHeight]; }
+    catch (e) { thumbnails[`${pack}/${name}`] = null; }
+  }
+  return {listed, thumbnails};
+})()"""
+
+
+def test_each_nodes_help_page_is_served_to_the_page(front_end):
+    pages = front_end.evaluate(HELP_JS)
+    assert set(pages) == live_server.pack_node_ids(live_server.REPO)
+    for name, (status, text) in pages.items():
+        assert status == 200 and text.startswith("# ") and "n + cfg · (c − n)" in text, (name, status, text[:80])
+
+
+def test_each_nodes_help_page_shows_in_the_node_librarys_info_panel(front_end):
+    """The rendered page (its formula), not the node's description (the panel's fallback when the page
+    is missing)."""
+    try:
+        for name in sorted(live_server.pack_node_ids(live_server.REPO)):
+            shown = front_end.evaluate(f"{PANEL_JS}({json.dumps(name)}, 'Σₖ wₖ · (dₖ − u)')")
+            front_end.screenshot(f"_help-{name}")
+            assert shown, f"{name}: the info panel does not show its help page"
+    finally:
+        front_end.evaluate(CLOSE_PANEL_JS)
+
+
+def test_the_templates_dialog_finds_the_packs_templates_and_thumbnails(front_end):
+    found = front_end.evaluate(TEMPLATES_JS)
+    assert sorted(found["listed"][live_server.PACK_NAME]) == sorted(WORKFLOWS)
+    for name in WORKFLOWS:
+        assert found["thumbnails"][f"{live_server.PACK_NAME}/{name}"] == [400, 300], name

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny_nodes as tiny
-from graphs import loader, text_to_image, train_graph
+from graphs import loader, saved, text_to_image, train_graph
 from test_host_gpu_dtypes import assert_same_state, host_state
 from test_host_training import domain_images
 
@@ -45,7 +45,7 @@ def test_every_training_setting_trains_on_the_gpu(comfy, folders, monkeypatch, m
     name = f"matrix_{mode}_{precision}_{int(checkpointing)}_{ema}_{previews}"
     comfy.run(train_graph(mode=mode, training_dtype=precision, gradient_checkpointing=checkpointing, ema_decay=ema,
                           preview_every=previews, steps=2, checkpoint_every=1, save_name=name, resume=False))
-    weights = load_file(os.path.join(folders, name + ".safetensors"))
+    weights = load_file(saved(name + ".safetensors"))
     assert weights and all(torch.isfinite(v.float()).all() for v in weights.values())
     assert_same_state(before, host_state(model))
 
@@ -55,7 +55,7 @@ def test_the_gpu_resumes_exactly_and_a_cancel_keeps_the_checkpoint(comfy, folder
 
     options = dict(mode="lora", training_dtype="bf16", gradient_checkpointing=True, steps=4, checkpoint_every=2)
     comfy.run(train_graph(save_name="gpu_whole", resume=False, **options))
-    whole = load_file(os.path.join(folders, "gpu_whole.safetensors"))
+    whole = load_file(saved("gpu_whole.safetensors"))
     loop = comfy.pack("training.loop")
     real, calls = loop.denoising_step, []
 
@@ -69,9 +69,9 @@ def test_the_gpu_resumes_exactly_and_a_cancel_keeps_the_checkpoint(comfy, folder
     with pytest.raises(Exception):
         comfy.run(train_graph(save_name="gpu_parts", resume=False, **options))
     monkeypatch.setattr(loop, "denoising_step", real)
-    assert load_file(os.path.join(folders, "gpu_parts.safetensors")).keys() == whole.keys()  # step 2's file, complete
+    assert load_file(saved("gpu_parts.safetensors")).keys() == whole.keys()  # step 2's file, complete
     comfy.run(train_graph(save_name="gpu_parts", resume=True, **options))
-    parts = load_file(os.path.join(folders, "gpu_parts.safetensors"))
+    parts = load_file(saved("gpu_parts.safetensors"))
     assert all(torch.equal(parts[k], whole[k]) for k in whole)  # bf16 on a GPU repeats bit for bit
 
 

@@ -48,7 +48,7 @@ def test_trains_writes_the_file_and_resumes(base_dir, on_gpu):
     first = run(base_dir, "--save-name", "cli_domain", "--steps", "2", "--checkpoint-every", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "step 2/2" in first.stderr
-    path = base_dir / "models" / "domain_unets" / "cli_domain.safetensors"
+    path = base_dir / "models" / "loras" / "cli_domain.safetensors"
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["indomain.steps"] == "2" and f.metadata()["indomain.mode"] == "lora"
     more = run(base_dir, "--save-name", "cli_domain", "--steps", "3")
@@ -62,7 +62,7 @@ def test_refuses_pickled_model_files_by_name(base_dir):
     (base_dir / "models" / "vae" / "evil.pt").write_bytes(b"\x80\x04")
     bad = run_tool(base_dir, "--save-name", "x", "--steps", "1", "--vae", "evil.pt")
     assert bad.returncode != 0 and "evil.pt" in bad.stderr and "only .safetensors" in bad.stderr
-    assert not (base_dir / "models" / "domain_unets" / "x.safetensors").exists()
+    assert not any((base_dir / "models" / kind / "x.safetensors").exists() for kind in ("loras", "diffusion_models"))
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from graphs import loader, train_graph
+from graphs import loader, saved, train_graph
 from test_host_training import domain_images
 
 CACHES = ["CLASSIC", "LRU"]  # 0.8.0's default cache, and --cache-lru 10
@@ -86,8 +86,7 @@ def test_load_domain_unet_loads_again_exactly_when_its_file_was_rewritten(comfy,
     comfy.run(train_graph(seed=1, learning_rate=1e-2, **options))  # the same save_name, other weights
     count, second = queue()
     assert count == 2, "the file was rewritten"
-    path = os.path.join(comfy.model_dir("domain_unets"), f"{name}.safetensors")
-    written = load_file(path)
+    written = load_file(saved(f"{name}.safetensors"))
     loaded = second.model.diffusion_model.state_dict()
     before = first.model.diffusion_model.state_dict()
     assert all(torch.equal(loaded[k].float(), written[k].float()) for k in written)

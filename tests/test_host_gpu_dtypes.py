@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny_nodes as tiny
-from graphs import text_to_image, train_graph
+from graphs import saved, text_to_image, train_graph
 from test_host_training import domain_images, shown_losses
 
 GPU_LIKE = "fp16 without cast"
@@ -64,7 +64,7 @@ def test_training_on_fp16_weights_without_manual_cast(comfy, folders, monkeypatc
     name = f"gpu_like_{mode}_{precision}_{preview_every}"
     comfy.run(train_graph(unet_dtype=GPU_LIKE, mode=mode, training_dtype=precision, preview_every=preview_every,
                           steps=2, checkpoint_every=0, save_name=name, resume=False))
-    weights = load_file(os.path.join(folders, name + ".safetensors"))
+    weights = load_file(saved(name + ".safetensors"))
     assert weights and all(torch.isfinite(v.float()).all() for v in weights.values())
     if mode == "full":
         assert weights["input_blocks.0.0.weight"].dtype == torch.float16  # the base's storage dtype

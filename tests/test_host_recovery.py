@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny_nodes as tiny
-from graphs import loader, text_to_image, train_graph
+from graphs import loader, saved, text_to_image, train_graph
 from host import HostError
 from test_host_gpu_dtypes import assert_same_state, host_state
 from test_host_training import domain_images
@@ -42,7 +42,7 @@ def fail_on_call(monkeypatch, module, name: str, call: int, error=RuntimeError("
 
 def trained_weights(comfy, folders, name, **options) -> dict:
     comfy.run(train_graph(save_name=name, resume=False, steps=3, checkpoint_every=0, **options))
-    return load_file(os.path.join(folders, name + ".safetensors"))
+    return load_file(saved(name + ".safetensors"))
 
 
 @pytest.mark.parametrize("mode, failure", [("lora", "error"), ("full", "cancel")])
@@ -157,7 +157,7 @@ def test_the_host_unloading_the_unet_while_training_changes_nothing(comfy, folde
             return _real(self, *args, **kwargs)
 
         monkeypatch.setattr(sd.VAE, name, unloading)
-    monkeypatch.setattr(comfy.pack("nodes.train_run"), "CACHE_FOLDER", f".latent-cache-unload-{mode}")  # encode again
+    monkeypatch.setattr(comfy.pack("nodes.train_files"), "CACHE_FOLDER", f".latent-cache-unload-{mode}")  # encode again
     disturbed = trained_weights(comfy, folders, f"unload_{mode}_b", **options)
     assert len(unloads) > 6  # every image encoded (and flipped), and the preview decoded
     assert all(torch.equal(disturbed[k], undisturbed[k]) for k in undisturbed)

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from graphs import close, reproducible_dtype, text_to_image, train_graph
+from graphs import close, reproducible_dtype, saved, text_to_image, train_graph, written
 from host import HostError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,10 +45,6 @@ def folders(comfy):
 def train(comfy, label="trained", **options):
     comfy.run(train_graph(label=label, **options))
     return comfy.captured[label], comfy.captured[label + "_loss"]
-
-
-def files(folder, name):
-    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, name + "*")))
 
 
 def error_of(comfy, **options) -> str:
@@ -80,9 +76,9 @@ def test_loss_falls_and_the_model_file_is_written(comfy, folders, mode):
 
     # full: a model of its own; LoRA: a clone of the base (under dynamic VRAM, the host's dynamic patcher)
     assert type(model) is (type(tiny_model()) if mode == "lora" else ModelPatcher)
-    state = comfy.pack("training.checkpoint").read_state_header(os.path.join(folders, f"learn_{mode}.indomain-state"))
+    state = comfy.pack("training.checkpoint").read_state_header(saved(f"learn_{mode}.indomain-state"))
     assert state.step == steps
-    with safe_open(os.path.join(folders, f"learn_{mode}.safetensors"), framework="pt") as f:
+    with safe_open(saved(f"learn_{mode}.safetensors"), framework="pt") as f:
         meta, keys = f.metadata(), list(f.keys())
     assert meta["indomain.mode"] == mode and meta["indomain.steps"] == str(steps) and meta["indomain.image_count"] == "6"
     assert meta["indomain.architecture"] == "SD15" and meta["indomain.prediction_type"] == "eps"
@@ -104,7 +100,7 @@ def test_ema_file_has_left_the_base_weights_after_a_few_steps(comfy, folders):
     options = dict(mode="full", steps=4, learning_rate=1e-3, checkpoint_every=0)
     train(comfy, save_name="ema_off", ema_decay=0.0, **options)
     train(comfy, save_name="ema_on", ema_decay=0.999, **options)
-    trained, ema = (load_file(os.path.join(folders, f"{name}.safetensors")) for name in ("ema_off", "ema_on"))
+    trained, ema = (load_file(saved(f"{name}.safetensors")) for name in ("ema_off", "ema_on"))
 
     def moved(weights):
         return sum(float((weights[k].float() - base[k]).square().sum()) for k in base) ** 0.5
@@ -131,12 +127,9 @@ def same_sample(comfy, domain_link, extra, reference_model_link, reference_extra
 
 @pytest.fixture(scope="module")
 def trained(comfy, folders):
-    """One short full run and one LoRA run, with their files also visible to the host's loaders."""
-    import folder_paths
+    """One short full run and one LoRA run: the files go where the host's loaders look, nothing added by hand."""
     for mode in ("full", "lora"):
         comfy.run(train_graph(mode=mode, steps=6, learning_rate=1e-3 if mode == "full" else 1e-2, save_name=f"out_{mode}"))
-    folder_paths.add_model_folder_path("diffusion_models", folders)  # as an extra_model_paths.yaml entry would
-    folder_paths.add_model_folder_path("loras", folders)
     return folders
 
 
@@ -162,8 +155,9 @@ def test_full_file_loads_in_the_hosts_unet_loader_and_ours(comfy, trained):
 def test_lora_file_loads_in_the_hosts_lora_loader_and_ours(comfy, trained):
     trained_out, host_loaded = same_sample(
         comfy, ["train", 0], {"train": train_node("lora")},
-        ["lora", 0], {"lora": {"class_type": "LoraLoaderModelOnly", "inputs": {
-            "model": ["ckpt", 0], "lora_name": "out_lora.safetensors", "strength_model": 1.0}}})
+        ["lora", 0], {"lora": {"class_type": "LoraLoader", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "lora_name": "out_lora.safetensors",
+            "strength_model": 1.0, "strength_clip": 1.0}}})
     assert close(trained_out, host_loaded, 1e-4)
     ours, _ = same_sample(comfy, ["dom", 0], {"dom": {"class_type": "InDomainUNetLoader", "inputs": {
         "unet_name": "out_lora.safetensors", "lora_strength": 1.0, "base_model": ["ckpt", 0]}}}, ["ckpt", 0], {})
@@ -172,13 +166,69 @@ def test_lora_file_loads_in_the_hosts_lora_loader_and_ours(comfy, trained):
     assert not close(base, host_loaded, 1e-3)
 
 
+def listed(comfy, node_id, input_name) -> list[str]:
+    """The file names a node's combo offers, as /object_info gives them to the page."""
+    node = comfy.nodes[node_id]
+    inputs = node.INPUT_TYPES() if hasattr(node, "INPUT_TYPES") else node.GET_SCHEMA().get_v1_info(node).input
+    options = inputs["required"][input_name]
+    return options[0] if isinstance(options[0], list) else options[1]["options"]
+
+
+def test_each_kind_of_file_is_listed_where_the_host_looks_for_it(comfy, trained):
+    """A LoRA goes to models/loras (Load LoRA), a full copy to models/diffusion_models (Load Diffusion
+    Model); Load Domain UNet lists both, with no folder added by hand."""
+    import folder_paths
+    assert os.path.dirname(saved("out_lora.safetensors")) == os.path.join(folder_paths.models_dir, "loras")
+    assert os.path.dirname(saved("out_full.safetensors")) == os.path.join(folder_paths.models_dir, "diffusion_models")
+    assert "out_lora.safetensors" in listed(comfy, "LoraLoader", "lora_name")
+    assert "out_full.safetensors" not in listed(comfy, "LoraLoader", "lora_name")
+    assert "out_full.safetensors" in listed(comfy, "UNETLoader", "unet_name")
+    assert "out_lora.safetensors" not in listed(comfy, "UNETLoader", "unet_name")
+    ours = listed(comfy, "InDomainUNetLoader", "unet_name")
+    assert {"out_lora.safetensors", "out_full.safetensors"} <= set(ours)
+    assert not [n for n in ours if n.endswith(".indomain-state")]
+
+
+def test_a_file_in_the_old_domain_unets_folder_still_loads_and_its_run_resumes_there(comfy, folders):
+    """Files trained before 0.3.0 live in models/domain_unets: Load Domain UNet still lists them, and
+    training with their save name goes on where they are (its checkpoint is there)."""
+    import shutil
+    train(comfy, save_name="legacy", steps=2, checkpoint_every=1)
+    for ext in (".safetensors", ".indomain-state"):  # what a 0.2.0 run left behind
+        shutil.move(saved("legacy" + ext), os.path.join(folders, "legacy" + ext))
+    comfy.run(text_to_image(domain=["dom", 0], extra={"dom": {"class_type": "InDomainUNetLoader", "inputs": {
+        "unet_name": "legacy.safetensors", "lora_strength": 1.0, "base_model": ["ckpt", 0]}}}))
+    train(comfy, save_name="legacy", steps=3)
+    assert len(shown_losses(comfy)) == 1  # resumed at step 2, not started over
+    assert file_step(os.path.join(folders, "legacy.safetensors")) == 3
+    assert not os.path.exists(saved("legacy.safetensors"))
+
+
+def test_training_never_overwrites_a_file_it_did_not_write_nor_shadows_another(comfy, folders):
+    """models/loras holds the user's own LoRAs: a save name that would overwrite one is refused, and so
+    is a name Load Domain UNet already lists for another file (e.g. a full copy of the same name)."""
+    import folder_paths
+    theirs = os.path.join(folder_paths.models_dir, "loras", "their_style.safetensors")
+    import tiny_nodes
+    tiny_nodes.write_safetensors(theirs, tiny_nodes.lora_state_dict(seed=3))
+    before = os.stat(theirs).st_mtime_ns
+    msg = error_of(comfy, save_name="their_style", steps=1)
+    assert "their_style" in msg and "not written by Train Domain UNet" in msg
+    assert os.stat(theirs).st_mtime_ns == before and written("their_style") == ["their_style.safetensors"]
+    train(comfy, save_name="twice", mode="full", steps=1)
+    msg = error_of(comfy, save_name="twice", mode="lora", steps=1)
+    assert "is taken" in msg and "diffusion_models" in msg and written("twice") == ["twice.indomain-state", "twice.safetensors"]
+
+
 # --- resume, Cancel, divergence, full disk, out of memory --------------------------------------
 
 RESUMABLE = dict(steps=6, checkpoint_every=2, ema_decay=0.9, lr_schedule="cosine", warmup_steps=2, learning_rate=1e-2)
 
 
-def no_temp_files(folder):
-    return not [p for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if ".tmp-" in os.path.basename(p)]
+def no_temp_files():
+    import folder_paths
+    return not [p for kind in ("loras", "diffusion_models") for p in glob.glob(
+        os.path.join(folder_paths.models_dir, kind, "**", "*"), recursive=True) if ".tmp-" in os.path.basename(p)]
 
 
 def file_step(path):
@@ -203,13 +253,13 @@ def test_cancel_keeps_the_last_checkpoint_and_resuming_equals_an_uninterrupted_r
     assert e.value.interrupted and e.value.detail["node_id"] == "train"
     monkeypatch.setattr(utils.ProgressBar, "update_absolute", update)
     read = comfy.pack("training.checkpoint").read_state_header
-    assert read(os.path.join(folders, "stopped.indomain-state")).step == 2
-    assert file_step(os.path.join(folders, "stopped.safetensors")) == 2
-    assert no_temp_files(folders)
+    assert read(saved("stopped.indomain-state")).step == 2
+    assert file_step(saved("stopped.safetensors")) == 2
+    assert no_temp_files()
 
     train(comfy, save_name="stopped", **settings)  # run again: resumes at step 3
     assert [t.split()[1] for t in comfy.server.progress_texts("train") if t.startswith("step ")] == ["3/6", "4/6", "5/6", "6/6"]
-    a, b = load_file(os.path.join(folders, "straight.safetensors")), load_file(os.path.join(folders, "stopped.safetensors"))
+    a, b = load_file(saved("straight.safetensors")), load_file(saved("stopped.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
@@ -233,8 +283,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(co
     nan_loss_from_step(comfy, monkeypatch, 4)
     msg = error_of(comfy, save_name="diverged", **RESUMABLE)
     assert "diverged at step 4" in msg and "step 2" in msg and "lower" in msg
-    assert comfy.pack("training.checkpoint").read_state_header(os.path.join(folders, "diverged.indomain-state")).step == 2
-    assert file_step(os.path.join(folders, "diverged.safetensors")) == 2 and no_temp_files(folders)
+    assert comfy.pack("training.checkpoint").read_state_header(saved("diverged.indomain-state")).step == 2
+    assert file_step(saved("diverged.safetensors")) == 2 and no_temp_files()
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
@@ -252,9 +302,9 @@ def test_after_a_nan_loss_resuming_with_a_lower_lr_and_another_dtype_continues_f
     assert [t.split()[1] for t in comfy.server.progress_texts("train") if t.startswith("step ")] == ["3/6", "4/6", "5/6", "6/6"]
     assert all(np.isfinite(shown_losses(comfy)))
     assert "with lr 0.001 (saved 0.01)" in caplog.text and f"with precision {dtype} (saved fp16)" in caplog.text
-    state = comfy.pack("training.checkpoint").read_state_header(os.path.join(folders, f"{name}.indomain-state"))
+    state = comfy.pack("training.checkpoint").read_state_header(saved(f"{name}.indomain-state"))
     assert state.step == 6 and state.config["lr"] == 1e-3 and state.config["precision"] == dtype
-    with safe_open(os.path.join(folders, f"{name}.safetensors"), framework="pt") as f:
+    with safe_open(saved(f"{name}.safetensors"), framework="pt") as f:
         assert f.metadata()["indomain.steps"] == "6" and f.metadata()["indomain.learning_rate"] == "0.001"
 
 
@@ -279,8 +329,8 @@ def test_full_disk_keeps_the_last_checkpoint(comfy, folders, monkeypatch):
     monkeypatch.setattr(checkpoint, "save_file", disk_fills_up)
     msg = error_of(comfy, save_name="diskfull", **RESUMABLE)
     assert "disk is full" in msg and "diskfull.indomain-state" in msg and "kept" in msg
-    assert checkpoint.read_state_header(os.path.join(folders, "diskfull.indomain-state")).step == 2
-    assert no_temp_files(folders)
+    assert checkpoint.read_state_header(saved("diskfull.indomain-state")).step == 2
+    assert no_temp_files()
 
 
 def test_out_of_memory_says_what_to_lower(comfy, folders, monkeypatch):
@@ -292,14 +342,10 @@ def test_out_of_memory_says_what_to_lower(comfy, folders, monkeypatch):
     monkeypatch.setattr(loop, "denoising_step", oom)
     msg = error_of(comfy, save_name="oom", **RESUMABLE)
     assert "out of memory" in msg and "batch_size" in msg and "gradient_checkpointing" in msg
-    assert files(folders, "oom") == []
+    assert written("oom") == []
 
 
 # --- bad input: a clear error naming the input, and nothing written ----------------------------
-
-def written(folders, name):
-    return files(folders, name)
-
 
 def test_missing_or_empty_image_folder(comfy, folders):
     import folder_paths
@@ -307,7 +353,7 @@ def test_missing_or_empty_image_folder(comfy, folders):
     os.makedirs(os.path.join(folder_paths.get_input_directory(), "empty"), exist_ok=True)
     assert "has no image files" in error_of(comfy, image_folder="empty", save_name="bad1")
     assert "image_folder" in error_of(comfy, image_folder="", save_name="bad1")
-    assert written(folders, "bad1") == []
+    assert written("bad1") == []
 
 
 def test_image_folder_outside_the_input_directory_is_refused_before_anything_is_written(comfy, folders, tmp_path):
@@ -324,7 +370,7 @@ def test_image_folder_outside_the_input_directory_is_refused_before_anything_is_
                    beside):
         msg = error_of(comfy, image_folder=folder, save_name="escaped")
         assert "outside ComfyUI's input directory" in msg and repr(folder) in msg and root in msg, msg
-    assert files(folders, "escaped") == []
+    assert written("escaped") == []
 
 
 def test_image_folder_by_name_or_by_an_absolute_path_inside_the_input_directory(comfy, folders):
@@ -332,8 +378,8 @@ def test_image_folder_by_name_or_by_an_absolute_path_inside_the_input_directory(
     train(comfy, image_folder="domain", steps=1, checkpoint_every=0, save_name="by_name")
     train(comfy, image_folder=os.path.join(folder_paths.get_input_directory(), "domain"), steps=1, checkpoint_every=0,
           save_name="by_path")
-    assert files(folders, "by_name") == ["by_name.indomain-state", "by_name.safetensors"]
-    assert files(folders, "by_path") == ["by_path.indomain-state", "by_path.safetensors"]
+    assert written("by_name") == ["by_name.indomain-state", "by_name.safetensors"]
+    assert written("by_path") == ["by_path.indomain-state", "by_path.safetensors"]
 
 
 def test_unreadable_images_are_skipped_with_a_warning_and_none_readable_is_an_error(comfy, folders, caplog):
@@ -345,7 +391,7 @@ def test_unreadable_images_are_skipped_with_a_warning_and_none_readable_is_an_er
     with caplog.at_level(logging.WARNING):
         train(comfy, image_folder="mixed", steps=2, save_name="mixed")
     assert "broken.png" in caplog.text and "truncated.jpg" in caplog.text
-    with safe_open(os.path.join(folders, "mixed.safetensors"), framework="pt") as f:
+    with safe_open(saved("mixed.safetensors"), framework="pt") as f:
         assert f.metadata()["indomain.image_count"] == "2"
     only_bad = os.path.join(folder_paths.get_input_directory(), "only_bad")
     os.makedirs(only_bad, exist_ok=True)
@@ -353,7 +399,7 @@ def test_unreadable_images_are_skipped_with_a_warning_and_none_readable_is_an_er
         f.write(b"garbage")
     msg = error_of(comfy, image_folder="only_bad", save_name="bad2")
     assert "none of the 1 image file(s)" in msg and "only_bad" in msg
-    assert written(folders, "bad2") == []
+    assert written("bad2") == []
 
 
 def test_vae_of_another_family_is_refused(comfy, folders):
@@ -363,7 +409,7 @@ def test_vae_of_another_family_is_refused(comfy, folders):
     with pytest.raises(HostError) as e:
         comfy.run(prompt)
     assert "vae" in e.value.exception_message and "16-channel" in e.value.exception_message
-    assert written(folders, "bad3") == []
+    assert written("bad3") == []
 
 
 @pytest.mark.parametrize("name", ["../escape", "/tmp/abs", "sub/../../escape", ""])
@@ -378,13 +424,13 @@ def test_save_name_cannot_leave_the_model_folder(comfy, folders, name):
 def test_save_name_must_end_in_a_plain_file_name(comfy, folders, name):
     msg = error_of(comfy, save_name=name, steps=1)
     assert "save name" in msg and repr(name.strip()) in msg and "file name" in msg
-    hidden = [p for p in glob.glob(os.path.join(folders, "**", ".*"), recursive=True) if ".latent-cache" not in p]
+    hidden = [p for p in glob.glob(os.path.join(os.path.dirname(folders), "**", ".*"), recursive=True) if ".latent-cache" not in p]
     assert hidden == []
 
 
 def test_save_name_may_have_subfolders(comfy, folders):
     train(comfy, save_name="faces/v1.safetensors", steps=1)
-    assert files(os.path.join(folders, "faces"), "v1") == ["v1.indomain-state", "v1.safetensors"]
+    assert written("faces/v1") == ["v1.indomain-state", "v1.safetensors"]
 
 
 def test_images_from_an_image_batch_and_a_folder_together(comfy, folders):
@@ -392,7 +438,7 @@ def test_images_from_an_image_batch_and_a_folder_together(comfy, folders):
     prompt["img"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 3, "color": 0x336699}}
     prompt["train"]["inputs"]["images"] = ["img", 0]
     comfy.run(prompt)
-    with safe_open(os.path.join(folders, "both.safetensors"), framework="pt") as f:
+    with safe_open(saved("both.safetensors"), framework="pt") as f:
         assert f.metadata()["indomain.image_count"] == "9"  # 3 from the batch + 6 in the folder
 
 
@@ -403,7 +449,7 @@ def test_clip_instead_of_null_conditioning_is_the_same_training(comfy, folders, 
     del prompt["train"]["inputs"]["null_conditioning"]
     prompt["train"]["inputs"]["clip"] = ["ckpt", 1]
     comfy.run(prompt)
-    a, b = load_file(os.path.join(folders, "with_null.safetensors")), load_file(os.path.join(folders, "with_clip.safetensors"))
+    a, b = load_file(saved("with_null.safetensors")), load_file(saved("with_clip.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -469,7 +515,7 @@ def test_a_model_patched_to_v_with_zero_terminal_snr_trains_on_v_and_that_schedu
 
     (patched, plain), meta = seen, {}
     for name in ("zsnr_v", "plain_eps"):
-        with safe_open(os.path.join(folders, f"{name}.safetensors"), framework="pt") as f:
+        with safe_open(saved(f"{name}.safetensors"), framework="pt") as f:
             meta[name] = f.metadata()["indomain.prediction_type"]
     assert patched["prediction_type"] == "v" and meta["zsnr_v"] == "v"
     assert plain["prediction_type"] == "eps" and meta["plain_eps"] == "eps"
@@ -544,7 +590,7 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_weights(co
     assert len(calls) == 2
     train(comfy, save_name="ckpt_on", steps=2, gradient_checkpointing=True)
     train(comfy, save_name="ckpt_off", steps=2, gradient_checkpointing=False)
-    a, b = load_file(os.path.join(folders, "ckpt_on.safetensors")), load_file(os.path.join(folders, "ckpt_off.safetensors"))
+    a, b = load_file(saved("ckpt_on.safetensors")), load_file(saved("ckpt_off.safetensors"))
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 
 
@@ -561,7 +607,7 @@ def test_full_mode_builds_its_model_from_the_base_config_not_by_detecting_the_we
         mode="full", steps=2, learning_rate=1e-3, save_name="undetected")["train"]["inputs"]}
     comfy.run(text_to_image(positive="", negative="", cfg=0.0, steps=3, domain=["train", 0], extra={"train": node}))
     trained = comfy.captured["out"]["samples"]
-    assert torch.isfinite(trained).all() and file_step(os.path.join(folders, "undetected.safetensors")) == 2
+    assert torch.isfinite(trained).all() and file_step(saved("undetected.safetensors")) == 2
 
     monkeypatch.undo()
     comfy.run(text_to_image(positive="", negative="", cfg=0.0, steps=3, domain=["dom", 0], extra={"dom": {

@@ -1,4 +1,4 @@
-"""Every workflow a user drags in from workflows/ executes in the host, with tiny models substituted."""
+"""Every workflow a user drags in from example_workflows/ (the Templates dialog) executes in the host, with tiny models substituted."""
 import glob
 import json
 import os
@@ -9,7 +9,7 @@ from PIL import Image
 import tiny_nodes as tiny
 from workflow_api import to_api
 
-WORKFLOWS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "workflows", "*.json")))
+WORKFLOWS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "example_workflows", "*.json")))
 
 
 def test_there_are_workflows():

@@ -1,7 +1,8 @@
-"""Writes workflows/*.json (ComfyUI UI format) from the compact graphs below.
+"""Writes example_workflows/*.json (ComfyUI UI format) from the compact graphs below.
 
 Run inside a started host (it reads the real node definitions for sockets and widget order):
     COMFYUI_PATH=... python tools/make_workflows.py
+then draw their thumbnails for the Templates dialog: python tools/make_thumbnails.py
 """
 from __future__ import annotations
 
@@ -193,7 +194,7 @@ def _set_order(nodes, links):
 
 def main():
     h = host.Host(host.find_host(), tempfile.mkdtemp()).start()
-    out_dir = os.path.join(REPO, "workflows")
+    out_dir = os.path.join(REPO, "example_workflows")
     os.makedirs(out_dir, exist_ok=True)
     for name, graph in GRAPHS.items():
         with open(os.path.join(out_dir, f"{name}.json"), "w") as f:

@@ -8,7 +8,8 @@ Runs the same code as the node (nodes/train_run.py -> training/) without the UI,
 
 Model names are looked up in ComfyUI's model folders (checkpoints, diffusion_models, vae,
 text_encoders) like the loader nodes do; a path to a file works too. Only safetensors are read.
-The result is written to models/domain_unets/<save-name>.safetensors; running the same command
+The result is written to models/loras/<save-name>.safetensors (--mode lora) or
+models/diffusion_models/<save-name>.safetensors (--mode full); running the same command
 again resumes from its checkpoint; Ctrl-C stops after keeping the last complete checkpoint.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--clip", help="text encoder for the empty prompt (name in models/text_encoders, or a path)")
     src.add_argument("--clip-type", default="stable_diffusion", help="the host's CLIPLoader type (stable_diffusion, sdxl needs two files...)")
     p.add_argument("--images", required=True, help="folder of domain images (png, jpg, webp, bmp)")
-    p.add_argument("--save-name", required=True, help="file name in models/domain_unets; the same name resumes")
+    p.add_argument("--save-name", required=True, help="file name in models/loras (lora) or models/diffusion_models (full); the same name resumes")
     p.add_argument("--mode", choices=["lora", "full"], default="lora")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=4)

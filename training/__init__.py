@@ -3,7 +3,7 @@ Models for In-Domain Generation"): a copy of a Stable Diffusion UNet, or LoRA ad
 trained text-free (every sample on the empty-prompt embedding) on captionless domain images
 with the ordinary denoising loss.
 
-Host independent: torch, numpy, safetensors, einops, the standard library, and Pillow (only in
+Host independent: torch, numpy, safetensors, the standard library, and Pillow (only in
 data.py, to read image files; ComfyUI ships it). Nothing here imports ComfyUI.
 
 The host interface: `train(unet, images, *, ...)` (loop.py) takes
