@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import tiny_families as fam
-from graphs import TRAIN_DEFAULTS
+from graphs import TRAIN_DEFAULTS, saved
 from test_host_training import domain_images
 
 FAMILIES = list(fam.FAMILIES)
@@ -27,7 +27,6 @@ def setup(comfy):
 
     fam.register()
     domain_images(os.path.join(folder_paths.get_input_directory(), "family_domain"))
-    folder_paths.add_model_folder_path("loras", comfy.model_dir("domain_unets"))  # as an extra_model_paths.yaml entry would
 
 
 def train_graph(family, **options) -> dict:
@@ -44,7 +43,7 @@ def train_graph(family, **options) -> dict:
 
 
 def model_file(comfy, family, name=None) -> str:
-    return os.path.join(comfy.model_dir("domain_unets"), (name or f"fam_{family}") + ".safetensors")
+    return saved((name or f"fam_{family}") + ".safetensors")  # models/loras or models/diffusion_models
 
 
 from test_host_training import shown_losses as losses  # noqa: E402
