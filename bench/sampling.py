@@ -78,6 +78,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 import host as host_module  # noqa: E402  (tests/host.py)
+from tiny_nodes import plain_weights  # noqa: E402  (host modules built here get ordinary weights)
 
 # -- model configs (UNetModel kwargs), as the host's model_detection spells them ---------------
 
@@ -156,23 +157,6 @@ def load_unet(host, sd: dict, dtype, name: str):
     if patcher is None:
         raise RuntimeError("the host did not recognise the benchmark UNet file")
     return patcher
-
-
-@contextlib.contextmanager
-def plain_weights():
-    """Models built here keep ordinary parameters (with dynamic VRAM on, the host's ops leave the
-    weights of a new model out of its state_dict until a loader fills them)."""
-    try:
-        import comfy.memory_management as mem
-    except ImportError:  # hosts before dynamic VRAM
-        yield
-        return
-    before = getattr(mem, "aimdo_enabled", False)
-    mem.aimdo_enabled = False
-    try:
-        yield
-    finally:
-        mem.aimdo_enabled = before
 
 
 def lora_state_dict(shapes: dict[str, torch.Size], rank: int, seed: int, dtype) -> dict[str, torch.Tensor]:

@@ -24,10 +24,20 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def patcher_is_dynamic(patcher) -> bool:
+    """True if the host pages this MODEL's weights in per layer (dynamic VRAM; False on older hosts)."""
+    return bool(getattr(patcher, "is_dynamic", lambda: False)())
+
+
 def is_dynamic(model) -> bool:
     """True if the host pages this BaseModel's weights in per layer (dynamic VRAM)."""
-    patcher = getattr(model, "current_patcher", None)
-    return bool(getattr(patcher, "is_dynamic", lambda: False)())
+    return patcher_is_dynamic(getattr(model, "current_patcher", None))
+
+
+def cannot_copy(patcher) -> bool:
+    """True for a dynamic MODEL of which the host cannot make its non-dynamic copy: one from a node
+    that left no reload recipe (cached_patcher_init), unlike the host's own loaders."""
+    return patcher_is_dynamic(patcher) and getattr(patcher, "cached_patcher_init", None) is None
 
 
 def _vbar_api():

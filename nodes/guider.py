@@ -55,8 +55,8 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from . import fastpath
 from .cuda_graphs import GraphPool
-from .dynamic_vram import settle_lazy_dtypes
-from .domain_files import check_compatible
+from .domain_files import DomainModelError, check_compatible
+from .dynamic_vram import cannot_copy, settle_lazy_dtypes
 from .lora_adapters import LoraBranch, compiled_reason, lora_branches
 from ..guidance import (GuidanceTerm, TermInterval, add_domain_differences, add_domain_terms, covers_whole_run, is_active,
                         percent_to_step_fraction, recompute_domain)
@@ -286,10 +286,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
     def _check_hook_allowed(self, name: str) -> None:
         """Under dynamic VRAM the host runs a weight hook on a non-dynamic copy of the base, which
         it can make only of a MODEL from its own loaders (comfy ModelPatcher.cached_patcher_init)."""
-        base = self.model_patcher
-        if getattr(base, "is_dynamic", lambda: False)() and getattr(base, "cached_patcher_init", None) is None:
-            from .domain_files import DomainModelError
-
+        if cannot_copy(self.model_patcher):
             raise DomainModelError(
                 f"domain {name!r} is a LoRA of the base that runs as a weight hook here (not a plain LoRA, a "
                 "compiled model, ControlNet in the domain row, or INDOMAIN_FAST_DOMAIN=0); under ComfyUI's "
@@ -400,22 +397,19 @@ class DomainGuider(comfy.samplers.CFGGuider):
             self.differences = {}
             return super().predict_noise(x, timestep, model_options, seed)
         evaluation, self.evaluation = self.evaluation, self.evaluation + 1
+        cfg1 = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
+        text = [self.conds.get("positive"), None if cfg1 else self.conds.get("negative")]
         if self.domain_every > 1 and not recompute_domain(evaluation, self.domain_every) and \
                 all(d.index in self.differences and self.differences[d.index].shape == x.shape for d in active):
-            return self._with_last_differences(active, x, timestep, model_options)
+            # between two computations of the domain rows: KSampler's two rows plus each term's last d - u
+            out, _ = self._base_rows(text, [], x, timestep, model_options, with_null=False)
+            guided = self._text_guided(out, text, x, timestep, model_options)
+            return add_domain_differences(guided, [(self.differences[d.index], d.term.weight) for d in active])
         # Fast domain rows first: the GPU computes them while the CPU launches the base rows.
         predictions = {d.index: d.fast(x, timestep) for d in active if d.fast is not None}
-        positive = self.conds.get("positive")
-        negative = self.conds.get("negative")
-        cfg1 = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
-        text = [positive, None if cfg1 else negative]
         hooked = [d for d in active if d.kind == "hook"]
         out, null_row = self._base_rows(text, hooked, x, timestep, model_options)
-        for fn in model_options.get("sampler_pre_cfg_function", []):
-            out[:2] = fn({"conds": text, "conds_out": out[:2], "cond_scale": self.cfg, "timestep": timestep,
-                          "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})
-        guided = comfy.samplers.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep,
-                                             model_options=model_options, cond=text[0], uncond=text[1])
+        guided = self._text_guided(out, text, x, timestep, model_options)
         predictions.update({d.index: out[len(out) - len(hooked) + j] for j, d in enumerate(hooked)})
         for d in active:
             if d.index not in predictions:  # the straightforward path of a full-copy domain
@@ -425,30 +419,18 @@ class DomainGuider(comfy.samplers.CFGGuider):
             self.differences = {d.index: predictions[d.index] - out[null_row] for d in active}
         return add_domain_terms(guided, out[null_row], terms)
 
-    def _with_last_differences(self, active: list, x, timestep, model_options):
-        """A step between two computations of the domain rows (domain_every > 1): KSampler's two rows
-        and guidance, plus each term's last d - u (guidance.combine.add_domain_differences)."""
-        positive, negative = self.conds.get("positive"), self.conds.get("negative")
-        cfg1 = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
-        text = [positive, None if cfg1 else negative]
-        custom = model_options.get(CUSTOM_ROWS)
-        if custom is not None:
-            out = list(custom({"conds": text, "input": x, "sigma": timestep, "model": self.inner_model,
-                               "model_options": model_options}))
-        elif self.base_fast is not None:
-            out = self.base_fast(text, x, timestep, model_options)
-        else:
-            out = comfy.samplers.calc_cond_batch(self.inner_model, text, x, timestep, model_options)
+    def _text_guided(self, out: list, text: list, x, timestep, model_options):
+        """KSampler's guidance of the text rows out[:2] (after the model's pre-CFG functions, which may
+        replace them in `out`), by the host's own cfg_function."""
         for fn in model_options.get("sampler_pre_cfg_function", []):
             out[:2] = fn({"conds": text, "conds_out": out[:2], "cond_scale": self.cfg, "timestep": timestep,
                           "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})
-        guided = comfy.samplers.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep,
-                                             model_options=model_options, cond=text[0], uncond=text[1])
-        return add_domain_differences(guided, [(self.differences[d.index], d.term.weight) for d in active])
+        return comfy.samplers.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep,
+                                           model_options=model_options, cond=text[0], uncond=text[1])
 
-    def _base_rows(self, text: list, hooked: list, x, timestep, model_options) -> tuple[list, int]:
+    def _base_rows(self, text: list, hooked: list, x, timestep, model_options, with_null: bool = True) -> tuple[list, int | None]:
         """The base's predictions [positive, negative | zeros, null?, LoRA-domain rows...] and the index
-        of the empty prompt's row u.
+        of the empty prompt's row u (with_null=False: no u row unless the negative is it; index None).
 
         One batched call of the base, as the host batches KSampler's rows (the negative row doubles as
         u when the negative is the empty prompt). A model patch that replaces the host's row batching
@@ -457,15 +439,16 @@ class DomainGuider(comfy.samplers.CFGGuider):
         null = self.conds.get("null")
         custom = model_options.get(CUSTOM_ROWS)
         if custom is None:
-            extra = [] if self.negative_is_null and text[1] is not None else [null]
+            extra = [] if not with_null or (self.negative_is_null and text[1] is not None) else [null]
             rows = text + extra + [self.conds[d.key] for d in hooked]
             if self.base_fast is not None:
                 out = self.base_fast(rows, x, timestep, model_options)
             else:
                 out = comfy.samplers.calc_cond_batch(self.inner_model, rows, x, timestep, model_options)
-            return out, (2 if extra else 1)
+            return out, (2 if extra else 1 if with_null else None)
         out = list(custom({"conds": text, "input": x, "sigma": timestep, "model": self.inner_model,
                            "model_options": model_options}))
-        out += comfy.samplers.calc_cond_batch(self.inner_model, [null] + [self.conds[d.key] for d in hooked],
-                                              x, timestep, model_options)
-        return out, 2
+        rest = ([null] if with_null else []) + [self.conds[d.key] for d in hooked]
+        if rest:
+            out += comfy.samplers.calc_cond_batch(self.inner_model, rest, x, timestep, model_options)
+        return out, (2 if with_null else None)

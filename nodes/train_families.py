@@ -42,7 +42,7 @@ class Family:
     lora_targets: tuple[str, ...]  # module-path suffixes (fnmatch) of the Linear/Conv2d layers adapted
     blocks: Callable[[torch.nn.Module], tuple[str, ...]]  # what gradient checkpointing recomputes
     conds: dict[str, str]  # host extra_conds key -> the diffusion model's keyword argument
-    adds_in_place: bool = False  # its blocks update tensors autograd saved (train_inputs._OutOfPlaceAdds)
+    adds_in_place: bool = False  # its blocks update tensors autograd saved (train_differentiable._OutOfPlaceAdds)
 
 
 FAMILIES = (

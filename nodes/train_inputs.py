@@ -12,13 +12,12 @@ import contextlib
 import logging
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 import comfy.model_management
 import comfy.model_sampling
 
 from ..training import FlowSchedule
-from .dynamic_vram import non_dynamic_copy
+from .dynamic_vram import cannot_copy, non_dynamic_copy, patcher_is_dynamic
 from .train_families import family_of
 
 log = logging.getLogger(__name__)
@@ -154,9 +153,9 @@ def for_training(model):
     per call, outside autograd) the host's own non-dynamic delegate of it: the same file and patches
     loaded as a classic model (what the host itself uses for weight hooks; cached on the patcher,
     at the cost of a second copy of the weights in RAM)."""
-    if not getattr(model, "is_dynamic", lambda: False)():
+    if not patcher_is_dynamic(model):
         return model
-    if getattr(model, "cached_patcher_init", None) is None:
+    if cannot_copy(model):
         raise ValueError(
             "model: under ComfyUI's dynamic VRAM, training needs a base MODEL that the host can load "
             "again without it, i.e. one from the host's own loaders (Load Checkpoint, Load Diffusion "
@@ -165,85 +164,6 @@ def for_training(model):
     log.info("dynamic VRAM: training on the host's non-dynamic copy of the base (its weights on the GPU, "
              "for autograd)")
     return non_dynamic_copy(model)
-
-
-def _apply_rope1(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in plain torch ops (the host's own fallback, comfy/ldm/flux/math.py)."""
-    x_ = x.to(dtype=freqs_cis.dtype).reshape(*x.shape[:-1], -1, 1, 2)
-    if x_.shape[2] != 1 and freqs_cis.shape[2] != 1 and x_.shape[2] != freqs_cis.shape[2]:
-        freqs_cis = freqs_cis[:, :, :x_.shape[2]]
-    out = freqs_cis[..., 0] * x_[..., 0] + freqs_cis[..., 1] * x_[..., 1]
-    return out.reshape(*x.shape).type_as(x)
-
-
-def _apply_rope(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
-    return _apply_rope1(xq, freqs_cis), _apply_rope1(xk, freqs_cis)
-
-
-class _OutOfPlaceAdds(TorchFunctionMode):
-    """In-place arithmetic on a tensor that autograd tracks, done out of place (same values).
-
-    Some of the host's blocks update their residual stream in place (Flux's `img += ...`), which
-    autograd refuses when an earlier op saved that tensor for backward (a LayerNorm does).
-    `x += y` rebinds x to what __iadd__ returns, so a new tensor serves the block the same way."""
-
-    OPS = {torch.Tensor.__iadd__: torch.add, torch.Tensor.__isub__: torch.sub, torch.Tensor.__imul__: torch.mul,
-           torch.Tensor.add_: torch.add, torch.Tensor.sub_: torch.sub, torch.Tensor.mul_: torch.mul,
-           torch.Tensor.addcmul_: torch.addcmul}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out_of_place = self.OPS.get(func)
-        if out_of_place is not None and torch.is_grad_enabled() and isinstance(args[0], torch.Tensor) and (
-                args[0].requires_grad or any(isinstance(a, torch.Tensor) and a.requires_grad for a in args[1:])):
-            return out_of_place(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def host_in_training(model=None):
-    """Within the block the host computes what autograd can differentiate. Its comfy-kitchen ops
-    (the fused rotary embedding of Flux and Z-Image) have no backward: ComfyUI 0.33 switches to
-    plain torch ops while comfy.model_management.in_training is set (what its own LoRA trainer
-    does); older hosts (0.8.0) bind the kitchen's ops at import, in comfy.ldm.flux.math and in the
-    modules that import them from there, so those bindings are swapped for the same plain ops for
-    the block. For a family whose blocks add in place (train_families), those adds are made out of
-    place within the block (_OutOfPlaceAdds). Restored on exit, also after an error or Cancel."""
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_differentiable_host_ops())
-        if model is not None and family_of(model).adds_in_place:
-            stack.enter_context(_OutOfPlaceAdds())
-        yield
-
-
-@contextlib.contextmanager
-def _differentiable_host_ops():
-    import sys
-
-    mm = comfy.model_management
-    if hasattr(mm, "in_training"):
-        before = mm.in_training
-        mm.in_training = True
-        try:
-            yield
-        finally:
-            mm.in_training = before
-        return
-    plain = {"apply_rope": _apply_rope, "apply_rope1": _apply_rope1}
-    swapped = []
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("comfy.ldm.") or module is None:
-            continue
-        for attr, replacement in plain.items():
-            fn = getattr(module, attr, None)
-            if fn is not None and "comfy_kitchen" in (getattr(fn, "__module__", "") or "") + repr(fn):
-                swapped.append((module, attr, fn))
-                setattr(module, attr, replacement)
-    try:
-        yield
-    finally:
-        for module, attr, fn in swapped:
-            setattr(module, attr, fn)
 
 
 def load_for_training(model) -> torch.nn.Module:

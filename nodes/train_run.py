@@ -24,10 +24,11 @@ from ..training import DEFAULT_TARGETS, TrainConfig, save_model_file, train
 from ..training.data import IMAGE_EXTENSIONS
 from .domain_files import apply_lora, model_from_base_config
 from .dynamic_vram import release
+from .train_differentiable import host_in_training
 from .train_families import family_of
 from .train_files import kept_message, deliverable, cache_folder, file_metadata, fingerprint, output_paths
 from .train_inputs import (alphas_cumprod, check_vae, checkpointed_blocks, cond_function, empty_prompt, encode_function,
-                           flow_schedule, for_training, host_in_training, mixed_dtypes, prediction_type, weights_cast_to_input,
+                           flow_schedule, for_training, mixed_dtypes, prediction_type, weights_cast_to_input,
                            weights_for_autograd)
 from .train_progress import preview_function, progress_reporter
 

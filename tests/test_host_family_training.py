@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import tiny_families as fam
+import tiny_nodes as tiny
 from graphs import TRAIN_DEFAULTS, saved
 from test_host_training import domain_images
 
@@ -130,9 +131,8 @@ def test_a_base_of_a_family_the_trainer_does_not_know_is_refused_listing_the_sup
 def test_a_lora_trained_on_another_family_is_refused_naming_the_file(comfy):
     from host import HostError
 
-    path = os.path.join(comfy.model_dir("domain_unets"), "fam_other_flux_lora.safetensors")
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in fam.lora_state_dict("flux_dev").items()}, path)
+    path = tiny.write_safetensors(os.path.join(comfy.model_dir("domain_unets"), "fam_other_flux_lora.safetensors"),
+                                  fam.lora_state_dict("flux_dev"))
     graph = train_graph("sd3")  # (only its base and conditioning)
     prompt = {k: graph[k] for k in ("base",)}
     prompt["dom"] = {"class_type": "InDomainUNetLoader", "inputs": {"unet_name": os.path.basename(path),
