@@ -16,6 +16,7 @@ import comfy.model_patcher
 import comfy.sd
 
 from . import paper_format
+from .dynamic_vram import settle_lazy_dtypes
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ def model_from_base_config(base, tensors, name: str):
     if missing:
         raise DomainModelError(f"domain UNet '{name}' lacks {len(missing)} weights of the base's UNet (e.g. '{missing[0]}')")
     model.load_model_weights(dict(tensors), "")
+    settle_lazy_dtypes(model.diffusion_model)  # dynamic VRAM (0.33) keeps a file's fp32 in an fp16 layer
     return comfy.model_patcher.ModelPatcher(model, load_device=base.load_device, offload_device=base.offload_device)
 
 

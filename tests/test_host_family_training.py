@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import tiny_families as fam
 import tiny_nodes as tiny
-from graphs import TRAIN_DEFAULTS, saved
+from graphs import TRAIN_DEFAULTS, reproducible_dtype, saved
 from test_host_training import domain_images
 
 FAMILIES = list(fam.FAMILIES)
@@ -80,8 +80,8 @@ def test_the_loss_falls_in_full_mode(comfy, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(comfy, family, monkeypatch):
-    options = dict(steps=4, checkpoint_every=2, learning_rate=1e-3)
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(comfy, family, monkeypatch, on_gpu):
+    options = dict(steps=4, checkpoint_every=2, learning_rate=1e-3, training_dtype=reproducible_dtype(on_gpu))
     comfy.run(train_graph(family, save_name=f"fam_whole_{family}", resume=False, **options))
     whole = load_file(model_file(comfy, family, f"fam_whole_{family}"))
     comfy.run(train_graph(family, save_name=f"fam_split_{family}", resume=False, **{**options, "steps": 2}))
