@@ -53,6 +53,11 @@ The host is started as its main.py starts it: with dynamic VRAM where main.py tu
 written to its diffusion_models folder as UNETLoader loads them, and what the executor does after
 each node done after each sampling run.
 
+--models: sd15, sdxl (UNets, fp16) and the diffusion transformers of bench/families.py: sd35m (SD3.5
+medium), flux_dev (Flux.1 dev), zimage (Z-Image), in bf16 at 1024x1024 px, each with the cfg its
+users run (sd35m 4.5; flux_dev and zimage 1, guidance-distilled: the stock KSampler then computes
+one row per step) and a rank-32 LoRA of the family's training targets.
+
 --quick: tiny sizes on whatever device there is (CPU here): SD1 with one level, Segmind-Vega
 (the host's smallest SDXL-family config) at 64x64 px, 2 steps, 1 repeat. For testing the script.
 """
@@ -78,6 +83,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 import host as host_module  # noqa: E402  (tests/host.py)
+import families  # noqa: E402  (bench/families.py: SD3.5 medium, Flux.1 dev, Z-Image at full size)
 from tiny_nodes import plain_weights  # noqa: E402  (host modules built here get ordinary weights)
 
 # -- model configs (UNetModel kwargs), as the host's model_detection spells them ---------------
@@ -279,9 +285,11 @@ class Bench:
         self.loader = host.pack("nodes.domain_files")
 
     def build(self, name: str) -> dict:
+        if name in families.FAMILIES:
+            return self.build_dit(name)
         import comfy.model_management as mm
 
-        config, quick_config, families, px, quick_px, ctx, pooled = MODELS[name]
+        config, quick_config, accepted, px, quick_px, ctx, pooled = MODELS[name]
         config = quick_config if self.quick else config
         px = quick_px if self.quick else px
         device = mm.get_torch_device()
@@ -297,13 +305,71 @@ class Bench:
         gc.collect()
         mm.soft_empty_cache()
         family = type(base.model.model_config).__name__
-        if family not in families:
-            raise RuntimeError(f"the host detected {family}, expected one of {families}")
+        if family not in accepted:
+            raise RuntimeError(f"the host detected {family}, expected one of {accepted}")
         lora = self.loader.apply_lora(base, lora_state_dict(shapes, rank=32, seed=2, dtype=self.dtype), "bench_lora")
         conds = {k: conditioning(name, seed, px, ctx, pooled) for k, seed in (("positive", 11), ("negative", 12), ("null", 13))}
         return {"name": name, "family": family, "px": px, "params": n_params, "base": base, "full": full, "lora": lora,
                 "conds": conds, "build_s": round(time.perf_counter() - t0, 2),
                 "lora_keys": sum(1 for k in shapes if k.endswith(LORA_TARGETS) and len(shapes[k]) == 2)}
+
+    def build_dit(self, name: str) -> dict:
+        """A diffusion transformer of bench/families.py: one random file loaded twice through the host
+        (base and a full-copy domain: weights' values do not change speed), a LoRA of the family's
+        training targets, the family's conditioning shapes and the cfg its users run."""
+        import comfy.model_management as mm
+        import comfy.model_patcher
+        import tiny_families
+
+        spec = families.FAMILIES[name]
+        device = mm.get_torch_device()
+        t0 = time.perf_counter()
+        if self.quick:  # the tests' tiny model of the family (too small for the host's detection: built, not loaded)
+            tiny = {"sd35m": "sd3", "flux_dev": "flux_dev", "zimage": "zimage"}[name]
+            sd = families.random_state_dict(name, 0, "cpu", tiny_families.FAMILIES[tiny]["unet"])
+            weights = dict(sd)
+
+            def load(tag):
+                model = families.host_config(name, tiny_families.FAMILIES[tiny]["unet"]).get_model({}, "")
+                model.load_model_weights(dict(weights), "")
+                return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
+            px = 64
+            ctx = tiny_families.FAMILIES[tiny]["context"]
+        else:
+            sd = families.random_state_dict(name, 0, device)
+            path = os.path.join(self.host.model_dir("diffusion_models"), f"bench_{name}.safetensors")
+            import safetensors.torch
+
+            safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in sd.items()}, path)
+
+            def load(tag):
+                import comfy.sd
+
+                patcher = comfy.sd.load_diffusion_model(path, model_options={"dtype": spec["dtype"]})
+                if patcher is None:
+                    raise RuntimeError(f"the host did not recognise the benchmark {name} file")
+                return patcher
+            px, ctx = 1024, spec["context"]
+        shapes = {k: v.shape for k, v in sd.items()}
+        n_params = sum(v.numel() for v in sd.values())
+        del sd
+        base, full = load("base"), load("domain")
+        gc.collect()
+        mm.soft_empty_cache()
+        family = type(base.model.model_config).__name__
+        if family != spec["cls"]:
+            raise RuntimeError(f"the host detected {family}, expected {spec['cls']}")
+        lora = self.loader.apply_lora(base, families.lora_state_dict(name, shapes, rank=32, seed=2), "bench_lora")
+
+        def cond(seed):
+            c = families.conditioning(name, seed)
+            return [[c[0][0][..., :ctx], c[0][1]]] if self.quick else c
+        conds = {k: cond(seed) for k, seed in (("positive", 11), ("negative", 12), ("null", 13))}
+        return {"name": name, "family": family, "px": px, "params": n_params, "base": base, "full": full, "lora": lora,
+                "conds": conds, "build_s": round(time.perf_counter() - t0, 2), "latent_channels": spec["latent"],
+                "dtype": str(spec["dtype"]),
+                "cfg": spec["cfg"], "lora_keys": sum(1 for k in shapes if k[: -len(".weight")].endswith(spec["lora"])
+                                                     and len(shapes[k]) == 2)}
 
     @contextlib.contextmanager
     def variant(self, m, variants: set[str]):
@@ -342,7 +408,7 @@ class Bench:
         return round(sum(p.is_contiguous(memory_format=torch.channels_last) for p in ws) / max(1, len(ws)), 3)
 
     def latent(self, m, batch: int) -> dict:
-        return {"samples": torch.zeros(batch, 4, m["px"] // 8, m["px"] // 8)}
+        return {"samples": torch.zeros(batch, m.get("latent_channels", 4), m["px"] // 8, m["px"] // 8)}
 
     def run_fn(self, m, case: str, batch: int, domain_scale: float = 1.5):
         """One sampling run of the case, then what the host's executor does after a node."""
@@ -361,8 +427,9 @@ class Bench:
         latent = self.latent(m, batch)
         c = m["conds"]
         seed = 42
+        cfg = m.get("cfg", self.cfg)  # a family's own (Flux dev, Z-Image Turbo: 1) or --cfg
         if case == "stock":
-            return lambda: nodes.common_ksampler(m["base"], seed, self.steps, self.cfg, "euler", "normal",
+            return lambda: nodes.common_ksampler(m["base"], seed, self.steps, cfg, "euler", "normal",
                                                  c["positive"], c["negative"], latent)[0]["samples"]
         if case == "zero":
             case, domain_scale = "full", 0.0
@@ -378,7 +445,7 @@ class Bench:
         def fn():
             with mock.patch.dict(os.environ, {"INDOMAIN_FAST_DOMAIN": fast}):  # restored afterwards
                 terms = s.collect_terms(domain, domain_scale, 0.0, end, None)
-                guider = s.make_guider(m["base"], c["positive"], negative, c["null"], self.cfg, terms, False, every)
+                guider = s.make_guider(m["base"], c["positive"], negative, c["null"], cfg, terms, False, every)
                 return s.sample_like_ksampler(guider, seed, self.steps, "euler", "normal", latent, 1.0)["samples"]
         return fn
 
@@ -664,7 +731,8 @@ def main(argv=None) -> int:
     cases = [c for c in args.cases.split(",") if c]
     for name in args.models.split(","):
         m = bench.build(name)
-        result["models"].append({k: m[k] for k in ("name", "family", "px", "params", "build_s", "lora_keys")})
+        result["models"].append({k: m[k] for k in ("name", "family", "px", "params", "build_s", "lora_keys", "cfg", "dtype")
+                                 if k in m})
         print(f"built {name}: host detected {m['family']}, {m['params'] / 1e6:.0f}M parameters, "
               f"{m['lora_keys']} LoRA targets, {m['build_s']} s", flush=True)
         save()

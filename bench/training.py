@@ -1,6 +1,7 @@
 """GPU benchmark: Train Domain UNet's loop (training.train) on a full-size SD1.5 UNet.
 
     python bench/training.py --out DIR [--quick] [--cases full-b8-ckpt,lora-b8-ckpt,...] [--steps 12]
+    python bench/training.py --out DIR --families sd35m:default:1,flux_dev:float8_e4m3fn:1,zimage:default:1
 
 Starts the real ComfyUI host in-process (tests/host.py; COMFYUI_PATH, else .hostsrc/ in this
 repo), builds the SD1.5 UNet from its config with random fp16 weights and loads it through the
@@ -123,6 +124,75 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int) ->
             "peak_gib": peak, "first_step_s": first_step_s, "mfu": ips * TFLOP_PER_IMAGE / peak_tflops, "losses_finite": True}
 
 
+def run_family_case(host, name: str, weight_dtype: str, batch: int, px: int, steps: int, warmup: int, images: int,
+                    quick: bool) -> dict:
+    """LoRA training of a diffusion transformer of bench/families.py through Train Domain UNet's own
+    run (nodes/train_run.run_training: the family's targets, checkpointed blocks, conditioning and
+    flow objective), gradient checkpointing on, bf16 autocast, loaded from a file as UNETLoader
+    loads it with weight_dtype "default" (bf16) or "fp8_e4m3fn" (the host's fp8 storage, cast per
+    layer). A random TAESD with the family's 16 latent channels stands in for its VAE (it encodes
+    each image once, before the timed steps). Peak = CUDA memory allocated during the run, the
+    base's resident weights included."""
+    import comfy.model_management as mm
+    import comfy.sd
+    import safetensors.torch
+    import families
+    import tiny_families
+    from comfy.taesd.taesd import TAESD
+    from tiny_nodes import plain_weights, randomize_
+
+    spec = families.FAMILIES[name]
+    device = mm.get_torch_device()
+    tiny = {"sd35m": "sd3", "flux_dev": "flux_dev", "zimage": "zimage"}[name]
+    config = tiny_families.FAMILIES[tiny]["unet"] if quick else None
+    path = os.path.join(host.model_dir("diffusion_models"), f"bench_{name}.safetensors")
+    if not os.path.exists(path):
+        sd = families.random_state_dict(name, 0, "cpu" if quick else device, config)
+        safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in sd.items()}, path)
+        del sd
+    options = {} if weight_dtype == "default" else {"dtype": getattr(torch, weight_dtype)}
+    if quick:  # too small for the host's detection: built from the config instead
+        import comfy.model_patcher
+
+        model = families.host_config(name, config).get_model({}, "")
+        model.load_model_weights(safetensors.torch.load_file(path), "")
+        model = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
+    else:
+        model = comfy.sd.load_diffusion_model(path, model_options=options)
+    with plain_weights():
+        vae = comfy.sd.VAE(sd={k: v.contiguous() for k, v in randomize_(TAESD(latent_channels=spec["latent"]), seed=5, scale=1.0).state_dict().items()})
+    null = families.conditioning(name, 13)
+    if quick:
+        null = [[null[0][0][..., :tiny_families.FAMILIES[tiny]["context"]], null[0][1]]]
+    run_training = host.pack("nodes.train_run").run_training
+    training = sys.modules[host.pack("nodes.train_run").__name__.rsplit(".", 2)[0] + ".training"]
+    config = training.TrainConfig(steps=steps, mode="lora", batch_size=batch, resolution=px, lr=1e-4, flip=False,
+                                  precision="bf16", gradient_checkpointing=("all",), lora_rank=16, lora_alpha=16.0)
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.rand(images, px, px, 3, generator=g)
+    stamps = []
+    mm.unload_all_models()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t_begin = time.perf_counter()
+    _, losses, _, _ = run_training(model=model, vae=vae, null_conditioning=null, images=pixels, config=config,
+                                   save_name=f"bench_{name}_{weight_dtype}_b{batch}", resume=False,
+                                   on_progress=lambda p: stamps.append(time.perf_counter()) if p.stage == "train" else None)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    timed = stamps[warmup:]
+    secs = (timed[-1] - timed[0]) / (len(timed) - 1)
+    weights_gib = sum(p.numel() * p.element_size() for p in model.model.diffusion_model.parameters()) / 2**30
+    del model
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    return {"case": f"{name}-lora-{weight_dtype}-b{batch}-ckpt", "family": name, "mode": "lora", "weight_dtype": weight_dtype,
+            "batch": batch, "grad_ckpt": True, "px": px, "step_s": secs, "images_per_s": batch / secs, "peak_gib": peak,
+            "weights_gib": weights_gib, "first_step_s": stamps[0] - t_begin,
+            "losses_finite": bool(all(torch.isfinite(torch.tensor(losses)))), "mfu": float("nan")}
+
+
 def main(argv=None) -> int:
     global host
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -131,11 +201,30 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--families", default="",
+                    help="instead of SD1.5: LoRA at 1024 px with checkpointing of these (bench/families.py), e.g. "
+                         "sd35m:default:1,flux_dev:float8_e4m3fn:1,zimage:default:1 (name:weight dtype:batch)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    # Families: the host as main.py starts it (dynamic VRAM where 0.33+ turns it on; training then runs on its
+    # non-dynamic copy of the base, as the node does). SD1.5: as before (its state dict is built with plain ops).
     host = host_module.Host(host_module.find_host(), tempfile.mkdtemp(), cpu=args.quick and not torch.cuda.is_available(),
-                            builtin_nodes=False).start()
+                            builtin_nodes=False, dynamic_vram=bool(args.families)).start()
     import comfy.sd
+
+    if args.families:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        rows = []
+        for item in args.families.split(","):
+            name, weight_dtype, batch = item.split(":")
+            try:
+                row = run_family_case(host, name, weight_dtype, int(batch), 64 if args.quick else 1024, args.steps,
+                                      args.warmup, images=8 if args.quick else 16, quick=args.quick)
+            except Exception as e:  # keep going: out of memory, a dtype the trainer refuses
+                row = {"case": item, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        return report(args.out, rows, "training-families.json")
 
     px = 64 if args.quick else 512
     model = comfy.sd.load_diffusion_model_state_dict(random_unet(SD15_TINY if args.quick else SD15, torch.float16))
@@ -148,16 +237,23 @@ def main(argv=None) -> int:
             row = {"case": name, "error": f"out of memory: {e}".splitlines()[0]}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    return report(args.out, rows, "training.json")
+
+
+def report(out: str, rows: list[dict], file: str) -> int:
+    import comfyui_version
+
     info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "rows": rows}
-    with open(os.path.join(args.out, "training.json"), "w") as f:
+            "comfyui": comfyui_version.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
+            "rows": rows}
+    with open(os.path.join(out, file), "w") as f:
         json.dump(info, f, indent=1)
-    print(f"\n{'case':14} {'img/s':>8} {'step s':>8} {'peak GiB':>9} {'MFU':>6}")
+    print(f"\n{'case':30} {'img/s':>8} {'step s':>8} {'peak GiB':>9} {'MFU':>6}")
     for r in rows:
         if "error" in r:
-            print(f"{r['case']:14} {r['error']}")
+            print(f"{r['case']:30} {r['error']}")
         else:
-            print(f"{r['case']:14} {r['images_per_s']:8.1f} {r['step_s']:8.3f} {r['peak_gib']:9.2f} {r['mfu']:6.1%}")
+            print(f"{r['case']:30} {r['images_per_s']:8.2f} {r['step_s']:8.3f} {r['peak_gib']:9.2f} {r['mfu']:6.1%}")
     return 0
 
 
