@@ -221,7 +221,10 @@ def main(argv=None) -> int:
                 row = run_family_case(host, name, weight_dtype, int(batch), 64 if args.quick else 1024, args.steps,
                                       args.warmup, images=8 if args.quick else 16, quick=args.quick)
             except Exception as e:  # keep going: out of memory, a dtype the trainer refuses
-                row = {"case": item, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+                import traceback
+
+                traceback.print_exc()
+                row = {"case": item, "error": f"{type(e).__name__}: {e}"[:3000]}
             rows.append(row)
             print(json.dumps(row), flush=True)
         return report(args.out, rows, "training-families.json")
@@ -251,7 +254,7 @@ def report(out: str, rows: list[dict], file: str) -> int:
     print(f"\n{'case':30} {'img/s':>8} {'step s':>8} {'peak GiB':>9} {'MFU':>6}")
     for r in rows:
         if "error" in r:
-            print(f"{r['case']:30} {r['error']}")
+            print(f"{r['case']:30} {r['error'].splitlines()[0][:200]}")
         else:
             print(f"{r['case']:30} {r['images_per_s']:8.2f} {r['step_s']:8.3f} {r['peak_gib']:9.2f} {r['mfu']:6.1%}")
     return 0

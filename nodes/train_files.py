@@ -93,7 +93,8 @@ def fingerprint(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in module.state_dict(keep_vars=True).items():
         picks = torch.arange(0, t.numel(), max(1, t.numel() // 256), device=t.device)[:256]
-        sample = torch.take(t, picks).float().cpu()  # no view of t: see train_inputs.make_autograd_safe
+        source = t.float() if t.dtype.itemsize == 1 and t.is_floating_point() else t  # take has no fp8 kernel (CUDA)
+        sample = torch.take(source, picks).float().cpu()  # no view of t: see train_inputs.make_autograd_safe
         h.update(f"{name}{list(t.shape)}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]

@@ -69,6 +69,25 @@ def test_a_lora_is_written_with_the_familys_prediction_type_and_the_hosts_lora_l
     assert set(lora.patches) <= set(base.model.state_dict())
 
 
+@pytest.mark.parametrize("family", ["flux_dev", "zimage"])
+def test_lora_training_runs_on_a_base_stored_in_fp8(comfy, family):
+    """The large families fit a 24 GiB card for LoRA training only with their weights stored in fp8
+    (UNETLoader's weight_dtype fp8_e4m3fn; the host casts each layer to the compute dtype). Training
+    on such a base writes finite adapters of the family's layers that the host's LoRA loader applies
+    to that base. (Found on the H200: reading the base's fingerprint used torch.take, which has no
+    fp8 kernel, on the GPU or the CPU.)"""
+    graph = train_graph(family, steps=2, checkpoint_every=0, resume=False, save_name=f"fam_fp8_{family}")
+    graph["base"]["inputs"]["weight_dtype"] = "float8_e4m3fn"
+    comfy.run(graph)
+    base = fam.family_model(family, 0, "float8_e4m3fn")
+    assert next(base.model.diffusion_model.parameters()).dtype == torch.float8_e4m3fn  # the base it trained on
+    weights = load_file(model_file(comfy, family, f"fam_fp8_{family}"))
+    assert weights and all(torch.isfinite(v).all() for v in weights.values())
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in weights.items() if "lora_up" in k)  # it trained
+    lora = comfy.nodes["LoraLoaderModelOnly"]().load_lora_model_only(base, f"fam_fp8_{family}.safetensors", 1.0)[0]
+    assert len(lora.patches) >= 4
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux_dev", "zimage"])  # (SD2-v and SDXL: test_host_training.py)
 def test_the_loss_falls_in_full_mode(comfy, family):
     comfy.run(train_graph(family, mode="full", steps=30, batch_size=2, learning_rate=1e-3, checkpoint_every=0,

@@ -92,17 +92,28 @@ def family_config(family: str):
     return config
 
 
-def family_model(family: str, seed: int = 0):
+def family_model(family: str, seed: int = 0, weight_dtype: str = "default"):
     """The tiny MODEL (a ModelPatcher of the host's BaseModel) of `family`, random weights from `seed`:
-    one object per (family, seed) for the session, as a loaded checkpoint is."""
-    return _family_model(family, seed)
+    one object per (family, seed, weight_dtype) for the session, as a loaded checkpoint is.
+    weight_dtype "float8_e4m3fn": the same weights stored in fp8, cast per layer to float32 as the host
+    does for UNETLoader's fp8 weight_dtype (its manual cast)."""
+    return _family_model(family, seed, weight_dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _family_model(family: str, seed: int):
+def _family_model(family: str, seed: int, weight_dtype: str = "default"):
     import comfy.model_management as mm
     import comfy.model_patcher
 
+    if weight_dtype != "default":
+        source = _family_model(family, seed).model
+        config = family_config(family)
+        config.set_inference_dtype(getattr(torch, weight_dtype), torch.float32)
+        with plain_weights():
+            model = config.get_model({}, "")
+        model.load_model_weights({k: v.clone() for k, v in source.diffusion_model.state_dict().items()}, "")
+        model = model.to(mm.unet_offload_device())
+        return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
     with plain_weights():
         model = family_config(family).get_model({}, "")
     seed = 1000 * (list(FAMILIES).index(family) + 1) + seed
@@ -157,14 +168,15 @@ class TestFamilyModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"family": (list(FAMILIES),), "seed": ("INT", {"default": 0, "min": 0, "max": 1000})}}
+        return {"required": {"family": (list(FAMILIES),), "seed": ("INT", {"default": 0, "min": 0, "max": 1000})},
+                "optional": {"weight_dtype": (["default", "float8_e4m3fn"],)}}
 
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "load"
     CATEGORY = "testing"
 
-    def load(self, family, seed):
-        return (family_model(family, seed),)
+    def load(self, family, seed, weight_dtype="default"):
+        return (family_model(family, seed, weight_dtype),)
 
 
 class TestFamilyConditioning:
