@@ -45,6 +45,78 @@ def sampler(positive=(3, 0), negative=(4, 0), latent=(6, 0), cfg=7.0, scale=1.5,
 
 EMPTY = ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, {}, 1)
 
+# --- SDXL and Flux.1 dev: what a user of each family builds with the host's stock loaders ----------
+# SDXL: one checkpoint (Load Checkpoint), 1024x1024, KSampler's usual 25 Euler steps at cfg 7; a domain
+# LoRA trained at 1024 (the family's resolution).
+SDXL_CKPT = "sd_xl_base_1.0.safetensors"
+SDXL = {
+    **COMMON,
+    1: ("CheckpointLoaderSimple", {"ckpt_name": SDXL_CKPT}, {}, 0),
+    2: ("InDomainUNetLoader", {"unet_name": "my_sdxl_domain.safetensors", "lora_strength": 1.0}, {"base_model": (1, 0)}, 1),
+    6: ("EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, {}, 1),
+}
+SDXL_TRAIN = {"mode": "lora", "steps": 1000, "batch_size": 2, "learning_rate": 1e-4, "resolution": 1024,
+              "gradient_checkpointing": True, "save_name": "my_sdxl_domain", "image_folder": "my_domain_images",
+              "checkpoint_every": 250, "preview_every": 250}
+
+# Flux.1 dev as the host's own Flux templates build it: Load Diffusion Model (flux1-dev), DualCLIPLoader
+# (CLIP-L and T5-XXL, type flux), the Flux VAE (ae), an empty SD3 latent (16 channels) of 1024x1024,
+# FluxGuidance 3.5 on the prompt and KSampler at cfg 1 (the negative, ConditioningZeroOut, is then not
+# computed), 20 Euler steps, scheduler simple. The domain term is measured at the prompt's guidance.
+FLUX = {
+    1: ("UNETLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}, {}, 0),
+    15: ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "type": "flux"}, {}, 0),
+    16: ("VAELoader", {"vae_name": "ae.safetensors"}, {}, 0),
+    5: ("CLIPTextEncode", {"text": ""}, {"clip": (15, 0)}, 1),
+    6: ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, {}, 1),
+    9: ("VAEDecode", {}, {"samples": (7, 0), "vae": (16, 0)}, LAST),
+    10: COMMON[10],
+}
+FLUX_SAMPLER = {"seed": 42, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0,
+                "domain_scale": 1.0, "domain_start": 0.0, "domain_end": 1.0, "control_in_domain": False}
+
+
+def flux_prompt(text, column):
+    """The prompt (3), its FluxGuidance (14) and the zeroed negative (17), as the host's Flux templates have them."""
+    return {3: ("CLIPTextEncode", {"text": text}, {"clip": (15, 0)}, 1),
+            14: ("FluxGuidance", {"guidance": 3.5}, {"conditioning": (3, 0)}, column),
+            17: ("ConditioningZeroOut", {}, {"conditioning": (3, 0)}, column)}
+
+
+def flux_sampler(domain, column):
+    return ("InDomainKSampler", FLUX_SAMPLER,
+            {"model": (1, 0), "positive": (14, 0), "negative": (17, 0), "null_conditioning": (5, 0),
+             "latent_image": (6, 0), "domain_model": domain}, column)
+
+
+FLUX_TRAIN = {"mode": "lora", "steps": 1000, "batch_size": 1, "learning_rate": 1e-4, "resolution": 1024,
+              "gradient_checkpointing": True, "save_name": "my_flux_domain", "image_folder": "my_domain_images",
+              "checkpoint_every": 250, "preview_every": 250}
+
+FAMILY_GRAPHS = {
+    "sdxl_text_to_image_domain": {
+        **SDXL, 3: ("CLIPTextEncode", {"text": "a cat sitting on a windowsill, in the domain's style"}, {"clip": (1, 1)}, 1),
+        7: sampler()},
+    "sdxl_train_domain": {
+        **{k: SDXL[k] for k in (1, 4, 5, 6, 9, 10)},
+        3: ("CLIPTextEncode", {"text": "a teapot on a wooden table, in the domain's style"}, {"clip": (1, 1)}, 1),
+        20: ("InDomainTrainUNet", SDXL_TRAIN, {"model": (1, 0), "vae": (1, 2), "null_conditioning": (5, 0)}, 2),
+        21: ("PreviewImage", {}, {"images": (20, 1)}, 2),
+        7: ("InDomainKSampler", sampler()[1], {**sampler()[2], "domain_model": (20, 0)}, 3)},
+    "flux_dev_text_to_image_domain": {
+        **FLUX,
+        2: ("InDomainUNetLoader", {"unet_name": "my_flux_domain.safetensors", "lora_strength": 1.0}, {"base_model": (1, 0)}, 1),
+        **flux_prompt("a cat sitting on a windowsill, in the domain's style", 2),
+        7: flux_sampler((2, 0), 3)},
+    "flux_dev_train_domain": {
+        **FLUX,
+        **flux_prompt("a teapot on a wooden table, in the domain's style", 1),
+        20: ("InDomainTrainUNet", FLUX_TRAIN, {"model": (1, 0), "vae": (16, 0), "null_conditioning": (5, 0)}, 2),
+        21: ("PreviewImage", {}, {"images": (20, 1)}, 2),
+        7: flux_sampler((20, 0), 3)},
+}
+
+
 GRAPHS = {
     "text_to_image_domain": {
         **COMMON, 3: ("CLIPTextEncode", {"text": "a cat sitting on a windowsill, in the domain's style"}, {"clip": (1, 1)}, 1),
@@ -75,6 +147,7 @@ GRAPHS = {
         21: ("PreviewImage", {}, {"images": (20, 1)}, 2),
         6: EMPTY,
         7: ("InDomainKSampler", sampler()[1], {**sampler()[2], "domain_model": (20, 0)}, 3)},
+    **FAMILY_GRAPHS,
 }
 
 
@@ -86,6 +159,8 @@ SIZES = {
     "InDomainUNetLoader": (340, 84), "CLIPTextEncode": (340, 140), "EmptyLatentImage": (340, 108),
     "VAEEncode": (340, 48), "ControlNetApplyAdvanced": (340, 190), "InDomainKSampler": (340, 420),
     "InDomainTrainUNet": (340, 600), "PreviewImage": (340, 300), "VAEDecode": (340, 48), "SaveImage": (340, 340),
+    "UNETLoader": (320, 84), "DualCLIPLoader": (320, 130), "VAELoader": (320, 60), "EmptySD3LatentImage": (340, 108),
+    "FluxGuidance": (340, 60), "ConditioningZeroOut": (340, 30),
 }
 TITLE, GAP_X, GAP_Y = 30, 50, 30
 # The view a workflow opens with: the whole graph in a 1600x1000 window, clear of the front
