@@ -93,27 +93,63 @@ FLUX_TRAIN = {"mode": "lora", "steps": 1000, "batch_size": 1, "learning_rate": 1
               "gradient_checkpointing": True, "save_name": "my_flux_domain", "image_folder": "my_domain_images",
               "checkpoint_every": 250, "preview_every": 250}
 
+NOTE = "Note"  # a text node of the front end (not a host node): what the template needs and why it is set so
+
+
+def note(text, column=0):
+    return (NOTE, {"title": "Read me", "text": text.strip()}, {}, column)
+
+
+SDXL_NOTE = note("""
+SDXL with a domain.
+
+Files: sd_xl_base_1.0.safetensors in models/checkpoints; the domain (a LoRA of this base, e.g. from the sdxl_train_domain template: models/loras/my_sdxl_domain.safetensors) in Load Domain UNet.
+
+1024 x 1024 is SDXL's resolution. cfg steers towards the prompt with the base model only; domain_scale (about 1 to 2) adds w * (domain - base) on the empty prompt; 0 is KSampler bit for bit.
+""")
+SDXL_TRAIN_NOTE = note("""
+Train an SDXL domain, then sample with it.
+
+Put the domain images (no captions) in ComfyUI/input/my_domain_images. Train Domain UNet learns a LoRA of the base at 1024 px (gradient checkpointing, bf16) and writes models/loras/my_sdxl_domain.safetensors every 250 steps; queued again, it resumes from there (or, with the same images and settings, the host reuses its result). Load Domain UNet reads the file later.
+
+File: sd_xl_base_1.0.safetensors in models/checkpoints.
+""")
+FLUX_NOTE = note("""
+Flux.1 dev with a domain.
+
+Files: flux1-dev.safetensors in models/diffusion_models; clip_l.safetensors and t5xxl_fp16.safetensors in models/text_encoders; ae.safetensors in models/vae; the domain (a LoRA of flux1-dev, e.g. from the flux_dev_train_domain template: models/loras/my_flux_domain.safetensors) in Load Domain UNet.
+
+cfg 1, as Flux dev is run: FluxGuidance on the prompt steers it and the negative is not computed. domain_scale adds w * (domain - base) on the empty prompt, both at the prompt's guidance; 0 is KSampler bit for bit.
+""")
+FLUX_TRAIN_NOTE = note("""
+Train a Flux.1 dev domain, then sample with it.
+
+Put the domain images (no captions) in ComfyUI/input/my_domain_images. Train Domain UNet learns a LoRA of flux1-dev at 1024 px (gradient checkpointing, bf16) on the empty prompt at guidance 3.5 (the host's default) and writes models/loras/my_flux_domain.safetensors every 250 steps; queued again, it resumes from there.
+
+Files: flux1-dev.safetensors in models/diffusion_models; clip_l.safetensors and t5xxl_fp16.safetensors in models/text_encoders; ae.safetensors in models/vae.
+""")
+
 FAMILY_GRAPHS = {
     "sdxl_text_to_image_domain": {
         **SDXL, 3: ("CLIPTextEncode", {"text": "a cat sitting on a windowsill, in the domain's style"}, {"clip": (1, 1)}, 1),
-        7: sampler()},
+        7: sampler(), 30: SDXL_NOTE},
     "sdxl_train_domain": {
         **{k: SDXL[k] for k in (1, 4, 5, 6, 9, 10)},
         3: ("CLIPTextEncode", {"text": "a teapot on a wooden table, in the domain's style"}, {"clip": (1, 1)}, 1),
         20: ("InDomainTrainUNet", SDXL_TRAIN, {"model": (1, 0), "vae": (1, 2), "null_conditioning": (5, 0)}, 2),
         21: ("PreviewImage", {}, {"images": (20, 1)}, 2),
-        7: ("InDomainKSampler", sampler()[1], {**sampler()[2], "domain_model": (20, 0)}, 3)},
+        7: ("InDomainKSampler", sampler()[1], {**sampler()[2], "domain_model": (20, 0)}, 3), 30: SDXL_TRAIN_NOTE},
     "flux_dev_text_to_image_domain": {
         **FLUX,
         2: ("InDomainUNetLoader", {"unet_name": "my_flux_domain.safetensors", "lora_strength": 1.0}, {"base_model": (1, 0)}, 1),
         **flux_prompt("a cat sitting on a windowsill, in the domain's style", 2),
-        7: flux_sampler((2, 0), 3)},
+        7: flux_sampler((2, 0), 3), 30: FLUX_NOTE},
     "flux_dev_train_domain": {
         **FLUX,
         **flux_prompt("a teapot on a wooden table, in the domain's style", 1),
         20: ("InDomainTrainUNet", FLUX_TRAIN, {"model": (1, 0), "vae": (16, 0), "null_conditioning": (5, 0)}, 2),
         21: ("PreviewImage", {}, {"images": (20, 1)}, 2),
-        7: flux_sampler((20, 0), 3)},
+        7: flux_sampler((20, 0), 3), 30: FLUX_TRAIN_NOTE},
 }
 
 
@@ -160,7 +196,7 @@ SIZES = {
     "VAEEncode": (340, 48), "ControlNetApplyAdvanced": (340, 190), "InDomainKSampler": (340, 420),
     "InDomainTrainUNet": (340, 600), "PreviewImage": (340, 300), "VAEDecode": (340, 48), "SaveImage": (340, 340),
     "UNETLoader": (320, 84), "DualCLIPLoader": (320, 130), "VAELoader": (320, 60), "EmptySD3LatentImage": (340, 108),
-    "FluxGuidance": (340, 60), "ConditioningZeroOut": (340, 30),
+    "FluxGuidance": (340, 60), "ConditioningZeroOut": (340, 30), "Note": (320, 330),
 }
 TITLE, GAP_X, GAP_Y = 30, 50, 30
 # The view a workflow opens with: the whole graph in a 1600x1000 window, clear of the front
@@ -202,6 +238,12 @@ def build(graph: dict, registry: dict) -> dict:
     out_links: dict[tuple[int, int], list[int]] = {}
     placed = layout(graph)
     for nid, (kind, widgets, inputs, col) in sorted(graph.items(), key=lambda kv: (kv[1][3], kv[0])):
+        if kind == NOTE:  # the front end's own text node: no inputs or outputs, never queued
+            pos, size = placed[nid]
+            nodes.append({"id": nid, "type": NOTE, "pos": pos, "size": size, "flags": {}, "order": 0, "mode": 0,
+                          "inputs": [], "outputs": [], "title": widgets["title"], "properties": {"text": ""},
+                          "widgets_values": [widgets["text"]]})
+            continue
         cls = registry[kind]
         node_inputs = []
         for name, typ, _ in input_defs(cls):
@@ -228,6 +270,8 @@ def build(graph: dict, registry: dict) -> dict:
         if kind == "CLIPTextEncode" and widgets.get("text") == "":
             nodes[-1]["title"] = "Empty prompt (null_conditioning)"
     for node in nodes:
+        if node["type"] == NOTE:
+            continue
         cls = registry[node["type"]]
         node["outputs"] = [{"name": name, "type": typ, "links": out_links.get((node["id"], i), []), "slot_index": i}
                            for i, (name, typ) in enumerate(zip(_out_names(cls), cls.RETURN_TYPES))]
