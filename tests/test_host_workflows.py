@@ -108,3 +108,8 @@ def test_workflow_executes_and_saves_an_image(comfy, substitutes, path):
     import folder_paths
     saved = os.path.join(folder_paths.get_output_directory(), images[0].get("subfolder", ""), images[0]["filename"])
     assert Image.open(saved).size == (64, 64)
+    for node in prompt.values():  # a training node showed its preview (of the family's model, at the last step)
+        if node["class_type"] == "InDomainTrainUNet" and node["inputs"].get("preview_every"):
+            preview = os.path.join(folder_paths.get_output_directory(), "indomain_previews", node["inputs"]["save_name"],
+                                   "step_000003.png")
+            assert Image.open(preview).size == (64, 64)
