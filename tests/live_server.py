@@ -30,14 +30,18 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 PACK_NAME = "comfyui-indomain"
 
-# The combo widget holding a file name, for the node types of workflows/: (widgets_values index,
-# folder). The browser test checks every combo value against the front end's options, so a name
-# missed here fails there.
+# The combo widgets holding a file name, for the node types of workflows/: (widgets_values index,
+# folder) each. The browser test checks every combo value against the front end's options, so a
+# name missed here fails there.
 MODEL_WIDGETS = {
-    "CheckpointLoaderSimple": (0, "models/checkpoints"),
-    "InDomainUNetLoader": (0, "models/domain_unets"),
-    "ControlNetLoader": (0, "models/controlnet"),
-    "LoadImage": (0, "input"),
+    "CheckpointLoaderSimple": [(0, "models/checkpoints")],
+    "UNETLoader": [(0, "models/diffusion_models")],
+    "DualCLIPLoader": [(0, "models/text_encoders"), (1, "models/text_encoders")],
+    "CLIPLoader": [(0, "models/text_encoders")],
+    "VAELoader": [(0, "models/vae")],
+    "InDomainUNetLoader": [(0, "models/domain_unets")],
+    "ControlNetLoader": [(0, "models/controlnet")],
+    "LoadImage": [(0, "input")],
 }
 
 # Front-end settings of a user who has been here before: no first-run tour or template browser,
@@ -67,8 +71,7 @@ def files_for_workflows(paths: list[str]) -> list[tuple[str, str]]:
         with open(path) as f:
             workflow = json.load(f)
         for node in workflow["nodes"]:
-            if node["type"] in MODEL_WIDGETS:
-                index, folder = MODEL_WIDGETS[node["type"]]
+            for index, folder in MODEL_WIDGETS.get(node["type"], []):
                 wanted.add((folder, node["widgets_values"][index]))
     return sorted(wanted)
 
@@ -223,7 +226,11 @@ def _git(repo: str, *args) -> str:
 
 
 def write_files(comfy_path: str, base: str, files: list[tuple[str, str]]):
-    """Tiny SD1-architecture files (random weights) for each (folder, name)."""
+    """Tiny files (random weights) for each (folder, name): what the page lists. Only the SD1.5 workflow
+    is queued there; the files of another family's workflows (an SDXL checkpoint, Flux's diffusion model,
+    text encoders and VAE, its domain) are only listed, so they hold SD1 parts of the same kind (the VAE:
+    a TAESD of 16 channels) and a second file of a folder is a hard link to the first (the checkpoint is
+    300 MB)."""
     sys.path.insert(0, comfy_path)
     sys.path.insert(0, TESTS)
     from comfy.cli_args import args
@@ -232,9 +239,15 @@ def write_files(comfy_path: str, base: str, files: list[tuple[str, str]]):
     import tiny_nodes as tiny
     from PIL import Image
 
+    first = {}  # folder -> the first model file written there
     for folder, name in files:
         path = os.path.join(base, folder, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        if folder in first:
+            os.link(first[folder], path)
+            continue
+        if folder != "input":
+            first[folder] = path
         if folder == "input":
             Image.new("RGB", (64, 64), (200, 120, 40)).save(path)
         elif folder == "models/checkpoints":
@@ -243,6 +256,12 @@ def write_files(comfy_path: str, base: str, files: list[tuple[str, str]]):
             tiny.write_safetensors(path, tiny.domain_state_dict())
         elif folder == "models/controlnet":
             tiny.write_safetensors(path, tiny.controlnet_state_dict())
+        elif folder == "models/diffusion_models":
+            tiny.write_safetensors(path, tiny.unet_state_dict(0))
+        elif folder == "models/text_encoders":
+            tiny.write_safetensors(path, tiny.tiny_clip().cond_stage_model.state_dict())
+        elif folder == "models/vae":
+            tiny.write_safetensors(path, tiny.TestTinyTAESD().load(16)[0].first_stage_model.state_dict())
         else:
             raise ValueError(f"no tiny file for {folder}/{name}")
 

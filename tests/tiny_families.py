@@ -21,6 +21,11 @@ The test nodes (register()):
   checkpoint is; seed 0 is the base, another seed a full-copy domain of the same family.
 - TestFamilyConditioning(family, text, guidance) -> CONDITIONING (guidance < 0: no guidance entry).
 - TestFormulaGuider: a GUIDER computing n + cfg (c - n) + w (d - u) row by row (the oracle).
+- TestFamilyCLIP(family) -> CLIP: stands in for the family's text encoders (DualCLIPLoader, CLIPLoader, a
+  checkpoint's CLIP) under the host's own CLIPTextEncode: tokenize/encode_from_tokens_scheduled give
+  conditioning(family, text). (The real encoders are full width: CLIP-G, T5-XXL, Qwen3 cost seconds to build.)
+- TestFamilyCheckpoint(family) -> MODEL, CLIP, VAE: stands in for Load Checkpoint of a family (SDXL): the
+  family's MODEL, TestFamilyCLIP and a tiny TAESD of its latent channels.
 Latents come from the host's EmptyLatentImage (4 channels) and EmptySD3LatentImage (16).
 """
 from __future__ import annotations
@@ -245,9 +250,61 @@ class TestFormulaGuider:
         return (guider,)
 
 
+class FamilyCLIP:
+    """The part of the host's CLIP that CLIPTextEncode uses (tokenize, encode_from_tokens_scheduled),
+    giving conditioning(family, text): the family's widths, pooled output included."""
+
+    def __init__(self, family: str):
+        self.family = family
+
+    def tokenize(self, text, return_word_ids=False, **kwargs):
+        return text
+
+    def encode_from_tokens_scheduled(self, tokens, unprojected=False, add_dict=None, show_pbar=True):
+        cond = conditioning(self.family, tokens)
+        for _, extra in cond:
+            extra.update(add_dict or {})
+        return cond
+
+
+class TestFamilyCLIP:
+    """Stands in for a family's text-encoder loader: a CLIP whose CLIPTextEncode gives the family's conditioning."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (list(FAMILIES),)}}
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, family):
+        return (FamilyCLIP(family),)
+
+
+class TestFamilyCheckpoint:
+    """Stands in for Load Checkpoint of a family's checkpoint: its MODEL, CLIP and a tiny VAE."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (list(FAMILIES),)}}
+
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, family):
+        from tiny_nodes import TestTinyTAESD
+
+        vae = TestTinyTAESD().load(LATENT_CHANNELS[family])[0]
+        return family_model(family), FamilyCLIP(family), vae
+
+
 def register() -> None:
     import nodes
 
     nodes.NODE_CLASS_MAPPINGS["TestFamilyModel"] = TestFamilyModel
     nodes.NODE_CLASS_MAPPINGS["TestFamilyConditioning"] = TestFamilyConditioning
     nodes.NODE_CLASS_MAPPINGS["TestFormulaGuider"] = TestFormulaGuider
+    nodes.NODE_CLASS_MAPPINGS["TestFamilyCLIP"] = TestFamilyCLIP
+    nodes.NODE_CLASS_MAPPINGS["TestFamilyCheckpoint"] = TestFamilyCheckpoint

@@ -7,6 +7,7 @@ extra value in widgets_values.
 from __future__ import annotations
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONT_END_ONLY = {"Note", "MarkdownNote"}  # the front end's text nodes: not part of the prompt it queues
 
 
 def input_defs(node_class) -> list[tuple[str, str, dict]]:
@@ -32,11 +33,11 @@ def widget_inputs(node_class) -> list[tuple[str, int]]:
 
 
 def to_api(workflow: dict, registry: dict) -> dict:
-    """The API prompt of a UI workflow (muted and bypassed nodes are left out)."""
+    """The API prompt of a UI workflow (muted and bypassed nodes and notes are left out)."""
     links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
-        if node.get("mode", 0) != 0:
+        if node.get("mode", 0) != 0 or node["type"] in FRONT_END_ONLY:
             continue
         cls = registry[node["type"]]
         inputs = {}

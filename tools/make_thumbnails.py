@@ -26,7 +26,9 @@ TITLES = {"CheckpointLoaderSimple": "Load Checkpoint", "CLIPTextEncode": "CLIP T
           "InDomainKSampler": "KSampler (Domain)", "InDomainUNetLoader": "Load Domain UNet", "InDomainTrainUNet": "Train Domain UNet",
           "InDomainGuider": "Domain Guider", "InDomainTerm": "Domain Term", "VAEDecode": "VAE Decode", "VAEEncode": "VAE Encode",
           "SaveImage": "Save Image", "PreviewImage": "Preview Image", "LoadImage": "Load Image",
-          "ControlNetLoader": "Load ControlNet", "ControlNetApplyAdvanced": "Apply ControlNet"}
+          "ControlNetLoader": "Load ControlNet", "ControlNetApplyAdvanced": "Apply ControlNet",
+          "UNETLoader": "Diffusion Model", "DualCLIPLoader": "DualCLIPLoader", "VAELoader": "Load VAE",
+          "EmptySD3LatentImage": "Empty SD3 Latent", "FluxGuidance": "FluxGuidance", "ConditioningZeroOut": "Zero Out"}
 log = logging.getLogger("indomain.thumbnails")
 
 
