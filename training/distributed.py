@@ -165,3 +165,55 @@ def gather_objects(r: Ranks, obj) -> list:
 def shard(items: Sequence, r: Ranks) -> list[int]:
     """The indices this rank handles: every world-th item from its rank (balanced, in order)."""
     return list(range(r.rank, len(items), r.world))
+
+
+def mark_own(r: Ranks, error: BaseException) -> BaseException:
+    """Mark `error` as this rank's own failure (not one every rank shares): report_stop logs it on
+    this rank, whichever it is."""
+    try:
+        error.indomain_failed_rank = r.rank
+    except AttributeError:  # an exception type without a __dict__
+        pass
+    return error
+
+
+def _own(r: Ranks, error: BaseException | None) -> bool:
+    while error is not None:
+        if getattr(error, "indomain_failed_rank", None) == r.rank:
+            return True
+        error = error.__cause__
+    return False
+
+
+def report_stop(r: Ranks, error: BaseException, logger: logging.Logger, kept: str = "") -> int:
+    """Log why training stopped, once for all ranks, and return the process's exit code.
+
+    Alone: the error (ERROR), or for an interrupt "stopped" (WARNING, code 130). Under torchrun:
+    an error every rank shares (bad input, a diverged loss, an agreed interrupt) is reported by
+    rank 0 only; a rank's own failure (out of memory, an exception in a step, a failed write) by
+    that rank, naming it; the other ranks stop quietly (StoppedByPeer, logged at INFO).
+    `kept`: what was kept, e.g. "The last checkpoint x.indomain-state (step 40) is kept."
+    """
+    tail = f" {kept}" if kept else ""
+    interrupted = isinstance(error, KeyboardInterrupt) or (isinstance(error, StoppedByPeer) and error.interrupted)
+    if interrupted:
+        if r.main:
+            logger.warning("stopped%s; every rank stopped at the same step.%s Run the same command again to resume." % (
+                f" ({error})" if isinstance(error, StoppedByPeer) else "", tail) if r.active else
+                "stopped.%s Run the same command again to resume." % tail)
+        return 130
+    if isinstance(error, StoppedByPeer):
+        if r.main and not error.known:
+            logger.error("%s: %s; every rank stopped.%s", r, error, tail)
+        else:
+            logger.info("%s: %s", r, error)
+        return 1
+    if not r.active:
+        logger.error("%s", error)
+    elif _own(r, error):
+        logger.error("%s failed: %s: %s; every rank stopped.%s", r, type(error).__name__, error, tail)
+    elif r.main:
+        logger.error("%s", error)
+    else:
+        logger.debug("%s: %s (reported by rank 0)", r, error)
+    return 1

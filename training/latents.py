@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from .checkpoint import atomic_save
 from .data import BucketedImage, flip_horizontal
-from .distributed import Ranks, StoppedByPeer, agree_flag, gather_objects
+from .distributed import Ranks, StoppedByPeer, agree_flag, gather_objects, mark_own
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def cache_latents(
     except BaseException as e:
         if not ranks.active:
             raise
-        failure = e
+        failure = mark_own(ranks, e)
     if ranks.active:  # every rank learns whether any rank failed, then the records
         failed = agree_flag(ranks, failure is not None)
         if failure is not None:

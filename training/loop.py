@@ -32,7 +32,7 @@ from torch import nn
 
 from .checkpoint import check_resume_config, optimizer_state, read_state_header, restore_state, save_state
 from .data import ImageSet
-from .distributed import Ranks, StoppedByPeer, agree, agree_flag, announce_failure, gather_objects, ranks, stopped_by_peer
+from .distributed import Ranks, StoppedByPeer, agree, agree_flag, announce_failure, gather_objects, mark_own, ranks, stopped_by_peer
 from .latents import LatentSet, cache_latents
 from .lora import DEFAULT_TARGETS
 from .noise import DiscreteSchedule, FlowSchedule, check_schedule, denoising_loss
@@ -472,8 +472,7 @@ def _failure(r: Ranks, error: BaseException, step: int) -> BaseException:
     if peer is not None:
         return peer
     announce_failure(r, f"{type(error).__name__} at step {step}: {str(error).splitlines()[0][:300] if str(error) else ''}")
-    log.debug("%s failed at step %d", r, step)
-    return error
+    return mark_own(r, error)
 
 
 def _save(r: Ranks, state_path: str, step: int, config: dict, params, ema, optimizer, scaler, after) -> None:
@@ -489,7 +488,7 @@ def _save(r: Ranks, state_path: str, step: int, config: dict, params, ema, optim
         except BaseException as e:
             if not r.active:
                 raise
-            failure = e
+            failure = mark_own(r, e)
     if r.active and agree_flag(r, failure is not None) and failure is None:
         raise StoppedByPeer(f"stopped because rank 0 could not write the checkpoint at step {step} (its message says why)")
     if failure is not None:
@@ -506,7 +505,7 @@ def data_parallel(trainable: Trainable, device: torch.device) -> nn.Module:
     trained = {id(p) for p in trainable.params.values()}
     ignore = [n for n, p in holder.named_parameters() if id(p) not in trained] + [n for n, _ in holder.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(holder, ignore)
-    return DistributedDataParallel(holder, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False,
+    return DistributedDataParallel(holder, device_ids=[device] if device.type == "cuda" else None,
                                    gradient_as_bucket_view=True, static_graph=True)
 
 
