@@ -170,7 +170,8 @@ def cache_latents(
             if flip:
                 flipped, miss = cached_latent_file(flip_horizontal(image.pixels), encode, vae_id, cache_dir)
                 encoded += miss
-            records.append((image.index, pixel_digest(image.pixels), LatentFile(image.name, image.bucket, path, flipped)))
+            # plain values only: the ranks exchange them (pickled), and a host may load this package under another name
+            records.append((image.index, pixel_digest(image.pixels), image.name, tuple(image.bucket), path, flipped))
             if on_image is not None:
                 on_image(len(records), time.monotonic() - t0)
     except BaseException as e:
@@ -187,9 +188,9 @@ def cache_latents(
         records = sorted((rec for recs, _ in gathered for rec in recs), key=lambda rec: rec[0])
         encoded = sum(n for _, n in gathered)
     digests = hashlib.sha256()
-    for _, digest, _ in records:
+    for _, digest, *_ in records:
         digests.update(digest)
-    out = [rec[2] for rec in records]
+    out = [LatentFile(name, bucket, path, flipped) for _, _, name, bucket, path, flipped in records]
     if ranks.main:
         log.info("Latents for %d images ready (%d encoded, the rest from the cache in %s)", len(out), encoded, cache_dir)
     return LatentSet(out, digests.hexdigest(), encoded)
