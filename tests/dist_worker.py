@@ -65,10 +65,9 @@ def main() -> int:
     try:
         for job in json.load(open(sys.argv[1])):
             run_job(job)
-    except BaseException as e:
+    except BaseException as e:  # the process group is left to the exit: a failed one may hang or abort there
         return report_stop(r, e, log, "The last complete checkpoint is kept.")
-    finally:
-        torch.distributed.destroy_process_group()
+    torch.distributed.destroy_process_group()
     return 0
 
 

@@ -208,13 +208,12 @@ def main(argv=None) -> int:
     where = f" [rank {rank}/{world}]" if world > 1 else ""
     # rank 0 reports; the other ranks only their own failures (training.distributed.report_stop)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"%(asctime)s %(levelname)s{where} %(message)s")
-    try:
-        return train(args, rank, world)
-    finally:
-        import torch
+    code = train(args, rank, world)
+    import torch
 
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    if code == 0 and torch.distributed.is_initialized():  # after a failure the exit ends it: a failed group may hang or abort
+        torch.distributed.destroy_process_group()
+    return code
 
 
 def train(args, rank: int, world: int) -> int:

@@ -400,12 +400,12 @@ def train(
                 if not r.active and not math.isfinite(loss_value):
                     raise TrainingDiverged(step, f"the loss is {loss_value}", state_path, saved_step)
                 scaler.scale(loss).backward()
+                stop = stop or _interrupt(check_interrupt, r)  # before the update: an interrupt never leaves a half-applied step
+                status = agree(r, loss_value, stop is not None) if r.active else None  # the same decision on every rank
             except BaseException as e:
                 raise _failure(r, e, step) from None
 
-            stop = stop or _interrupt(check_interrupt, r)  # before the update: an interrupt never leaves a half-applied step
-            if r.active:  # every rank's loss and interrupt: the same decision on every rank
-                status = agree(r, loss_value, stop is not None)
+            if status is not None:
                 if status.interrupted:
                     raise stop if stop is not None else StoppedByPeer(
                         f"stopped because rank {status.interrupted[0]} was interrupted", interrupted=True)
@@ -416,7 +416,10 @@ def train(
                 loss_value = status.loss
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, config)
-            scaler.step(optimizer)
+            try:
+                scaler.step(optimizer)  # a sharded optimizer broadcasts its parameters: a collective
+            except BaseException as e:
+                raise _failure(r, e, step) from None
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
@@ -429,8 +432,11 @@ def train(
                                 elapsed / done * (config.steps - step)))
             if state_path is not None and (step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)):
                 _check_finite(params, step, state_path, saved_step)  # the same weights on every rank: the same outcome
-                _save(r, state_path, step, current, params, ema, optimizer, scaler,
-                      lambda: on_checkpoint(step, trainable.export(ema if ema is not None else params)) if on_checkpoint else None)
+                try:
+                    _save(r, state_path, step, current, params, ema, optimizer, scaler,
+                          lambda: on_checkpoint(step, trainable.export(ema if ema is not None else params)) if on_checkpoint else None)
+                except BaseException as e:
+                    raise _failure(r, e, step) from None
                 saved_step = step
             if r.main and on_preview is not None and config.preview_every and step % config.preview_every == 0:
                 on_preview(step, model)
@@ -466,8 +472,8 @@ def _failure(r: Ranks, error: BaseException, step: int) -> BaseException:
     """What to raise for an exception inside a step: alone, the exception; under torchrun, a
     StoppedByPeer when it comes from another rank's failure, else the exception, announced to the
     other ranks first."""
-    if not r.active:
-        return error
+    if not r.active or isinstance(error, StoppedByPeer) or getattr(error, "indomain_failed_rank", None) is not None:
+        return error  # alone; or already decided (another rank's stop, this rank's agreed failure)
     peer = stopped_by_peer(r, error)
     if peer is not None:
         return peer
