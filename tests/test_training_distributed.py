@@ -76,8 +76,10 @@ def single(root, config: dict, state: str | None = None):
 NOISE_ONLY = ("to_k.bias", "diffusion_model.to_k.bias")
 
 
-def close(a: dict, b: dict, tol=1e-5) -> bool:
-    """Every tensor within tol of b (relative norm); a noise-only tensor within 6 steps of lr / 10."""
+def close(a: dict, b: dict, tol=1e-4) -> bool:
+    """Every tensor within tol of b (relative norm: AdamW divides by small gradients, so the float
+    rounding of a sum in another order can grow to about 3e-5 in 4 steps); a noise-only tensor
+    within 6 steps of lr / 10."""
     def near(k):
         if k in NOISE_ONLY or k.endswith(tuple("." + n for n in NOISE_ONLY)):
             return float((a[k] - b[k]).abs().max()) <= 6 * CONFIG["lr"] / 10
@@ -173,4 +175,5 @@ def test_a_failing_rank_stops_both_with_one_message_and_the_last_checkpoint_kept
     assert read_state_header(tmp_path / "state").step == 2
     assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "state").values())
     assert glob.glob(os.fspath(tmp_path / "*.tmp*")) == [] and not os.path.exists(tmp_path / "out.json")
+
 

@@ -46,10 +46,9 @@ LR_SCHEDULES = ("constant", "cosine")
 # options that change speed or bookkeeping, not the math: a run may be resumed with other values
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "preview_every", "gradient_checkpointing", "compile", "shard_optimizer")
 # Options that change the math of the steps still to run but may change on resume (e.g. a lower lr or
-# another precision after a NaN loss): recorded in the state, a change is logged. `sampler`: how
-# batches are drawn (states of 0.3.0 and earlier have none; they resume with the epoch plan).
-ADJUSTABLE_ON_RESUME = ("lr", "lr_schedule", "warmup_steps", "precision", "sampler")
-SAMPLER = "epoch/1"
+# another precision after a NaN loss): recorded in the state, a change is logged.
+ADJUSTABLE_ON_RESUME = ("lr", "lr_schedule", "warmup_steps", "precision")
+SAMPLER = "epoch/1"  # how batches are drawn (run_config's "sampler"; states of 0.3.0 have none)
 
 
 @dataclass(frozen=True)
@@ -222,6 +221,11 @@ def sample_batch(data: LatentSet, step: int, config: TrainConfig, schedule: Disc
     picks = epoch_plan(data, config, (step - 1) // per_epoch)[(step - 1) % per_epoch]
     images, b = data.images, config.batch_size
     g = step_generator(config.seed, step)
+    # The draws that picked a step's images before the epoch plan (0.3.0), made and dropped: a seed's
+    # flips, timesteps and noise stay those of earlier versions.
+    old_bucket = images[int(torch.randint(len(images), (1,), generator=g))].bucket
+    n = len(_by_bucket(data)[old_bucket])
+    torch.randperm(n, generator=g) if n >= b else torch.randint(n, (b,), generator=g)
     flips = torch.rand(b, generator=g) < 0.5
     x0 = torch.stack([images[i].flipped if (config.flip and bool(f)) else images[i].latent for i, f in zip(picks, flips)])
     t = schedule.draw(g, b)
@@ -356,6 +360,9 @@ def train(
     header = None
     if state_path is not None and os.path.exists(state_path):
         header = read_state_header(state_path)
+        if "sampler" not in header.config:  # written by 0.3.0 or earlier: it goes on with the epoch order
+            info("%s was written before the epoch order; the run goes on with it", state_path)
+            header.config["sampler"] = SAMPLER
         for key, saved, now in check_resume_config(header, current, ADJUSTABLE_ON_RESUME):
             info("Resuming %s with %s %s (saved %s)", state_path, key, now, saved)
 
