@@ -90,6 +90,12 @@ def main(argv=None) -> int:
         log.info("%d images in %s (%.0f s to write)", args.images, folder, time.monotonic() - t)
     if r.active:
         torch.distributed.barrier()
+    try:
+        import pytest  # noqa: F401  (test_training_support's fixtures; a GPU box may have no pytest)
+    except ImportError:
+        import types
+
+        sys.modules["pytest"] = types.SimpleNamespace(fixture=lambda *a, **k: (lambda f: f))
     from test_training_support import cond_for, sd_alphas_cumprod, tiny_unet
 
     marks = {"rss_at_start": rss_mib()}
