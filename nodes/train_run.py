@@ -22,6 +22,7 @@ import folder_paths
 
 from ..training import DEFAULT_TARGETS, TrainConfig, save_model_file, train
 from ..training.data import IMAGE_EXTENSIONS
+from ..training.distributed import ranks
 from .domain_files import apply_lora, model_from_base_config
 from .dynamic_vram import release
 from .train_differentiable import host_in_training
@@ -95,7 +96,8 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
     pred = prediction_type(model)
     check_vae(vae, model)
     cross_attn, extras = empty_prompt(null_conditioning, clip)
-    if not resume and os.path.exists(state_path):
+    main = ranks().main  # under torchrun (the headless trainer) rank 0 alone writes files
+    if not resume and os.path.exists(state_path) and main:
         log.info("resume is off: starting over, replacing %s", state_path)
         os.remove(state_path)
 
@@ -151,7 +153,8 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
                                                      "free space and run again to resume")) from e
             raise
         final = result.ema_weights if result.ema_weights is not None else result.weights
-        write(result.step, final)
+        if main:
+            write(result.step, final)
 
     name = os.path.basename(model_path)
     if config.mode == "full":

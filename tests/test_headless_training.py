@@ -34,13 +34,13 @@ def base_dir(comfy, tmp_path_factory):
     return base
 
 
-def run_tool(base, *extra, gpu=False):
-    """The tool on the CPU, or (gpu) on the GPU as the host picks it."""
-    cmd = [sys.executable, TOOL, "--comfyui", find_host(), "--base-directory", str(base), *([] if gpu else ["--cpu"]),
+def run_tool(base, *extra, gpu=False, launcher=(sys.executable,)):
+    """The tool on the CPU, or (gpu) on the GPU as the host picks it; `launcher` e.g. torchrun."""
+    cmd = [*launcher, TOOL, "--comfyui", find_host(), "--base-directory", str(base), *([] if gpu else ["--cpu"]),
            "--unet", "tiny_unet.safetensors", "--vae", "tiny_taesd.safetensors", "--clip", "tiny_clip_l.safetensors",
            "--images", str(base / "images"), "--resolution", "64", "--batch-size", "2", "--training-dtype", "fp32",
            "--no-gradient-checkpointing", "--log-every", "1", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_trains_writes_the_file_and_resumes(base_dir, on_gpu):
@@ -56,6 +56,20 @@ def test_trains_writes_the_file_and_resumes(base_dir, on_gpu):
     assert "step 3/3" in more.stderr and "step 1/3" not in more.stderr  # resumed, not restarted
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["indomain.steps"] == "3"
+
+
+def test_torchrun_trains_on_two_processes_and_rank_0_writes_the_files(base_dir):
+    """The same command under torchrun (2 CPU processes, gloo): each takes half of the global
+    batch; rank 0 alone logs progress and writes the state and model files."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    out = run_tool(base_dir, "--save-name", "two_ranks", "--steps", "2", "--checkpoint-every", "1", launcher=launcher)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 processes of 1 images each" in out.stderr and "step 2/2" in out.stderr
+    assert "INFO [rank 1/2]" not in out.stderr and "ERROR" not in out.stderr  # rank 1 reports only its own failures
+    path = base_dir / "models" / "loras" / "two_ranks.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["indomain.steps"] == "2"
+    assert (path.parent / "two_ranks.indomain-state").exists() and not any(".tmp" in n for n in os.listdir(path.parent))
 
 
 def test_refuses_pickled_model_files_by_name(base_dir):

@@ -2,6 +2,7 @@
 import logging
 import os
 
+import numpy as np
 import torch
 
 from test_training_support import FakeVAE, image_folder
@@ -72,3 +73,50 @@ def test_flip_caches_the_mirror_images_latent_too(tmp_path):
     (first, *_) = ImageSet(folder).bucketed(64)
     assert torch.equal(out.images[0].flipped, FakeVAE()(to_image_batch(flip_horizontal(first.pixels)))[0])
     assert not torch.equal(out.images[0].flipped, out.images[0].latent)
+
+
+def test_the_latents_stay_on_disk_and_give_the_batches_the_in_memory_cache_gave(tmp_path):
+    """The LatentSet holds file paths, not tensors; sampling from it gives, step for step, the
+    batches that the same latents held in memory (CachedImage, the cache before issue 20) give."""
+    from training import TrainConfig
+    from training.latents import CachedImage, LatentFile, LatentSet
+    from training.loop import sample_batch
+    from test_training_support import write_image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        write_image(folder / f"square{i}.png", 128, 128, seed=i)
+        write_image(folder / f"wide{i}.png", 192, 96, seed=10 + i)
+    lazy = cache_latents(ImageSet(os.fspath(folder)).bucketed(128), encode=FakeVAE(), vae_id="v", cache_dir=tmp_path / "cache", flip=True)
+    assert all(isinstance(im, LatentFile) for im in lazy.images)
+    in_memory = LatentSet([CachedImage(im.name, im.bucket, im.latent, im.flipped) for im in lazy.images], lazy.image_set, 0)
+    config = TrainConfig(batch_size=3, seed=7)
+    for step in range(1, 16):  # more than one epoch (two buckets of 5: 4 batches an epoch)
+        a, b = sample_batch(lazy, step, config, 1000), sample_batch(in_memory, step, config, 1000)
+        assert a.bucket == b.bucket and torch.equal(a.x0, b.x0) and torch.equal(a.t, b.t) and torch.equal(a.eps, b.eps)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_encoding_a_large_folder_keeps_memory_bounded(tmp_path):
+    """160 images whose latents are 1 MiB each (160 MiB if they were kept in RAM, as before issue
+    20): the resident memory grows by far less. bench/large_folder.py measures 20,000 images."""
+    from training.data import BucketedImage
+
+    def big_latent(images):  # [1, 4, 256, 256] float32 = 1 MiB from a 64 px image
+        return torch.nn.functional.interpolate(FakeVAE()(images), size=(256, 256))
+
+    def pictures():
+        for i in range(160):
+            pixels = np.full((64, 64, 3), i, dtype=np.uint8)
+            yield BucketedImage(f"im{i}", pixels, i)
+
+    before = _rss_mib()
+    data = cache_latents(pictures(), encode=big_latent, vae_id="big", cache_dir=tmp_path / "cache", flip=False)
+    grown = _rss_mib() - before
+    assert data.encoded == 160 and data.images[-1].latent.shape == (4, 256, 256)
+    assert grown < 40, f"resident memory grew by {grown:.0f} MiB while encoding 160 MiB of latents"

@@ -272,3 +272,22 @@ def test_learning_rate_warms_up_linearly_then_stays_or_follows_a_cosine():
     cosine = TrainConfig(steps=10, lr=1.0, warmup_steps=0, lr_schedule="cosine")
     lrs = [learning_rate(s, cosine) for s in range(1, 11)]
     assert lrs[0] == 1.0 and all(a > b for a, b in zip(lrs, lrs[1:])) and 0 < lrs[-1] < 0.03
+
+
+def test_a_state_file_from_before_the_epoch_order_resumes_with_it(tmp_path, caplog):
+    """0.3.0's state files have no "sampler" in their config: they resume (with the epoch order), saying so."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run(tmp_path, steps=2)
+    path = tmp_path / "state.train"
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    config = json.loads(meta["config"])
+    del config["sampler"]
+    save_file(load_file(path), path, metadata={**meta, "config": json.dumps(config, sort_keys=True)})
+    with caplog.at_level("INFO", logger="training.loop"):
+        resumed = run(tmp_path, steps=3)
+    assert resumed.start_step == 2 and "written before the epoch order" in caplog.text

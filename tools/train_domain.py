@@ -11,6 +11,15 @@ text_encoders) like the loader nodes do; a path to a file works too. Only safete
 The result is written to models/loras/<save-name>.safetensors (--mode lora) or
 models/diffusion_models/<save-name>.safetensors (--mode full); running the same command
 again resumes from its checkpoint; Ctrl-C stops after keeping the last complete checkpoint.
+
+On several GPUs, the same command under torchrun (one process per GPU, DistributedDataParallel):
+
+    torchrun --nproc-per-node 2 custom_nodes/comfyui-indomain/tools/train_domain.py ... (the same options)
+
+--batch-size is the global batch (each GPU takes batch-size / N images per step), so the learning
+rate and step count mean what they mean on one GPU; --shard-optimizer keeps 1/N of AdamW's state
+per GPU (ZeroRedundancyOptimizer, for full mode on large models). Rank 0 writes the files and the
+progress; a run resumes on another number of GPUs that divides the batch size.
 """
 from __future__ import annotations
 
@@ -18,7 +27,9 @@ import argparse
 import importlib.util
 import logging
 import os
+import signal
 import sys
+import time
 
 PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger("indomain.train")
@@ -60,12 +71,67 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preview-every", type=int, default=0, help="save a preview sample to output/indomain_previews every N steps")
     p.add_argument("--restart", action="store_true", help="start over instead of resuming save-name's checkpoint")
     p.add_argument("--log-every", type=int, default=10, help="log progress every N steps")
+    p.add_argument("--shard-optimizer", action="store_true",
+                   help="under torchrun: each GPU keeps 1/N of AdamW's state (ZeroRedundancyOptimizer; full mode on large models)")
     p.add_argument("--comfyui", help="the ComfyUI folder (default: COMFYUI_PATH, else two folders above this pack)")
     p.add_argument("--base-directory", help="ComfyUI's --base-directory (models/, input/ live there)")
     p.add_argument("--extra-model-paths", help="an extra_model_paths.yaml to read")
     p.add_argument("--cpu", action="store_true", help="train on the CPU")
     p.add_argument("--lowvram", action="store_true", help="the host's low-VRAM mode (the UNet loaded in parts, unloaded for the VAE)")
     return p.parse_args(argv)
+
+
+def start_distributed(args):
+    """Under torchrun (WORLD_SIZE > 1): this process's GPU (before the host picks its device: the
+    host uses the current CUDA device) and the process group (NCCL on GPUs, gloo with --cpu).
+    Returns training.distributed.Ranks-like (rank, world), (0, 1) without torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import datetime
+
+    import torch
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    gpu = not args.cpu and torch.cuda.is_available()
+    if gpu:
+        torch.cuda.set_device(local)
+    torch.distributed.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(minutes=30),
+                                         **({"device_id": torch.device("cuda", local)} if gpu else {}))
+    return torch.distributed.get_rank(), world
+
+
+def stop_on_signals() -> None:
+    """Under torchrun a Ctrl-C (SIGINT) or the launcher's SIGTERM must stop every rank at the same
+    step: the signal sets the host's interrupt flag, which the training loop checks twice a step and
+    agrees on with the other ranks. A second signal stops at once."""
+    import threading
+
+    import comfy.model_management as mm
+
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        if len(received) > 1:
+            raise KeyboardInterrupt
+        # from a thread: the host's flag has a lock the interrupted main thread may be holding
+        threading.Thread(target=mm.interrupt_current_processing, args=(True,), daemon=True).start()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def kept_note(state_path: str) -> str:
+    """What a stopped run keeps: the state file's step, or that none was written yet."""
+    if not os.path.exists(state_path):
+        return "No checkpoint had been written yet."
+    try:
+        from comfyui_indomain.training import read_state_header
+
+        return f"The last complete checkpoint {state_path} (step {read_state_header(state_path).step}) is kept."
+    except ValueError:
+        return f"The checkpoint {state_path} is kept."
 
 
 def start_host(args):
@@ -138,9 +204,27 @@ def refuse_pickles(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     refuse_pickles(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    rank, world = start_distributed(args)
+    where = f" [rank {rank}/{world}]" if world > 1 else ""
+    # rank 0 reports; the other ranks only their own failures (training.distributed.report_stop)
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"%(asctime)s %(levelname)s{where} %(message)s")
+    code = train(args, rank, world)
+    import torch
+
+    if code == 0 and torch.distributed.is_initialized():  # after a failure the exit ends it: a failed group may hang or abort
+        torch.distributed.destroy_process_group()
+    return code
+
+
+def train(args, rank: int, world: int) -> int:
     training_node = start_host(args)
+    import comfy.model_management as mm
+    from comfyui_indomain.nodes.train_files import output_paths
     from comfyui_indomain.training import TrainConfig
+    from comfyui_indomain.training.distributed import ranks, report_stop
+
+    if world > 1:
+        stop_on_signals()
 
     model, vae, clip = load_models(args)
     config = TrainConfig(
@@ -149,23 +233,31 @@ def main(argv=None) -> int:
         resolution=args.resolution, flip=not args.no_flip, seed=args.seed, precision=args.training_dtype,
         ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, preview_every=args.preview_every,
         gradient_checkpointing=() if args.no_gradient_checkpointing else ("all",), compile=args.compile,
+        shard_optimizer=args.shard_optimizer,
     )
+    last_cache_log = [0.0]
 
-    def log_progress(p) -> None:
+    def log_progress(p) -> None:  # rank 0 only: the loop reports progress there
         if p.stage == "train" and (p.step % args.log_every == 0 or p.step == p.total):
             log.info("step %d/%d  loss %.4f  %.1f img/s  ETA %.0f s", p.step, p.total, p.loss, p.images_per_s, p.eta_s)
+        elif p.stage == "cache" and (time.monotonic() - last_cache_log[0] >= 10 or p.step == p.total):
+            last_cache_log[0] = time.monotonic()
+            log.info("latents %d/%d  %.1f img/s  ETA %.0f s", p.step, p.total, p.images_per_s, p.eta_s)
 
     try:
         _, losses, start, path = training_node.run_training(
             model=model, vae=vae, clip=clip, image_folder=os.path.abspath(args.images), config=config,
             save_name=args.save_name, resume=not args.restart, on_progress=log_progress, image_folder_anywhere=True)
-    except KeyboardInterrupt:
-        log.warning("stopped; the last checkpoint is kept: run the same command again to resume")
-        return 130
-    except (ValueError, RuntimeError) as e:
-        log.error("%s", e)
-        return 1
-    log.info("wrote %s (steps %d..%d)", path, start + 1, start + len(losses))
+    except (KeyboardInterrupt, ValueError, RuntimeError, mm.InterruptProcessingException) as e:
+        if isinstance(e, mm.InterruptProcessingException):
+            e = KeyboardInterrupt()
+        try:
+            kept = kept_note(output_paths(args.save_name, args.mode)[1])
+        except ValueError:  # a bad save name: nothing was kept
+            kept = ""
+        return report_stop(ranks(), e, log, kept)
+    if rank == 0:
+        log.info("wrote %s (steps %d..%d)", path, start + 1, start + len(losses))
     return 0
 
 

@@ -52,6 +52,13 @@ keys, no prefix) in "full" mode, or ComfyUI LoRA tensors (diffusion_model.<path>
 
 Errors: TrainingDiverged (a NaN/inf loss or weight; the state file keeps its last good content),
 ResumeMismatch, ValueError naming the bad input; the host's interrupt exception passes through.
+
+Under torchrun (a torch.distributed process group initialized by the caller, e.g. the headless
+trainer) the same call on every rank trains one model: config.batch_size is the global batch, each
+rank takes its slice, DDP averages the gradients (config.shard_optimizer: ZeroRedundancyOptimizer),
+latents are encoded sharded across ranks, rank 0 alone writes the state file and calls on_progress,
+on_checkpoint and on_preview; a stop another rank caused raises distributed.StoppedByPeer, and
+distributed.report_stop logs a stop once for all ranks (distributed.py, loop.py).
 """
 from .checkpoint import ResumeMismatch, atomic_save, read_state_header, safe_join, save_model_file
 from .data import ImageSet, make_buckets, nearest_bucket

@@ -83,6 +83,39 @@ def save_model_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
     log.info("Saved %d tensors to %s", len(tensors), os.fspath(path))
 
 
+def _sharded(optimizer) -> bool:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    """The optimizer's per-parameter state (AdamW: exp_avg, exp_avg_sq, step) by the parameter's
+    place in `params`: the same for a plain and a sharded (ZeroRedundancyOptimizer) optimizer.
+    For a sharded one this is a collective (every rank calls it) that gathers the whole state on
+    rank 0; the other ranks get {}."""
+    if _sharded(optimizer):
+        optimizer.consolidate_state_dict(to=0)
+        if torch.distributed.get_rank() != 0:
+            return {}
+        return {int(i): dict(v) for i, v in optimizer.state_dict()["state"].items() if v}
+    return {i: dict(optimizer.state[p]) for i, p in enumerate(params) if optimizer.state.get(p)}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], state: dict[int, dict[str, torch.Tensor]]) -> None:
+    """Load per-parameter state (by place in `params`) into a plain or sharded optimizer; a sharded
+    one keeps only its own rank's share."""
+    index = {id(p): i for i, p in enumerate(params)}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[id(p)] for p in g["params"]]}
+              for g in optimizer.param_groups]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    inner = optimizer.optim if _sharded(optimizer) else optimizer
+    if inner.defaults.get("fused") or inner.defaults.get("capturable"):  # their step counts live with the parameters
+        for p, fields in inner.state.items():
+            if isinstance(fields.get("step"), torch.Tensor):
+                fields["step"] = fields["step"].to(p.device, torch.float32)
+
+
 class ResumeMismatch(ValueError):
     """The state file was made with a different training configuration."""
 
@@ -104,15 +137,19 @@ def save_state(
     config: dict,
     params: Mapping[str, torch.Tensor],
     ema: Mapping[str, torch.Tensor] | None,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Mapping[int, Mapping[str, torch.Tensor]],
     scaler: torch.amp.GradScaler | None,
 ) -> None:
-    """Write the whole training state as one safetensors file, atomically."""
+    """Write the whole training state as one safetensors file, atomically.
+
+    optimizer: the optimizer, or its per-parameter state by the parameter's place in `params`
+    (optimizer_state: a sharded optimizer's, gathered on rank 0)."""
     names = list(params)
     tensors = {f"param.{n}": p for n, p in params.items()}
     tensors.update({f"ema.{n}": e for n, e in (ema or {}).items()})
-    for i, p in enumerate(params.values()):
-        for field, value in optimizer.state.get(p, {}).items():
+    by_index = optimizer_state(optimizer, list(params.values())) if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+    for i in range(len(names)):
+        for field, value in (by_index.get(i) or {}).items():
             tensors[f"optim.{i}.{field}"] = torch.as_tensor(value)
     if scaler is not None and scaler.is_enabled():
         tensors["scaler.scale"] = torch.tensor(scaler.get_scale(), dtype=torch.float64)
@@ -191,7 +228,7 @@ def restore_state(
             sd["scale"] = float(f.get_tensor("scaler.scale"))
             sd["_growth_tracker"] = int(f.get_tensor("scaler.growth_tracker"))
             scaler.load_state_dict(sd)
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    load_optimizer_state(optimizer, list(params.values()), state)
 
 
 def _copy_checked(path: str, key: str, value: torch.Tensor, into: torch.Tensor) -> None:

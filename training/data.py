@@ -34,6 +34,7 @@ class BucketedImage:
 
     name: str  # the file name, or "images[i]" for an in-memory batch
     pixels: np.ndarray  # [H, W, 3] uint8, H x W = the bucket
+    index: int = 0  # its place in the ImageSet (the training order)
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -134,20 +135,31 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.names)
 
-    def bucketed(self, resolution: int) -> Iterator[BucketedImage]:
+    def bucketed(self, resolution: int, shard: tuple[int, int] = (0, 1), unreadable: list[str] | None = None) -> Iterator[BucketedImage]:
         """Each readable image fitted to its bucket, in order. Unreadable files are skipped with one
         warning listing them (after the last image); if none is readable, ValueError names the origin.
+
+        shard (rank, world): only images rank, rank + world, ... (one rank's share under torchrun).
+        With `unreadable` given, the unreadable files are appended to it instead (no warning, no
+        error): the caller reports them for every shard together (`report_unreadable`).
         """
         buckets = make_buckets(resolution)
-        unreadable = []
-        for name, load in zip(self.names, self._loaders):
+        rank, world = shard
+        skipped = [] if unreadable is None else unreadable
+        for index in range(rank, len(self.names), world):
+            name = self.names[index]
             try:
-                image = load()
+                image = self._loaders[index]()
             except _UNREADABLE as e:
-                unreadable.append(f"{name} ({type(e).__name__}: {e})")
+                skipped.append(f"{name} ({type(e).__name__}: {e})")
                 continue
-            yield BucketedImage(name, fit_to_bucket(image, nearest_bucket(image.height, image.width, buckets)))
-        if unreadable:
+            yield BucketedImage(name, fit_to_bucket(image, nearest_bucket(image.height, image.width, buckets)), index)
+        if unreadable is None:
+            self.report_unreadable(skipped)
+
+    def report_unreadable(self, unreadable: list[str], warn: bool = True) -> None:
+        """The warning listing unreadable files (if `warn`); ValueError if no image was readable."""
+        if unreadable and warn:
             log.warning("Skipped %d unreadable image file(s) in %s: %s", len(unreadable), self.origin, "; ".join(unreadable))
         if len(unreadable) == len(self.names):
             raise ValueError(f"none of the {len(self.names)} image file(s) in {self.origin} could be read; check that they are valid images")

@@ -1,10 +1,16 @@
-"""The latent cache: each bucketed image is VAE-encoded once, ever.
+"""The latent cache: each bucketed image is VAE-encoded once, ever, and read from disk when a batch needs it.
 
 A cache file `<cache_dir>/<key>.latent` (safetensors under another extension, so model-folder
 listings never show it) holds one latent [C, h, w]. The key is
     sha256(sha256(bucket size + image pixels after bucketing) + vae_id)
 so a cache entry is reused by every run on the same image, bucket and VAE, whatever the file
 is called. A cache file that cannot be read is re-encoded with a warning, never a crash.
+
+The training set in memory is only each image's name, bucket and cache-file paths (`LatentFile`):
+a batch reads its few latents from their files (safetensors reads them memory-mapped), so a
+folder of 20,000 images costs a few MB of RAM, not every latent (64 KiB each at 512 px, twice with
+flips). Under torchrun the encoding is sharded: rank k encodes images k, k + N, ... and the ranks
+exchange the (small) records, so every rank ends with the same LatentSet (distributed.py).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ from safetensors import safe_open
 
 from .checkpoint import atomic_save
 from .data import BucketedImage, flip_horizontal
+from .distributed import Ranks, StoppedByPeer, agree_flag, gather_objects, mark_own
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +45,34 @@ class CachedImage:
     flipped: torch.Tensor | None  # [C, h, w] the mirror image's latent (flip augmentation), else None
 
 
+def read_latent(path: str) -> torch.Tensor:
+    """One cached latent [C, h, w] float32 from its file."""
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor("latent")
+
+
+@dataclass(frozen=True)
+class LatentFile:
+    """One training image whose latents stay on disk: `latent` and `flipped` read its cache files
+    each time they are asked for (the same tensors a CachedImage holds)."""
+
+    name: str
+    bucket: tuple[int, int]  # (height, width) in pixels
+    path: str
+    flipped_path: str | None  # the mirror image's latent (flip augmentation), else None
+
+    @property
+    def latent(self) -> torch.Tensor:
+        return read_latent(self.path)
+
+    @property
+    def flipped(self) -> torch.Tensor | None:
+        return None if self.flipped_path is None else read_latent(self.flipped_path)
+
+
 @dataclass(frozen=True)
 class LatentSet:
-    images: list[CachedImage]
+    images: list[CachedImage] | list[LatentFile]
     image_set: str  # sha256 over every image's pixel digest, in order: identifies the training set
     encoded: int  # how many latents were encoded in this call (cache misses)
 
@@ -62,29 +94,49 @@ def to_image_batch(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels)).float().div(255).unsqueeze(0)
 
 
-def cached_latent(pixels: np.ndarray, encode: Callable[[torch.Tensor], torch.Tensor], vae_id: str, cache_dir: str) -> tuple[torch.Tensor, bool]:
-    """The latent [C, h, w] of one bucketed image, from the cache or encoded (then cached).
+def _usable(path: str, vae_id: str) -> bool:
+    """True if `path` is a readable latent of this VAE (header and shape only; the data stays on disk).
+    A file that exists but cannot be used is reported and encoded again."""
+    if not os.path.exists(path):
+        return False
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            shape = f.get_slice("latent").get_shape()
+        if meta.get("format") != CACHE_FORMAT or meta.get("vae_id") != vae_id or len(shape) != 3:
+            raise ValueError("not a latent of this VAE")
+        if os.path.getsize(path) < 4 * int(np.prod(shape)):
+            raise ValueError("the file is shorter than its header says")
+        return True
+    except Exception as e:  # any unreadable cache file is re-encoded, never fatal
+        log.warning("Latent cache file %s is unreadable (%s: %s); encoding the image again", path, type(e).__name__, e)
+        return False
 
-    Returns (latent, encoded): encoded is True on a cache miss.
+
+def cached_latent_file(pixels: np.ndarray, encode: Callable[[torch.Tensor], torch.Tensor], vae_id: str, cache_dir: str) -> tuple[str, bool]:
+    """The cache file of one bucketed image's latent [C, h, w], encoding (and caching) it on a miss.
+
+    Returns (path, encoded): encoded is True on a cache miss.
     """
     path = os.path.join(cache_dir, cache_key(pixels, vae_id) + CACHE_EXTENSION)
-    if os.path.exists(path):
-        try:
-            with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                latent = f.get_tensor("latent")
-            if meta.get("format") != CACHE_FORMAT or meta.get("vae_id") != vae_id or latent.dim() != 3:
-                raise ValueError("not a latent of this VAE")
-            return latent, False
-        except Exception as e:  # any unreadable cache file is re-encoded, never fatal
-            log.warning("Latent cache file %s is unreadable (%s: %s); encoding the image again", path, type(e).__name__, e)
+    if _usable(path, vae_id):
+        return path, False
     latent = encode(to_image_batch(pixels))
     if not isinstance(latent, torch.Tensor) or latent.dim() != 4 or latent.shape[0] != 1:
         got = list(latent.shape) if isinstance(latent, torch.Tensor) else type(latent).__name__
         raise ValueError(f"encode returned {got} for an image {list(pixels.shape)}; expected latents [1, C, h, w]")
     latent = latent[0].detach().float().cpu().contiguous()
     atomic_save(path, {"latent": latent}, {"format": CACHE_FORMAT, "vae_id": vae_id})
-    return latent, True
+    return path, True
+
+
+def cached_latent(pixels: np.ndarray, encode: Callable[[torch.Tensor], torch.Tensor], vae_id: str, cache_dir: str) -> tuple[torch.Tensor, bool]:
+    """The latent [C, h, w] of one bucketed image, from the cache or encoded (then cached).
+
+    Returns (latent, encoded): encoded is True on a cache miss.
+    """
+    path, encoded = cached_latent_file(pixels, encode, vae_id, cache_dir)
+    return read_latent(path), encoded
 
 
 def cache_latents(
@@ -96,25 +148,49 @@ def cache_latents(
     flip: bool,
     check_interrupt: Callable[[], None] = lambda: None,
     on_image: Callable[[int, float], None] | None = None,
+    ranks: Ranks = Ranks(),
 ) -> LatentSet:
-    """Every image's latent (and its mirror image's, with `flip`), encoding only cache misses.
+    """Every image's latent file (and its mirror image's, with `flip`), encoding only cache misses;
+    the latents stay on disk (LatentFile).
 
     check_interrupt is called before each image; on_image(images_done, seconds) after each.
+    Under torchrun (`ranks` active) `images` is this rank's shard (ImageSet.bucketed(shard=...)):
+    the ranks' records are gathered, in image order, so every rank returns the whole set; a rank
+    that fails or is interrupted stops every rank (the others raise StoppedByPeer).
     """
     cache_dir = os.fspath(cache_dir)
-    out, digests, encoded = [], hashlib.sha256(), 0
+    records, encoded, failure = [], 0, None
     t0 = time.monotonic()
-    for image in images:
-        check_interrupt()
-        digests.update(pixel_digest(image.pixels))
-        latent, miss = cached_latent(image.pixels, encode, vae_id, cache_dir)
-        encoded += miss
-        flipped = None
-        if flip:
-            flipped, miss = cached_latent(flip_horizontal(image.pixels), encode, vae_id, cache_dir)
+    try:
+        for image in images:
+            check_interrupt()
+            path, miss = cached_latent_file(image.pixels, encode, vae_id, cache_dir)
             encoded += miss
-        out.append(CachedImage(image.name, image.bucket, latent, flipped))
-        if on_image is not None:
-            on_image(len(out), time.monotonic() - t0)
-    log.info("Latents for %d images ready (%d encoded, the rest from the cache in %s)", len(out), encoded, cache_dir)
+            flipped = None
+            if flip:
+                flipped, miss = cached_latent_file(flip_horizontal(image.pixels), encode, vae_id, cache_dir)
+                encoded += miss
+            # plain values only: the ranks exchange them (pickled), and a host may load this package under another name
+            records.append((image.index, pixel_digest(image.pixels), image.name, tuple(image.bucket), path, flipped))
+            if on_image is not None:
+                on_image(len(records), time.monotonic() - t0)
+    except BaseException as e:
+        if not ranks.active:
+            raise
+        failure = mark_own(ranks, e)
+    if ranks.active:  # every rank learns whether any rank failed, then the records
+        failed = agree_flag(ranks, failure is not None)
+        if failure is not None:
+            raise failure
+        if failed:
+            raise StoppedByPeer(f"stopped because rank {failed[0]} stopped while encoding latents (its message says why)")
+        gathered = gather_objects(ranks, (records, encoded))
+        records = sorted((rec for recs, _ in gathered for rec in recs), key=lambda rec: rec[0])
+        encoded = sum(n for _, n in gathered)
+    digests = hashlib.sha256()
+    for _, digest, *_ in records:
+        digests.update(digest)
+    out = [LatentFile(name, bucket, path, flipped) for _, _, name, bucket, path, flipped in records]
+    if ranks.main:
+        log.info("Latents for %d images ready (%d encoded, the rest from the cache in %s)", len(out), encoded, cache_dir)
     return LatentSet(out, digests.hexdigest(), encoded)

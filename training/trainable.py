@@ -29,6 +29,7 @@ class Trainable:
     params: dict[str, nn.Parameter]  # the optimizer's parameters, by their saved name, fixed order
     export: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]  # param values -> deliverable
     close: Callable[[], None]  # give the host's module back as it was
+    owner: nn.Module | None = None  # a module holding `params` that `module` does not (LoRA: the adapters); for DDP
 
 
 def full_copy(unet: nn.Module) -> Trainable:
@@ -48,7 +49,7 @@ def full_copy(unet: nn.Module) -> Trainable:
 def lora_adapters(unet: nn.Module, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0) -> Trainable:
     """LoRA adapters on the host's UNet (base frozen). Deliverable: a ComfyUI LoRA file's tensors."""
     network = inject_lora(unet, rank, alpha, targets, seed)
-    return Trainable(unet, network.named_params(), lambda values: lora_state_dict(network, values), network.remove)
+    return Trainable(unet, network.named_params(), lambda values: lora_state_dict(network, values), network.remove, owner=network)
 
 
 def _function_modes() -> list:

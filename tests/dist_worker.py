@@ -1,0 +1,75 @@
+"""One process of the distributed training tests (tests/test_training_distributed.py), started as
+torchrun starts a worker: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment.
+
+    python tests/dist_worker.py JOBS.json
+
+Joins a gloo process group, then runs each job of JOBS.json in turn: training.train with the
+stand-ins of test_training_support (tiny UNet, fake VAE) on job["images"], one thread. Rank 0
+writes each job's result (weights, losses, start step) to job["out"]. A job's "fail" makes one
+rank's UNet fail at one of its calls: {"rank": 1, "call": 3, "kind": "oom" | "nan"}. The exit code
+and the log follow the headless trainer's (training.distributed.report_stop).
+"""
+import json
+import logging
+import os
+import sys
+
+import torch
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
+
+from safetensors.torch import save_file  # noqa: E402
+
+from test_training_support import FakeVAE, TinyUNet, cond_for, sd_alphas_cumprod  # noqa: E402
+from training import TrainConfig, train  # noqa: E402
+from training.distributed import ranks, report_stop  # noqa: E402
+
+log = logging.getLogger("dist_worker")
+
+
+class FailingUNet(TinyUNet):
+    """The tiny UNet that fails at its `call`-th forward on one rank (out of memory, or NaN)."""
+
+    def __init__(self, fail: dict | None):
+        torch.manual_seed(0)  # the weights of tiny_unet(0)
+        super().__init__()
+        self.fail, self.calls = fail, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        out = super().forward(*args, **kwargs)
+        if self.fail and self.fail["rank"] == ranks().rank and self.calls >= self.fail["call"]:
+            if self.fail["kind"] == "oom":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
+            return out * float("nan")
+        return out
+
+
+def run_job(job: dict) -> None:
+    r = ranks()
+    result = train(FailingUNet(job.get("fail")), job["images"], encode=FakeVAE(), vae_id="fake-vae", cond_for=cond_for,
+                   alphas_cumprod=sd_alphas_cumprod(), prediction_type="eps", config=TrainConfig(**job["config"]),
+                   cache_dir=job["cache"], state_path=job.get("state"), device="cpu")
+    if r.main:
+        save_file({k: v.contiguous() for k, v in result.weights.items()}, job["out"] + ".safetensors")
+        with open(job["out"] + ".json", "w") as f:
+            json.dump({"losses": result.losses, "start_step": result.start_step, "step": result.step}, f)
+
+
+def main() -> int:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    r = ranks()
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s [rank {r.rank}/{r.world}] %(message)s")
+    try:
+        for job in json.load(open(sys.argv[1])):
+            run_job(job)
+    except BaseException as e:  # the process group is left to the exit: a failed one may hang or abort there
+        return report_stop(r, e, log, "The last complete checkpoint is kept.")
+    torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
