@@ -411,22 +411,31 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 # sampling
 
 
+def sampling_timesteps(timesteps: int, steps: int) -> list[int]:
+    """The timesteps DDIM visits, noisiest first (it ends on the clean image, a = 1)."""
+    return torch.linspace(timesteps - 1, 0, steps).round().long().tolist()
+
+
 @torch.no_grad()
-def ddim_sample(predict_v, labels: torch.Tensor, cfg: Config, alphas_cumprod, seed, device) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) from seeded noise; predict_v(x, t [B], y [B]) is the guided v."""
+def ddim_sample(predict_v, labels: torch.Tensor, cfg: Config, alphas_cumprod, seed, device,
+                clamp: bool = True) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from seeded noise; predict_v(x, t [B], y [B]) is the guided v.
+    Each step's x0 is clamped to the data range [-1, 1] (clamp=False: not; then it is the host's
+    Euler sampler on this schedule's sigmas, tests/test_host_repro_equivalence.py)."""
     g = torch.Generator().manual_seed(seed)
     n = labels.shape[0]
     x = torch.randn((n, 3, cfg.size, cfg.size), generator=g).to(device)
     y = labels.to(device)
     T = alphas_cumprod.shape[0]
-    ts = torch.linspace(T - 1, 0, cfg.sample_steps).round().long().tolist()
+    ts = sampling_timesteps(T, cfg.sample_steps)
     ac = alphas_cumprod.tolist()
     x0 = x
     for i, t in enumerate(ts):
         ab = ac[t]
         ab_prev = ac[ts[i + 1]] if i + 1 < len(ts) else 1.0
         v = predict_v(x, torch.full((n,), t, device=device, dtype=torch.long), y)
-        x0 = (math.sqrt(ab) * x - math.sqrt(1 - ab) * v).clamp(-1, 1)
+        x0 = math.sqrt(ab) * x - math.sqrt(1 - ab) * v
+        x0 = x0.clamp(-1, 1) if clamp else x0
         eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
         x = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * eps
     return x0.cpu()
@@ -459,13 +468,17 @@ def guided_predictor(cond_model, domain_model, cfg_scale: float, domain_weight: 
     domain_model, when given, adds the domain term domain_weight * (d - u) with d its
     null-condition prediction. The negative prompt is the empty one (n = u). every = k > 1: the
     speed dial of the nodes' domain_every: d - u computed at steps 0, k, 2k, ... of each run of
-    `steps` steps and reused in between (guidance.add_domain_differences). interval = (start, end):
+    `steps` steps and reused in between (guidance.add_domain_differences), as the DomainGuider reuses
+    it: in the host's parametrisation, the denoised image x0 = sqrt(a) x - sqrt(1 - a) v (needs
+    alphas_cumprod; a v difference reused as it is would weigh it by sqrt(1 - a) of another step). interval = (start, end):
     the nodes' domain_start / domain_end, the domain term only where the step's noise level lies in
     [percent_to_sigma(end), percent_to_sigma(start)] (guidance.is_active, as the DomainGuider decides;
     needs alphas_cumprod).
     """
     calls, last = [0], {}
     window, sigmas = None, None
+    if every > 1 and alphas_cumprod is None:
+        raise ValueError("domain_every > 1 needs alphas_cumprod (the difference is reused in x0 units)")
     if interval is not None:
         if every > 1:
             raise ValueError("an interval with domain_every > 1 is not part of the experiment")
@@ -478,10 +491,14 @@ def guided_predictor(cond_model, domain_model, cfg_scale: float, domain_weight: 
         step, calls[0] = calls[0] % steps, calls[0] + 1
         if domain_model is None or (window is not None and not is_active(window, float(sigmas[int(t[0])]))):
             return decoupled_guidance(u, c, None, cfg_scale)
-        if every > 1 and not recompute_domain(step, every):
-            return add_domain_differences(decoupled_guidance(u, c, None, cfg_scale), [(last["delta"], domain_weight)])
+        if every > 1:  # x0 = sqrt(a) x - sqrt(1 - a) v: a difference of v times -sqrt(1 - a) is one of x0
+            to_x0 = -math.sqrt(1.0 - float(alphas_cumprod[int(t[0])]))
+            if not recompute_domain(step, every):
+                return add_domain_differences(decoupled_guidance(u, c, None, cfg_scale),
+                                              [(last["delta_x0"] / to_x0, domain_weight)])
         d = domain_model(x, t, null)
-        last["delta"] = d - u
+        if every > 1:
+            last["delta_x0"] = (d - u) * to_x0
         return decoupled_guidance(u, c, None, cfg_scale, terms=[GuidanceTerm(d, domain_weight)])
 
     return predict
@@ -757,7 +774,8 @@ def _run(cfg: Config, out: Path, device: str) -> dict:
                ("naive fine-tune", None, guided_predictor(ft_ema, None, cfg.cfg, 0.0), True)]
     methods += [("ours", w, guided_predictor(base_ema, ft_ema, cfg.cfg, w), True) for w in cfg.domain_weights]
     methods += [(f"ours, domain_every {k}", cfg.headline_weight,
-                 guided_predictor(base_ema, ft_ema, cfg.cfg, cfg.headline_weight, k, T), True) for k in cfg.domain_every]
+                 guided_predictor(base_ema, ft_ema, cfg.cfg, cfg.headline_weight, k, T, alphas_cumprod=ac), True)
+                for k in cfg.domain_every]
     methods += [(f"ours, domain {a:g}-{b:g}", cfg.headline_weight,
                  guided_predictor(base_ema, ft_ema, cfg.cfg, cfg.headline_weight, interval=(a, b), alphas_cumprod=ac), True)
                 for a, b in cfg.domain_intervals]
