@@ -45,8 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from guidance import GuidanceTerm, add_domain_differences, decoupled_guidance, recompute_domain
-from training import TrainConfig, denoising_loss, prediction_target, q_sample, train
+from guidance import (GuidanceTerm, TermInterval, add_domain_differences, decoupled_guidance, is_active,
+                      recompute_domain)
+from training import TrainConfig, denoising_loss, merged_weight, prediction_target, q_sample, train
 
 from .shapes import BASE_STYLE, CLASSES, DOMAIN_STYLE, make_set
 from .unet import SmallUNet
@@ -95,12 +96,24 @@ class Config:
     domain_weights: tuple = (1.5,)
     headline_weight: float = 1.5
     domain_every: tuple = ()  # extra rows "ours" at headline_weight with the speed dial k (guidance.recompute_domain)
+    # extra rows "ours" at headline_weight with the domain term on part of the run only: (domain_start,
+    # domain_end) as fractions of the run, the nodes' inputs (the host's percent_to_sigma, guidance.is_active)
+    domain_intervals: tuple = ((0.0, 0.5), (0.5, 1.0))
+    # the competitors (docs/EVIDENCE.md): each samples with the networks above, from the same noise
+    competitors: bool = True
+    lora_rank: int = 8  # style LoRA of the base: training.train(mode="lora") on the domain images, null condition
+    lora_lr: float = 2e-3  # (same steps, batch and data as the full fine-tune)
+    lora_targets: tuple = ("conv1", "conv2", "emb")  # every ResBlock's convolutions and its embedding projection
+    dog_weights: tuple = (1.5, 7.5)  # Domain Guidance: u_base + w (c_ft - u_base)
+    autoguidance_weight: float = 2.0  # AutoGuidance: c_weak + w (c_ft - c_weak)
+    weak_fraction: float = 0.25  # the weak model: the fine-tune's EMA after this fraction of its steps
+    rectified_weights: tuple = (1.0, 1.5)  # the paper's domain-only generation: u_base + w (d - u_base), no class
     seed: int = 0
     grid_per_cell: int = 4
 
 
 CONFIGS = {
-    "cpu": Config(name="cpu"),
+    "cpu": Config(name="cpu", domain_weights=(1.0, 1.5, 2.0)),
     # every field given: the table in docs/EVIDENCE.md came from exactly this configuration
     "gpu": Config(
         name="gpu",
@@ -134,6 +147,10 @@ CONFIGS = {
         samples_per_class=500,
         sample_steps=50,
         domain_weights=(0.5, 1.0, 1.5, 2.0),
+        # the competitors (issue 19; not in the committed single-seed table): the style LoRA's lr twice
+        # the fine-tune's, as on the CPU
+        lora_rank=16,
+        lora_lr=1e-3,
     ),
 }
 
@@ -247,35 +264,71 @@ def pooling_encoder(factor: int):
 TRAIN_RESOLUTION = 64  # training.train()'s smallest bucket: images go in at 64 x 64 pixels
 
 
-def train_text_free_copy(base: nn.Module, domain_images: torch.Tensor, cfg: "Config", alphas_cumprod, seed, device) -> nn.Module:
-    """A full copy of the base trained by training.train() on the unlabelled domain images,
-    every sample on the null condition (the empty prompt); returns its EMA weights in a copy."""
+def train_text_free_copy(base: nn.Module, domain_images: torch.Tensor, cfg: "Config", alphas_cumprod, seed, device,
+                         mode: str = "full", snapshot_at: int | None = None):
+    """The base trained by training.train() on the unlabelled domain images, every sample on the null
+    condition (the empty prompt); returns its EMA weights in a copy of the base.
+
+    mode "full": all parameters (the paper's naive fine-tune == its text-free domain model);
+    mode "lora": a LoRA of the base (cfg.lora_rank, on cfg.lora_targets, lr cfg.lora_lr), merged into
+    the copy the way the host's LoraLoader merges it (training.merged_weight): a style LoRA.
+    snapshot_at = k: also return the EMA weights after step k (the weak model of AutoGuidance), as
+    (model, snapshot); the checkpoint that gives them does not change the training run.
+    """
     if TRAIN_RESOLUTION % cfg.size:
         raise ValueError(f"size={cfg.size}: must divide {TRAIN_RESOLUTION} (training.train()'s bucket side)")
     factor = TRAIN_RESOLUTION // cfg.size
     null = torch.tensor([base.null_class])
+    lora = mode == "lora"
     config = TrainConfig(
-        steps=cfg.ft_steps, mode="full", lr=cfg.ft_lr, weight_decay=0.0, lr_schedule="constant",
+        steps=cfg.ft_steps, mode=mode, lr=cfg.lora_lr if lora else cfg.ft_lr, weight_decay=0.0, lr_schedule="constant",
         warmup_steps=max(1, cfg.ft_steps // 20), batch_size=cfg.batch, resolution=TRAIN_RESOLUTION,
         flip=False,  # a mirror image turns the domain's 45 degree stripes into 135 degree ones
         seed=seed, precision="fp32", ema_decay=cfg.ft_ema,
+        lora_rank=cfg.lora_rank, lora_alpha=float(cfg.lora_rank), lora_targets=tuple(cfg.lora_targets),
+        checkpoint_every=snapshot_at or 0,
     )
     t0 = time.time()
-    last = [0.0]
+    snapshots = {}
 
     def progress(p):
         if p.stage == "train" and (p.step % max(1, p.total // 5) == 0 or p.step == 1):
-            log.info("domain copy step %d/%d loss %.4f (%.1fs)", p.step, p.total, p.loss, time.time() - t0)
+            log.info("%s step %d/%d loss %.4f (%.1fs)", "style LoRA" if lora else "domain copy", p.step, p.total,
+                     p.loss, time.time() - t0)
+
+    def to_model(weights):
+        model = copy.deepcopy(base)
+        if lora:
+            merge_lora_(model, weights)
+        else:
+            model.load_state_dict(weights)
+        return model.eval()
 
     with tempfile.TemporaryDirectory(prefix="indomain_cache_") as cache_dir:
         result = train(
             base, to_image_batch(domain_images, factor), encode=pooling_encoder(factor), vae_id=f"avgpool{factor}",
             cond_for=lambda h, w: {"y": null}, alphas_cumprod=alphas_cumprod.float(), prediction_type="v",
             config=config, cache_dir=cache_dir, on_progress=progress, device=device,
+            state_path=str(Path(cache_dir) / "state.safetensors") if snapshot_at else None,
+            on_checkpoint=lambda step, weights: snapshots.setdefault(step, weights),
         )
-    model = copy.deepcopy(base)
-    model.load_state_dict(result.ema_weights if result.ema_weights is not None else result.weights)
-    return model.eval()
+    model = to_model(result.ema_weights if result.ema_weights is not None else result.weights)
+    if snapshot_at:
+        return model, to_model(snapshots[snapshot_at])
+    return model
+
+
+def merge_lora_(model: nn.Module, lora: dict) -> None:
+    """Merge LoRA tensors (ComfyUI's format, from training.train(mode="lora")) into model's weights."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for key, down in lora.items():
+            if key.endswith(".lora_down.weight"):
+                prefix = key[: -len(".lora_down.weight")]
+                layer = modules[prefix[len("diffusion_model."):]]
+                layer.weight.copy_(merged_weight(layer.weight, down.to(layer.weight.device),
+                                                 lora[prefix + ".lora_up.weight"].to(layer.weight.device),
+                                                 float(lora[prefix + ".alpha"])))
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,50 +415,133 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 # sampling
 
 
+def sampling_timesteps(timesteps: int, steps: int) -> list[int]:
+    """The timesteps DDIM visits, noisiest first (it ends on the clean image, a = 1)."""
+    return torch.linspace(timesteps - 1, 0, steps).round().long().tolist()
+
+
 @torch.no_grad()
-def ddim_sample(predict_v, labels: torch.Tensor, cfg: Config, alphas_cumprod, seed, device) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) from seeded noise; predict_v(x, t [B], y [B]) is the guided v."""
+def ddim_sample(predict_v, labels: torch.Tensor, cfg: Config, alphas_cumprod, seed, device,
+                clamp: bool = True) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from seeded noise; predict_v(x, t [B], y [B]) is the guided v.
+    Each step's x0 is clamped to the data range [-1, 1] (clamp=False: not; then it is the host's
+    Euler sampler on this schedule's sigmas, tests/test_host_repro_equivalence.py)."""
     g = torch.Generator().manual_seed(seed)
     n = labels.shape[0]
     x = torch.randn((n, 3, cfg.size, cfg.size), generator=g).to(device)
     y = labels.to(device)
     T = alphas_cumprod.shape[0]
-    ts = torch.linspace(T - 1, 0, cfg.sample_steps).round().long().tolist()
+    ts = sampling_timesteps(T, cfg.sample_steps)
     ac = alphas_cumprod.tolist()
     x0 = x
     for i, t in enumerate(ts):
         ab = ac[t]
         ab_prev = ac[ts[i + 1]] if i + 1 < len(ts) else 1.0
         v = predict_v(x, torch.full((n,), t, device=device, dtype=torch.long), y)
-        x0 = (math.sqrt(ab) * x - math.sqrt(1 - ab) * v).clamp(-1, 1)
+        x0 = math.sqrt(ab) * x - math.sqrt(1 - ab) * v
+        x0 = x0.clamp(-1, 1) if clamp else x0
         eps = (x - math.sqrt(ab) * x0) / math.sqrt(1 - ab)
         x = math.sqrt(ab_prev) * x0 + math.sqrt(1 - ab_prev) * eps
     return x0.cpu()
 
 
+def host_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The noise level sigma = sqrt((1 - a) / a) of every timestep, in float32 as the host's
+    ModelSamplingDiscrete keeps them (a host model of this schedule compares exactly these)."""
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).float()
+
+
+def percent_to_sigma(sigmas: torch.Tensor, percent: float) -> float:
+    """The host's ModelSamplingDiscrete.percent_to_sigma: a fraction of the run (0 = first step)
+    -> the noise level where it is reached (log-linear between timesteps, float32)."""
+    if percent <= 0.0:
+        return 999999999.9
+    if percent >= 1.0:
+        return 0.0
+    t = torch.tensor((1.0 - percent) * (len(sigmas) - 1))
+    low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+    log_sigmas = sigmas.log()
+    return float(((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp())
+
+
 def guided_predictor(cond_model, domain_model, cfg_scale: float, domain_weight: float, every: int = 1,
-                     steps: int = 1):
+                     steps: int = 1, interval: tuple | None = None, alphas_cumprod=None):
     """v prediction of one method.
 
     cond_model gives u and c (the base for (a) and ours, the fine-tuned copy for naive (b));
     domain_model, when given, adds the domain term domain_weight * (d - u) with d its
     null-condition prediction. The negative prompt is the empty one (n = u). every = k > 1: the
     speed dial of the nodes' domain_every: d - u computed at steps 0, k, 2k, ... of each run of
-    `steps` steps and reused in between (guidance.add_domain_differences).
+    `steps` steps and reused in between (guidance.add_domain_differences), as the DomainGuider reuses
+    it: in the host's parametrisation, the denoised image x0 = sqrt(a) x - sqrt(1 - a) v (needs
+    alphas_cumprod; a v difference reused as it is would weigh it by sqrt(1 - a) of another step). interval = (start, end):
+    the nodes' domain_start / domain_end, the domain term only where the step's noise level lies in
+    [percent_to_sigma(end), percent_to_sigma(start)] (guidance.is_active, as the DomainGuider decides;
+    needs alphas_cumprod).
     """
     calls, last = [0], {}
+    window, sigmas = None, None
+    if every > 1 and alphas_cumprod is None:
+        raise ValueError("domain_every > 1 needs alphas_cumprod (the difference is reused in x0 units)")
+    if interval is not None:
+        if every > 1:
+            raise ValueError("an interval with domain_every > 1 is not part of the experiment")
+        sigmas = host_sigmas(alphas_cumprod)
+        window = TermInterval(percent_to_sigma(sigmas, interval[0]), percent_to_sigma(sigmas, interval[1]))
 
     def predict(x, t, y):
         null = torch.full_like(y, cond_model.null_class)
         u, c = cond_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, y])).chunk(2)
         step, calls[0] = calls[0] % steps, calls[0] + 1
-        if domain_model is None:
+        if domain_model is None or (window is not None and not is_active(window, float(sigmas[int(t[0])]))):
             return decoupled_guidance(u, c, None, cfg_scale)
-        if every > 1 and not recompute_domain(step, every):
-            return add_domain_differences(decoupled_guidance(u, c, None, cfg_scale), [(last["delta"], domain_weight)])
+        if every > 1:  # x0 = sqrt(a) x - sqrt(1 - a) v: a difference of v times -sqrt(1 - a) is one of x0
+            to_x0 = -math.sqrt(1.0 - float(alphas_cumprod[int(t[0])]))
+            if not recompute_domain(step, every):
+                return add_domain_differences(decoupled_guidance(u, c, None, cfg_scale),
+                                              [(last["delta_x0"] / to_x0, domain_weight)])
         d = domain_model(x, t, null)
-        last["delta"] = d - u
+        if every > 1:
+            last["delta_x0"] = (d - u) * to_x0
         return decoupled_guidance(u, c, None, cfg_scale, terms=[GuidanceTerm(d, domain_weight)])
+
+    return predict
+
+
+# The competitors (docs/EVIDENCE.md): other ways to sample the domain with the same networks.
+# (naive fine-tuning and the style LoRA are guided_predictor(model, None, cfg, 0): CFG with one model.)
+
+
+def dog_predictor(base, finetuned, weight: float):
+    """Domain Guidance (DoG, Zhong et al., ICLR 2025): u_base + w (c_ft - u_base), c_ft the fine-tuned
+    model on the class, u_base the base on the empty condition."""
+
+    def predict(x, t, y):
+        u = base(x, t, torch.full_like(y, base.null_class))
+        return u + weight * (finetuned(x, t, y) - u)
+
+    return predict
+
+
+def autoguidance_predictor(strong, weak, weight: float):
+    """AutoGuidance (Karras et al., 2024): weak(c) + w (strong(c) - weak(c)), the weak model a less
+    trained version of the strong one (the fine-tune's EMA early in its run), both on the class."""
+
+    def predict(x, t, y):
+        w_c = weak(x, t, y)
+        return w_c + weight * (strong(x, t, y) - w_c)
+
+    return predict
+
+
+def rectified_predictor(base, domain, weight: float):
+    """The paper's domain-only ("rectified") generation u_base + w (d - u_base), no class: the
+    decoupled formula at cfg 0 (guidance.decoupled_guidance)."""
+
+    def predict(x, t, y):
+        null = torch.full_like(y, base.null_class)
+        u = base(x, t, null)
+        return decoupled_guidance(u, None, None, 0.0, terms=[GuidanceTerm(domain(x, t, null), weight)])
 
     return predict
 
@@ -449,6 +585,14 @@ def save_grid(rows: list[tuple[str, torch.Tensor, torch.Tensor]], path: Path, pe
     canvas.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
 
 
+def method_label(name: str, weight) -> str:
+    return name if weight is None else f"{name} w={weight:g}"
+
+
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def markdown_table(results: dict) -> str:
     lines = [
         f"cfg = {results['config']['cfg']}, {results['n_samples_per_method']} samples per method "
@@ -459,10 +603,10 @@ def markdown_table(results: dict) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for m in results["methods"]:
-        w = "-" if m["domain_weight"] is None else f"{m['domain_weight']:g}"
-        diff = m.get("mean_abs_diff_to_exact")
-        diff = "-" if diff is None else f"{diff:.4f}"
-        lines.append(f"| {m['method']} | {w} | {m['control_accuracy']:.3f} | {m['domain_rate']:.3f} | {m['fd_domain']:.2f} | {diff} |")
+        w = _num(m["domain_weight"], "g")
+        diff = _num(m.get("mean_abs_diff_to_exact"), ".4f")
+        lines.append(f"| {m['method']} | {w} | {_num(m['control_accuracy'], '.3f')} | {m['domain_rate']:.3f} "
+                     f"| {m['fd_domain']:.2f} | {diff} |")
     ref = results["reference"]
     lines += [
         "",
@@ -473,6 +617,88 @@ def markdown_table(results: dict) -> str:
         f"style accuracy {ref['style_acc_real']:.3f}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+METRICS = ("control_accuracy", "domain_rate", "fd_domain")
+REFERENCE = ("fd_real_domain", "fd_real_base", "shape_acc_real", "style_acc_real")
+
+
+def _mean_std(values: list) -> dict | None:
+    """Mean and sample standard deviation (n - 1) over seeds; None where the metric does not apply."""
+    if any(v is None for v in values):
+        return None
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "values": a.tolist()}
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """Every method's metrics over seeds (mean, standard deviation, the per-seed values)."""
+    first = per_seed[0]
+    rows = []
+    for i, m in enumerate(first["methods"]):
+        runs = [r["methods"][i] for r in per_seed]
+        assert all((r["method"], r["domain_weight"]) == (m["method"], m["domain_weight"]) for r in runs)
+        rows.append({"method": m["method"], "domain_weight": m["domain_weight"],
+                     **{k: _mean_std([r[k] for r in runs]) for k in METRICS}})
+    return {
+        "config": {**first["config"], "seed": None},
+        "seeds": [r["config"]["seed"] for r in per_seed],
+        "n_samples_per_method": first["n_samples_per_method"],
+        "device": first["device"],
+        "torch": first["torch"],
+        "methods": rows,
+        "reference": {k: _mean_std([r["reference"][k] for r in per_seed]) for k in REFERENCE},
+        "timings_s": {k: _mean_std([r["timings_s"][k] for r in per_seed]) for k in first["timings_s"]},
+    }
+
+
+def markdown_seeds_table(agg: dict) -> str:
+    def ms(v, fmt):
+        return "-" if v is None else f"{format(v['mean'], fmt)} ± {format(v['std'], fmt)}"
+
+    seeds = agg["seeds"]
+    lines = [
+        f"cfg = {agg['config']['cfg']}, {agg['n_samples_per_method']} samples per method and seed, config "
+        f"`{agg['config']['name']}`, seeds {', '.join(map(str, seeds))}: mean ± standard deviation over the "
+        f"{len(seeds)} seeds (data, training and sampling seeds all varied)",
+        "",
+        "| method | weight | control accuracy | domain rate | FD to domain |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for m in agg["methods"]:
+        lines.append(f"| {m['method']} | {_num(m['domain_weight'], 'g')} | {ms(m['control_accuracy'], '.3f')} "
+                     f"| {ms(m['domain_rate'], '.3f')} | {ms(m['fd_domain'], '.2f')} |")
+    ref = agg["reference"]
+    lines += [
+        "",
+        f"Reference (real images, same sample count): FD(real domain, held-out domain) = {ms(ref['fd_real_domain'], '.2f')}, "
+        f"FD(real base style, held-out domain) = {ms(ref['fd_real_base'], '.2f')}; eval net on held-out real images: "
+        f"shape accuracy {ms(ref['shape_acc_real'], '.3f')}, style accuracy {ms(ref['style_acc_real'], '.3f')}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run_seeds(cfg: Config, seeds: list[int], out: Path, device: str | None = None) -> dict:
+    """The experiment once per seed (out/seed<N>/), then results.json (per-seed values, mean and
+    standard deviation), results.md (the table) and samples.png (the first seed's figure) in out.
+    A seed whose out/seed<N>/results.json has this very configuration is read, not run again (so
+    the seeds can be run in several calls: --seeds 0 1 2, then --seeds 0 1 2 3 4 into the same --out)."""
+    out = Path(out)
+    per_seed = []
+    for seed in seeds:
+        cfg_seed, folder = dataclasses.replace(cfg, seed=seed), out / f"seed{seed}"
+        done = folder / "results.json"
+        if done.exists() and json.loads(done.read_text())["config"] == json.loads(json.dumps(dataclasses.asdict(cfg_seed))):
+            log.info("seed %d: already in %s (same configuration), not run again", seed, folder)
+            per_seed.append(json.loads(done.read_text()))
+        else:
+            per_seed.append(run(cfg_seed, folder, device))
+    agg = aggregate(per_seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(agg, indent=2))
+    (out / "results.md").write_text(markdown_seeds_table(agg))
+    (out / "samples.png").write_bytes((out / f"seed{seeds[0]}" / "samples.png").read_bytes())
+    return agg
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,24 +765,44 @@ def _run(cfg: Config, out: Path, device: str) -> dict:
     timings["base_train"] = time.time() - t0
 
     # 4. the text-free copy: training.train() on the domain images, null condition only --------
+    #    (with the competitors: its EMA early in the run too, AutoGuidance's weak model)
     t0 = time.time()
-    ft_ema = train_text_free_copy(base_ema, x_dom, cfg, ac, s + 11, device)
+    weak_at = max(1, round(cfg.ft_steps * cfg.weak_fraction)) if cfg.competitors else None
+    ft_ema = train_text_free_copy(base_ema, x_dom, cfg, ac, s + 11, device, snapshot_at=weak_at)
+    if cfg.competitors:
+        ft_ema, ft_weak = ft_ema
     timings["finetune"] = time.time() - t0
+    if cfg.competitors:  # a style LoRA of the base: the same data, steps and batch, the null condition
+        t0 = time.time()
+        lora = train_text_free_copy(base_ema, x_dom, cfg, ac, s + 15, device, mode="lora")
+        timings["lora"] = time.time() - t0
 
     # 5. sampling -------------------------------------------------------------------------------
     t0 = time.time()
     n_per = cfg.samples_per_class
     labels = torch.arange(K).repeat_interleave(n_per)
     chunk = 512 if device == "cpu" else 4096
-    methods = [("base", None, base_ema, None, 1), ("naive fine-tune", None, ft_ema, None, 1)]
-    methods += [("ours", w, base_ema, ft_ema, 1) for w in cfg.domain_weights]
-    methods += [(f"ours, domain_every {k}", cfg.headline_weight, base_ema, ft_ema, k) for k in cfg.domain_every]
+    T = cfg.sample_steps
+    # (name, domain weight or None, v predictor, conditional on the class?)
+    methods = [("base", None, guided_predictor(base_ema, None, cfg.cfg, 0.0), True),
+               ("naive fine-tune", None, guided_predictor(ft_ema, None, cfg.cfg, 0.0), True)]
+    methods += [("ours", w, guided_predictor(base_ema, ft_ema, cfg.cfg, w), True) for w in cfg.domain_weights]
+    methods += [(f"ours, domain_every {k}", cfg.headline_weight,
+                 guided_predictor(base_ema, ft_ema, cfg.cfg, cfg.headline_weight, k, T, alphas_cumprod=ac), True)
+                for k in cfg.domain_every]
+    methods += [(f"ours, domain {a:g}-{b:g}", cfg.headline_weight,
+                 guided_predictor(base_ema, ft_ema, cfg.cfg, cfg.headline_weight, interval=(a, b), alphas_cumprod=ac), True)
+                for a, b in cfg.domain_intervals]
+    if cfg.competitors:
+        methods += [("style LoRA", None, guided_predictor(lora, None, cfg.cfg, 0.0), True)]
+        methods += [("DoG", w, dog_predictor(base_ema, ft_ema, w), True) for w in cfg.dog_weights]
+        methods += [("AutoGuidance", cfg.autoguidance_weight, autoguidance_predictor(ft_ema, ft_weak, cfg.autoguidance_weight), True)]
+        methods += [("rectified (no class)", w, rectified_predictor(base_ema, ft_ema, w), False) for w in cfg.rectified_weights]
     samples = []
-    for name, w, cond_model, dom_model, every in methods:
-        pred = guided_predictor(cond_model, dom_model, cfg.cfg, w or 0.0, every, cfg.sample_steps)
+    for name, w, pred, conditional in methods:
         imgs = _sample_in_chunks(pred, labels, cfg, ac, s + 12, device, chunk)  # same noise for all
-        samples.append((name, w, imgs))
-    exact = next((imgs for name, w, imgs in samples if name == "ours" and w == cfg.headline_weight), None)
+        samples.append((name, w, imgs, conditional))
+    exact = next((imgs for name, w, imgs, _ in samples if name == "ours" and w == cfg.headline_weight), None)
     timings["sampling"] = time.time() - t0
 
     # 6. metrics -------------------------------------------------------------------------------
@@ -572,19 +818,21 @@ def _run(cfg: Config, out: Path, device: str) -> dict:
         "style_acc_real": style_acc_real,
     }
     rows = []
-    for name, w, imgs in samples:
+    for name, w, imgs, conditional in samples:
         f, sh, st = evaluate(net, imgs, device)
         per_class = [float((sh[labels == k] == k).float().mean()) for k in range(K)]
         rows.append({
             "method": name,
             "domain_weight": w,
-            "control_accuracy": float((sh == labels).float().mean()),
-            "control_accuracy_per_class": per_class,
+            # (None for unconditional samples: no class was requested)
+            "control_accuracy": float((sh == labels).float().mean()) if conditional else None,
+            "control_accuracy_per_class": per_class if conditional else None,
             "domain_rate": float((st == DOMAIN_STYLE).float().mean()),
             "fd_domain": frechet_distance(f, f_ref),
             # against the exact formula's samples (same noise, same weight): mean |difference| in [-1, 1] pixels
             "mean_abs_diff_to_exact": (float((imgs - exact).abs().mean())
-                                       if exact is not None and name.startswith("ours") and w == cfg.headline_weight
+                                       if exact is not None and w == cfg.headline_weight
+                                       and (name == "ours" or name.startswith("ours, domain_every"))
                                        else None),
         })
     timings["metrics"] = time.time() - t0
@@ -606,7 +854,7 @@ def _run(cfg: Config, out: Path, device: str) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     table = markdown_table(results)
     (out / "results.md").write_text(table)
-    grid_rows = [(name if w is None else f"{name} w={w:g}", imgs, labels) for name, w, imgs in samples]
+    grid_rows = [(method_label(name, w), imgs, labels) for name, w, imgs, _ in samples]
     save_grid(grid_rows, out / "samples.png", cfg.grid_per_cell, scale=3 if cfg.size <= 16 else 2, classes=cfg.classes)
     log.info("wrote %s (total %.1fs)", out, timings["total"])
     return results
@@ -617,6 +865,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=None, help="override the config's seed")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, metavar="N",
+                    help="run once per seed (out/seed<N>/) and write the table of mean ± std over them into --out")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override one Config field (a Python literal), e.g. --set ft_steps=600")
@@ -630,6 +880,9 @@ def main(argv=None) -> int:
         if key not in {f.name for f in dataclasses.fields(Config)}:
             ap.error(f"--set {item}: Config has no field {key!r}")
         cfg = dataclasses.replace(cfg, **{key: ast.literal_eval(value)})
+    if args.seeds:
+        sys.stdout.write(markdown_seeds_table(run_seeds(cfg, args.seeds, args.out, args.device)))
+        return 0
     results = run(cfg, args.out, args.device)
     sys.stdout.write(markdown_table(results))
     return 0
