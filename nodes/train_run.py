@@ -15,6 +15,7 @@ import logging
 import os
 
 import torch
+import torch.utils.checkpoint
 
 import comfy.model_management
 import comfy.utils
@@ -147,6 +148,11 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
         except torch.OutOfMemoryError as e:
             raise RuntimeError(kept_message(state_path, f"out of memory while training ({e}). Lower batch_size or resolution, "
                                                  "turn on gradient_checkpointing, use bf16, or use mode lora")) from e
+        except torch.utils.checkpoint.CheckpointError as e:  # seen with SD3.5 on an H200 (docs/BENCHMARKS.md)
+            raise RuntimeError(kept_message(state_path, f"gradient_checkpointing: recomputing {family_of(trainer).name} blocks "
+                                                 "in backward did not give what the forward computed on this device "
+                                                 f"({str(e).splitlines()[0]}). Turn gradient_checkpointing off (more memory: "
+                                                 "lower batch_size or resolution if needed)")) from e
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise RuntimeError(kept_message(state_path, f"the disk is full while writing {e.filename or 'a checkpoint'}; "

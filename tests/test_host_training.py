@@ -345,6 +345,22 @@ def test_out_of_memory_says_what_to_lower(comfy, folders, monkeypatch):
     assert written("oom") == []
 
 
+def test_a_recomputation_that_differs_from_the_forward_says_to_turn_checkpointing_off(comfy, folders, monkeypatch):
+    """torch's checkpoint refuses a recomputation whose tensors differ from the forward's (SD3.5
+    with checkpointing on an H200: docs/BENCHMARKS.md); the node names the input to change."""
+    import torch.utils.checkpoint as ckpt
+
+    loop = comfy.pack("training.loop")
+
+    def differs(*args, **kwargs):
+        raise ckpt.CheckpointError("torch.utils.checkpoint: Recomputed values for the following tensors have different metadata")
+
+    monkeypatch.setattr(loop, "denoising_step", differs)
+    msg = error_of(comfy, save_name="recompute", **RESUMABLE)
+    assert "gradient_checkpointing" in msg and "off" in msg and "UNet" in msg and "Recomputed values" in msg
+    assert written("recompute") == []
+
+
 # --- bad input: a clear error naming the input, and nothing written ----------------------------
 
 def test_missing_or_empty_image_folder(comfy, folders):
