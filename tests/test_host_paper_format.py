@@ -56,7 +56,8 @@ def test_a_null_text_unet_of_the_papers_code_loads_and_computes_what_its_code_co
     prompt = {"ckpt": {"class_type": "TestTinyCheckpoint", "inputs": {"ckpt_name": "tiny"}}, "dom": loader(name),
               "cap": {"class_type": "TestCapture", "inputs": {"value": ["dom", 0], "label": "dom"}}}
     domain = comfy.run(prompt)["captured"]["dom"]
-    load_models_gpu([domain])  # as the sampler loads it: on the GPU in the GPU tier, in the host's dtype
+    with torch.inference_mode():  # as the sampler loads it (the executor runs nodes in inference mode): on the GPU
+        load_models_gpu([domain])  # in the GPU tier, in the host's dtype
     unet, device = domain.model.diffusion_model, domain.load_device
     dtype = domain.model.manual_cast_dtype or domain.model.get_dtype()
     host_sd = {k: v.to(dtype).float() for k, v in host_sd.items()}  # the direct side rounds alike
