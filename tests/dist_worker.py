@@ -6,7 +6,9 @@ torchrun starts a worker: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the e
 Joins a gloo process group, then runs each job of JOBS.json in turn: training.train with the
 stand-ins of test_training_support (tiny UNet, fake VAE) on job["images"], one thread. Rank 0
 writes each job's result (weights, losses, start step) to job["out"]. A job's "fail" makes one
-rank's UNet fail at one of its calls: {"rank": 1, "call": 3, "kind": "oom" | "nan"}. The exit code
+rank's UNet fail at one of its calls: {"rank": 1, "call": 3, "kind": "oom" | "nan" | "interrupt"}
+("interrupt": a Ctrl-C arrives on that rank during that call; the CLI's signal handler sets the host's
+interrupt flag, which check_interrupt then raises). The exit code
 and the log follow the headless trainer's (training.distributed.report_stop).
 """
 import json
@@ -26,6 +28,7 @@ from training import TrainConfig, train  # noqa: E402
 from training.distributed import ranks, report_stop  # noqa: E402
 
 log = logging.getLogger("dist_worker")
+CTRL_C = False  # set by a "fail" of kind "interrupt"
 
 
 class FailingUNet(TinyUNet):
@@ -40,6 +43,10 @@ class FailingUNet(TinyUNet):
         self.calls += 1
         out = super().forward(*args, **kwargs)
         if self.fail and self.fail["rank"] == ranks().rank and self.calls >= self.fail["call"]:
+            if self.fail["kind"] == "interrupt":  # a Ctrl-C arrives during this forward
+                global CTRL_C
+                CTRL_C = True
+                return out
             if self.fail["kind"] == "oom":
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated)")
             return out * float("nan")
@@ -48,9 +55,13 @@ class FailingUNet(TinyUNet):
 
 def run_job(job: dict) -> None:
     r = ranks()
+    def check_interrupt():  # what the CLI's signal handler makes the host's interrupt check do
+        if CTRL_C:
+            raise KeyboardInterrupt
+
     result = train(FailingUNet(job.get("fail")), job["images"], encode=FakeVAE(), vae_id="fake-vae", cond_for=cond_for,
                    alphas_cumprod=sd_alphas_cumprod(), prediction_type="eps", config=TrainConfig(**job["config"]),
-                   cache_dir=job["cache"], state_path=job.get("state"), device="cpu")
+                   cache_dir=job["cache"], state_path=job.get("state"), device="cpu", check_interrupt=check_interrupt)
     if r.main:
         save_file({k: v.contiguous() for k, v in result.weights.items()}, job["out"] + ".safetensors")
         with open(job["out"] + ".json", "w") as f:

@@ -177,3 +177,19 @@ def test_a_failing_rank_stops_both_with_one_message_and_the_last_checkpoint_kept
     assert glob.glob(os.fspath(tmp_path / "*.tmp*")) == [] and not os.path.exists(tmp_path / "out.json")
 
 
+
+
+def test_ctrl_c_on_one_rank_stops_both_at_the_same_step_with_the_last_checkpoint_kept(tmp_path):
+    """A Ctrl-C seen by rank 1 during step 3's forward (torchrun forwards a Ctrl-C to every rank;
+    here only one sees it, the harder case): both processes stop at the end of that step with exit code 130, the step is not
+    applied, one WARNING says how to resume, and the state file stays at step 2."""
+    job = dict(images=images(tmp_path), cache=os.fspath(tmp_path / "cache"), out=os.fspath(tmp_path / "out"),
+               state=os.fspath(tmp_path / "state"), config={**CONFIG, "steps": 6, "checkpoint_every": 1},
+               fail={"rank": 1, "call": 3, "kind": "interrupt"})
+    procs = launch(tmp_path, [job], timeout=60)
+    assert [p.returncode for p in procs] == [130, 130], [(p.returncode, p.stderr[-2000:]) for p in procs]
+    stops = [line for p in procs for line in p.stderr.splitlines() if line.startswith(("WARNING", "ERROR"))]
+    assert len(stops) == 1 and stops[0].startswith("WARNING [rank 0/2] stopped"), "\n".join(p.stderr for p in procs)
+    assert "every rank stopped at the same step" in stops[0] and "resume" in stops[0]
+    assert read_state_header(tmp_path / "state").step == 2
+    assert glob.glob(os.fspath(tmp_path / "*.tmp*")) == [] and not os.path.exists(tmp_path / "out.json")
