@@ -25,7 +25,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from test_training_support import FakeVAE, TinyUNet, cond_for, sd_alphas_cumprod  # noqa: E402
 from training import TrainConfig, train  # noqa: E402
-from training.distributed import ranks, report_stop  # noqa: E402
+from training.distributed import leave, ranks, report_stop  # noqa: E402
 
 log = logging.getLogger("dist_worker")
 CTRL_C = False  # set by a "fail" of kind "interrupt"
@@ -76,11 +76,10 @@ def main() -> int:
     try:
         for job in json.load(open(sys.argv[1])):
             run_job(job)
-    except BaseException as e:  # the process group is left to the exit: a failed one may hang or abort there
+    except BaseException as e:
         return report_stop(r, e, log, "The last complete checkpoint is kept.")
-    torch.distributed.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())  # as the headless trainer leaves under torchrun (training.distributed.leave)

@@ -209,10 +209,10 @@ def main(argv=None) -> int:
     # rank 0 reports; the other ranks only their own failures (training.distributed.report_stop)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"%(asctime)s %(levelname)s{where} %(message)s")
     code = train(args, rank, world)
-    import torch
+    if world > 1:  # the process group is left to the OS: its teardown can abort a finished rank
+        from comfyui_indomain.training.distributed import leave
 
-    if code == 0 and torch.distributed.is_initialized():  # after a failure the exit ends it: a failed group may hang or abort
-        torch.distributed.destroy_process_group()
+        leave(code)
     return code
 
 

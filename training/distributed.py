@@ -217,3 +217,22 @@ def report_stop(r: Ranks, error: BaseException, logger: logging.Logger, kept: st
     else:
         logger.debug("%s: %s (reported by rank 0)", r, error)
     return 1
+
+
+def leave(code: int) -> None:
+    """End this rank's process with `code` now, its logs and streams flushed (torchrun only).
+
+    A finished or stopped rank leaves without the interpreter's teardown: there, the process
+    group's background threads (gloo's) could abort the process after the run had ended well
+    ("terminate called without an active exception", exit -6; seen on the 2-core CI machine
+    under load). Every file was written, atomically, before this is called."""
+    import os
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
