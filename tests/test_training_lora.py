@@ -131,3 +131,30 @@ def test_initial_adapters_depend_only_on_the_seed():
 def test_targets_matching_nothing_are_an_error_naming_them():
     with pytest.raises(ValueError, match=r"LoRA targets \['attn9.to_x'\] match no Linear or Conv2d"):
         inject_lora(tiny_unet(), rank=4, alpha=4.0, targets=("attn9.to_x",))
+
+
+def test_under_autocast_an_adapter_makes_no_copy_of_its_input_and_no_pass_over_its_output():
+    """The adapter is memory traffic on top of the base layer (issue 16: LoRA training slower than
+    full): under autocast it feeds the input to its first matmul as it is (no float32 copy first)
+    and scales the rank-r tensor, so the only layer-sized tensor it makes is the second matmul's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from training.lora import LoRAAdapter
+
+    made = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made.append((str(func.overloadpacket.__name__), tuple(out.shape), out.dtype))
+            return out
+
+    adapter = LoRAAdapter(nn.Linear(64, 32), rank=4, alpha=4.0)
+    x = torch.randn(16, 64).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), Record():
+        y = adapter(x)
+    assert y.shape == (16, 32) and y.dtype == torch.bfloat16
+    assert not [m for m in made if m[1] == (16, 64) and m[2] == torch.float32]  # no float32 copy of the input
+    layer_sized = [m for m in made if m[1] == (16, 32)]
+    assert len(layer_sized) == 1 and layer_sized[0][0] in ("mm", "addmm", "linear"), made
+    assert torch.allclose(y.float(), adapter.scale * adapter.lora_up(adapter.lora_down(x.float())), rtol=2e-2, atol=1e-3)

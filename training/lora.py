@@ -52,7 +52,12 @@ class LoRAAdapter(nn.Module):
         self.scale = self.alpha / rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * self.scale
+        """Under autocast the input goes in as it is (autocast casts it for the matmul; a float32 copy
+        first would be one more pass over the activation), and the scale multiplies the rank-r
+        tensor, not the layer-sized output: each adapted layer adds two matmuls and one add."""
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_down.weight.dtype)
+        return self.lora_up(self.lora_down(x) * self.scale)
 
 
 def merged_weight(weight: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha: float) -> torch.Tensor:
