@@ -120,3 +120,46 @@ def test_encoding_a_large_folder_keeps_memory_bounded(tmp_path):
     grown = _rss_mib() - before
     assert data.encoded == 160 and data.images[-1].latent.shape == (4, 256, 256)
     assert grown < 40, f"resident memory grew by {grown:.0f} MiB while encoding 160 MiB of latents"
+
+
+def test_a_second_run_reads_no_unchanged_image_file_and_trains_on_the_same_set(tmp_path, monkeypatch):
+    """The file index (training.latents.FileIndex): a run over the same folder, resolution, flip
+    setting and VAE reads none of the unchanged image files again (a large folder's runs otherwise
+    decode every image to find its cache entry), with the same latents, buckets and set digest; an
+    image rewritten since is read and encoded again, and an unreadable index only costs the reads."""
+    import training.data as data
+    from test_training_support import cond_for, sd_alphas_cumprod, tiny_unet, write_image
+    from training import TrainConfig, train
+
+    folder, cache = image_folder(tmp_path, n=4), tmp_path / "cache"
+    reads = []
+    real = data.read_image
+    monkeypatch.setattr(data, "read_image", lambda path: reads.append(os.path.basename(path)) or real(path))
+
+    def run(vae):
+        return train(tiny_unet(), folder, encode=vae, vae_id="vae-1", cond_for=cond_for, alphas_cumprod=sd_alphas_cumprod(),
+                     prediction_type="eps", config=TrainConfig(steps=1, mode="full", resolution=64, precision="fp32",
+                                                               batch_size=2), cache_dir=os.fspath(cache))
+
+    first_vae = FakeVAE()
+    first = run(first_vae)
+    assert sorted(reads) == [f"img{i}.png" for i in range(4)] and first_vae.calls == 8  # each image and its mirror
+    reads.clear()
+    second_vae = FakeVAE()
+    second = run(second_vae)
+    assert reads == [] and second_vae.calls == 0
+    assert second.losses == first.losses and all(torch.equal(first.weights[k], v) for k, v in second.weights.items())
+
+    write_image(tmp_path / "images" / "img2.png", 64, 64, seed=99)  # rewritten: other pixels
+    os.utime(tmp_path / "images" / "img2.png", ns=(1, 1))  # whatever the clock says
+    reads.clear()
+    third_vae = FakeVAE()
+    run(third_vae)
+    assert reads == ["img2.png"] and third_vae.calls == 2
+
+    index = next(p for p in os.listdir(cache) if p.startswith("files-"))
+    (cache / index).write_text("{not json")
+    reads.clear()
+    fourth_vae = FakeVAE()
+    run(fourth_vae)
+    assert sorted(reads) == [f"img{i}.png" for i in range(4)] and fourth_vae.calls == 0  # read, not encoded

@@ -115,6 +115,7 @@ class ImageSet:
         if not sources:
             raise ValueError("images: no training images given; connect an IMAGE batch or give an image folder")
         self.names: list[str] = []
+        self.files: list[str | None] = []  # each image's file (None: from an in-memory batch)
         self._loaders: list[Callable[[], Image.Image]] = []
         origins = []
         for source in sources:
@@ -124,30 +125,39 @@ class ImageSet:
                 batch = (source.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
                 origins.append("the image batch")
                 self.names += [f"images[{i}]" for i in range(len(batch))]
+                self.files += [None] * len(batch)
                 self._loaders += [lambda a=a: Image.fromarray(a) for a in batch]
             else:
                 files = list_image_files(source)
                 origins.append(f"image folder {os.fspath(source)!r}")
                 self.names += [os.path.basename(f) for f in files]
+                self.files += list(files)
                 self._loaders += [lambda f=f: read_image(f) for f in files]
         self.origin = " and ".join(origins)
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def bucketed(self, resolution: int, shard: tuple[int, int] = (0, 1), unreadable: list[str] | None = None) -> Iterator[BucketedImage]:
+    def bucketed(self, resolution: int, shard: tuple[int, int] = (0, 1), unreadable: list[str] | None = None,
+                 known: Callable[[int], object | None] | None = None) -> Iterator[BucketedImage]:
         """Each readable image fitted to its bucket, in order. Unreadable files are skipped with one
         warning listing them (after the last image); if none is readable, ValueError names the origin.
 
         shard (rank, world): only images rank, rank + world, ... (one rank's share under torchrun).
         With `unreadable` given, the unreadable files are appended to it instead (no warning, no
         error): the caller reports them for every shard together (`report_unreadable`).
+        known(index): what to yield instead of reading image `index` (e.g. latents.IndexedImage: its
+        latents are cached and its file unchanged), or None to read it.
         """
         buckets = make_buckets(resolution)
         rank, world = shard
         skipped = [] if unreadable is None else unreadable
         for index in range(rank, len(self.names), world):
             name = self.names[index]
+            hit = known(index) if known is not None else None
+            if hit is not None:
+                yield hit
+                continue
             try:
                 image = self._loaders[index]()
             except _UNREADABLE as e:

@@ -33,7 +33,7 @@ from torch import nn
 from .checkpoint import check_resume_config, optimizer_state, read_state_header, restore_state, save_state
 from .data import ImageSet
 from .distributed import Ranks, StoppedByPeer, agree, agree_flag, announce_failure, gather_objects, mark_own, ranks, stopped_by_peer
-from .latents import LatentSet, cache_latents
+from .latents import FileIndex, LatentSet, cache_latents
 from .lora import DEFAULT_TARGETS
 from .noise import DiscreteSchedule, FlowSchedule, check_schedule, denoising_loss
 from .trainable import MODES, Trainable, ema_decay_at, ema_init, ema_update, enable_gradient_checkpointing, full_copy, lora_adapters
@@ -347,10 +347,15 @@ def train(
             report(Progress("cache", done, n, None, done / max(secs, 1e-9), secs / done * (n - done)))
 
     t_cache = time.monotonic()
+    index = FileIndex(cache_dir, vae_id, config.resolution, config.flip)  # unchanged files are not read again
     data = cache_latents(
-        image_set.bucketed(config.resolution, shard=(r.rank, r.world), unreadable=unreadable), encode=encode,
-        vae_id=vae_id, cache_dir=cache_dir, flip=config.flip, check_interrupt=check_interrupt, on_image=on_image, ranks=r,
+        image_set.bucketed(config.resolution, shard=(r.rank, r.world), unreadable=unreadable,
+                           known=lambda i: index.known(image_set.names[i], i, image_set.files[i])),
+        encode=encode, vae_id=vae_id, cache_dir=cache_dir, flip=config.flip, check_interrupt=check_interrupt,
+        on_image=on_image, ranks=r,
     )
+    if r.main:
+        index.save(image_set.files, data.images)
     if r.active:
         image_set.report_unreadable(sum(gather_objects(r, unreadable), []), warn=r.main)
         if r.main:
