@@ -163,3 +163,34 @@ def test_a_second_run_reads_no_unchanged_image_file_and_trains_on_the_same_set(t
     fourth_vae = FakeVAE()
     run(fourth_vae)
     assert sorted(reads) == [f"img{i}.png" for i in range(4)] and fourth_vae.calls == 0  # read, not encoded
+
+
+def test_an_image_changed_while_a_run_reads_it_is_read_again_by_the_next_run(tmp_path, monkeypatch):
+    """The index records each file as it was before it was read: a file rewritten during a run (here
+    its modification time changes right after it is read) no longer matches, so the next run reads
+    it again instead of training on the latents of its old content."""
+    import training.data as data
+    from training.latents import FileIndex
+
+    folder, cache = image_folder(tmp_path, n=3), tmp_path / "cache"
+    real = data.read_image
+
+    def read_then_touch(path):
+        image = real(path)
+        if path.endswith("img1.png"):
+            os.utime(path, ns=(5, 5))
+        return image
+
+    def run():
+        index = FileIndex(cache, "vae-1", 64, False)
+        images = cache_latents(ImageSet(folder).bucketed(64, known=lambda i, sig: index.known(f"img{i}", i, sig)),
+                               encode=FakeVAE(), vae_id="vae-1", cache_dir=cache, flip=False).images
+        index.save(images)
+        return images
+
+    monkeypatch.setattr(data, "read_image", read_then_touch)
+    run()
+    reads = []
+    monkeypatch.setattr(data, "read_image", lambda path: reads.append(os.path.basename(path)) or real(path))
+    run()
+    assert reads == ["img1.png"]

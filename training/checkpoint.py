@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -51,12 +51,19 @@ def safe_join(root: str | os.PathLike, name: str) -> str:
 
 def atomic_save(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:
     """Write a safetensors file at `path` atomically (temp file, fsync, os.replace); creates the folder."""
+    atomic_write(path, lambda tmp: save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp,
+                                             metadata=dict(metadata or {})))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """`write(tmp)` writes the file's content to the temp path `tmp`; then it replaces `path`
+    atomically (fsync, os.replace, the folder fsynced); the temp file is removed on any error."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
+        write(tmp)
         with open(tmp, "r+b") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

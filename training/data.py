@@ -35,6 +35,7 @@ class BucketedImage:
     name: str  # the file name, or "images[i]" for an in-memory batch
     pixels: np.ndarray  # [H, W, 3] uint8, H x W = the bucket
     index: int = 0  # its place in the ImageSet (the training order)
+    signature: str | None = None  # file_signature of its file, taken before it was read (None: in memory)
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -97,6 +98,16 @@ def list_image_files(folder: str | os.PathLike) -> list[str]:
     return [os.path.join(folder, n) for n in names]
 
 
+def file_signature(path: str) -> str | None:
+    """The file's absolute path, size and modification time (None if it cannot be read): the same
+    string while the file is unchanged."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+
+
 def read_image(path: str) -> Image.Image:
     """An image file as RGB, turned upright by its EXIF orientation. Raises what Pillow raises."""
     with Image.open(path) as image:
@@ -139,22 +150,24 @@ class ImageSet:
         return len(self.names)
 
     def bucketed(self, resolution: int, shard: tuple[int, int] = (0, 1), unreadable: list[str] | None = None,
-                 known: Callable[[int], object | None] | None = None) -> Iterator[BucketedImage]:
+                 known: Callable[[int, str], object | None] | None = None) -> Iterator[BucketedImage]:
         """Each readable image fitted to its bucket, in order. Unreadable files are skipped with one
         warning listing them (after the last image); if none is readable, ValueError names the origin.
 
         shard (rank, world): only images rank, rank + world, ... (one rank's share under torchrun).
         With `unreadable` given, the unreadable files are appended to it instead (no warning, no
         error): the caller reports them for every shard together (`report_unreadable`).
-        known(index): what to yield instead of reading image `index` (e.g. latents.IndexedImage: its
-        latents are cached and its file unchanged), or None to read it.
+        known(index, signature): what to yield instead of reading the file of image `index`, whose
+        file_signature is `signature` (e.g. a latents.LatentFile from the cache's file index), or None
+        to read it.
         """
         buckets = make_buckets(resolution)
         rank, world = shard
         skipped = [] if unreadable is None else unreadable
         for index in range(rank, len(self.names), world):
             name = self.names[index]
-            hit = known(index) if known is not None else None
+            signature = file_signature(self.files[index]) if self.files[index] is not None else None
+            hit = known(index, signature) if known is not None and signature is not None else None
             if hit is not None:
                 yield hit
                 continue
@@ -163,7 +176,7 @@ class ImageSet:
             except _UNREADABLE as e:
                 skipped.append(f"{name} ({type(e).__name__}: {e})")
                 continue
-            yield BucketedImage(name, fit_to_bucket(image, nearest_bucket(image.height, image.width, buckets)), index)
+            yield BucketedImage(name, fit_to_bucket(image, nearest_bucket(image.height, image.width, buckets)), index, signature)
         if unreadable is None:
             self.report_unreadable(skipped)
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, atomic_write
 from .data import BucketedImage, flip_horizontal
 from .distributed import Ranks, StoppedByPeer, agree_flag, gather_objects, mark_own
 
@@ -63,6 +63,7 @@ class LatentFile:
     flipped_path: str | None  # the mirror image's latent (flip augmentation), else None
     digest: bytes = b""  # pixel_digest of the bucketed image
     index: int = -1  # its place in the ImageSet
+    signature: str | None = None  # its file's data.file_signature when it was read (None: in memory)
 
     @property
     def latent(self) -> torch.Tensor:
@@ -78,19 +79,6 @@ class LatentSet:
     images: list[CachedImage] | list[LatentFile]
     image_set: str  # sha256 over every image's pixel digest, in order: identifies the training set
     encoded: int  # how many latents were encoded in this call (cache misses)
-
-
-@dataclass(frozen=True)
-class IndexedImage:
-    """A folder image that the file index knows (FileIndex.known): its latents are cached and its
-    file is unchanged, so it is not read or decoded again."""
-
-    name: str
-    index: int
-    digest: bytes
-    bucket: tuple[int, int]
-    path: str
-    flipped_path: str | None
 
 
 class FileIndex:
@@ -114,43 +102,32 @@ class FileIndex:
         except Exception:  # none yet, or unreadable: every image is read
             self.entries = {}
 
-    @staticmethod
-    def signature(file: str | None) -> str | None:
-        if file is None:
-            return None
-        try:
-            st = os.stat(file)
-        except OSError:
-            return None
-        return f"{os.path.abspath(file)}|{st.st_size}|{st.st_mtime_ns}"
-
-    def known(self, name: str, index: int, file: str | None) -> IndexedImage | None:
-        entry = self.entries.get(self.signature(file))
+    def known(self, name: str, index: int, signature: str) -> LatentFile | None:
+        """Image `index` from the index, if its file (by `signature`) and its latent files are unchanged."""
+        entry = self.entries.get(signature)
         if entry is None or (entry.get("flipped") is not None) != self.flip:
             return None
         path = os.path.join(self.cache_dir, entry["path"])
         flipped = os.path.join(self.cache_dir, entry["flipped"]) if self.flip else None
         if not _usable(path, self.vae_id) or (flipped is not None and not _usable(flipped, self.vae_id)):
             return None
-        return IndexedImage(name, index, bytes.fromhex(entry["digest"]), tuple(entry["bucket"]), path, flipped)
+        return LatentFile(name, tuple(entry["bucket"]), path, flipped, bytes.fromhex(entry["digest"]), index, signature)
 
-    def save(self, files: list[str | None], images: list[LatentFile]) -> None:
+    def save(self, images: list[LatentFile]) -> None:
         """Add this run's folder images and write the index atomically (rank 0 only)."""
         for image in images:
-            signature = self.signature(files[image.index]) if 0 <= image.index < len(files) else None
-            if signature is not None and image.digest:
-                self.entries[signature] = {
+            if image.signature is not None:
+                self.entries[image.signature] = {
                     "digest": image.digest.hex(), "bucket": list(image.bucket), "path": os.path.basename(image.path),
                     "flipped": None if image.flipped_path is None else os.path.basename(image.flipped_path)}
-        tmp = f"{self.path}.tmp{os.getpid()}"
-        try:
+
+        def write(tmp: str) -> None:
             with open(tmp, "w") as f:
                 json.dump({"format": self.FORMAT, "entries": self.entries}, f)
-            os.replace(tmp, self.path)
+        try:
+            atomic_write(self.path, write)
         except OSError as e:  # an index is a speed-up only
             log.warning("Could not write the latent cache's file index %s (%s)", self.path, e)
-            if os.path.exists(tmp):
-                os.remove(tmp)
 
 
 def pixel_digest(pixels: np.ndarray) -> bytes:
@@ -240,19 +217,18 @@ def cache_latents(
     try:
         for image in images:
             check_interrupt()
-            if isinstance(image, IndexedImage):  # cached, and its file unchanged (FileIndex)
-                records.append((image.index, image.digest, image.name, image.bucket, image.path, image.flipped_path))
-                if on_image is not None:
-                    on_image(len(records), time.monotonic() - t0)
-                continue
-            path, miss = cached_latent_file(image.pixels, encode, vae_id, cache_dir)
-            encoded += miss
-            flipped = None
-            if flip:
-                flipped, miss = cached_latent_file(flip_horizontal(image.pixels), encode, vae_id, cache_dir)
+            if isinstance(image, LatentFile):  # cached, and its file unchanged (FileIndex)
+                path, flipped, digest = image.path, image.flipped_path, image.digest
+            else:
+                path, miss = cached_latent_file(image.pixels, encode, vae_id, cache_dir)
                 encoded += miss
+                flipped = None
+                if flip:
+                    flipped, miss = cached_latent_file(flip_horizontal(image.pixels), encode, vae_id, cache_dir)
+                    encoded += miss
+                digest = pixel_digest(image.pixels)
             # plain values only: the ranks exchange them (pickled), and a host may load this package under another name
-            records.append((image.index, pixel_digest(image.pixels), image.name, tuple(image.bucket), path, flipped))
+            records.append((image.index, digest, image.name, tuple(image.bucket), path, flipped, image.signature))
             if on_image is not None:
                 on_image(len(records), time.monotonic() - t0)
     except BaseException as e:
@@ -271,7 +247,8 @@ def cache_latents(
     digests = hashlib.sha256()
     for _, digest, *_ in records:
         digests.update(digest)
-    out = [LatentFile(name, tuple(bucket), path, flipped, digest, index) for index, digest, name, bucket, path, flipped in records]
+    out = [LatentFile(name, tuple(bucket), path, flipped, digest, index, signature)
+           for index, digest, name, bucket, path, flipped, signature in records]
     if ranks.main:
         log.info("Latents for %d images ready (%d encoded, the rest from the cache in %s)", len(out), encoded, cache_dir)
     return LatentSet(out, digests.hexdigest(), encoded)

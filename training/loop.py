@@ -350,12 +350,12 @@ def train(
     index = FileIndex(cache_dir, vae_id, config.resolution, config.flip)  # unchanged files are not read again
     data = cache_latents(
         image_set.bucketed(config.resolution, shard=(r.rank, r.world), unreadable=unreadable,
-                           known=lambda i: index.known(image_set.names[i], i, image_set.files[i])),
+                           known=lambda i, signature: index.known(image_set.names[i], i, signature)),
         encode=encode, vae_id=vae_id, cache_dir=cache_dir, flip=config.flip, check_interrupt=check_interrupt,
         on_image=on_image, ranks=r,
     )
     if r.main:
-        index.save(image_set.files, data.images)
+        index.save(data.images)
     if r.active:
         image_set.report_unreadable(sum(gather_objects(r, unreadable), []), warn=r.main)
         if r.main:
