@@ -15,23 +15,24 @@ import torch
 
 # name: host supported_models class, the model config (as detection spells it), weight dtype, latent channels,
 # context tokens x width, pooled width (None: none), cfg users run (Flux dev and Z-Image Turbo: 1, guidance-distilled),
-# Flux guidance (None: no guidance entry), LoRA target suffixes (the training row's; nodes/train_families.py).
+# Flux guidance (None: no guidance entry), LoRA target suffixes (the training row's; nodes/train_families.py),
+# tiny: the tests' tiny model of the family (tests/tiny_families.py), for --quick.
 FAMILIES = {
-    "sd35m": dict(cls="SD3", dtype=torch.bfloat16, latent=16, tokens=154, context=4096, pooled=2048, cfg=4.5, guidance=None,
+    "sd35m": dict(cls="SD3", tiny="sd3", dtype=torch.bfloat16, latent=16, tokens=154, context=4096, pooled=2048, cfg=4.5, guidance=None,
                   config=dict(in_channels=16, out_channels=16, patch_size=2, depth=24, input_size=None, adm_in_channels=2048,
                               context_embedder_config={"target": "torch.nn.Linear",
                                                        "params": {"in_features": 4096, "out_features": 1536}},
                               num_patches=147456, pos_embed_max_size=384, pos_embed_scaling_factor=None,
                               x_block_self_attn_layers=list(range(13)), qk_norm="rms"),
                   lora=("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")),
-    "flux_dev": dict(cls="Flux", dtype=torch.bfloat16, latent=16, tokens=256, context=4096, pooled=768, cfg=1.0, guidance=3.5,
+    "flux_dev": dict(cls="Flux", tiny="flux_dev", dtype=torch.bfloat16, latent=16, tokens=256, context=4096, pooled=768, cfg=1.0, guidance=3.5,
                      config=dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096,
                                  hidden_size=3072, mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38,
                                  axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
                                  txt_ids_dims=[], yak_mlp=False, txt_norm=False),
                      lora=("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
                            "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")),
-    "zimage": dict(cls="ZImage", dtype=torch.bfloat16, latent=16, tokens=128, context=2560, pooled=None, cfg=1.0, guidance=None,
+    "zimage": dict(cls="ZImage", tiny="zimage", dtype=torch.bfloat16, latent=16, tokens=128, context=2560, pooled=None, cfg=1.0, guidance=None,
                    config=dict(image_model="lumina2", patch_size=2, in_channels=16, dim=3840, cap_feat_dim=2560, n_layers=30,
                                n_refiner_layers=2, qk_norm=True, n_heads=30, n_kv_heads=30, axes_dims=[32, 48, 48],
                                axes_lens=[1536, 512, 512], rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0,
@@ -75,16 +76,57 @@ def random_state_dict(name: str, seed: int, device, config: dict | None = None) 
     return sd
 
 
-def conditioning(name: str, seed: int) -> list:
-    """A CONDITIONING of the family's text encoders' shapes (random values), with FluxGuidance's entry for Flux dev."""
+def tiny_config(name: str) -> dict:
+    """The model config of the tests' tiny model of the family (--quick)."""
+    import tiny_families
+
+    return tiny_families.FAMILIES[FAMILIES[name]["tiny"]]["unet"]
+
+
+def write_file(name: str, path: str, device, quick: bool = False) -> dict[str, torch.Size]:
+    """A random state dict of the family (the tiny one with `quick`) written to `path`; its shapes."""
+    import safetensors.torch
+
+    sd = random_state_dict(name, 0, "cpu" if quick else device, tiny_config(name) if quick else None)
+    safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in sd.items()}, path)
+    return {k: v.shape for k, v in sd.items()}
+
+
+def load(name: str, path: str, quick: bool = False, dtype: torch.dtype | None = None):
+    """The MODEL of a file write_file wrote: loaded as UNETLoader loads it (weight dtype `dtype`, None:
+    the host's choice), checked to be detected as the family; with `quick` (too small for the host's
+    detection) built from the tiny config instead."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.sd
+    import safetensors.torch
+
+    if quick:
+        model = host_config(name, tiny_config(name)).get_model({}, "")
+        model.load_model_weights(safetensors.torch.load_file(path), "")
+        return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    patcher = comfy.sd.load_diffusion_model(path, model_options={} if dtype is None else {"dtype": dtype})
+    detected = type(patcher.model.model_config).__name__ if patcher is not None else None
+    if detected != FAMILIES[name]["cls"]:
+        raise RuntimeError(f"the host detected {detected} in the benchmark's {name} file, expected {FAMILIES[name]['cls']}")
+    return patcher
+
+
+def conditioning(name: str, seed: int, quick: bool = False) -> list:
+    """A CONDITIONING of the family's text encoders' shapes (random values; with `quick` the tiny
+    model's text width), with FluxGuidance's entry for Flux dev."""
+    import tiny_families
+
     spec = FAMILIES[name]
+    width = tiny_families.FAMILIES[spec["tiny"]]["context"] if quick else spec["context"]
     g = torch.Generator().manual_seed(seed)
+    context = torch.randn(1, spec["tokens"], spec["context"], generator=g)[..., :width]
     extra = {}
     if spec["pooled"] is not None:
         extra["pooled_output"] = torch.randn(1, spec["pooled"], generator=g)
     if spec["guidance"] is not None:
         extra["guidance"] = spec["guidance"]
-    return [[torch.randn(1, spec["tokens"], spec["context"], generator=g), extra]]
+    return [[context, extra]]
 
 
 def lora_state_dict(name: str, shapes: dict, rank: int, seed: int) -> dict[str, torch.Tensor]:

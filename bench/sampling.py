@@ -318,58 +318,22 @@ class Bench:
         (base and a full-copy domain: weights' values do not change speed), a LoRA of the family's
         training targets, the family's conditioning shapes and the cfg its users run."""
         import comfy.model_management as mm
-        import comfy.model_patcher
-        import tiny_families
 
         spec = families.FAMILIES[name]
-        device = mm.get_torch_device()
         t0 = time.perf_counter()
-        if self.quick:  # the tests' tiny model of the family (too small for the host's detection: built, not loaded)
-            tiny = {"sd35m": "sd3", "flux_dev": "flux_dev", "zimage": "zimage"}[name]
-            sd = families.random_state_dict(name, 0, "cpu", tiny_families.FAMILIES[tiny]["unet"])
-            weights = dict(sd)
-
-            def load(tag):
-                model = families.host_config(name, tiny_families.FAMILIES[tiny]["unet"]).get_model({}, "")
-                model.load_model_weights(dict(weights), "")
-                return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
-            px = 64
-            ctx = tiny_families.FAMILIES[tiny]["context"]
-        else:
-            sd = families.random_state_dict(name, 0, device)
-            path = os.path.join(self.host.model_dir("diffusion_models"), f"bench_{name}.safetensors")
-            import safetensors.torch
-
-            safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in sd.items()}, path)
-
-            def load(tag):
-                import comfy.sd
-
-                patcher = comfy.sd.load_diffusion_model(path, model_options={"dtype": spec["dtype"]})
-                if patcher is None:
-                    raise RuntimeError(f"the host did not recognise the benchmark {name} file")
-                return patcher
-            px, ctx = 1024, spec["context"]
-        shapes = {k: v.shape for k, v in sd.items()}
-        n_params = sum(v.numel() for v in sd.values())
-        del sd
-        base, full = load("base"), load("domain")
+        path = os.path.join(self.host.model_dir("diffusion_models"), f"bench_{name}.safetensors")
+        shapes = families.write_file(name, path, mm.get_torch_device(), self.quick)
+        base, full = (families.load(name, path, self.quick, spec["dtype"]) for _ in range(2))
         gc.collect()
         mm.soft_empty_cache()
-        family = type(base.model.model_config).__name__
-        if family != spec["cls"]:
-            raise RuntimeError(f"the host detected {family}, expected {spec['cls']}")
-        lora = self.loader.apply_lora(base, families.lora_state_dict(name, shapes, rank=32, seed=2), "bench_lora")
-
-        def cond(seed):
-            c = families.conditioning(name, seed)
-            return [[c[0][0][..., :ctx], c[0][1]]] if self.quick else c
-        conds = {k: cond(seed) for k, seed in (("positive", 11), ("negative", 12), ("null", 13))}
-        return {"name": name, "family": family, "px": px, "params": n_params, "base": base, "full": full, "lora": lora,
+        lora_sd = families.lora_state_dict(name, shapes, rank=32, seed=2)
+        lora = self.loader.apply_lora(base, lora_sd, "bench_lora")
+        conds = {k: families.conditioning(name, seed, self.quick) for k, seed in (("positive", 11), ("negative", 12), ("null", 13))}
+        return {"name": name, "family": type(base.model.model_config).__name__, "px": 64 if self.quick else 1024,
+                "params": sum(math.prod(v) for v in shapes.values()), "base": base, "full": full, "lora": lora,
                 "conds": conds, "build_s": round(time.perf_counter() - t0, 2), "latent_channels": spec["latent"],
-                "dtype": str(spec["dtype"]),
-                "cfg": spec["cfg"], "lora_keys": sum(1 for k in shapes if k[: -len(".weight")].endswith(spec["lora"])
-                                                     and len(shapes[k]) == 2)}
+                "dtype": str(spec["dtype"]), "cfg": spec["cfg"],
+                "lora_keys": sum(k.endswith(".lora_down.weight") for k in lora_sd)}
 
     @contextlib.contextmanager
     def variant(self, m, variants: set[str]):

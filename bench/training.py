@@ -135,35 +135,19 @@ def run_family_case(host, name: str, weight_dtype: str, batch: int, px: int, ste
     base's resident weights included."""
     import comfy.model_management as mm
     import comfy.sd
-    import safetensors.torch
     import families
-    import tiny_families
     from comfy.taesd.taesd import TAESD
     from tiny_nodes import plain_weights, randomize_
 
     spec = families.FAMILIES[name]
     device = mm.get_torch_device()
-    tiny = {"sd35m": "sd3", "flux_dev": "flux_dev", "zimage": "zimage"}[name]
-    config = tiny_families.FAMILIES[tiny]["unet"] if quick else None
     path = os.path.join(host.model_dir("diffusion_models"), f"bench_{name}.safetensors")
     if not os.path.exists(path):
-        sd = families.random_state_dict(name, 0, "cpu" if quick else device, config)
-        safetensors.torch.save_file({k: v.contiguous().cpu() for k, v in sd.items()}, path)
-        del sd
-    options = {} if weight_dtype == "default" else {"dtype": getattr(torch, weight_dtype)}
-    if quick:  # too small for the host's detection: built from the config instead
-        import comfy.model_patcher
-
-        model = families.host_config(name, config).get_model({}, "")
-        model.load_model_weights(safetensors.torch.load_file(path), "")
-        model = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
-    else:
-        model = comfy.sd.load_diffusion_model(path, model_options=options)
+        families.write_file(name, path, device, quick)
+    model = families.load(name, path, quick, None if weight_dtype == "default" else getattr(torch, weight_dtype))
     with plain_weights():
         vae = comfy.sd.VAE(sd={k: v.contiguous() for k, v in randomize_(TAESD(latent_channels=spec["latent"]), seed=5, scale=1.0).state_dict().items()})
-    null = families.conditioning(name, 13)
-    if quick:
-        null = [[null[0][0][..., :tiny_families.FAMILIES[tiny]["context"]], null[0][1]]]
+    null = families.conditioning(name, 13, quick)
     run_training = host.pack("nodes.train_run").run_training
     training = sys.modules[host.pack("nodes.train_run").__name__.rsplit(".", 2)[0] + ".training"]
     config = training.TrainConfig(steps=steps, mode="lora", batch_size=batch, resolution=px, lr=1e-4, flip=False,
