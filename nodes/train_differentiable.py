@@ -3,7 +3,12 @@
 Sampling never needs a backward pass, so some of the host's code has none: its comfy-kitchen ops
 (the fused rotary embedding of Flux and Z-Image) are not differentiable, and some blocks update
 their residual stream in place (Flux's `img += ...`), which autograd refuses when an earlier op
-saved that tensor. host_in_training() undoes both for the block, and restores everything on exit.
+saved that tensor. With gradient checkpointing, the recomputation in backward must save what the
+forward saved, and cuDNN's attention kernel is not always chosen again there (seen with SD3.5
+medium on an H200: the forward kept its [B, heads, tokens, 1] softmax statistics, the
+recomputation took another kernel; NVIDIA NeMo turns cuDNN attention off under activation
+checkpointing for the same error), so the block runs attention without cuDNN.
+host_in_training() undoes all of this for the block, and restores everything on exit.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import comfy.model_management
+import comfy.ops
 
 from .train_families import family_of
 
@@ -51,19 +57,44 @@ class _OutOfPlaceAdds(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def host_in_training(model=None):
+def host_in_training(model=None, checkpointing: bool = False):
     """Within the block the host computes what autograd can differentiate. Its comfy-kitchen ops
     (the fused rotary embedding of Flux and Z-Image) have no backward: ComfyUI 0.33 switches to
     plain torch ops while comfy.model_management.in_training is set (what its own LoRA trainer
     does); older hosts (0.8.0) bind the kitchen's ops at import, in comfy.ldm.flux.math and in the
     modules that import them from there, so those bindings are swapped for the same plain ops for
     the block. For a family whose blocks add in place (train_families), those adds are made out of
-    place within the block (_OutOfPlaceAdds). Restored on exit, also after an error or Cancel."""
+    place within the block (_OutOfPlaceAdds). With `checkpointing`, attention runs without cuDNN's
+    kernel (_attention_without_cudnn). Restored on exit, also after an error or Cancel."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(_differentiable_host_ops())
         if model is not None and family_of(model).adds_in_place:
             stack.enter_context(_OutOfPlaceAdds())
+        if checkpointing:
+            stack.enter_context(_attention_without_cudnn())
         yield
+
+
+@contextlib.contextmanager
+def _attention_without_cudnn():
+    """scaled_dot_product_attention without cuDNN's kernel: off in torch's flags, and out of the
+    backend priority list the host's NVIDIA attention sets on each call (comfy.ops
+    SDPA_BACKEND_PRIORITY, which enables exactly the backends it lists). Flash or memory-efficient
+    attention then serve forward and recomputation alike."""
+    from torch.nn.attention import SDPBackend
+
+    priority = getattr(comfy.ops, "SDPA_BACKEND_PRIORITY", None)
+    at = priority.index(SDPBackend.CUDNN_ATTENTION) if priority and SDPBackend.CUDNN_ATTENTION in priority else None
+    if at is not None:
+        priority.pop(at)  # in place: the host's function reads this list at each call
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)
+        if at is not None:
+            priority.insert(at, SDPBackend.CUDNN_ATTENTION)
 
 
 @contextlib.contextmanager

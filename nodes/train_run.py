@@ -133,7 +133,7 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
         # to the fp32 activations layer by layer.
         casting = config.mode == "lora" and config.precision == "fp32" and mixed_dtypes(unet, torch.float32)
         try:
-            with weights_cast_to_input(unet, casting), host_in_training(trainer):
+            with weights_cast_to_input(unet, casting), host_in_training(trainer, checkpointing=bool(config.gradient_checkpointing)):
                 result = train(
                     unet, sources if len(sources) > 1 else sources[0],
                     encode=encode_function(vae, trainer),

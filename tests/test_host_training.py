@@ -361,6 +361,35 @@ def test_a_recomputation_that_differs_from_the_forward_says_to_turn_checkpointin
     assert written("recompute") == []
 
 
+def test_with_checkpointing_attention_runs_without_cudnn_and_both_are_restored_after(comfy, folders, monkeypatch):
+    """The cure for SD3.5's recomputation error on the H200 (docs/BENCHMARKS.md): while a run with
+    gradient checkpointing trains, cuDNN's attention is off in torch's flags and out of the host's
+    NVIDIA backend list (set here as the host sets it on an NVIDIA GPU); a run without
+    checkpointing keeps it; both are restored after the run."""
+    import importlib
+
+    from torch.nn.attention import SDPBackend
+
+    ops = importlib.import_module("comfy.ops")
+    loop = comfy.pack("training.loop")
+    host_list = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    monkeypatch.setattr(ops, "SDPA_BACKEND_PRIORITY", list(host_list), raising=False)
+    seen, real = [], loop.denoising_step
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), list(ops.SDPA_BACKEND_PRIORITY)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "denoising_step", spy)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    train(comfy, "ckpt_on", save_name="ckpt_on", steps=2, gradient_checkpointing=True)
+    assert seen and all(s == (False, host_list[1:]) for s in seen), seen
+    assert torch.backends.cuda.cudnn_sdp_enabled() and ops.SDPA_BACKEND_PRIORITY == host_list
+    seen.clear()
+    train(comfy, "ckpt_off", save_name="ckpt_off", steps=2, gradient_checkpointing=False)
+    assert seen and all(s == (True, host_list) for s in seen), seen
+
+
 # --- bad input: a clear error naming the input, and nothing written ----------------------------
 
 def test_missing_or_empty_image_folder(comfy, folders):
