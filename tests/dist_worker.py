@@ -3,7 +3,8 @@ torchrun starts a worker: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the e
 
     python tests/dist_worker.py JOBS.json
 
-Joins a gloo process group, then runs each job of JOBS.json in turn: training.train with the
+Joins a gloo process group (or, with DIST_WORKER_NCCL=1, an NCCL one with each rank on GPU
+LOCAL_RANK: tests/test_gpu_distributed.py), then runs each job of JOBS.json in turn: training.train with the
 stand-ins of test_training_support (tiny UNet, fake VAE) on job["images"], one thread. Rank 0
 writes each job's result (weights, losses, start step) to job["out"]. A job's "fail" makes one
 rank's UNet fail at one of its calls: {"rank": 1, "call": 3, "kind": "oom" | "nan" | "interrupt"}
@@ -53,24 +54,36 @@ class FailingUNet(TinyUNet):
         return out
 
 
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if NCCL else torch.device("cpu")
+
+
+NCCL = os.environ.get("DIST_WORKER_NCCL") == "1"
+
+
 def run_job(job: dict) -> None:
     r = ranks()
     def check_interrupt():  # what the CLI's signal handler makes the host's interrupt check do
         if CTRL_C:
             raise KeyboardInterrupt
 
-    result = train(FailingUNet(job.get("fail")), job["images"], encode=FakeVAE(), vae_id="fake-vae", cond_for=cond_for,
+    result = train(FailingUNet(job.get("fail")).to(device()), job["images"], encode=FakeVAE(), vae_id="fake-vae", cond_for=cond_for,
                    alphas_cumprod=sd_alphas_cumprod(), prediction_type="eps", config=TrainConfig(**job["config"]),
-                   cache_dir=job["cache"], state_path=job.get("state"), device="cpu", check_interrupt=check_interrupt)
+                   cache_dir=job["cache"], state_path=job.get("state"), device=device(), check_interrupt=check_interrupt)
     if r.main:
-        save_file({k: v.contiguous() for k, v in result.weights.items()}, job["out"] + ".safetensors")
+        save_file({k: v.detach().cpu().contiguous() for k, v in result.weights.items()}, job["out"] + ".safetensors")
         with open(job["out"] + ".json", "w") as f:
             json.dump({"losses": result.losses, "start_step": result.start_step, "step": result.step}, f)
 
 
 def main() -> int:
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo")
+    if NCCL:  # as tools/train_domain.py starts it on GPUs
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local)
+        torch.distributed.init_process_group("nccl", device_id=local)
+    else:
+        torch.distributed.init_process_group("gloo")
     r = ranks()
     logging.basicConfig(level=logging.INFO, format=f"%(levelname)s [rank {r.rank}/{r.world}] %(message)s")
     try:

@@ -72,6 +72,26 @@ def test_torchrun_trains_on_two_processes_and_rank_0_writes_the_files(base_dir):
     assert (path.parent / "two_ranks.indomain-state").exists() and not any(".tmp" in n for n in os.listdir(path.parent))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (e.g. the lent nvidia-h200-x2)")
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_torchrun_trains_on_two_gpus_with_nccl_and_resumes_on_one(base_dir, mode):
+    """The command users run on a two-GPU machine: NCCL, one GPU per rank, the host's own loaders;
+    the run it saved resumes on one GPU."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    name = f"two_gpus_{mode}"
+    out = run_tool(base_dir, "--save-name", name, "--steps", "2", "--mode", mode, "--training-dtype", "bf16",
+                   gpu=True, launcher=launcher)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 processes of 1 images each" in out.stderr and "step 2/2" in out.stderr and "ERROR" not in out.stderr
+    more = run_tool(base_dir, "--save-name", name, "--steps", "3", "--mode", mode, "--training-dtype", "bf16", gpu=True)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "step 3/3" in more.stderr and "step 1/3" not in more.stderr
+    folder = "loras" if mode == "lora" else "diffusion_models"
+    with safe_open(str(base_dir / "models" / folder / f"{name}.safetensors"), framework="pt") as f:
+        assert f.metadata()["indomain.steps"] == "3"
+
+
 def test_refuses_pickled_model_files_by_name(base_dir):
     (base_dir / "models" / "vae" / "evil.pt").write_bytes(b"\x80\x04")
     bad = run_tool(base_dir, "--save-name", "x", "--steps", "1", "--vae", "evil.pt")
