@@ -78,9 +78,11 @@ def test_lora_training_runs_on_a_base_stored_in_fp8(comfy, family):
     fp8 kernel, on the GPU or the CPU.)"""
     graph = train_graph(family, steps=2, checkpoint_every=0, resume=False, save_name=f"fam_fp8_{family}")
     graph["base"]["inputs"]["weight_dtype"] = "float8_e4m3fn"
-    comfy.run(graph)
     base = fam.family_model(family, 0, "float8_e4m3fn")
-    assert next(base.model.diffusion_model.parameters()).dtype == torch.float8_e4m3fn  # the base it trained on
+    stored = [p.dtype for p in base.model.diffusion_model.parameters()]
+    assert stored.count(torch.float8_e4m3fn) > len(stored) / 2, stored  # the base it trains on
+    comfy.run(graph)
+    assert [p.dtype for p in base.model.diffusion_model.parameters()] == stored  # left as it was
     weights = load_file(model_file(comfy, family, f"fam_fp8_{family}"))
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in weights.items() if "lora_up" in k)  # it trained

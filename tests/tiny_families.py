@@ -117,6 +117,12 @@ def _family_model(family: str, seed: int, weight_dtype: str = "default"):
         with plain_weights():
             model = config.get_model({}, "")
         model.load_model_weights({k: v.clone() for k, v in source.diffusion_model.state_dict().items()}, "")
+        with torch.no_grad():  # stored as built (ComfyUI 0.33 under dynamic VRAM keeps a loaded tensor's own dtype)
+            for m in model.diffusion_model.modules():
+                for key, p in list(m._parameters.items()):
+                    want = getattr(m, key + "_comfy_model_dtype", None)
+                    if p is not None and want is not None and p.dtype != want:
+                        m._parameters[key] = torch.nn.Parameter(p.detach().to(want), requires_grad=False)
         model = model.to(mm.unet_offload_device())
         return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
     with plain_weights():
