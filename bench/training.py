@@ -87,7 +87,7 @@ def fake_encoder(channels: int, factor: int):
     return encode
 
 
-def run_case(model, name: str, px: int, steps: int, warmup: int, images: int) -> dict:
+def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, profile: str | None = None) -> dict:
     import comfy.model_management as mm
     training_node = host.pack("nodes.train_inputs")
     training = sys.modules[training_node.__name__.rsplit(".", 2)[0] + ".training"]
@@ -96,8 +96,9 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int) ->
     mm.load_models_gpu([model], force_full_load=True)
     unet = model.model.diffusion_model
     training_node.make_autograd_safe(unet)
-    config = training.TrainConfig(steps=steps, mode=mode, batch_size=batch, resolution=px, lr=1e-5, flip=False,
-                                  precision="bf16", gradient_checkpointing=training_node.checkpointed_blocks(unet) if ckpt else (),
+    profiled = 3 if profile else 0  # steps after the timed ones, under the profiler
+    config = training.TrainConfig(steps=steps + profiled, mode=mode, batch_size=batch, resolution=px, lr=1e-5, flip=False,
+                                  precision="bf16", gradient_checkpointing=training_node.checkpointed_blocks(model) if ckpt else (),
                                   lora_rank=16, lora_alpha=16.0, **speed)
     g = torch.Generator().manual_seed(1)
     pixels = torch.rand(images, px, px, 3, generator=g)
@@ -106,15 +107,33 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int) ->
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) \
+        if profile else None
+
+    def on_step(p) -> None:
+        if p.stage != "train":
+            return
+        stamps.append(time.perf_counter())
+        if profiler is not None and len(stamps) == steps:  # after the timed steps: it slows what it watches
+            profiler.start()
+        elif profiler is not None and len(stamps) == steps + profiled:
+            profiler.stop()
+
     t_begin = time.perf_counter()
-    with tempfile.TemporaryDirectory() as cache, torch.inference_mode(False):
+    # as the node runs it (nodes/train_run.py): with checkpointing, attention without cuDNN's kernel
+    in_training = host.pack("nodes.train_differentiable").host_in_training(model, checkpointing=ckpt)
+    with tempfile.TemporaryDirectory() as cache, torch.inference_mode(False), in_training:
         result = training.train(
             unet, pixels, encode=fake_encoder(4, 8), vae_id="bench", cond_for=lambda h, w: {"context": torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))},
             alphas_cumprod=training_node.alphas_cumprod(model), prediction_type="eps", config=config, cache_dir=cache,
-            on_progress=lambda p: stamps.append(time.perf_counter()) if p.stage == "train" else None, device=device)
+            on_progress=lambda p: on_step(p), device=device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    if profiler is not None:  # three steps: the kernels and host-side ops that take the time
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        with open(os.path.join(profile, f"profile-{name}.txt"), "w") as f:
+            f.write(profiler.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
     first_step_s = stamps[0] - t_begin  # latent caching + the first step (with compile: the compilation)
-    timed = stamps[warmup:]
+    timed = stamps[warmup:steps]
     secs = (timed[-1] - timed[0]) / (len(timed) - 1)
     ips = batch / secs
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -185,6 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--profile", action="store_true",
+                    help="SD1.5 cases: three more steps after the timed ones, under torch.profiler (profile-<case>.txt in --out)")
     ap.add_argument("--families", default="",
                     help="instead of SD1.5: LoRA at 1024 px with checkpointing of these (bench/families.py), e.g. "
                          "sd35m:default:1,flux_dev:float8_e4m3fn:1,zimage:default:1 (name:weight dtype:batch)")
@@ -219,7 +240,8 @@ def main(argv=None) -> int:
     rows = []
     for name in args.cases.split(","):
         try:
-            row = run_case(model, name, px, args.steps, args.warmup, images=64 if not args.quick else 8)
+            row = run_case(model, name, px, args.steps, args.warmup, images=64 if not args.quick else 8,
+                           profile=args.out if args.profile else None)
         except torch.OutOfMemoryError as e:
             row = {"case": name, "error": f"out of memory: {e}".splitlines()[0]}
         rows.append(row)
