@@ -121,6 +121,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.Te
         for p, fields in inner.state.items():
             if isinstance(fields.get("step"), torch.Tensor):
                 fields["step"] = fields["step"].to(p.device, torch.float32)
+    elif type(inner).__module__.startswith("bitsandbytes"):  # its kernels take the step count as a Python int
+        for fields in inner.state.values():
+            if isinstance(fields.get("step"), torch.Tensor):
+                fields["step"] = int(fields["step"])
 
 
 class ResumeMismatch(ValueError):
@@ -155,9 +159,14 @@ def save_state(
     tensors = {f"param.{n}": p for n, p in params.items()}
     tensors.update({f"ema.{n}": e for n, e in (ema or {}).items()})
     by_index = optimizer_state(optimizer, list(params.values())) if isinstance(optimizer, torch.optim.Optimizer) else optimizer
+    seen = set()
     for i in range(len(names)):
         for field, value in (by_index.get(i) or {}).items():
-            tensors[f"optim.{i}.{field}"] = torch.as_tensor(value)
+            value = torch.as_tensor(value)
+            if value.numel() and value.data_ptr() in seen:  # one tensor shared by several parameters'
+                value = value.clone()                       # states (bitsandbytes' quantization maps)
+            seen.add(value.data_ptr())
+            tensors[f"optim.{i}.{field}"] = value
     if scaler is not None and scaler.is_enabled():
         tensors["scaler.scale"] = torch.tensor(scaler.get_scale(), dtype=torch.float64)
         tensors["scaler.growth_tracker"] = torch.tensor(scaler.state_dict()["_growth_tracker"], dtype=torch.int64)

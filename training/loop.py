@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS = ("adamw", "adamw8bit")
 # TrainConfig fields that may change between a run and its resumption (they do not change the math).
 # options that change speed or bookkeeping, not the math: a run may be resumed with other values
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "preview_every", "gradient_checkpointing", "compile", "shard_optimizer")
@@ -73,6 +74,7 @@ class TrainConfig:
     gradient_checkpointing: tuple[str, ...] = ()  # UNet submodule paths whose activations are recomputed
     compile: bool = False  # torch.compile the trained module's forward (first steps slow; fuses the small ops)
     shard_optimizer: bool = False  # under torchrun: ZeroRedundancyOptimizer (each rank keeps 1/N of AdamW's state)
+    optimizer: str = "adamw"  # or "adamw8bit": bitsandbytes' AdamW8bit (the paper's recipe), optional dependency
 
     def validate(self) -> None:
         """ValueError naming the first bad field and what it should be."""
@@ -94,6 +96,12 @@ class TrainConfig:
         need(0.0 <= self.ema_decay < 1.0, "ema_decay", "a number in [0, 1) (0 = no EMA)")
         need(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0")
         need(self.preview_every >= 0, "preview_every", "an integer >= 0")
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")
+        if self.optimizer == "adamw8bit":
+            bitsandbytes_available()  # before anything is read or written
+            if self.shard_optimizer:
+                raise ValueError("optimizer='adamw8bit' with shard_optimizer: use one or the other (ZeroRedundancyOptimizer "
+                                 "does not gather bitsandbytes' 8-bit states)")
 
 
 @dataclass(frozen=True)
@@ -237,6 +245,8 @@ def run_config(config: TrainConfig, data: LatentSet, vae_id: str, prediction_typ
                schedule: DiscreteSchedule | FlowSchedule) -> dict:
     """What a state file must agree on to be resumed: the config's math, the images, the VAE, the base."""
     cfg = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
+    if cfg["optimizer"] == "adamw":  # as state files from before the option record it: not at all
+        del cfg["optimizer"]
     shapes = hashlib.sha256("".join(f"{k}:{list(v.shape)};" for k, v in unet.state_dict().items()).encode())
     return {
         **cfg,
@@ -250,10 +260,29 @@ def run_config(config: TrainConfig, data: LatentSet, vae_id: str, prediction_typ
     }
 
 
+def bitsandbytes_available() -> None:
+    """ImportError naming the package and how to install it, if bitsandbytes cannot be imported."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("optimizer 'adamw8bit' needs the bitsandbytes package, which is not installed: "
+                          "pip install bitsandbytes (in the Python that runs ComfyUI), or choose optimizer 'adamw'")
+
+
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torch.device, sharded: bool = False) -> torch.optim.Optimizer:
     """AdamW: fused kernels on CUDA, foreach elsewhere. sharded (under torchrun): a
     ZeroRedundancyOptimizer, each rank keeping and updating 1/N of the parameters' AdamW state
-    (then broadcasting its updated parameters): the same update, N times less optimizer memory."""
+    (then broadcasting its updated parameters): the same update, N times less optimizer memory.
+
+    optimizer "adamw8bit": bitsandbytes' AdamW8bit, the optimizer of the paper's own recipe
+    (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"): the same update with
+    both moments stored in 8 bits, quantized block by block (2 bytes of state per parameter
+    instead of AdamW's 8; tensors under 4096 elements keep 32-bit states)."""
+    if config.optimizer == "adamw8bit":
+        bitsandbytes_available()
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
     kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
     if sharded:
         from torch.distributed.optim import ZeroRedundancyOptimizer
