@@ -62,6 +62,9 @@ CASES = {
     "full-b32-compile": ("full", 32, False, {"compile": True}),
     "full-b48-compile": ("full", 48, False, {"compile": True}),
     "lora-b8-compile": ("lora", 8, False, {"compile": True}),
+    # bitsandbytes' 8-bit AdamW (issue 16 item 3): memory, speed, and the losses against full-b8 / full-b8-ckpt
+    "full-b8-8bit": ("full", 8, False, {"optimizer": "adamw8bit"}),
+    "full-b8-ckpt-8bit": ("full", 8, True, {"optimizer": "adamw8bit"}),
 }
 
 
@@ -138,9 +141,11 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, pr
     ips = batch / secs
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), float("nan"))
+    losses = [round(v, 6) for v in result.losses]
     del result
     return {"case": name, "mode": mode, "batch": batch, "grad_ckpt": ckpt, **speed, "px": px, "step_s": secs, "images_per_s": ips,
-            "peak_gib": peak, "first_step_s": first_step_s, "mfu": ips * TFLOP_PER_IMAGE / peak_tflops, "losses_finite": True}
+            "peak_gib": peak, "first_step_s": first_step_s, "mfu": ips * TFLOP_PER_IMAGE / peak_tflops, "losses_finite": True,
+            "losses": losses}
 
 
 def run_family_case(host, name: str, weight_dtype: str, batch: int, px: int, steps: int, warmup: int, images: int,

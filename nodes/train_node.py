@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..training import TrainConfig
+from ..training.loop import OPTIMIZERS
 from .host_schema import advanced, schema
 from .plot import loss_curve_image
 from .sampling import CATEGORY
@@ -76,6 +77,11 @@ class DomainTrainer(io.ComfyNode):
                                  tooltip="Compile the trained UNet with torch.compile (needs a C++ compiler / Triton): the first step takes "
                                          "2-3 minutes, then about 1.4x faster at batch 32 with less memory (mode full, no gradient "
                                          "checkpointing; docs/BENCHMARKS.md). Pays for long runs.", **advanced()),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw", optional=True,
+                               tooltip="adamw: AdamW with 32-bit moments (8 bytes of state per trained parameter). adamw8bit: "
+                                       "bitsandbytes' 8-bit AdamW, the paper's recipe: 2 bytes per parameter (SD1.5 full mode: "
+                                       "about 5 GB less); needs the bitsandbytes package (pip install bitsandbytes). A run "
+                                       "resumes only with the optimizer it started with.", **advanced()),
             ],
             outputs=[
                 io.Model.Output(display_name="domain_model", tooltip="The trained domain UNet, for KSampler (Domain Guidance)."),
@@ -94,12 +100,12 @@ class DomainTrainer(io.ComfyNode):
     def execute(cls, model, vae, mode, steps, batch_size, learning_rate, lr_schedule, warmup_steps, seed, resolution,
                 flip, training_dtype, gradient_checkpointing, ema_decay, lora_rank, lora_alpha, save_name,
                 checkpoint_every, preview_every, resume, null_conditioning=None, clip=None, images=None, image_folder="",
-                torch_compile=False) -> io.NodeOutput:
+                torch_compile=False, optimizer="adamw") -> io.NodeOutput:
         config = TrainConfig(
             steps=steps, mode=mode, lora_rank=lora_rank, lora_alpha=lora_alpha, lr=learning_rate, lr_schedule=lr_schedule,
             warmup_steps=warmup_steps, batch_size=batch_size, resolution=resolution, flip=flip, seed=seed,
             precision=training_dtype, ema_decay=ema_decay, checkpoint_every=checkpoint_every, preview_every=preview_every,
-            gradient_checkpointing=("all",) if gradient_checkpointing else (), compile=torch_compile,
+            gradient_checkpointing=("all",) if gradient_checkpointing else (), compile=torch_compile, optimizer=optimizer,
         )
         domain, losses, start, _ = run_training(model=model, vae=vae, null_conditioning=null_conditioning, clip=clip,
                                                 images=images, image_folder=image_folder, config=config,

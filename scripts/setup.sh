@@ -11,6 +11,8 @@ if [ ! -x "$host/.venv/bin/python" ] || [ ! -f "$host/comfy/samplers.py" ]; then
   bash ../shared/comfyui-host.sh "" "$host"
 fi
 "$host/.venv/bin/pip" install -q -r requirements.txt pytest
+# Optional at run time (the training's adamw8bit optimizer names it when missing); the tests use it.
+"$host/.venv/bin/pip" install -q bitsandbytes
 # Newer hosts (0.33) import torchaudio at start-up; ../shared/comfyui-host.sh leaves it out, and the
 # registry has it only for older torch builds: take a matching set (about 90 s).
 if grep -qs "^import comfy.ldm.lightricks.vae.audio_vae" "$host/comfy/sd.py" \

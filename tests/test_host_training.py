@@ -4,6 +4,7 @@ before anything is written."""
 import errno
 import glob
 import importlib
+import importlib.util
 import logging
 import os
 import tomllib
@@ -388,6 +389,19 @@ def test_with_checkpointing_attention_runs_without_cudnn_and_both_are_restored_a
     seen.clear()
     train(comfy, "ckpt_off", save_name="ckpt_off", steps=2, gradient_checkpointing=False)
     assert seen and all(s == (True, host_list) for s in seen), seen
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed (scripts/setup.sh installs it)")
+def test_the_8bit_optimizer_trains_in_the_host_and_its_state_keeps_8bit_moments(comfy, folders):
+    """optimizer adamw8bit (bitsandbytes, the paper's recipe) in full mode: the run writes its model
+    file and a state whose large tensors' moments are stored in 8 bits (tests/test_training_optimizer.py
+    has the rest: closeness to AdamW, exact resume, the errors)."""
+    train(comfy, "eight", save_name="eight", mode="full", optimizer="adamw8bit", steps=2, checkpoint_every=0)
+    with safe_open(saved("eight.indomain-state"), framework="pt") as f:
+        eight_bit = [k for k in f.keys() if k.startswith("optim.") and k.endswith(".state1")
+                     and f.get_slice(k).get_dtype() == "U8"]
+    assert len(eight_bit) >= 10
+    assert os.path.exists(saved("eight.safetensors"))
 
 
 # --- bad input: a clear error naming the input, and nothing written ----------------------------

@@ -71,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preview-every", type=int, default=0, help="save a preview sample to output/indomain_previews every N steps")
     p.add_argument("--restart", action="store_true", help="start over instead of resuming save-name's checkpoint")
     p.add_argument("--log-every", type=int, default=10, help="log progress every N steps")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
+                   help="adamw8bit: bitsandbytes' 8-bit AdamW, the paper's recipe (2 bytes of state per trained parameter "
+                        "instead of 8; pip install bitsandbytes)")
     p.add_argument("--shard-optimizer", action="store_true",
                    help="under torchrun: each GPU keeps 1/N of AdamW's state (ZeroRedundancyOptimizer; full mode on large models)")
     p.add_argument("--comfyui", help="the ComfyUI folder (default: COMFYUI_PATH, else two folders above this pack)")
@@ -233,7 +236,7 @@ def train(args, rank: int, world: int) -> int:
         resolution=args.resolution, flip=not args.no_flip, seed=args.seed, precision=args.training_dtype,
         ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, preview_every=args.preview_every,
         gradient_checkpointing=() if args.no_gradient_checkpointing else ("all",), compile=args.compile,
-        shard_optimizer=args.shard_optimizer,
+        shard_optimizer=args.shard_optimizer, optimizer=args.optimizer,
     )
     last_cache_log = [0.0]
 
