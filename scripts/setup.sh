@@ -12,7 +12,7 @@ if [ ! -x "$host/.venv/bin/python" ] || [ ! -f "$host/comfy/samplers.py" ]; then
 fi
 "$host/.venv/bin/pip" install -q -r requirements.txt pytest
 # Optional at run time (the training's adamw8bit optimizer names it when missing); the tests use it.
-"$host/.venv/bin/pip" install -q bitsandbytes
+"$host/.venv/bin/pip" install -q bitsandbytes || echo "bitsandbytes could not be installed: the 8-bit optimizer's tests are skipped" >&2
 # Newer hosts (0.33) import torchaudio at start-up; ../shared/comfyui-host.sh leaves it out, and the
 # registry has it only for older torch builds: take a matching set (about 90 s).
 if grep -qs "^import comfy.ldm.lightricks.vae.audio_vae" "$host/comfy/sd.py" \
