@@ -677,7 +677,7 @@ def main(argv=None) -> int:
             "cfg": args.cfg, "sampler": "euler", "scheduler": "normal", "quick": args.quick,
             "attention": "pytorch" if mm.pytorch_attention_enabled() else "other",
             "vram_state": str(mm.vram_state), "lora_rank": 32, "domain_scale": 1.5,
-            "channels_last": args.channels_last, "dynamic_vram": host.dynamic_vram,
+            "channels_last": args.channels_last, "dynamic_vram": host.dynamic_vram, "allocator": host.allocator,
             "models_from": "files (comfy.sd.load_diffusion_model, as UNETLoader)"}
     print(json.dumps(meta), flush=True)
     bench = Bench(host, args.quick, steps, repeats, args.cfg, dtype, args.channels_last)

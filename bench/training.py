@@ -259,7 +259,7 @@ def report(out: str, rows: list[dict], file: str) -> int:
 
     info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
             "comfyui": comfyui_version.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-            "rows": rows}
+            "allocator": host.allocator, "rows": rows}
     with open(os.path.join(out, file), "w") as f:
         json.dump(info, f, indent=1)
     print(f"\n{'case':30} {'img/s':>8} {'step s':>8} {'peak GiB':>9} {'MFU':>6}")

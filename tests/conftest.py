@@ -43,11 +43,21 @@ def pytest_configure(config):
 
         if not torch.cuda.is_available():
             raise pytest.UsageError("--gpu: this machine has no CUDA device (torch.cuda.is_available() is False)")
+        if host_module.find_host() is not None:  # the host's CUDA allocator, before any test allocates
+            host_module.allocator_as_main(host_module.find_host())
     if host_module.find_host() is None:
         raise pytest.UsageError(
             "No ComfyUI host found. Set COMFYUI_PATH to a ComfyUI folder (one with comfy/samplers.py), "
             "or place this pack in ComfyUI/custom_nodes/. The README's set-up command builds one."
         )
+
+
+def pytest_report_header(config):
+    if config.getoption("--gpu"):
+        import torch
+
+        return f"GPU tier: {torch.cuda.get_device_name()}, CUDA allocator as the host's main.py picks it: " \
+               f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF')!r}"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,6 +19,8 @@ import sys
 import types
 import uuid
 
+import torch
+
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_NAME = "comfyui-indomain"
 log = logging.getLogger("tests.host")
@@ -31,6 +33,24 @@ def find_host() -> str | None:
         if path and os.path.isfile(os.path.join(path, "comfy", "samplers.py")):
             return os.path.abspath(path)
     return None
+
+
+def allocator_as_main(comfy_path: str) -> None:
+    """main.py's `import cuda_malloc`: on a CUDA build of torch the host sets PYTORCH_CUDA_ALLOC_CONF's
+    backend to cudaMallocAsync (its default for NVIDIA users), which takes effect only if CUDA has
+    not allocated yet in this process (the GPU tier calls this at configuration; Host.allocator then
+    says which allocator runs). HOST_ALLOCATOR=native keeps torch's own caching allocator, as the
+    host's --disable-cuda-malloc does."""
+    if comfy_path not in sys.path:
+        sys.path.insert(0, comfy_path)
+    from comfy.cli_args import args
+
+    if os.environ.get("HOST_ALLOCATOR") == "native":
+        args.disable_cuda_malloc = True
+    try:
+        import cuda_malloc  # noqa: F401  (the host's module beside its main.py; it acts once, on import)
+    except ImportError:
+        pass
 
 
 class _Server:
@@ -66,6 +86,7 @@ class Host:
         self.builtin_nodes = builtin_nodes
         self.want_dynamic_vram = dynamic_vram
         self.dynamic_vram = False
+        self.allocator = None  # after start(): "native", "cudaMallocAsync" or "cpu"
         self.server = _Server()
         self.captured = {}
 
@@ -77,6 +98,8 @@ class Host:
         args.cpu = self.cpu
         args.base_directory = self.base_dir
         args.disable_all_custom_nodes = False
+        if not self.cpu:
+            allocator_as_main(self.path)
         if self.want_dynamic_vram:
             self._aimdo_init(args)
         import folder_paths
@@ -113,6 +136,7 @@ class Host:
             sys.modules["server"] = stub
         elif getattr(getattr(sys.modules["server"], "PromptServer", None), "instance", None) is None:
             sys.modules["server"].PromptServer.instance = self.server
+        self.allocator = "cpu" if self.cpu or not torch.cuda.is_available() else torch.cuda.memory.get_allocator_backend()
         return self
 
     @staticmethod
