@@ -65,6 +65,12 @@ CASES = {
     # bitsandbytes' 8-bit AdamW (issue 16 item 3): memory, speed, and the losses against full-b8 / full-b8-ckpt
     "full-b8-8bit": ("full", 8, False, {"optimizer": "adamw8bit"}),
     "full-b8-ckpt-8bit": ("full", 8, True, {"optimizer": "adamw8bit"}),
+    # the step's forward and backward as CUDA graphs (training/graphed.py; issue 16 items 2 and 4)
+    "lora-b8-graph": ("lora", 8, False, {"cuda_graph": True}),
+    "full-b8-graph": ("full", 8, False, {"cuda_graph": True}),
+    "lora-b8-ckpt-graph": ("lora", 8, True, {"cuda_graph": True}),
+    "full-b8-ckpt-graph": ("full", 8, True, {"cuda_graph": True}),
+    "full-b32-graph": ("full", 32, False, {"cuda_graph": True}),
 }
 
 

@@ -29,7 +29,9 @@ The host interface: `train(unet, images, *, ...)` (loop.py) takes
                      input, name=what a resumed run must agree on): the base's own shift (noise.py).
     config           TrainConfig (mode, lora rank/alpha/targets, lr, schedule, warm-up, batch size,
                      resolution, flip, seed, precision, EMA decay (warmed up: trainable.ema_decay_at),
-                     checkpoint/preview periods, gradient-checkpointed submodules).
+                     checkpoint/preview periods, gradient-checkpointed submodules, the optimizer
+                     (AdamW, or bitsandbytes' 8-bit AdamW), torch.compile or CUDA graphs of the
+                     steps (graphed.py)).
     cache_dir        folder for the latent cache (`<sha256>.latent` files, reused across runs).
     state_path       the training-state file (one safetensors file, any extension): saved every
                      config.checkpoint_every steps and at the end; if it exists, training resumes

@@ -35,7 +35,8 @@ from .data import ImageSet
 from .distributed import Ranks, StoppedByPeer, agree, agree_flag, announce_failure, gather_objects, mark_own, ranks, stopped_by_peer
 from .latents import FileIndex, LatentSet, cache_latents
 from .lora import DEFAULT_TARGETS
-from .noise import DiscreteSchedule, FlowSchedule, check_schedule, denoising_loss
+from .noise import DiscreteSchedule, FlowSchedule, check_schedule
+from .graphed import GraphedSteps, predicted_loss
 from .trainable import MODES, Trainable, ema_decay_at, ema_init, ema_update, enable_gradient_checkpointing, full_copy, lora_adapters
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit")
 # TrainConfig fields that may change between a run and its resumption (they do not change the math).
 # options that change speed or bookkeeping, not the math: a run may be resumed with other values
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "preview_every", "gradient_checkpointing", "compile", "shard_optimizer")
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "preview_every", "gradient_checkpointing", "compile", "shard_optimizer",
+                     "cuda_graph")
 # Options that change the math of the steps still to run but may change on resume (e.g. a lower lr or
 # another precision after a NaN loss): recorded in the state, a change is logged.
 ADJUSTABLE_ON_RESUME = ("lr", "lr_schedule", "warmup_steps", "precision")
@@ -75,6 +77,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the trained module's forward (first steps slow; fuses the small ops)
     shard_optimizer: bool = False  # under torchrun: ZeroRedundancyOptimizer (each rank keeps 1/N of AdamW's state)
     optimizer: str = "adamw"  # or "adamw8bit": bitsandbytes' AdamW8bit (the paper's recipe), optional dependency
+    cuda_graph: bool = False  # the steps' forward and backward replayed as CUDA graphs (graphed.py); CUDA, bf16/fp32
 
     def validate(self) -> None:
         """ValueError naming the first bad field and what it should be."""
@@ -97,6 +100,9 @@ class TrainConfig:
         need(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0")
         need(self.preview_every >= 0, "preview_every", "an integer >= 0")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")
+        if self.cuda_graph and (self.precision == "fp16" or self.compile):
+            raise ValueError(f"cuda_graph=True with {'precision fp16 (its loss scaling)' if self.precision == 'fp16' else 'compile'}: "
+                             "use one or the other (cuda_graph works with bf16 or fp32, not compiled)")
         if self.optimizer == "adamw8bit":
             bitsandbytes_available()  # before anything is read or written
             if self.shard_optimizer:
@@ -317,14 +323,18 @@ def denoising_step(model: nn.Module, batch: Batch, cond: Mapping[str, torch.Tens
                    schedule: DiscreteSchedule | FlowSchedule, precision: str, device: torch.device) -> torch.Tensor:
     """The loss of one batch: noise x0 to x_t (DDPM eq. 4, or rectified flow's), predict under
     autocast, MSE to the target (noise.py)."""
+    x_t, timestep, target = noised(batch, schedule, device)
+    return predicted_loss(model, x_t, timestep, target, cond, autocast_dtype(precision))
+
+
+def noised(batch: Batch, schedule: DiscreteSchedule | FlowSchedule, device: torch.device):
+    """(x_t, the model's timestep input, the target) of a batch, on the device."""
     x0, eps = batch.x0.to(device), batch.eps.to(device)  # [B, C, h, w]
-    x_t, timestep, target = schedule.noised(x0, eps, batch.t)
-    with torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32"):
-        prediction = model(x_t, timestep, **cond)
-    if prediction.shape != x_t.shape:
-        raise ValueError(f"the UNet returned {list(prediction.shape)} for input {list(x_t.shape)}; "
-                         f"expected the raw model output, shaped like x")
-    return denoising_loss(prediction, target)
+    return schedule.noised(x0, eps, batch.t)
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    return None if precision == "fp32" else PRECISIONS[precision]
 
 
 def train(
@@ -364,6 +374,9 @@ def train(
         raise ValueError(f"batch_size={config.batch_size} is the global batch and must be divisible by the {r.world} "
                          f"processes (each trains on batch_size / {r.world}); use a multiple of {r.world}")
     info = log.info if r.main else log.debug  # one report, from rank 0
+    if config.cuda_graph and (device.type != "cuda" or r.active):
+        raise ValueError("cuda_graph=True: CUDA graphs need a CUDA device and one process" + (
+            f" (the device is {device})" if device.type != "cuda" else " (not under torchrun)"))
 
     # 1. Data: every image fitted to its bucket and encoded once (cached on disk; sharded across ranks).
     image_set = ImageSet(images)
@@ -407,7 +420,8 @@ def train(
         trainable = lora_adapters(unet, config.lora_rank, config.lora_alpha, config.lora_targets, config.seed)
     undo_checkpointing = lambda: None
     try:
-        undo_checkpointing = enable_gradient_checkpointing(trainable.module, config.gradient_checkpointing)
+        undo_checkpointing = enable_gradient_checkpointing(trainable.module, config.gradient_checkpointing,
+                                                           preserve_rng_state=not config.cuda_graph)
         model, params = trainable.module, trainable.params
         forward = data_parallel(trainable, device) if r.active else model  # what the steps call
         if config.compile:
@@ -416,6 +430,7 @@ def train(
         optimizer = make_optimizer(list(params.values()), config, device, sharded=r.active and config.shard_optimizer)
         scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
         ema = ema_init(params) if config.ema_decay > 0 else None
+        graphed = GraphedSteps(model, list(params.values()), autocast_dtype(config.precision)) if config.cuda_graph else None
         start = 0 if header is None else header.step
         if header is not None:
             restore_state(header, params=params, ema=ema, optimizer=optimizer, scaler=scaler)
@@ -436,11 +451,15 @@ def train(
             try:
                 if batch.bucket not in conds:
                     conds[batch.bucket] = _batch_cond(cond_for(*batch.bucket), len(batch.t), device)
-                loss = denoising_step(forward, batch, conds[batch.bucket], schedule, config.precision, device)
+                if graphed is not None:  # forward and backward in one replay; the weights are not touched yet
+                    loss = graphed(*noised(batch, schedule, device), conds[batch.bucket])
+                else:
+                    loss = denoising_step(forward, batch, conds[batch.bucket], schedule, config.precision, device)
                 loss_value = loss.item()
                 if not r.active and not math.isfinite(loss_value):
                     raise TrainingDiverged(step, f"the loss is {loss_value}", state_path, saved_step)
-                scaler.scale(loss).backward()
+                if graphed is None:
+                    scaler.scale(loss).backward()
                 stop = stop or _interrupt(check_interrupt, r)  # before the update: an interrupt never leaves a half-applied step
                 status = agree(r, loss_value, stop is not None) if r.active else None  # the same decision on every rank
             except BaseException as e:
@@ -462,7 +481,8 @@ def train(
             except BaseException as e:
                 raise _failure(r, e, step) from None
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            if graphed is None:  # the graphs keep their gradient tensors (zeroed before each step)
+                optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema_update(ema, params, ema_decay_at(step, config.ema_decay))
             losses.append(loss_value)

@@ -70,11 +70,13 @@ def _in_modes(modes: list, forward, *args, **kwargs):
         return forward(*args, **kwargs)
 
 
-def enable_gradient_checkpointing(model: nn.Module, names: Sequence[str]) -> Callable[[], None]:
+def enable_gradient_checkpointing(model: nn.Module, names: Sequence[str], preserve_rng_state: bool = True) -> Callable[[], None]:
     """Recompute the named submodules' activations in backward (torch.utils.checkpoint,
     use_reentrant=False) instead of storing them. Returns the function that undoes it.
     The recomputation runs under the torch function modes active at the forward call (a host's
-    rewrite of in-place ops, for one), as the forward did.
+    rewrite of in-place ops, for one), as the forward did. preserve_rng_state=False: the random
+    state is not saved for the recomputation (a CUDA graph capture cannot read it; the UNets
+    trained here draw no random numbers in their forward).
     """
     modules = dict(model.named_modules())
     unknown = [n for n in names if n not in modules]
@@ -88,7 +90,8 @@ def enable_gradient_checkpointing(model: nn.Module, names: Sequence[str]) -> Cal
         def checkpointed(*args, _forward=forward, **kwargs):
             if torch.is_grad_enabled():
                 modes = _function_modes()
-                return checkpoint(functools.partial(_in_modes, modes, _forward), *args, use_reentrant=False, **kwargs)
+                return checkpoint(functools.partial(_in_modes, modes, _forward), *args, use_reentrant=False,
+                                  preserve_rng_state=preserve_rng_state, **kwargs)
             return _forward(*args, **kwargs)
 
         module.forward = checkpointed  # an instance attribute: the class is untouched

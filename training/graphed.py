@@ -1,0 +1,140 @@
+"""A training step's forward and backward as CUDA graphs (TrainConfig.cuda_graph, opt-in).
+
+Why: a LoRA step is bound by the host's launches, not by the GPU (docs/BENCHMARKS.md: SD1.5 at
+batch 8 on an H200, 94 ms of kernels in a 249 ms step; each adapter adds small ops to a forward
+and a backward of about a thousand layers). A CUDA graph replays the recorded kernels with one
+launch (Nvidia's "whole-network capture", torch.cuda.graph's recipe).
+
+What is recorded, once per batch shape (bucket): the model's forward under autocast, the loss
+and its backward, on static inputs (x_t, the timestep, the target; the bucket's conditioning),
+accumulating into gradient tensors made once and kept as the parameters' `.grad` (zeroed before
+each step). What stays as it was: the noising (it reads the schedule on the CPU), reading the
+loss (one synchronisation per step), the optimizer step, the EMA.
+
+The first `warmup` steps of each shape run eagerly (the same computation; cuDNN's autotuning
+and the allocator settle first, as the recipe asks), then the capture. A capture that fails
+leaves that shape eager for the run, with a warning. Weights that moved (the host reloaded the
+model, e.g. around a preview) drop the graphs: they are captured again after the warm-up.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .noise import denoising_loss
+
+log = logging.getLogger(__name__)
+
+
+def predicted_loss(model: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, target: torch.Tensor,
+                   cond: Mapping[str, torch.Tensor], dtype: torch.dtype | None, cache: bool = True) -> torch.Tensor:
+    """The model's prediction under autocast (dtype None: none) and its loss to the target. `cache`:
+    autocast's weight-cast cache, which a CUDA graph capture must not use."""
+    with torch.autocast(x_t.device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=cache):
+        prediction = model(x_t, timestep, **cond)
+    if prediction.shape != x_t.shape:
+        raise ValueError(f"the UNet returned {list(prediction.shape)} for input {list(x_t.shape)}; "
+                         f"expected the raw model output, shaped like x")
+    return denoising_loss(prediction, target)
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    x_t: torch.Tensor
+    timestep: torch.Tensor
+    target: torch.Tensor
+    cond: Mapping[str, torch.Tensor]
+    loss: torch.Tensor
+
+
+class GraphedSteps:
+    """step(x_t, timestep, target, cond) -> the loss, its gradients in the parameters' .grad."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], dtype: torch.dtype | None, warmup: int = 2):
+        self.model, self.params, self.dtype, self.warmup = model, params, dtype, warmup
+        self.graphs: dict[tuple, _Graph] = {}
+        self.seen: collections.Counter = collections.Counter()
+        self.failed: set[tuple] = set()
+        self.pool = None  # one memory pool for every shape's graph: they are replayed one at a time
+        self.addresses: list[int] | None = None
+
+    def __call__(self, x_t: torch.Tensor, timestep: torch.Tensor, target: torch.Tensor,
+                 cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        grads = self._grads()
+        torch._foreach_zero_(grads)
+        if self.graphs and self._addresses() != self.addresses:
+            log.info("training graphs: the model's weights moved; capturing again after %d eager steps", self.warmup)
+            self.graphs.clear()
+            self.seen.clear()
+        key = tuple(x_t.shape)
+        rec = self.graphs.get(key)
+        if rec is None or rec.cond is not cond:
+            self.seen[key] += 1
+            if key in self.failed or self.seen[key] <= self.warmup:
+                return self._eager(x_t, timestep, target, cond)
+            rec = self._capture(key, x_t, timestep, target, cond)
+            if rec is None:
+                return self._eager(x_t, timestep, target, cond)
+        rec.x_t.copy_(x_t)
+        rec.timestep.copy_(timestep)
+        rec.target.copy_(target)
+        rec.graph.replay()
+        return rec.loss
+
+    def _grads(self) -> list[torch.Tensor]:
+        """The gradient tensors, made once (zeros) so that eager steps and graphs accumulate into
+        the same memory."""
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.params]
+
+    def _addresses(self) -> list[int]:
+        return [t.data_ptr() for t in self.model.parameters()] + [t.data_ptr() for t in self.model.buffers()]
+
+    def _eager(self, x_t, timestep, target, cond) -> torch.Tensor:
+        loss = predicted_loss(self.model, x_t, timestep, target, cond, self.dtype)
+        loss.backward()
+        return loss.detach()
+
+    def _capture(self, key, x_t, timestep, target, cond) -> _Graph | None:
+        static = [x_t.clone(), timestep.clone(), target.clone()]
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(x_t.device)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                loss = predicted_loss(self.model, *static, cond, self.dtype, cache=False)
+                loss.backward()
+        except Exception as e:  # an op the capture cannot take: this shape stays eager
+            _restore_rng(x_t.device)
+            self.failed.add(key)
+            torch._foreach_zero_(self._grads())
+            log.warning("training graphs: capture of the step for batch shape %s failed (%s: %s); this shape "
+                        "runs eagerly", list(key), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return None
+        self.pool = graph.pool()
+        self.addresses = self._addresses()
+        rec = _Graph(graph, *static, cond, loss.detach())
+        self.graphs[key] = rec
+        log.info("training graphs: step for batch shape %s captured", list(key))
+        return rec
+
+
+def _restore_rng(device: torch.device) -> None:
+    """A failed capture leaves the device's default generator in capture mode ("Offset increment
+    outside graph capture"); a fresh state at the same seed and offset ends that (the sampling fast
+    path's nodes/cuda_graphs.py does the same)."""
+    with contextlib.suppress(Exception):
+        gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        fresh = torch.Generator(device=device)
+        fresh.manual_seed(gen.initial_seed())
+        with contextlib.suppress(RuntimeError):
+            fresh.set_offset(gen.get_offset())
+        gen.graphsafe_set_state(fresh.graphsafe_get_state())
