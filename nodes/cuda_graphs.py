@@ -2,7 +2,7 @@
 
 The graphs of a sampling run share one memory pool (GraphPool): they are replayed one after the
 other on one stream, never concurrently. A failed capture leaves the device's random generator
-as it was (_restore_rng).
+as it was (training.graphed.restore_rng_after_failed_capture).
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import logging
 import time
 
 import torch
+
+from ..training.graphed import restore_rng_after_failed_capture
 
 log = logging.getLogger(__name__)
 
@@ -21,24 +23,6 @@ class GraphPool:
 
     def __init__(self):
         self.handle = None
-
-
-def _restore_rng(device: torch.device) -> None:
-    """Undo what a failed capture leaves behind in the device's default random generator.
-
-    When cudaStreamEndCapture fails, torch skips the generator's capture epilogue, and the
-    generator stays in capture mode: the next random op on the device outside a capture (an SDE
-    sampler's noise, inductor's autotuning) raises "Offset increment outside graph capture
-    encountered unexpectedly". A fresh generator state at the same seed and offset ends that."""
-    try:
-        gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-        fresh = torch.Generator(device=device)
-        fresh.manual_seed(gen.initial_seed())
-        with contextlib.suppress(RuntimeError):  # the offset may be unreadable in that state: start at 0
-            fresh.set_offset(gen.get_offset())
-        gen.graphsafe_set_state(fresh.graphsafe_get_state())
-    except Exception as e:  # an older torch without graph-safe generator states: nothing more to do
-        log.debug("random generator state not restored after a failed capture (%s: %s)", type(e).__name__, e)
 
 
 class CudaGraph:
@@ -61,7 +45,7 @@ class CudaGraph:
             except BaseException:
                 with contextlib.suppress(Exception):
                     self.graph.capture_end()  # ends the (invalidated) capture; the first error is the one to see
-                _restore_rng(x.device)
+                restore_rng_after_failed_capture(x.device)
                 raise
             t2 = time.perf_counter()
             self.graph.capture_end()

@@ -113,7 +113,7 @@ class GraphedSteps:
                 loss = predicted_loss(self.model, *static, cond, self.dtype, cache=False)
                 loss.backward()
         except Exception as e:  # an op the capture cannot take: this shape stays eager
-            _restore_rng(x_t.device)
+            restore_rng_after_failed_capture(x_t.device)
             self.failed.add(key)
             torch._foreach_zero_(self._grads())
             log.warning("training graphs: capture of the step for batch shape %s failed (%s: %s); this shape "
@@ -127,14 +127,20 @@ class GraphedSteps:
         return rec
 
 
-def _restore_rng(device: torch.device) -> None:
-    """A failed capture leaves the device's default generator in capture mode ("Offset increment
-    outside graph capture"); a fresh state at the same seed and offset ends that (the sampling fast
-    path's nodes/cuda_graphs.py does the same)."""
-    with contextlib.suppress(Exception):
+def restore_rng_after_failed_capture(device: torch.device) -> None:
+    """Undo what a failed capture leaves behind in the device's default random generator.
+
+    When cudaStreamEndCapture fails, torch skips the generator's capture epilogue, and the
+    generator stays in capture mode: the next random op on the device outside a capture (an SDE
+    sampler's noise, inductor's autotuning) raises "Offset increment outside graph capture
+    encountered unexpectedly". A fresh generator state at the same seed and offset ends that.
+    (Used by the training graphs here and by the sampling fast path's nodes/cuda_graphs.py.)"""
+    try:
         gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
         fresh = torch.Generator(device=device)
         fresh.manual_seed(gen.initial_seed())
-        with contextlib.suppress(RuntimeError):
+        with contextlib.suppress(RuntimeError):  # the offset may be unreadable in that state: start at 0
             fresh.set_offset(gen.get_offset())
         gen.graphsafe_set_state(fresh.graphsafe_get_state())
+    except Exception as e:  # an older torch without graph-safe generator states: nothing more to do
+        log.debug("random generator state not restored after a failed capture (%s: %s)", type(e).__name__, e)
