@@ -35,6 +35,16 @@ def find_host() -> str | None:
     return None
 
 
+def pack_module(submodule: str):
+    """A module of the pack as the running host loaded it, e.g. "nodes.dynamic_vram" (the host names
+    the package by its path)."""
+    suffix = f"{PACK_NAME}.{submodule}"
+    for name, module in sys.modules.items():
+        if name.endswith(suffix):
+            return module
+    raise KeyError(suffix)
+
+
 def allocator_as_main(comfy_path: str) -> None:
     """main.py's `import cuda_malloc`: on a CUDA build of torch the host sets PYTORCH_CUDA_ALLOC_CONF's
     backend to cudaMallocAsync (its default for NVIDIA users), which takes effect only if CUDA has
@@ -207,11 +217,7 @@ class Host:
 
     def pack(self, submodule: str):
         """A module of the loaded pack, e.g. pack("nodes.domain_files") (the host names it by its path)."""
-        suffix = f"{PACK_NAME}.{submodule}"
-        for name, module in sys.modules.items():
-            if name.endswith(suffix):
-                return module
-        raise KeyError(suffix)
+        return pack_module(submodule)
 
     @property
     def nodes(self):

@@ -35,6 +35,7 @@ import zlib
 
 import torch
 
+from host import pack_module
 from tiny_nodes import plain_weights, randomize_
 
 _SD_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1], channel_mult=[1],
@@ -117,12 +118,8 @@ def _family_model(family: str, seed: int, weight_dtype: str = "default"):
         with plain_weights():
             model = config.get_model({}, "")
         model.load_model_weights({k: v.clone() for k, v in source.diffusion_model.state_dict().items()}, "")
-        with torch.no_grad():  # stored as built (ComfyUI 0.33 under dynamic VRAM keeps a loaded tensor's own dtype)
-            for m in model.diffusion_model.modules():
-                for key, p in list(m._parameters.items()):
-                    want = getattr(m, key + "_comfy_model_dtype", None)
-                    if p is not None and want is not None and p.dtype != want:
-                        m._parameters[key] = torch.nn.Parameter(p.detach().to(want), requires_grad=False)
+        # stored as built: ComfyUI 0.33 under dynamic VRAM keeps a loaded tensor's own dtype (the pack's cast)
+        pack_module("nodes.dynamic_vram").settle_lazy_dtypes(model.diffusion_model)
         model = model.to(mm.unet_offload_device())
         return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
     with plain_weights():
