@@ -284,8 +284,7 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torc
     (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"): the same update with
     both moments stored in 8 bits, quantized block by block (2 bytes of state per parameter
     instead of AdamW's 8; tensors under 4096 elements keep 32-bit states)."""
-    if config.optimizer == "adamw8bit":
-        bitsandbytes_available()
+    if config.optimizer == "adamw8bit":  # (TrainConfig.validate has checked that bitsandbytes is there)
         import bitsandbytes
 
         return bitsandbytes.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
