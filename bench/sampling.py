@@ -77,12 +77,16 @@ import tempfile
 import time
 from unittest import mock
 
-import torch
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 import host as host_module  # noqa: E402  (tests/host.py)
+
+if "COMFYUI_PATH" not in os.environ and os.path.isdir(os.path.join(REPO, ".host", "ComfyUI")):
+    os.environ["COMFYUI_PATH"] = os.path.join(REPO, ".host", "ComfyUI")
+if host_module.find_host():  # the CUDA allocator the host's main.py picks, before torch is imported
+    host_module.allocator_as_main(host_module.find_host())
+import torch  # noqa: E402
 import families  # noqa: E402  (bench/families.py: SD3.5 medium, Flux.1 dev, Z-Image at full size)
 from tiny_nodes import plain_weights  # noqa: E402  (host modules built here get ordinary weights)
 
@@ -648,10 +652,6 @@ def main(argv=None) -> int:
     repeats = args.repeats or (1 if args.quick else 3)
     os.makedirs(args.out, exist_ok=True)
 
-    comfy_path = os.environ.get("COMFYUI_PATH") or (os.path.join(REPO, ".host", "ComfyUI")
-                                                     if os.path.isdir(os.path.join(REPO, ".host", "ComfyUI")) else None)
-    if comfy_path:
-        os.environ["COMFYUI_PATH"] = comfy_path
     path = host_module.find_host()
     if path is None:
         print("no ComfyUI host: set COMFYUI_PATH", file=sys.stderr)

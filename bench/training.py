@@ -27,14 +27,16 @@ import sys
 import tempfile
 import time
 
-import torch
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 if "COMFYUI_PATH" not in os.environ and os.path.isdir(os.path.join(REPO, ".hostsrc")):
     os.environ["COMFYUI_PATH"] = os.path.join(REPO, ".hostsrc")
 
 import host as host_module  # noqa: E402
+
+if host_module.find_host():  # the CUDA allocator the host's main.py picks, before torch is imported
+    host_module.allocator_as_main(host_module.find_host())
+import torch  # noqa: E402
 
 _COMMON = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, use_spatial_transformer=True,
                legacy=False, use_temporal_attention=False, use_temporal_resblock=False)

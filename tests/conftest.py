@@ -39,12 +39,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cpu_tier: runs in the CPU tier only (no GPU code: install, browser, "
                                        "pure-torch reproduction)")
     if config.getoption("--gpu"):
+        if host_module.find_host() is not None:  # the host's CUDA allocator, before torch is imported
+            host_module.allocator_as_main(host_module.find_host())
         import torch
 
         if not torch.cuda.is_available():
             raise pytest.UsageError("--gpu: this machine has no CUDA device (torch.cuda.is_available() is False)")
-        if host_module.find_host() is not None:  # the host's CUDA allocator, before any test allocates
-            host_module.allocator_as_main(host_module.find_host())
     if host_module.find_host() is None:
         raise pytest.UsageError(
             "No ComfyUI host found. Set COMFYUI_PATH to a ComfyUI folder (one with comfy/samplers.py), "

@@ -19,8 +19,6 @@ import sys
 import types
 import uuid
 
-import torch
-
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_NAME = "comfyui-indomain"
 log = logging.getLogger("tests.host")
@@ -47,20 +45,30 @@ def pack_module(submodule: str):
 
 def allocator_as_main(comfy_path: str) -> None:
     """main.py's `import cuda_malloc`: on a CUDA build of torch the host sets PYTORCH_CUDA_ALLOC_CONF's
-    backend to cudaMallocAsync (its default for NVIDIA users), which takes effect only if CUDA has
-    not allocated yet in this process (the GPU tier calls this at configuration; Host.allocator then
-    says which allocator runs). HOST_ALLOCATOR=native keeps torch's own caching allocator, as the
-    host's --disable-cuda-malloc does."""
+    backend to cudaMallocAsync (its default for NVIDIA users). main.py does it before torch is
+    imported, and so must a caller: torch 2.11 reads the backend when it loads and stops at CUDA's
+    first use if the variable changed since ("Allocator backend parsed at runtime != allocator backend
+    parsed at load time"). Called once torch is imported, this keeps the allocator torch loaded with
+    and says so (Host.allocator says which one runs). HOST_ALLOCATOR=native keeps torch's own
+    caching allocator, as the host's --disable-cuda-malloc does."""
     if comfy_path not in sys.path:
         sys.path.insert(0, comfy_path)
     from comfy.cli_args import args
 
     if os.environ.get("HOST_ALLOCATOR") == "native":
         args.disable_cuda_malloc = True
+    before = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    torch_loaded = "torch" in sys.modules
     try:
         import cuda_malloc  # noqa: F401  (the host's module beside its main.py; it acts once, on import)
     except ImportError:
-        pass
+        return
+    if torch_loaded and os.environ.get("PYTORCH_CUDA_ALLOC_CONF") != before:
+        if before is None:
+            del os.environ["PYTORCH_CUDA_ALLOC_CONF"]
+        else:
+            os.environ["PYTORCH_CUDA_ALLOC_CONF"] = before
+        log.warning("torch was imported before the host's allocator choice: it keeps the allocator it loaded with")
 
 
 class _Server:
@@ -146,6 +154,8 @@ class Host:
             sys.modules["server"] = stub
         elif getattr(getattr(sys.modules["server"], "PromptServer", None), "instance", None) is None:
             sys.modules["server"].PromptServer.instance = self.server
+        import torch
+
         self.allocator = "cpu" if self.cpu or not torch.cuda.is_available() else torch.cuda.memory.get_allocator_backend()
         return self
 
