@@ -51,18 +51,25 @@ def allocator_as_main(comfy_path: str) -> None:
     parsed at load time"). Called once torch is imported, this keeps the allocator torch loaded with
     and says so (Host.allocator says which one runs). HOST_ALLOCATOR=native keeps torch's own
     caching allocator, as the host's --disable-cuda-malloc does."""
-    if comfy_path not in sys.path:
+    # The host's folder stays off sys.path until Host.start: pytest imports this pack's __init__.py
+    # (a package) before the first test, and it must not find the host there before the host starts.
+    added = comfy_path not in sys.path
+    if added:
         sys.path.insert(0, comfy_path)
-    from comfy.cli_args import args
-
-    if os.environ.get("HOST_ALLOCATOR") == "native":
-        args.disable_cuda_malloc = True
-    before = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
-    torch_loaded = "torch" in sys.modules
     try:
-        import cuda_malloc  # noqa: F401  (the host's module beside its main.py; it acts once, on import)
-    except ImportError:
-        return
+        from comfy.cli_args import args
+
+        if os.environ.get("HOST_ALLOCATOR") == "native":
+            args.disable_cuda_malloc = True
+        before = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+        torch_loaded = "torch" in sys.modules
+        try:
+            import cuda_malloc  # noqa: F401  (the host's module beside its main.py; it acts once, on import)
+        except ImportError:
+            return
+    finally:
+        if added:
+            sys.path.remove(comfy_path)
     if torch_loaded and os.environ.get("PYTORCH_CUDA_ALLOC_CONF") != before:
         if before is None:
             del os.environ["PYTORCH_CUDA_ALLOC_CONF"]
