@@ -218,8 +218,7 @@ class RecordedCall:
                 self.slots = slots
                 self.params = self._addresses()
                 rec.path = "graph"
-                log.debug("%s: CUDA graph of %d rows captured (ms: set-up %s, capture %s, instantiate %s)",
-                          self.name, len(rec.order), *rec.graph.timing_ms)
+                log.debug("%s: CUDA graph of %d rows captured in %s ms", self.name, len(rec.order), rec.graph.capture_ms)
             except Exception as e:  # an op the capture cannot take: keep the direct call
                 log.warning("%s: CUDA graph capture failed (%s: %s); calling the model directly",
                             self.name, type(e).__name__, e)

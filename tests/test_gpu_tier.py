@@ -99,7 +99,9 @@ def test_cuda_graphs_replay_what_the_host_computes(comfy, folders, monkeypatch, 
 
 
 def test_a_failed_capture_falls_back_and_leaves_the_random_generator_usable(comfy, folders, monkeypatch, caplog):
-    """A capture that fails (here: forced) keeps the direct call; an SDE sampler's noise after it works."""
+    """A capture that fails (here: forced) keeps the direct call; an SDE sampler's noise after it
+    works, and the next run captures its graphs again (under ComfyUI's cudaMallocAsync a failed
+    capture used to make every later one fail)."""
     cuda_graphs = comfy.pack("nodes.cuda_graphs")
 
     class Failing(cuda_graphs.CudaGraph):
@@ -117,6 +119,14 @@ def test_a_failed_capture_falls_back_and_leaves_the_random_generator_usable(comf
     monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "0")
     straightforward = comfy.run(prompt)["captured"]["out"]["samples"]
     assert (failed - straightforward).abs().max() <= 1e-5 * straightforward.abs().max()
+    monkeypatch.setattr(comfy.pack("nodes.fastpath"), "CudaGraph", cuda_graphs.CudaGraph)
+    monkeypatch.delenv("INDOMAIN_FAST_DOMAIN")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = comfy.run(prompt)["captured"]["out"]["samples"]
+    assert not any("capture failed" in r.getMessage() for r in caplog.records)
+    assert any("fast path (graph" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert (again - straightforward).abs().max() <= 1e-5 * straightforward.abs().max()
 
 
 def test_cuda_graphs_are_given_back_after_each_run(comfy, folders):

@@ -106,25 +106,82 @@ class GraphedSteps:
 
     def _capture(self, key, x_t, timestep, target, cond) -> _Graph | None:
         static = [x_t.clone(), timestep.clone(), target.clone()]
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize(x_t.device)
+        def step():
+            loss = predicted_loss(self.model, *static, cond, self.dtype, cache=False)
+            loss.backward()
+            return loss.detach()
+
         try:
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                loss = predicted_loss(self.model, *static, cond, self.dtype, cache=False)
-                loss.backward()
+            graph, loss, self.pool = capture_graph(step, x_t.device, self.pool)
         except Exception as e:  # an op the capture cannot take: this shape stays eager
-            restore_rng_after_failed_capture(x_t.device)
             self.failed.add(key)
             torch._foreach_zero_(self._grads())
             log.warning("training graphs: capture of the step for batch shape %s failed (%s: %s); this shape "
                         "runs eagerly", list(key), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             return None
-        self.pool = graph.pool()
         self.addresses = self._addresses()
-        rec = _Graph(graph, *static, cond, loss.detach())
+        rec = _Graph(graph, *static, cond, loss)
         self.graphs[key] = rec
         log.info("training graphs: step for batch shape %s captured", list(key))
         return rec
+
+
+def capture_graph(fn, device: torch.device, pool=None):
+    """fn() captured as a CUDA graph on a side stream: (graph, fn's output, pool). `pool` is the
+    memory pool's handle to share with earlier graphs (None: a new one, torch.cuda.graph_pool_handle).
+
+    As torch.cuda.graph captures, less its torch.cuda.empty_cache() (emptying the allocator's cache
+    at every capture made every later allocation of a sampling run a fresh cudaMalloc). A capture
+    that fails raises its first error and leaves the process as a capture that never began
+    (undo_failed_capture): without that, the next capture in the process fails too."""
+    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+    graph = torch.cuda.CUDAGraph()
+    torch.cuda.synchronize(device)
+    with torch.cuda.stream(torch.cuda.Stream(device=device)):
+        try:
+            graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        except BaseException:
+            undo_failed_capture(graph, device, pool, begun=False)
+            raise
+        try:
+            out = fn()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                graph.capture_end()  # ends the (invalidated) capture; the first error is the one to see
+            undo_failed_capture(graph, device, pool)
+            raise
+        try:
+            graph.capture_end()
+        except BaseException:
+            undo_failed_capture(graph, device, pool)
+            raise
+    return graph, out, pool
+
+
+def undo_failed_capture(graph: torch.cuda.CUDAGraph, device: torch.device, pool, begun: bool = True) -> None:
+    """What a failed capture leaves behind, undone: the allocator's capture state, the capture's
+    hold on its memory pool, the random generator's capture mode.
+
+    torch's capture_end stops at the failed cudaStreamEndCapture, before it tells the allocator
+    that the capture ended. Under cudaMallocAsync (ComfyUI's default allocator for NVIDIA users)
+    the allocator then believes a capture is still under way, and every later capture in the
+    process fails ("capture_free_streams.empty() INTERNAL ASSERT FAILED"); under torch's native
+    allocator the failed graph never releases its pool, whose memory stays reserved for the life
+    of the process. A graph that did end (its pool readable) releases the pool itself."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    ended_recording = False
+    with contextlib.suppress(Exception):  # raises when the capture never began or already told the allocator
+        torch._C._cuda_endAllocateToPool(index, pool)
+        ended_recording = True
+    try:
+        graph.pool()
+        graph_ended = True
+    except Exception:
+        graph_ended = False
+    if not graph_ended and (begun or ended_recording):
+        with contextlib.suppress(Exception):
+            torch._C._cuda_releasePool(index, pool)
+    restore_rng_after_failed_capture(device)
 
 
 def restore_rng_after_failed_capture(device: torch.device) -> None:
