@@ -11,6 +11,7 @@ not (a sentence for the log) or None.
 """
 from __future__ import annotations
 
+from ..training.graphed import allocator_reason
 from . import dynamic_vram
 from .lora_adapters import HOST_COMPILE_KEY, HOST_COMPILE_KWARGS
 
@@ -49,6 +50,9 @@ def host_state_reason(model, model_options: dict) -> str | None:
 def graph_reason(model, kwargs: dict) -> str | None:
     """Why the recorded call cannot be a CUDA graph (None if it can): Python code inside the
     forward that may act differently per step, or weights not at fixed addresses."""
+    reason = allocator_reason()
+    if reason:
+        return reason
     options = kwargs.get("transformer_options", {})
     for key in ("patches", "patches_replace"):
         if any(options.get(key, {}).values()):

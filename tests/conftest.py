@@ -76,6 +76,21 @@ def on_gpu(pytestconfig) -> bool:
 
 
 @pytest.fixture(scope="session")
+def graphs(on_gpu) -> bool:
+    """True where the fast path's recorded calls are CUDA graphs (GPU, native allocator)."""
+    return host_module.graphs_allowed(on_gpu)
+
+
+@pytest.fixture
+def needs_graphs(on_gpu, graphs):
+    """Tests of the CUDA graphs themselves or of their rules as the GPU sees them: skipped on a
+    GPU where none is made."""
+    if on_gpu and not graphs:
+        pytest.skip("no CUDA graphs in this process (CPU, or the cudaMallocAsync allocator: "
+                    "HOST_ALLOCATOR=native runs the GPU tier with them)")
+
+
+@pytest.fixture(scope="session")
 def comfy(tmp_path_factory, on_gpu):
     """The started host: ComfyUI with its built-in nodes and this pack, folders in a temp dir."""
     base = tmp_path_factory.mktemp("comfyui")

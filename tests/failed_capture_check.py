@@ -27,6 +27,11 @@ def fails():
     return x * float(scratch[0].sum())  # a host synchronisation: the capture is invalidated
 
 
+try:
+    capture_graph(lambda: x * 2, dev)
+except RuntimeError as e:  # refused under cudaMallocAsync, before capturing
+    print(json.dumps({"allocator": torch.cuda.memory.get_allocator_backend(), "refused": str(e)}))
+    sys.exit(0)
 start = reserved()
 errors = []
 for _ in range(3):
@@ -39,6 +44,6 @@ graph, out, pool = capture_graph(lambda: x * 2 + 1, dev)
 x.fill_(3.0)
 graph.replay()
 noise = torch.randn(4, device=dev)  # the random generator outside a capture
-print(json.dumps({"allocator": torch.cuda.memory.get_allocator_backend(), "errors": errors,
+print(json.dumps({"allocator": torch.cuda.memory.get_allocator_backend(), "refused": None, "errors": errors,
                   "reserved_growth": after_failures - start, "replayed": out.tolist()[:2],
                   "noise_finite": bool(torch.isfinite(noise).all())}))

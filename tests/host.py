@@ -78,6 +78,17 @@ def allocator_as_main(comfy_path: str) -> None:
         log.warning("torch was imported before the host's allocator choice: it keeps the allocator it loaded with")
 
 
+def graphs_allowed(on_gpu: bool) -> bool:
+    """Whether the pack makes CUDA graphs in this process: on the GPU, under torch's native
+    allocator (training.graphed.allocator_reason; the GPU tier runs under the host's allocator,
+    cudaMallocAsync on CUDA 13 torch: HOST_ALLOCATOR=native runs it with graphs)."""
+    if not on_gpu:
+        return False
+    import torch
+
+    return torch.cuda.memory.get_allocator_backend() != "cudaMallocAsync"
+
+
 class _Server:
     """The part of ComfyUI's PromptServer that PromptExecutor talks to, recording messages."""
 

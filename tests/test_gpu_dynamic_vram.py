@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("needs_graphs")]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -3,6 +3,7 @@
 The rest of the suite runs in that tier too, with the host on the GPU and its own defaults (fp16
 weights on an H200, no manual cast, CUDA graphs on the fast path). Skipped on the CPU, saying why.
 """
+import logging
 import os
 
 import pytest
@@ -77,7 +78,7 @@ def test_the_gpu_resumes_exactly_and_a_cancel_keeps_the_checkpoint(comfy, folder
 
 @pytest.mark.parametrize("domain", ["gpu_domain.safetensors", "gpu_lora.safetensors"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_cuda_graphs_replay_what_the_host_computes(comfy, folders, monkeypatch, caplog, domain, batch):
+def test_cuda_graphs_replay_what_the_host_computes(comfy, folders, monkeypatch, caplog, domain, batch, needs_graphs):
     """The graph path, the eager path and the straightforward path give the same latents."""
     import logging
     caplog.set_level(logging.INFO)
@@ -98,7 +99,7 @@ def test_cuda_graphs_replay_what_the_host_computes(comfy, folders, monkeypatch, 
     assert (out["1"] - out["0"]).abs().max() <= rel * scale
 
 
-def test_a_failed_capture_falls_back_and_leaves_the_random_generator_usable(comfy, folders, monkeypatch, caplog):
+def test_a_failed_capture_falls_back_and_leaves_the_random_generator_usable(comfy, folders, monkeypatch, caplog, needs_graphs):
     """A capture that fails (here: forced) keeps the direct call; an SDE sampler's noise after it
     works, and the next run captures its graphs again (under ComfyUI's cudaMallocAsync a failed
     capture used to make every later one fail)."""
@@ -127,6 +128,26 @@ def test_a_failed_capture_falls_back_and_leaves_the_random_generator_usable(comf
     assert not any("capture failed" in r.getMessage() for r in caplog.records)
     assert any("fast path (graph" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
     assert (again - straightforward).abs().max() <= 1e-5 * straightforward.abs().max()
+
+
+def test_under_cudamallocasync_the_fast_path_makes_no_graph_and_says_why(comfy, folders, caplog, graphs):
+    """ComfyUI's default allocator on NVIDIA (cudaMallocAsync): a capture that fails there ends the
+    process, so the recorded calls are made directly, saying why once per record, with the
+    straightforward path's latents."""
+    if graphs:
+        pytest.skip("this process runs torch's native allocator (HOST_ALLOCATOR=native): graphs are made")
+    prompt = text_to_image(steps=3, domain=["dom", 0], domain_scale=1.5, extra={"dom": loader("gpu_domain.safetensors")})
+    with caplog.at_level(logging.INFO):
+        fast = comfy.run(prompt)["captured"]["out"]["samples"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("no CUDA graph (CUDA allocator cudaMallocAsync" in line and "--disable-cuda-malloc" in line for line in lines), lines
+    assert not any("capture failed" in line for line in lines)
+    os.environ["INDOMAIN_FAST_DOMAIN"] = "0"
+    try:
+        straightforward = comfy.run(prompt)["captured"]["out"]["samples"]
+    finally:
+        del os.environ["INDOMAIN_FAST_DOMAIN"]
+    assert (fast - straightforward).abs().max() <= 1e-5 * straightforward.abs().max()
 
 
 def test_cuda_graphs_are_given_back_after_each_run(comfy, folders):

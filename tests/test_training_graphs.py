@@ -34,7 +34,7 @@ def test_cuda_graph_on_the_cpu_is_refused_naming_the_device_before_anything_is_w
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode, ckpt", [("lora", False), ("full", False), ("lora", True), ("full", True)])
-def test_graphed_steps_train_what_eager_steps_train(tmp_path, caplog, mode, ckpt):
+def test_graphed_steps_train_what_eager_steps_train(tmp_path, caplog, mode, ckpt, needs_graphs):
     """bf16, 8 steps on one bucket: 2 eager steps, a capture, then replays. The losses and the
     weights equal the eager run's within 1e-3 (the same kernels on the same inputs)."""
     config = dict(steps=8, mode=mode, lr=3e-3, lora_rank=4, precision="bf16", state_name=None,
@@ -54,16 +54,29 @@ def test_graphed_steps_train_what_eager_steps_train(tmp_path, caplog, mode, ckpt
 @pytest.mark.parametrize("allocator", ["native", "cudaMallocAsync"])
 def test_a_failed_capture_leaves_the_next_capture_memory_and_random_generator_as_they_were(allocator):
     """Three captures that fail (a host sync inside, 2 GiB allocated in their pool), in a fresh
-    process under each CUDA allocator ComfyUI users run (cudaMallocAsync: main.py's default on
-    NVIDIA; native: --disable-cuda-malloc): a later capture records and replays, the failed pools'
-    memory is given back, random numbers still come (training.graphed.undo_failed_capture)."""
+    process under torch's native allocator (ComfyUI's --disable-cuda-malloc): a later capture records
+    and replays, the failed pools' memory is given back, random numbers still come
+    (training.graphed.undo_failed_capture). Under cudaMallocAsync (main.py's default on NVIDIA) a
+    failed capture aborts the process, so capture_graph refuses before capturing."""
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=f"backend:{allocator}")
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "failed_capture_check.py")
     run_ = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
     assert run_.returncode == 0, run_.stderr[-3000:]
     report = json.loads(run_.stdout.strip().splitlines()[-1])
     assert report["allocator"] == allocator
+    if allocator == "cudaMallocAsync":  # refused before capturing: the failure would end the process
+        assert report["refused"] and report["refused"].startswith("no CUDA graph: CUDA allocator cudaMallocAsync"), report
+        return
     assert len(report["errors"]) == 3, report
     assert report["replayed"] == [7.0, 7.0], report
     assert report["reserved_growth"] < 2 ** 30, report  # not one failed pool (2 GiB) kept
     assert report["noise_finite"]
+
+
+@pytest.mark.gpu
+def test_under_cudamallocasync_cuda_graph_is_refused_naming_the_allocator_and_the_host_flag(tmp_path, graphs):
+    if graphs:
+        pytest.skip("this process runs torch's native allocator: cuda_graph works")
+    with pytest.raises(ValueError, match=r"cuda_graph=True: CUDA allocator cudaMallocAsync.*--disable-cuda-malloc"):
+        run(tmp_path, unet=tiny_unet().cuda(), cuda_graph=True, steps=2, precision="bf16", state_name=None)
+    assert not (tmp_path / "state.train").exists()

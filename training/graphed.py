@@ -126,6 +126,18 @@ class GraphedSteps:
         return rec
 
 
+def allocator_reason() -> str | None:
+    """Why no CUDA graph is made in this process (None: they may be). Under cudaMallocAsync, the
+    allocator ComfyUI's main.py picks for NVIDIA users, a capture that fails ends the process:
+    tensors allocated inside it cannot be freed (cudaFreeAsync fails in their destructor, which
+    aborts). Found on an H200 with torch 2.11; torch's native allocator recovers
+    (undo_failed_capture)."""
+    if torch.cuda.is_available() and torch.cuda.memory.get_allocator_backend() == "cudaMallocAsync":
+        return ("CUDA allocator cudaMallocAsync, where a failed capture ends the process; "
+                "ComfyUI's --disable-cuda-malloc allows CUDA graphs")
+    return None
+
+
 def capture_graph(fn, device: torch.device, pool=None):
     """fn() captured as a CUDA graph on a side stream: (graph, fn's output, pool). `pool` is the
     memory pool's handle to share with earlier graphs (None: a new one, torch.cuda.graph_pool_handle).
@@ -133,7 +145,11 @@ def capture_graph(fn, device: torch.device, pool=None):
     As torch.cuda.graph captures, less its torch.cuda.empty_cache() (emptying the allocator's cache
     at every capture made every later allocation of a sampling run a fresh cudaMalloc). A capture
     that fails raises its first error and leaves the process as a capture that never began
-    (undo_failed_capture): without that, the next capture in the process fails too."""
+    (undo_failed_capture): without that, the next capture in the process fails too. Refused, before
+    anything is captured, where allocator_reason() names a reason."""
+    reason = allocator_reason()
+    if reason:
+        raise RuntimeError(f"no CUDA graph: {reason}")
     pool = pool if pool is not None else torch.cuda.graph_pool_handle()
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize(device)

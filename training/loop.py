@@ -36,7 +36,7 @@ from .distributed import Ranks, StoppedByPeer, agree, agree_flag, announce_failu
 from .latents import FileIndex, LatentSet, cache_latents
 from .lora import DEFAULT_TARGETS
 from .noise import DiscreteSchedule, FlowSchedule, check_schedule
-from .graphed import GraphedSteps, predicted_loss
+from .graphed import GraphedSteps, allocator_reason, predicted_loss
 from .trainable import MODES, Trainable, ema_decay_at, ema_init, ema_update, enable_gradient_checkpointing, full_copy, lora_adapters
 
 log = logging.getLogger(__name__)
@@ -376,6 +376,8 @@ def train(
     if config.cuda_graph and (device.type != "cuda" or r.active):
         raise ValueError("cuda_graph=True: CUDA graphs need a CUDA device and one process" + (
             f" (the device is {device})" if device.type != "cuda" else " (not under torchrun)"))
+    if config.cuda_graph and allocator_reason():
+        raise ValueError(f"cuda_graph=True: {allocator_reason()}")
 
     # 1. Data: every image fitted to its bucket and encoded once (cached on disk; sharded across ranks).
     image_set = ImageSet(images)
