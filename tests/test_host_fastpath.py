@@ -466,3 +466,14 @@ def test_the_host_makes_room_for_the_rows_it_does_not_count(comfy, files, monkey
     sample(comfy, monkeypatch, True, caplog, negative=negative, domain=["dom", 0], domain_scale=0.0,
            extra={"dom": loader(files["domain"])})
     assert not [a for a in asked if a[0] == model.memory_required([rows, 4, 8, 8])]  # nothing more without a term
+
+
+def test_under_cudamallocasync_no_recorded_call_is_a_cuda_graph_and_the_reason_names_the_host_flag(comfy, files, monkeypatch):
+    """A capture that fails under cudaMallocAsync (ComfyUI's default allocator on NVIDIA) aborts
+    the process (found on an H200), so no recorded call becomes a graph there; the reason the log
+    gives names the allocator and the host's --disable-cuda-malloc."""
+    fastpath = comfy.pack("nodes.fastpath")
+    patcher = tiny.tiny_model()
+    monkeypatch.setattr(comfy.pack("training.graphed"), "cuda_malloc_async", lambda: True)
+    reason = fastpath.graph_reason(patcher.model, {})
+    assert reason.startswith("CUDA allocator cudaMallocAsync") and "--disable-cuda-malloc" in reason

@@ -126,13 +126,19 @@ class GraphedSteps:
         return rec
 
 
+def cuda_malloc_async() -> bool:
+    """Whether this process's CUDA allocator is cudaMallocAsync (ComfyUI's main.py picks it for
+    NVIDIA users)."""
+    return torch.cuda.is_available() and torch.cuda.memory.get_allocator_backend() == "cudaMallocAsync"
+
+
 def allocator_reason() -> str | None:
     """Why no CUDA graph is made in this process (None: they may be). Under cudaMallocAsync, the
     allocator ComfyUI's main.py picks for NVIDIA users, a capture that fails ends the process:
     tensors allocated inside it cannot be freed (cudaFreeAsync fails in their destructor, which
     aborts). Found on an H200 with torch 2.11; torch's native allocator recovers
     (undo_failed_capture)."""
-    if torch.cuda.is_available() and torch.cuda.memory.get_allocator_backend() == "cudaMallocAsync":
+    if cuda_malloc_async():
         return ("CUDA allocator cudaMallocAsync, where a failed capture ends the process; "
                 "ComfyUI's --disable-cuda-malloc allows CUDA graphs")
     return None

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .graphed import cuda_malloc_async
 from .lora import DEFAULT_TARGETS, inject_lora, lora_state_dict
 
 MODES = ("full", "lora")
@@ -76,8 +77,12 @@ def enable_gradient_checkpointing(model: nn.Module, names: Sequence[str], preser
     The recomputation runs under the torch function modes active at the forward call (a host's
     rewrite of in-place ops, for one), as the forward did. preserve_rng_state=False: the random
     state is not saved for the recomputation (a CUDA graph capture cannot read it; the UNets
-    trained here draw no random numbers in their forward).
+    trained here draw no random numbers in their forward). Under the cudaMallocAsync allocator
+    the recomputation runs whole blocks: its early stop (an exception raised from a saved-tensor
+    hook inside an op) came back as "conv2d returned NULL without setting an exception"
+    (ComfyUI 0.33, LoRA, bf16, H200, torch 2.11; docs/GPU_TIER.md).
     """
+    early_stop = not cuda_malloc_async()
     modules = dict(model.named_modules())
     unknown = [n for n in names if n not in modules]
     if unknown:
@@ -91,7 +96,7 @@ def enable_gradient_checkpointing(model: nn.Module, names: Sequence[str], preser
             if torch.is_grad_enabled():
                 modes = _function_modes()
                 return checkpoint(functools.partial(_in_modes, modes, _forward), *args, use_reentrant=False,
-                                  preserve_rng_state=preserve_rng_state, **kwargs)
+                                  preserve_rng_state=preserve_rng_state, early_stop=early_stop, **kwargs)
             return _forward(*args, **kwargs)
 
         module.forward = checkpointed  # an instance attribute: the class is untouched
