@@ -21,6 +21,9 @@ ModelPatcher), and times with torch.cuda.synchronize around each whole sampling 
                  ours with INDOMAIN_FAST_DOMAIN=domain: only the domain row recorded (a CUDA graph), the
                  base rows through the host's calc_cond_batch every step (the fast path before the
                  base rows were recorded too)
+  full_eager, lora_eager
+                 ours with INDOMAIN_FAST_DOMAIN=eager: the recorded calls made directly, no CUDA graph
+                 (what "full" / "lora" do under cudaMallocAsync, ComfyUI's default allocator on NVIDIA)
   full_everyK, lora_everyK
                  ours with domain_every = K (the domain rows every K-th evaluation; e.g. full_every2)
   zero           ours with domain_scale 0: each step the host's own sampling_function (since issue 15;
@@ -117,7 +120,7 @@ MODELS = {
 LORA_TARGETS = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
 VARIANTS = ("cl", "cudnn", "autotune", "compile")
 CASES = ("stock", "full", "full_half", "full_negnull", "lora", "lora_half", "full_ref", "lora_ref", "full_domain_only",
-         "lora_domain_only", "zero")
+         "lora_domain_only", "full_eager", "lora_eager", "zero")
 
 
 def is_cuda() -> bool:
@@ -407,7 +410,8 @@ class Bench:
         domain = m["full"] if case.startswith("full") else m["lora"]
         end = 0.5 if case.endswith("_half") else 1.0
         negative = c["null"] if case.endswith("_negnull") else c["negative"]
-        fast = "0" if case.endswith("_ref") else "domain" if case.endswith("_domain_only") else "1"
+        fast = ("0" if case.endswith("_ref") else "domain" if case.endswith("_domain_only")
+                else "eager" if case.endswith("_eager") else "1")
         s = self.sampling
 
         def fn():

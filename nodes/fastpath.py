@@ -12,7 +12,9 @@ Every later step with the same rows:
 - calls apply_model with the recorded conditioning directly: the same kernels on the same
   inputs, hence the same numbers, without the per-step bookkeeping;
 - on CUDA, replays that call as a CUDA graph: one launch per step instead of thousands, so the
-  step costs the GPU's time, not the CPU's (the graphs of a run share one memory pool);
+  step costs the GPU's time, not the CPU's (the graphs of a run share one memory pool). Not
+  under the cudaMallocAsync allocator (ComfyUI's default on NVIDIA), where a capture that fails
+  aborts the process (training.graphed.allocator_reason);
 - for the domain rows (DomainForward), is launched before the base rows.
 
 A LoRA domain runs on the base's own modules with its LoRA as adapters (lora_adapters.py).

@@ -31,7 +31,8 @@ whatever the empty prompt carries; n keeps the negative's own, as in KSampler.
 
 The fast path (fastpath.py): each domain row and the base's batched rows go through the host's
 calc_cond_batch on the first step; its one model call is recorded and, every later step, made
-directly (a CUDA graph on CUDA), the domain rows launched before the base rows. Whatever the
+directly (a CUDA graph on CUDA under torch's native allocator), the domain rows launched
+before the base rows. Whatever the
 recording cannot reproduce (ControlNet, hooks, areas, masks, wrappers...) keeps the host's call.
 INDOMAIN_FAST_DOMAIN=0 gives the straightforward path: every row through the host's
 calc_cond_batch each step (the reference the fast path is tested against); =domain records the
