@@ -10,7 +10,7 @@ if [ ! -x "$host/.venv/bin/python" ] || [ ! -f "$host/comfy/samplers.py" ]; then
   [ -x ../shared/comfyui-host.sh ] || { echo "no ComfyUI host at $host and no ../shared/comfyui-host.sh to build one" >&2; exit 2; }
   bash ../shared/comfyui-host.sh "" "$host"
 fi
-"$host/.venv/bin/pip" install -q -r requirements.txt pytest
+"$host/.venv/bin/pip" install -q -r requirements.txt "pytest>=7.3"
 # Optional at run time (the training's adamw8bit optimizer names it when missing); the tests use it.
 "$host/.venv/bin/pip" install -q bitsandbytes || echo "bitsandbytes could not be installed: the 8-bit optimizer's tests are skipped" >&2
 # Newer hosts (0.33) import torchaudio at start-up; ../shared/comfyui-host.sh leaves it out, and the
