@@ -203,17 +203,16 @@ def undo_failed_capture(graph: torch.cuda.CUDAGraph, device: torch.device, pool,
     if not graph_ended and (begun or ended_recording):
         with contextlib.suppress(Exception):
             torch._C._cuda_releasePool(index, pool)
-    restore_rng_after_failed_capture(device)
+    _restore_rng(device)
 
 
-def restore_rng_after_failed_capture(device: torch.device) -> None:
+def _restore_rng(device: torch.device) -> None:
     """Undo what a failed capture leaves behind in the device's default random generator.
 
     When cudaStreamEndCapture fails, torch skips the generator's capture epilogue, and the
     generator stays in capture mode: the next random op on the device outside a capture (an SDE
     sampler's noise, inductor's autotuning) raises "Offset increment outside graph capture
-    encountered unexpectedly". A fresh generator state at the same seed and offset ends that.
-    (Used by the training graphs here and by the sampling fast path's nodes/cuda_graphs.py.)"""
+    encountered unexpectedly". A fresh generator state at the same seed and offset ends that."""
     try:
         gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
         fresh = torch.Generator(device=device)

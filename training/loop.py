@@ -376,8 +376,8 @@ def train(
     if config.cuda_graph and (device.type != "cuda" or r.active):
         raise ValueError("cuda_graph=True: CUDA graphs need a CUDA device and one process" + (
             f" (the device is {device})" if device.type != "cuda" else " (not under torchrun)"))
-    if config.cuda_graph and allocator_reason():
-        raise ValueError(f"cuda_graph=True: {allocator_reason()}")
+    if config.cuda_graph and (reason := allocator_reason()):
+        raise ValueError(f"cuda_graph=True: {reason}")
 
     # 1. Data: every image fitted to its bucket and encoded once (cached on disk; sharded across ranks).
     image_set = ImageSet(images)
