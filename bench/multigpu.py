@@ -38,8 +38,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 import host as host_module  # noqa: E402  (tests/host.py)
 
-if host_module.find_host():  # the CUDA allocator the host's main.py picks, before torch is imported
-    host_module.allocator_as_main(host_module.find_host())
+host_module.allocator_as_main()  # the CUDA allocator the host's main.py picks, before torch is imported
 import torch  # noqa: E402
 CASES = {  # name: (mode, gradient checkpointing, TrainConfig speed options)
     "full": ("full", False, {}),

@@ -87,8 +87,7 @@ import host as host_module  # noqa: E402  (tests/host.py)
 
 if "COMFYUI_PATH" not in os.environ and os.path.isdir(os.path.join(REPO, ".host", "ComfyUI")):
     os.environ["COMFYUI_PATH"] = os.path.join(REPO, ".host", "ComfyUI")
-if host_module.find_host():  # the CUDA allocator the host's main.py picks, before torch is imported
-    host_module.allocator_as_main(host_module.find_host())
+host_module.allocator_as_main()  # the CUDA allocator the host's main.py picks, before torch is imported
 import torch  # noqa: E402
 import families  # noqa: E402  (bench/families.py: SD3.5 medium, Flux.1 dev, Z-Image at full size)
 from tiny_nodes import plain_weights  # noqa: E402  (host modules built here get ordinary weights)

@@ -34,8 +34,7 @@ if "COMFYUI_PATH" not in os.environ and os.path.isdir(os.path.join(REPO, ".hosts
 
 import host as host_module  # noqa: E402
 
-if host_module.find_host():  # the CUDA allocator the host's main.py picks, before torch is imported
-    host_module.allocator_as_main(host_module.find_host())
+host_module.allocator_as_main()  # the CUDA allocator the host's main.py picks, before torch is imported
 import torch  # noqa: E402
 
 _COMMON = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, use_spatial_transformer=True,

@@ -39,8 +39,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cpu_tier: runs in the CPU tier only (no GPU code: install, browser, "
                                        "pure-torch reproduction)")
     if config.getoption("--gpu"):
-        if host_module.find_host() is not None:  # the host's CUDA allocator, before torch is imported
-            host_module.allocator_as_main(host_module.find_host())
+        host_module.allocator_as_main()  # the host's CUDA allocator, before torch is imported
         import torch
 
         if not torch.cuda.is_available():

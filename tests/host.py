@@ -43,14 +43,17 @@ def pack_module(submodule: str):
     raise KeyError(suffix)
 
 
-def allocator_as_main(comfy_path: str) -> None:
-    """main.py's `import cuda_malloc`: on a CUDA build of torch the host sets PYTORCH_CUDA_ALLOC_CONF's
+def allocator_as_main(comfy_path: str | None = None) -> None:
+    """(comfy_path: the host's folder; None: find_host(), nothing without one.) main.py's `import cuda_malloc`: on a CUDA build of torch the host sets PYTORCH_CUDA_ALLOC_CONF's
     backend to cudaMallocAsync (its default for NVIDIA users). main.py does it before torch is
     imported, and so must a caller: torch 2.11 reads the backend when it loads and stops at CUDA's
     first use if the variable changed since ("Allocator backend parsed at runtime != allocator backend
     parsed at load time"). Called once torch is imported, this keeps the allocator torch loaded with
     and says so (Host.allocator says which one runs). HOST_ALLOCATOR=native keeps torch's own
     caching allocator, as the host's --disable-cuda-malloc does."""
+    comfy_path = comfy_path or find_host()
+    if comfy_path is None:
+        return
     # The host's folder stays off sys.path until Host.start: pytest imports this pack's __init__.py
     # (a package) before the first test, and it must not find the host there before the host starts.
     added = comfy_path not in sys.path
@@ -79,14 +82,12 @@ def allocator_as_main(comfy_path: str) -> None:
 
 
 def graphs_allowed(on_gpu: bool) -> bool:
-    """Whether the pack makes CUDA graphs in this process: on the GPU, under torch's native
-    allocator (training.graphed.allocator_reason; the GPU tier runs under the host's allocator,
-    cudaMallocAsync on CUDA 13 torch: HOST_ALLOCATOR=native runs it with graphs)."""
-    if not on_gpu:
-        return False
-    import torch
+    """Whether the pack makes CUDA graphs in this process: on the GPU, where
+    training.graphed.allocator_reason names no reason (the GPU tier runs under the host's
+    allocator, cudaMallocAsync on CUDA 13 torch: HOST_ALLOCATOR=native runs it with graphs)."""
+    from training.graphed import allocator_reason
 
-    return torch.cuda.memory.get_allocator_backend() != "cudaMallocAsync"
+    return on_gpu and allocator_reason() is None
 
 
 class _Server:

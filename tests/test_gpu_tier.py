@@ -130,7 +130,7 @@ def test_a_failed_capture_falls_back_and_leaves_the_random_generator_usable(comf
     assert (again - straightforward).abs().max() <= 1e-5 * straightforward.abs().max()
 
 
-def test_under_cudamallocasync_the_fast_path_makes_no_graph_and_says_why(comfy, folders, caplog, graphs):
+def test_under_cudamallocasync_the_fast_path_makes_no_graph_and_says_why(comfy, folders, caplog, monkeypatch, graphs):
     """ComfyUI's default allocator on NVIDIA (cudaMallocAsync): a capture that fails there ends the
     process, so the recorded calls are made directly, saying why once per record, with the
     straightforward path's latents."""
@@ -142,11 +142,8 @@ def test_under_cudamallocasync_the_fast_path_makes_no_graph_and_says_why(comfy, 
     lines = [r.getMessage() for r in caplog.records]
     assert any("no CUDA graph (CUDA allocator cudaMallocAsync" in line and "--disable-cuda-malloc" in line for line in lines), lines
     assert not any("capture failed" in line for line in lines)
-    os.environ["INDOMAIN_FAST_DOMAIN"] = "0"
-    try:
-        straightforward = comfy.run(prompt)["captured"]["out"]["samples"]
-    finally:
-        del os.environ["INDOMAIN_FAST_DOMAIN"]
+    monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "0")
+    straightforward = comfy.run(prompt)["captured"]["out"]["samples"]
     # One call for all rows against the host's own batching of them (fp16): 2.9e-5 measured on 0.33.
     assert (fast - straightforward).abs().max() <= 2e-4 * straightforward.abs().max()
 
