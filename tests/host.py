@@ -224,9 +224,26 @@ class Host:
         except TypeError:  # comfy-aimdo 0.4.9
             ok = comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices())
         if ok:
+            Host._aimdo_log_level(args)
             comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
             comfy.memory_management.aimdo_enabled = True
         return bool(ok)
+
+    @staticmethod
+    def _aimdo_log_level(args):
+        """main.py gives comfy-aimdo its console level (INFO unless --verbose). Left at its own default
+        (debug), aimdo calls its Python log callback from its threads for every debug line: a tier
+        run hung in that callback (docs/GPU_TIER.md, 2026-11-30 night)."""
+        import comfy_aimdo.control as aimdo
+
+        try:
+            from comfy.cli_args import get_console_log_level
+            level = get_console_log_level(args.verbose)
+        except (ImportError, AttributeError, TypeError):
+            level = "INFO"
+        setter = {"DEBUG": "set_log_debug", "DETAIL": "set_log_detail", "CRITICAL": "set_log_critical",
+                  "ERROR": "set_log_error", "WARNING": "set_log_warning"}.get(level, "set_log_info")
+        getattr(aimdo, setter, aimdo.set_log_info)()
 
     def after_node(self):
         """What the host's executor does after each node (0.33: cast buffers, prefetch queues and
