@@ -23,7 +23,10 @@ ModelPatcher), and times with torch.cuda.synchronize around each whole sampling 
                  base rows were recorded too)
   full_eager, lora_eager
                  ours with INDOMAIN_FAST_DOMAIN=eager: the recorded calls made directly, no CUDA graph
-                 (what "full" / "lora" do under cudaMallocAsync, ComfyUI's default allocator on NVIDIA)
+                 (what "full" / "lora" do under cudaMallocAsync, ComfyUI's default allocator on NVIDIA;
+                 without graphs the LoRA domain's row rides in the base's call)
+  lora_separate  ours with INDOMAIN_FAST_DOMAIN=separate: as lora_eager, the LoRA domain's row in a
+                 call of its own (before the joint call, nodes/fastpath.py JointCall)
   full_everyK, lora_everyK
                  ours with domain_every = K (the domain rows every K-th evaluation; e.g. full_every2)
   zero           ours with domain_scale 0: each step the host's own sampling_function (since issue 15;
@@ -119,7 +122,7 @@ MODELS = {
 LORA_TARGETS = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
 VARIANTS = ("cl", "cudnn", "autotune", "compile")
 CASES = ("stock", "full", "full_half", "full_negnull", "lora", "lora_half", "full_ref", "lora_ref", "full_domain_only",
-         "lora_domain_only", "full_eager", "lora_eager", "zero")
+         "lora_domain_only", "full_eager", "lora_eager", "lora_separate", "zero")
 
 
 def is_cuda() -> bool:
@@ -410,7 +413,7 @@ class Bench:
         end = 0.5 if case.endswith("_half") else 1.0
         negative = c["null"] if case.endswith("_negnull") else c["negative"]
         fast = ("0" if case.endswith("_ref") else "domain" if case.endswith("_domain_only")
-                else "eager" if case.endswith("_eager") else "1")
+                else "eager" if case.endswith("_eager") else "separate" if case.endswith("_separate") else "1")
         s = self.sampling
 
         def fn():
@@ -549,7 +552,7 @@ def capture_failure_check(cuda_graphs) -> dict:
 
 
 class PathLog(logging.Handler):
-    """Collects the guider's 'fast path' / 'straightforward path' log lines of one run."""
+    """Collects the guider's 'fast path' / 'straightforward path' / joint call log lines of one run."""
 
     def __init__(self):
         super().__init__(logging.INFO)
@@ -557,7 +560,7 @@ class PathLog(logging.Handler):
 
     def emit(self, record):
         msg = record.getMessage()
-        if "fast path" in msg or "straightforward path" in msg or "CUDA graph" in msg:
+        if "fast path" in msg or "straightforward path" in msg or "CUDA graph" in msg or "in the base's call" in msg:
             self.messages.append(msg)
 
     def __enter__(self):

@@ -233,6 +233,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         self.fast_mode = fastpath.mode()
         self.read_sigma = True
         self.base_fast: fastpath.RecordedCall | None = None
+        self.joint_calls: dict[tuple, fastpath.JointCall] = {}  # LoRA domains riding in the base's call, per set
 
     def set_conds(self, positive, negative, null):
         """positive/negative as for KSampler; null: the base's empty-prompt conditioning."""
@@ -323,11 +324,12 @@ class DomainGuider(comfy.samplers.CFGGuider):
         # The base rows recorded too, where some term can be on (with none, every step is the host's own
         # sampling_function), unless a LoRA domain rides in the base's call as a weight hook (the host
         # swaps the base's weights around that row) or a model patch replaces the host's row batching.
-        if (self.fast_mode in ("graph", "eager") and any(d.kind not in ("off", "same") for d in self.domains)
+        if (self.fast_mode in ("graph", "eager", "separate") and any(d.kind not in ("off", "same") for d in self.domains)
                 and not any(d.kind == "hook" for d in self.domains)
                 and CUSTOM_ROWS not in self.model_options):
             self.base_fast = fastpath.RecordedCall("base model", self.inner_model, use_graph=self.fast_mode == "graph",
                                                    pool=pool)
+        self.joint_calls = {}
         self._make_room_for_the_extra_rows(noise.shape, device)
         try:
             for d in self.domains:
@@ -346,7 +348,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
                 d.term.model.cleanup()
             raise
         finally:
-            self.base_fast = None  # frees the CUDA graphs' memory pool
+            self.base_fast, self.joint_calls = None, {}  # frees the CUDA graphs' memory pool
             for d in self.domains:
                 d.fast = None
             for d in prepared:
@@ -406,10 +408,18 @@ class DomainGuider(comfy.samplers.CFGGuider):
             out, _ = self._base_rows(text, [], x, timestep, model_options, with_null=False)
             guided = self._text_guided(out, text, x, timestep, model_options)
             return add_domain_differences(guided, [(self.differences[d.index], d.term.weight) for d in active])
-        # Fast domain rows first: the GPU computes them while the CPU launches the base rows.
-        predictions = {d.index: d.fast(x, timestep) for d in active if d.fast is not None}
         hooked = [d for d in active if d.kind == "hook"]
-        out, null_row = self._base_rows(text, hooked, x, timestep, model_options)
+        joint = self._joint_call(active, hooked, model_options)
+        rows, null_row = self._base_row_list(text, hooked, with_null=True)
+        joined = joint(rows, x, timestep, model_options) if joint else None
+        riding = [d for d in active if joined and d.fast in joint.domains]  # their rows were in the base's call
+        # Fast domain rows first: the GPU computes them while the CPU launches the base rows.
+        predictions = {d.index: d.fast(x, timestep) for d in active if d.fast is not None and d not in riding}
+        if joined:
+            out = joined[0]
+            predictions.update(zip((d.index for d in riding), joined[1]))
+        else:
+            out, null_row = self._base_rows(text, hooked, x, timestep, model_options)
         guided = self._text_guided(out, text, x, timestep, model_options)
         predictions.update({d.index: out[len(out) - len(hooked) + j] for j, d in enumerate(hooked)})
         for d in active:
@@ -419,6 +429,23 @@ class DomainGuider(comfy.samplers.CFGGuider):
         if self.domain_every > 1:
             self.differences = {d.index: predictions[d.index] - out[null_row] for d in active}
         return add_domain_terms(guided, out[null_row], terms)
+
+    def _base_row_list(self, text: list, hooked: list, with_null: bool) -> tuple[list, int | None]:
+        """The base's rows as _base_rows batches them (no model patch replacing the host's batching)
+        and the index of u among them."""
+        extra = [] if not with_null or (self.negative_is_null and text[1] is not None) else [self.conds.get("null")]
+        return text + extra + [self.conds[d.key] for d in hooked], (2 if extra else 1 if with_null else None)
+
+    def _joint_call(self, active: list, hooked: list, model_options: dict) -> fastpath.JointCall | None:
+        """The base's rows and the active LoRA domains' rows in one call (fastpath.JointCall), where it
+        applies: recorded base rows, no weight-hook domain, no patch replacing the host's batching."""
+        lora = [d.fast for d in active if d.kind == "adapter" and d.fast is not None and d.fast.call.model is self.inner_model]
+        if not lora or hooked or self.base_fast is None or self.fast_mode == "separate" or CUSTOM_ROWS in model_options:
+            return None
+        key = tuple(id(f) for f in lora)
+        if key not in self.joint_calls:
+            self.joint_calls[key] = fastpath.JointCall(self.base_fast, lora)
+        return self.joint_calls[key]
 
     def _text_guided(self, out: list, text: list, x, timestep, model_options):
         """KSampler's guidance of the text rows out[:2] (after the model's pre-CFG functions, which may
@@ -437,16 +464,15 @@ class DomainGuider(comfy.samplers.CFGGuider):
         u when the negative is the empty prompt). A model patch that replaces the host's row batching
         (sampler_calc_cond_batch_function, e.g. SkipLayerGuidance) gets the text rows exactly as the
         host's sampling_function gives them; u and the LoRA-domain rows are then a plain call of their own."""
-        null = self.conds.get("null")
         custom = model_options.get(CUSTOM_ROWS)
         if custom is None:
-            extra = [] if not with_null or (self.negative_is_null and text[1] is not None) else [null]
-            rows = text + extra + [self.conds[d.key] for d in hooked]
+            rows, null_row = self._base_row_list(text, hooked, with_null)
             if self.base_fast is not None:
                 out = self.base_fast(rows, x, timestep, model_options)
             else:
                 out = comfy.samplers.calc_cond_batch(self.inner_model, rows, x, timestep, model_options)
-            return out, (2 if extra else 1 if with_null else None)
+            return out, null_row
+        null = self.conds.get("null")
         out = list(custom({"conds": text, "input": x, "sigma": timestep, "model": self.inner_model,
                            "model_options": model_options}))
         rest = ([null] if with_null else []) + [self.conds[d.key] for d in hooked]

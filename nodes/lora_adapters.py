@@ -69,14 +69,27 @@ def lora_branches(model: torch.nn.Module, extra_patches: dict) -> list[LoraBranc
     return branches or None
 
 
+class RowsMismatch(RuntimeError):
+    """A module saw another batch than the call's: its rows are not the call's rows (lora_applied)."""
+
+
 @contextlib.contextmanager
-def lora_applied(branches: list[LoraBranch] | None, cache: dict):
-    """Forward hooks adding each branch to its module's output, removed on exit."""
+def lora_applied(branches: list[LoraBranch] | None, cache: dict, rows: tuple[int, int] | None = None, batch: int = 0):
+    """Forward hooks adding each branch to its module's output, removed on exit. `rows` = (start,
+    count): only to those rows of a call on `batch` rows (the domain's rows in a joint call,
+    fastpath.JointCall); a module whose input has another batch raises RowsMismatch."""
+    def add(module, args, output, b):
+        if rows is None:
+            return torch.add(output, b(args[0], cache), alpha=b.scale)
+        if args[0].shape[0] != batch or output.shape[0] != batch:
+            raise RowsMismatch(f"{type(module).__name__} saw a batch of {args[0].shape[0]}, the call has {batch} rows")
+        output.narrow(0, rows[0], rows[1]).add_(b(args[0].narrow(0, rows[0], rows[1]), cache), alpha=b.scale)
+        return output
+
     handles = []
     try:
         for b in branches or ():
-            handles.append(b.module.register_forward_hook(
-                lambda module, args, output, b=b: torch.add(output, b(args[0], cache), alpha=b.scale)))
+            handles.append(b.module.register_forward_hook(lambda module, args, output, b=b: add(module, args, output, b)))
         yield
     finally:
         for h in handles:

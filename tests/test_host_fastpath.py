@@ -6,6 +6,7 @@ INDOMAIN_FAST_DOMAIN=0 (every row through the host's calc_cond_batch each step, 
 a weight hook of the base). The recorded call is made directly on the CPU and replayed as a CUDA
 graph on the GPU (the GPU tier, --gpu): the logs below name it "recorded" for either.
 """
+import importlib
 import logging
 import os
 
@@ -116,6 +117,49 @@ def test_lora_domain_as_adapters_equals_the_weight_hook(comfy, files, monkeypatc
     assert all(torch.equal(base[k].cpu(), v.to(base[k].dtype)) for k, v in tiny.unet_state_dict(0).items())  # untouched
 
 
+@pytest.mark.parametrize("negative", ["blurry", ""])
+def test_without_graphs_a_lora_domain_rides_in_the_base_call(comfy, files, monkeypatch, caplog, negative, graphs, on_gpu):
+    """Without CUDA graphs (the CPU; on NVIDIA ComfyUI's default allocator) every model call costs
+    its launches on the CPU: after the first step the LoRA domain's row rides in the base's call
+    (fastpath.JointCall), the LoRA added to that row only. One call per step instead of two, and
+    the latents of the separate calls."""
+    model_base = importlib.import_module("comfy.model_base")
+    calls, real = [], model_base.BaseModel.apply_model
+
+    def counted(self, x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return real(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(model_base.BaseModel, "apply_model", counted)
+    kw = dict(steps=4, negative=negative, domain=["dom", 0], domain_scale=1.5, extra={"dom": loader(files["conv_lora"])})
+    monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "separate")
+    caplog.clear()
+    separate = comfy.run(text_to_image(**kw))["captured"]["out"]["samples"]
+    separate_calls, calls[:] = list(calls), []
+    monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "eager" if graphs else "1")  # where graphs are made: without them
+    caplog.clear()
+    joint = comfy.run(text_to_image(**kw))["captured"]["out"]["samples"]
+    base_rows = 3 if negative else 2
+    assert separate_calls == [1, base_rows] * 4  # the domain row first
+    assert calls == [1, base_rows] + [base_rows + 1] * 3  # the first step records both calls
+    assert "base model: the rows of domain 'domain_model' in the base's call" in caplog.text
+    assert close(joint, separate, rel=1e-3 if on_gpu else 1e-5)  # the same math; a larger batch may take other kernels
+    hooked = sample(comfy, monkeypatch, False, caplog, **kw)
+    assert close(joint, hooked, rel=1e-4)
+
+
+def test_a_lora_domain_whose_conditioning_does_not_concatenate_keeps_its_own_call(comfy, files, monkeypatch, caplog):
+    """A prompt of more than 77 tokens: the host pads the base's rows to its length, the domain's
+    empty prompt stays 77 tokens, so the rows cannot share a call: separate calls, the same latents."""
+    kw = dict(steps=3, positive=", ".join(["a photo of a cat on a sunny windowsill"] * 12), domain=["dom", 0],
+              domain_scale=1.5, extra={"dom": loader(files["lora"])})
+    monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "separate")
+    separate = comfy.run(text_to_image(**kw))["captured"]["out"]["samples"]
+    joint = sample(comfy, monkeypatch, True, caplog, **kw)
+    assert "base model: the rows of domain 'domain_model' in calls of their own (conditioning that does not concatenate)" in caplog.text
+    assert torch.equal(joint, separate)
+
+
 def test_a_compiled_model_keeps_the_lora_domain_as_a_weight_hook(comfy, files, monkeypatch, caplog):
     """Dynamo does not guard on module hooks: a graph it traced without the adapters would be reused
     with the LoRA silently dropped. Here a plain KSampler at cfg 1 (one row, like the domain's call)
@@ -201,6 +245,14 @@ def test_lora_branches_refuse_what_is_not_a_plain_lora(comfy):
         assert fastpath.lora_branches(model, {"lin.weight": [bad]}) is None
     assert fastpath.lora_branches(model, {"lin.bias": [plain]}) is None
     assert fastpath.lora_branches(model, {"missing.weight": [plain]}) is None
+    # In a joint call (fastpath.JointCall) the LoRA acts on the domain's rows only, and a module
+    # that sees another batch than the call's stops the joint call.
+    with fastpath.lora_applied([b], {}, rows=(2, 1), batch=3):
+        y = lin(x)
+        with pytest.raises(fastpath.RowsMismatch, match="batch of 2, the call has 3 rows"):
+            lin(x[:2])
+    assert torch.equal(y[:2], torch.nn.functional.linear(x[:2], lin.weight, lin.bias))
+    assert torch.allclose(y[2:], x[2:] @ (lin.weight + 2.0 * up @ down).T + lin.bias, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["1", "eager", "domain"])
