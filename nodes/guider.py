@@ -409,17 +409,12 @@ class DomainGuider(comfy.samplers.CFGGuider):
             guided = self._text_guided(out, text, x, timestep, model_options)
             return add_domain_differences(guided, [(self.differences[d.index], d.term.weight) for d in active])
         hooked = [d for d in active if d.kind == "hook"]
-        joint = self._joint_call(active, hooked, model_options)
-        rows, null_row = self._base_row_list(text, hooked, with_null=True)
-        joined = joint(rows, x, timestep, model_options) if joint else None
-        riding = [d for d in active if joined and d.fast in joint.domains]  # their rows were in the base's call
+        joined = self._joint_rows(text, active, hooked, x, timestep, model_options)
+        riding = joined[2] if joined else {}  # LoRA domains whose rows were in the base's call
         # Fast domain rows first: the GPU computes them while the CPU launches the base rows.
-        predictions = {d.index: d.fast(x, timestep) for d in active if d.fast is not None and d not in riding}
-        if joined:
-            out = joined[0]
-            predictions.update(zip((d.index for d in riding), joined[1]))
-        else:
-            out, null_row = self._base_rows(text, hooked, x, timestep, model_options)
+        predictions = {d.index: d.fast(x, timestep) for d in active if d.fast is not None and d.index not in riding}
+        out, null_row = joined[:2] if joined else self._base_rows(text, hooked, x, timestep, model_options)
+        predictions.update(riding)
         guided = self._text_guided(out, text, x, timestep, model_options)
         predictions.update({d.index: out[len(out) - len(hooked) + j] for j, d in enumerate(hooked)})
         for d in active:
@@ -436,16 +431,20 @@ class DomainGuider(comfy.samplers.CFGGuider):
         extra = [] if not with_null or (self.negative_is_null and text[1] is not None) else [self.conds.get("null")]
         return text + extra + [self.conds[d.key] for d in hooked], (2 if extra else 1 if with_null else None)
 
-    def _joint_call(self, active: list, hooked: list, model_options: dict) -> fastpath.JointCall | None:
-        """The base's rows and the active LoRA domains' rows in one call (fastpath.JointCall), where it
-        applies: recorded base rows, no weight-hook domain, no patch replacing the host's batching."""
-        lora = [d.fast for d in active if d.kind == "adapter" and d.fast is not None and d.fast.call.model is self.inner_model]
+    def _joint_rows(self, text: list, active: list, hooked: list, x, timestep, model_options) -> tuple | None:
+        """(base predictions, index of u, {domain index: prediction}) from one call of the base's rows
+        and the active LoRA domains' rows (fastpath.JointCall), or None where that call is not made:
+        base rows not recorded, a weight-hook domain, a patch replacing the host's batching, the
+        records not direct calls yet (first step) or not joinable."""
+        lora = [d for d in active if d.kind == "adapter" and d.fast is not None and d.fast.call.model is self.inner_model]
         if not lora or hooked or self.base_fast is None or self.fast_mode == "separate" or CUSTOM_ROWS in model_options:
             return None
-        key = tuple(id(f) for f in lora)
+        key = tuple(d.index for d in lora)
         if key not in self.joint_calls:
-            self.joint_calls[key] = fastpath.JointCall(self.base_fast, lora)
-        return self.joint_calls[key]
+            self.joint_calls[key] = fastpath.JointCall(self.base_fast, [d.fast for d in lora])
+        rows, null_row = self._base_row_list(text, [], with_null=True)
+        joined = self.joint_calls[key](rows, x, timestep, model_options)
+        return None if joined is None else (joined[0], null_row, {d.index: p for d, p in zip(lora, joined[1])})
 
     def _text_guided(self, out: list, text: list, x, timestep, model_options):
         """KSampler's guidance of the text rows out[:2] (after the model's pre-CFG functions, which may
