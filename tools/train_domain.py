@@ -43,6 +43,12 @@ def find_comfyui(explicit: str | None) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    return parser().parse_args(argv)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The options (their choices written out: they are parsed before the pack is importable; a
+    test checks them against training.loop)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_argument_group("models (a checkpoint, or --unet with --vae and --clip)")
     src.add_argument("--checkpoint", help="base checkpoint (name in models/checkpoints, or a path)")
@@ -81,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--extra-model-paths", help="an extra_model_paths.yaml to read")
     p.add_argument("--cpu", action="store_true", help="train on the CPU")
     p.add_argument("--lowvram", action="store_true", help="the host's low-VRAM mode (the UNet loaded in parts, unloaded for the VAE)")
-    return p.parse_args(argv)
+    return p
 
 
 def start_distributed(args):
