@@ -232,8 +232,9 @@ class Host:
     @staticmethod
     def _aimdo_log_level(args):
         """main.py gives comfy-aimdo its console level (INFO unless --verbose). Left at its own default
-        (debug), aimdo calls its Python log callback from its threads for every debug line: a tier
-        run hung in that callback (docs/GPU_TIER.md, 2026-11-30 night)."""
+        (every level, its hot paths' verbose lines included), aimdo calls its Python log callback for
+        each of them, also from its own threads: a tier run hung in that callback (docs/GPU_TIER.md,
+        2026-11-30 night)."""
         import comfy_aimdo.control as aimdo
 
         try:
