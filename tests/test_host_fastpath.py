@@ -148,6 +148,24 @@ def test_without_graphs_a_lora_domain_rides_in_the_base_call(comfy, files, monke
     assert close(joint, hooked, rel=1e-4)
 
 
+def test_two_lora_domains_and_a_batch_of_two_ride_in_one_call(comfy, files, monkeypatch, caplog, graphs, on_gpu):
+    """Each LoRA acts on its own domain's rows only: two LoRA domains, two images, one call of
+    (3 + 2) x 2 rows per step after the first, the latents of the separate calls."""
+    extra = {"a": loader(files["lora"]), "b": loader(files["conv_lora"]),
+             "t": {"class_type": "InDomainTerm", "inputs": {"domain_model": ["b", 0], "weight": 0.7,
+                                                            "start_percent": 0.0, "end_percent": 1.0}}}
+    kw = dict(steps=3, batch=2, domain=["a", 0], domain_scale=1.5, extra=extra)
+    p = text_to_image(**kw)
+    p["sample"]["inputs"]["more_domains"] = ["t", 0]
+    monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "separate")
+    separate = comfy.run(p)["captured"]["out"]["samples"]
+    monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "eager" if graphs else "1")
+    caplog.clear()
+    joint = comfy.run(p)["captured"]["out"]["samples"]
+    assert "base model: the rows of domain 'domain_model', domain 'term0' in the base's call" in caplog.text
+    assert close(joint, separate, rel=1e-3 if on_gpu else 1e-5)
+
+
 def test_a_lora_domain_whose_conditioning_does_not_concatenate_keeps_its_own_call(comfy, files, monkeypatch, caplog):
     """A prompt of more than 77 tokens: the host pads the base's rows to its length, the domain's
     empty prompt stays 77 tokens, so the rows cannot share a call: separate calls, the same latents."""
