@@ -106,10 +106,8 @@ class RecordedCall:
         self.reported: set = set()
 
     def __call__(self, rows: list, x: torch.Tensor, timestep: torch.Tensor, model_options: dict | None = None) -> list:
-        options = self.model_options if model_options is None else model_options
-        key = (id(options),) + tuple(None if r is None else id(r) for r in rows)
-        rec = self.records.get(key)
-        if rec is not None and rec.shape == x.shape and rec.holds(options, rows):
+        options, key, rec = self._lookup(rows, x, model_options)
+        if rec is not None:
             if rec.reason is not None:
                 return self._host_call(rows, x, timestep, options)
             if rec.graph is not None:
@@ -121,13 +119,17 @@ class RecordedCall:
             return self._split(rec, self._direct(rec, x, timestep), rows, x)
         return self._record(key, rows, x, timestep, options)
 
+    def _lookup(self, rows: list, x: torch.Tensor, model_options: dict | None) -> tuple[dict, tuple, _Record | None]:
+        """(the options, the record key, the record made for these objects and x's shape, or None)."""
+        options = self.model_options if model_options is None else model_options
+        key = (id(options),) + tuple(None if r is None else id(r) for r in rows)
+        rec = self.records.get(key)
+        return options, key, rec if rec is not None and rec.shape == x.shape and rec.holds(options, rows) else None
+
     def direct_record(self, rows: list, x: torch.Tensor, model_options: dict | None = None) -> _Record | None:
         """The record of these rows if later steps call it directly (not as a graph, not the host's call)."""
-        options = self.model_options if model_options is None else model_options
-        rec = self.records.get((id(options),) + tuple(None if r is None else id(r) for r in rows))
-        if rec is None or rec.path != "direct" or rec.shape != x.shape or not rec.holds(options, rows):
-            return None
-        return rec
+        rec = self._lookup(rows, x, model_options)[2]
+        return rec if rec is not None and rec.path == "direct" else None
 
     def _host_call(self, rows, x, timestep, options):
         with lora_applied(self.branches, self.cache):
