@@ -13,6 +13,7 @@ import comfy.sample
 import folder_paths
 
 from ..training import TrainConfig
+from .dynamic_vram import release
 from .train_inputs import load_for_training, weights_cast_to_input
 
 PREVIEW_STEPS = 20
@@ -43,8 +44,11 @@ def preview_function(model, vae, cross_attn, extras, config: TrainConfig, save_n
         os.makedirs(folder, exist_ok=True)
         image.save(os.path.join(folder, f"step_{step:06d}.png"))
         bar.update_absolute(step, config.steps, ("PNG", image, 512))
-        with torch.inference_mode(False):
-            load_for_training(model)  # the host may have moved or unloaded the UNet to sample or decode
+        if config.mode == "full":  # the host loaded the base to sample: not needed by the training
+            release(model)
+        else:
+            with torch.inference_mode(False):
+                load_for_training(model)  # the host may have moved or unloaded the UNet to sample or decode
     return preview
 
 

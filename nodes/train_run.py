@@ -144,6 +144,7 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
                     check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                     on_progress=count_images, on_checkpoint=write, on_preview=preview,
                     device=comfy.model_management.get_torch_device(),
+                    release_base=(lambda: release(trainer)) if config.mode == "full" else None,
                 )
         except torch.OutOfMemoryError as e:
             raise RuntimeError(kept_message(state_path, f"out of memory while training ({e}). Lower batch_size or resolution, "

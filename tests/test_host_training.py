@@ -667,6 +667,29 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_weights(co
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 
 
+def test_full_mode_gives_the_base_back_to_the_host_once_its_copy_is_made(comfy, folders, monkeypatch):
+    """Full mode trains a float32 copy and never reads the base's UNet again, so the host unloads it
+    (on a GPU: the VRAM of a second, frozen UNet for the training); LoRA mode trains on the base and
+    keeps it loaded."""
+    mm, train_run = importlib.import_module("comfy.model_management"), comfy.pack("nodes.train_run")
+    release, seen = train_run.release, []
+
+    def loaded(patcher) -> bool:
+        return any(m.model is not None and m.model.model is patcher.model for m in mm.current_loaded_models)
+
+    def spy(patcher):
+        before = loaded(patcher)
+        release(patcher)
+        seen.append((before, loaded(patcher)))
+
+    monkeypatch.setattr(train_run, "release", spy)
+    train(comfy, mode="full", steps=2, save_name="full_released")
+    assert seen == [(True, False)]  # loaded for the copy, unloaded once it was made
+    seen.clear()
+    train(comfy, mode="lora", steps=2, save_name="lora_kept")
+    assert seen == []
+
+
 def test_full_mode_builds_its_model_from_the_base_config_not_by_detecting_the_weights(comfy, folders, monkeypatch):
     """A base whose saved weights the host cannot detect again (as for a model only its own loader
     knows): the trained MODEL is made from the base's model config, and samples as the written

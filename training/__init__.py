@@ -46,6 +46,8 @@ The host interface: `train(unet, images, *, ...)` (loop.py) takes
     on_checkpoint    (step, weights) -> None after each state save: the deliverable as of that step (the
                      EMA weights when EMA is on), for the host to write its model file.
     device           where to train; default the device of unet's first parameter.
+    release_base     () -> None, full mode: called once the copy is made; the host may take the base's
+                     weights off the device (the run does not read them again).
 
 and returns TrainResult(weights, ema_weights, losses, step, start_step): `weights` is what to save
 with `save_model_file(safe_join(folder, name), weights, metadata)`: the UNet's state dict (its own

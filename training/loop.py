@@ -354,6 +354,7 @@ def train(
     on_checkpoint: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
     device: torch.device | str | None = None,
     flow: FlowSchedule | None = None,
+    release_base: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train a domain UNet text-free on `images`; the package docstring describes every argument.
 
@@ -417,6 +418,8 @@ def train(
     # 2. The trainable (a full copy, or LoRA adapters), AdamW, the fp16 loss scaler, the EMA.
     if config.mode == "full":
         trainable = full_copy(unet)
+        if release_base is not None:  # the frozen base is not read again: its memory is the host's to use
+            release_base()
     else:
         trainable = lora_adapters(unet, config.lora_rank, config.lora_alpha, config.lora_targets, config.seed)
     undo_checkpointing = lambda: None
