@@ -103,7 +103,7 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, pr
     training = sys.modules[training_node.__name__.rsplit(".", 2)[0] + ".training"]
     mode, batch, ckpt, speed = CASES[name]
     device = mm.get_torch_device()
-    mm.load_models_gpu([model], force_full_load=True)
+    mm.load_models_gpu([model], force_full_load=True)  # again after a full-mode case released it, as the node does
     unet = model.model.diffusion_model
     training_node.make_autograd_safe(unet)
     profiled = 3 if profile else 0  # steps after the timed ones, under the profiler
@@ -136,7 +136,8 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, pr
         result = training.train(
             unet, pixels, encode=fake_encoder(4, 8), vae_id="bench", cond_for=lambda h, w: {"context": torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))},
             alphas_cumprod=training_node.alphas_cumprod(model), prediction_type="eps", config=config, cache_dir=cache,
-            on_progress=lambda p: on_step(p), device=device)
+            on_progress=lambda p: on_step(p), device=device,
+            release_base=(lambda: host.pack("nodes.dynamic_vram").release(model)) if mode == "full" else None)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     if profiler is not None:  # three steps: the kernels and host-side ops that take the time
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
