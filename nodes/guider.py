@@ -58,6 +58,7 @@ from . import fastpath
 from .cuda_graphs import GraphPool
 from .domain_files import DomainModelError, check_compatible
 from .dynamic_vram import cannot_copy, settle_lazy_dtypes
+from .joint_call import JointCall
 from .lora_adapters import LoraBranch, compiled_reason, lora_branches
 from ..guidance import (GuidanceTerm, TermInterval, add_domain_differences, add_domain_terms, covers_whole_run, is_active,
                         percent_to_step_fraction, recompute_domain)
@@ -233,7 +234,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         self.fast_mode = fastpath.mode()
         self.read_sigma = True
         self.base_fast: fastpath.RecordedCall | None = None
-        self.joint_calls: dict[tuple, fastpath.JointCall] = {}  # LoRA domains riding in the base's call, per set
+        self.joint_calls: dict[tuple, JointCall] = {}  # LoRA domains riding in the base's call, per set
 
     def set_conds(self, positive, negative, null):
         """positive/negative as for KSampler; null: the base's empty-prompt conditioning."""
@@ -433,7 +434,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
 
     def _joint_rows(self, text: list, active: list, hooked: list, x, timestep, model_options) -> tuple | None:
         """(base predictions, index of u, {domain index: prediction}) from one call of the base's rows
-        and the active LoRA domains' rows (fastpath.JointCall), or None where that call is not made:
+        and the active LoRA domains' rows (joint_call.py), or None where that call is not made:
         base rows not recorded, a weight-hook domain, a patch replacing the host's batching, the
         records not direct calls yet (first step) or not joinable."""
         lora = [d for d in active if d.kind == "adapter" and d.fast is not None and d.fast.call.model is self.inner_model]
@@ -441,7 +442,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
             return None
         key = tuple(d.index for d in lora)
         if key not in self.joint_calls:
-            self.joint_calls[key] = fastpath.JointCall(self.base_fast, [d.fast for d in lora])
+            self.joint_calls[key] = JointCall(self.base_fast, [d.fast for d in lora])
         rows, null_row = self._base_row_list(text, [], with_null=True)
         joined = self.joint_calls[key](rows, x, timestep, model_options)
         return None if joined is None else (joined[0], null_row, {d.index: p for d, p in zip(lora, joined[1])})

@@ -121,7 +121,7 @@ def test_lora_domain_as_adapters_equals_the_weight_hook(comfy, files, monkeypatc
 def test_without_graphs_a_lora_domain_rides_in_the_base_call(comfy, files, monkeypatch, caplog, negative, graphs, on_gpu):
     """Without CUDA graphs (the CPU; on NVIDIA ComfyUI's default allocator) every model call costs
     its launches on the CPU: after the first step the LoRA domain's row rides in the base's call
-    (fastpath.JointCall), the LoRA added to that row only. One call per step instead of two, and
+    (nodes/joint_call.py), the LoRA added to that row only. One call per step instead of two, and
     the latents of the separate calls."""
     model_base = importlib.import_module("comfy.model_base")
     calls, real = [], model_base.BaseModel.apply_model
@@ -263,7 +263,7 @@ def test_lora_branches_refuse_what_is_not_a_plain_lora(comfy):
         assert fastpath.lora_branches(model, {"lin.weight": [bad]}) is None
     assert fastpath.lora_branches(model, {"lin.bias": [plain]}) is None
     assert fastpath.lora_branches(model, {"missing.weight": [plain]}) is None
-    # In a joint call (fastpath.JointCall) the LoRA acts on the domain's rows only, and a module
+    # In a joint call (nodes/joint_call.py) the LoRA acts on the domain's rows only, and a module
     # that sees another batch than the call's stops the joint call.
     with fastpath.lora_applied([b], {}, rows=(2, 1), batch=3):
         y = lin(x)
