@@ -67,6 +67,13 @@ def _to_device(value, device):
         return type(value)(_to_device(v, device) for v in value)
     return value
 
+def apply_recorded(model, kwargs: dict, n: int, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """model.apply_model on n copies of x with recorded keyword arguments, the step's sigmas in their
+    transformer_options (as the host's calc_cond_batch sets them each call)."""
+    kwargs = {**kwargs, "transformer_options": {**kwargs["transformer_options"], "sigmas": timestep}}
+    return model.apply_model(torch.cat([x] * n), torch.cat([timestep] * n), **kwargs)
+
+
 class _Record:
     """The host's one apply_model call for a fixed list of rows, recorded."""
 
@@ -137,11 +144,8 @@ class RecordedCall:
 
     def _direct(self, rec: _Record, x, timestep):
         """The recorded call made directly: the same kernels on the same inputs as the host's."""
-        kwargs = dict(rec.kwargs)
-        kwargs["transformer_options"] = {**kwargs["transformer_options"], "sigmas": timestep}
-        n = len(rec.order)
         with lora_applied(self.branches, self.cache):
-            return self.model.apply_model(torch.cat([x] * n), torch.cat([timestep] * n), **kwargs)
+            return apply_recorded(self.model, rec.kwargs, len(rec.order), x, timestep)
 
     def _replay(self, rec: _Record, x, timestep):
         """The graph, or under dynamic VRAM, the graph if every weight slot still holds the pages it

@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from .fastpath import RecordedCall
+from .fastpath import RecordedCall, apply_recorded
 from .lora_adapters import RowsMismatch, lora_applied
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,11 @@ class JointCall:
             return None
         b, n_base = x.shape[0], len(recs[0].order)
         n = n_base + len(self.domains)
-        kwargs["transformer_options"] = {**kwargs["transformer_options"], "sigmas": timestep}
         try:
             with contextlib.ExitStack() as stack:
                 for i, d in enumerate(self.domains):
                     stack.enter_context(lora_applied(d.call.branches, d.call.cache, rows=((n_base + i) * b, b), batch=n * b))
-                out = self.base.model.apply_model(torch.cat([x] * n), torch.cat([timestep] * n), **kwargs)
+                out = apply_recorded(self.base.model, kwargs, n, x, timestep)
         except RowsMismatch as e:
             self.failed = True
             log.info("%s: LoRA domain rows in calls of their own (%s)", self.base.name, e)
@@ -51,8 +50,8 @@ class JointCall:
         return RecordedCall._split(recs[0], out[:n_base * b], rows, x), [d.to(x.dtype) for d in out[n_base * b:].chunk(len(self.domains))]
 
     def _kwargs(self, recs: list) -> dict | None:
-        """The joint call's keyword arguments (a copy), made once per set of records; None if the
-        records' conditioning does not concatenate."""
+        """The joint call's keyword arguments, made once per set of records; None if the records'
+        conditioning does not concatenate."""
         key = tuple(id(r) for r in recs)
         if key not in self.joined:
             kwargs = _joined_kwargs([r.kwargs for r in recs])
@@ -60,8 +59,7 @@ class JointCall:
             names = ", ".join(d.call.name for d in self.domains)
             log.info("%s: the rows of %s in the base's call" if kwargs is not None else
                      "%s: the rows of %s in calls of their own (conditioning that does not concatenate)", self.base.name, names)
-        kwargs = self.joined[key][1]
-        return None if kwargs is None else dict(kwargs)
+        return self.joined[key][1]
 
 
 def _joined_kwargs(records: list[dict]) -> dict | None:
