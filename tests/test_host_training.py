@@ -672,22 +672,27 @@ def test_full_mode_gives_the_base_back_to_the_host_once_its_copy_is_made(comfy, 
     (on a GPU: the VRAM of a second, frozen UNet for the training); LoRA mode trains on the base and
     keeps it loaded."""
     mm, train_run = importlib.import_module("comfy.model_management"), comfy.pack("nodes.train_run")
-    release, seen = train_run.release, []
+    train_loop, seen = train_run.train, []
 
-    def loaded(patcher) -> bool:
-        return any(m.model is not None and m.model.model is patcher.model for m in mm.current_loaded_models)
+    def spy(unet, *args, release_base=None, **kwargs):
+        def loaded() -> bool:  # the host holds the UNet being trained's model (under dynamic VRAM: its copy)
+            return any(m.model is not None and getattr(m.model.model, "diffusion_model", None) is unet
+                       for m in mm.current_loaded_models)
 
-    def spy(patcher):
-        before = loaded(patcher)
-        release(patcher)
-        seen.append((before, loaded(patcher)))
+        def watched():
+            before = loaded()
+            release_base()
+            seen.append((before, loaded()))
 
-    monkeypatch.setattr(train_run, "release", spy)
+        seen.append("no release" if release_base is None else "release given")
+        return train_loop(unet, *args, release_base=watched if release_base else None, **kwargs)
+
+    monkeypatch.setattr(train_run, "train", spy)
     train(comfy, mode="full", steps=2, save_name="full_released")
-    assert seen == [(True, False)]  # loaded for the copy, unloaded once it was made
+    assert seen == ["release given", (True, False)]  # loaded for the copy, unloaded once it was made
     seen.clear()
     train(comfy, mode="lora", steps=2, save_name="lora_kept")
-    assert seen == []
+    assert seen == ["no release"]
 
 
 def test_full_mode_builds_its_model_from_the_base_config_not_by_detecting_the_weights(comfy, folders, monkeypatch):
