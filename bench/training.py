@@ -72,6 +72,9 @@ CASES = {
     "lora-b8-ckpt-graph": ("lora", 8, True, {"cuda_graph": True}),
     "full-b8-ckpt-graph": ("full", 8, True, {"cuda_graph": True}),
     "full-b32-graph": ("full", 32, False, {"cuda_graph": True}),
+    "full-b48-graph": ("full", 48, False, {"cuda_graph": True}),
+    # issue 16 item 4: a larger batch at the same memory with 8-bit states, with the graphs
+    "full-b48-8bit-graph": ("full", 48, False, {"cuda_graph": True, "optimizer": "adamw8bit"}),
 }
 
 

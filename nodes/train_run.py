@@ -9,6 +9,7 @@ was kept.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -23,6 +24,7 @@ import folder_paths
 
 from ..training import DEFAULT_TARGETS, TrainConfig, save_model_file, train
 from ..training.data import IMAGE_EXTENSIONS
+from ..training.loop import cuda_graph_reason
 from ..training.distributed import ranks
 from .domain_files import apply_lora, model_from_base_config
 from .dynamic_vram import release
@@ -80,12 +82,27 @@ def image_folder_fingerprint(image_folder: str) -> str:
     return hashlib.sha256("\n".join([folder, *sorted(entries)]).encode()).hexdigest()
 
 
+def with_cuda_graphs(config: TrainConfig) -> TrainConfig:
+    """config with cuda_graph on, or as it is (and a warning naming why) where the run cannot have
+    them: ComfyUI's default allocator (cudaMallocAsync), the CPU, torchrun, fp16, torch_compile."""
+    reason = ("training_dtype fp16 (its loss scaling)" if config.precision == "fp16" else
+              "torch_compile is on" if config.compile else cuda_graph_reason(comfy.model_management.get_torch_device()))
+    if reason:
+        log.warning("cuda_graphs: training without CUDA graphs: %s", reason)
+        return config
+    return dataclasses.replace(config, cuda_graph=True)
+
+
 def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, image_folder="", config: TrainConfig,
-                 save_name: str, resume: bool = True, node_id=None, on_progress=None, image_folder_anywhere: bool = False):
+                 save_name: str, resume: bool = True, node_id=None, on_progress=None, image_folder_anywhere: bool = False,
+                 cuda_graphs: bool = False):
     """Train, write the domain UNet file, and return (domain MODEL, losses, start step, model file path).
 
     image_folder: a folder inside ComfyUI's input directory (relative to it, or an absolute path
-    inside it); image_folder_anywhere=True (the headless trainer) accepts any folder."""
+    inside it); image_folder_anywhere=True (the headless trainer) accepts any folder.
+    cuda_graphs: the steps as CUDA graphs where this process allows them (training/graphed.py),
+    else the eager steps and a warning naming why."""
+    config = with_cuda_graphs(config) if cuda_graphs else config
     sources = []
     if images is not None:
         sources.append(images)

@@ -667,6 +667,34 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_weights(co
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
 
 
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_cuda_graphs_train_what_the_eager_steps_train_or_the_log_says_why_not(comfy, folders, caplog, on_gpu, graphs, mode):
+    """cuda_graphs on: where the process allows CUDA graphs (a GPU, torch's native allocator) the
+    steps after two eager ones are replayed graphs and train the eager steps' weights (within 1e-3);
+    elsewhere (the CPU, ComfyUI's default cudaMallocAsync) the node trains exactly as with it off
+    and the log names why."""
+    import folder_paths
+    domain_images(os.path.join(folder_paths.get_input_directory(), "square"), sizes=((64, 64),) * 4)  # one bucket
+    settings = dict(mode=mode, steps=6, batch_size=2, learning_rate=3e-3, checkpoint_every=0, resume=False,
+                    image_folder="square", training_dtype=reproducible_dtype(on_gpu))
+    train(comfy, save_name=f"eager_{mode}", **settings)
+    with caplog.at_level(logging.INFO):
+        train(comfy, save_name=f"graphed_{mode}", cuda_graphs=True, **settings)
+    eager, graphed = load_file(saved(f"eager_{mode}.safetensors")), load_file(saved(f"graphed_{mode}.safetensors"))
+    assert set(eager) == set(graphed)
+    if graphs:
+        assert "training graphs: step for batch shape [2, 4, 8, 8] captured" in caplog.text
+        assert "failed" not in caplog.text and "without CUDA graphs" not in caplog.text
+        for k in eager:
+            a, b = graphed[k].float(), eager[k].float()
+            assert float((a - b).norm()) <= 1e-3 * max(float(b.norm()), 1e-6), k
+    else:
+        why = "cudaMallocAsync" if on_gpu else "the device is cpu"
+        assert "cuda_graphs: training without CUDA graphs" in caplog.text and why in caplog.text
+        assert "captured" not in caplog.text
+        assert all(torch.equal(eager[k], graphed[k]) for k in eager)
+
+
 def test_full_mode_gives_the_base_back_to_the_host_once_its_copy_is_made(comfy, folders, monkeypatch):
     """Full mode trains a float32 copy and never reads the base's UNet again, so the host unloads it
     (on a GPU: the VRAM of a second, frozen UNet for the training); LoRA mode trains on the base and

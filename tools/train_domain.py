@@ -70,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--training-dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the trained UNet (slow first step, then faster)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each step's forward and backward as a CUDA graph (one GPU, bf16/fp32, no --compile; "
+                        "this trainer keeps torch's own allocator, where graphs work); else trains without and says why")
     p.add_argument("--ema-decay", type=float, default=0.0)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=16.0)
@@ -256,7 +259,8 @@ def train(args, rank: int, world: int) -> int:
     try:
         _, losses, start, path = training_node.run_training(
             model=model, vae=vae, clip=clip, image_folder=os.path.abspath(args.images), config=config,
-            save_name=args.save_name, resume=not args.restart, on_progress=log_progress, image_folder_anywhere=True)
+            save_name=args.save_name, resume=not args.restart, on_progress=log_progress, image_folder_anywhere=True,
+            cuda_graphs=args.cuda_graphs)
     except (KeyboardInterrupt, ValueError, RuntimeError, mm.InterruptProcessingException) as e:
         if isinstance(e, mm.InterruptProcessingException):
             e = KeyboardInterrupt()

@@ -336,6 +336,16 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return None if precision == "fp32" else PRECISIONS[precision]
 
 
+def cuda_graph_reason(device: torch.device | str) -> str | None:
+    """Why this process cannot replay the steps as CUDA graphs on `device` (None: it can); the
+    config's own refusals (fp16, compile) are TrainConfig's."""
+    device = torch.device(device)
+    if device.type != "cuda" or ranks().active:
+        return "CUDA graphs need a CUDA device and one process" + (
+            f" (the device is {device})" if device.type != "cuda" else " (not under torchrun)")
+    return allocator_reason()
+
+
 def train(
     unet: nn.Module,
     images: str | os.PathLike | torch.Tensor,
@@ -374,10 +384,7 @@ def train(
         raise ValueError(f"batch_size={config.batch_size} is the global batch and must be divisible by the {r.world} "
                          f"processes (each trains on batch_size / {r.world}); use a multiple of {r.world}")
     info = log.info if r.main else log.debug  # one report, from rank 0
-    if config.cuda_graph and (device.type != "cuda" or r.active):
-        raise ValueError("cuda_graph=True: CUDA graphs need a CUDA device and one process" + (
-            f" (the device is {device})" if device.type != "cuda" else " (not under torchrun)"))
-    if config.cuda_graph and (reason := allocator_reason()):
+    if config.cuda_graph and (reason := cuda_graph_reason(device)):
         raise ValueError(f"cuda_graph=True: {reason}")
 
     # 1. Data: every image fitted to its bucket and encoded once (cached on disk; sharded across ranks).
