@@ -7,7 +7,7 @@ import pytest
 PACK_NODES = ["InDomainUNetLoader", "InDomainKSampler", "InDomainGuider", "InDomainTerm", "InDomainTrainUNet"]
 ADVANCED_TRAINING_INPUTS = {"lr_schedule", "warmup_steps", "seed", "flip", "training_dtype", "gradient_checkpointing",
                             "ema_decay", "lora_rank", "lora_alpha", "checkpoint_every", "preview_every", "torch_compile",
-                            "optimizer"}
+                            "optimizer", "cuda_graphs"}
 
 
 def host_version() -> tuple[int, ...]:
