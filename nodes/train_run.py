@@ -24,8 +24,8 @@ import folder_paths
 
 from ..training import DEFAULT_TARGETS, TrainConfig, save_model_file, train
 from ..training.data import IMAGE_EXTENSIONS
-from ..training.loop import cuda_graph_reason
 from ..training.distributed import ranks
+from ..training.loop import cuda_graph_reason
 from .domain_files import apply_lora, model_from_base_config
 from .dynamic_vram import release
 from .train_differentiable import host_in_training
