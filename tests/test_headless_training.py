@@ -52,9 +52,15 @@ def test_trains_writes_the_file_and_resumes(base_dir, on_gpu):
     path = base_dir / "models" / "loras" / "cli_domain.safetensors"
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["indomain.steps"] == "2" and f.metadata()["indomain.mode"] == "lora"
-    more = run(base_dir, "--save-name", "cli_domain", "--steps", "3")
+    more = run(base_dir, "--save-name", "cli_domain", "--steps", "3", "--cuda-graphs")  # a speed option may change
     assert more.returncode == 0, more.stderr[-3000:]
     assert "step 3/3" in more.stderr and "step 1/3" not in more.stderr  # resumed, not restarted
+    # The trainer keeps torch's own allocator (only ComfyUI's main.py picks cudaMallocAsync): graphs on a GPU
+    if on_gpu:
+        assert "without CUDA graphs" not in more.stderr, more.stderr[-3000:]
+    else:
+        assert "cuda_graphs: training without CUDA graphs: CUDA graphs need a CUDA device and one process " \
+               "(the device is cpu)" in more.stderr
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()["indomain.steps"] == "3"
 
