@@ -203,10 +203,10 @@ def undo_failed_capture(graph: torch.cuda.CUDAGraph, device: torch.device, pool,
     if not graph_ended and (begun or ended_recording):
         with contextlib.suppress(Exception):
             torch._C._cuda_releasePool(index, pool)
-    _restore_rng(device)
+    _restore_rng(device, index)
 
 
-def _restore_rng(device: torch.device) -> None:
+def _restore_rng(device: torch.device, index: int) -> None:
     """Undo what a failed capture leaves behind in the device's default random generator.
 
     When cudaStreamEndCapture fails, torch skips the generator's capture epilogue, and the
@@ -214,7 +214,7 @@ def _restore_rng(device: torch.device) -> None:
     sampler's noise, inductor's autotuning) raises "Offset increment outside graph capture
     encountered unexpectedly". A fresh generator state at the same seed and offset ends that."""
     try:
-        gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        gen = torch.cuda.default_generators[index]
         fresh = torch.Generator(device=device)
         fresh.manual_seed(gen.initial_seed())
         with contextlib.suppress(RuntimeError):  # the offset may be unreadable in that state: start at 0
