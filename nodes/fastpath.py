@@ -67,6 +67,7 @@ def _to_device(value, device):
         return type(value)(_to_device(v, device) for v in value)
     return value
 
+
 def apply_recorded(model, kwargs: dict, n: int, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
     """model.apply_model on n copies of x with recorded keyword arguments, the step's sigmas in their
     transformer_options (as the host's calc_cond_batch sets them each call)."""
@@ -277,4 +278,3 @@ class DomainForward:
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         return self.call([self.get_cond()], x, timestep)[0]
-
