@@ -23,7 +23,7 @@ ModelPatcher), and times with torch.cuda.synchronize around each whole sampling 
                  base rows were recorded too)
   full_eager, lora_eager
                  ours with INDOMAIN_FAST_DOMAIN=eager: the recorded calls made directly, no CUDA graph
-                 (what "full" / "lora" do under cudaMallocAsync, ComfyUI's default allocator on NVIDIA;
+                 (what "full" / "lora" do where ComfyUI was started with --disable-cuda-graphs;
                  without graphs the LoRA domain's row rides in the base's call)
   lora_separate  ours with INDOMAIN_FAST_DOMAIN=separate: as lora_eager, the LoRA domain's row in a
                  call of its own (before the joint call, nodes/joint_call.py)

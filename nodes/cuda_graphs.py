@@ -2,7 +2,7 @@
 
 The graphs of a sampling run share one memory pool (GraphPool): they are replayed one after the
 other on one stream, never concurrently. A failed capture leaves the process as it was
-(training.graphed.undo_failed_capture).
+(training.graphed.capture_graph).
 """
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ class CudaGraph:
     """fn(x, t) captured once (training.graphed.capture_graph), replayed on new inputs copied into
     its static buffers."""
 
-    def __init__(self, fn, x: torch.Tensor, t: torch.Tensor, pool: GraphPool):
+    def __init__(self, fn, x: torch.Tensor, t: torch.Tensor, pool: GraphPool, peak_bytes: int | None = None):
         self.x, self.t = x.clone(), t.clone()
         t0 = time.perf_counter()
-        self.graph, self.out, pool.handle = capture_graph(lambda: fn(self.x, self.t), x.device, pool.handle)
+        self.graph, self.out, pool.handle = capture_graph(lambda: fn(self.x, self.t), x.device, pool.handle, peak_bytes)
         self.capture_ms = round(1e3 * (time.perf_counter() - t0), 1)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,9 @@ Every later step with the same rows:
 - calls apply_model with the recorded conditioning directly: the same kernels on the same
   inputs, hence the same numbers, without the per-step bookkeeping;
 - on CUDA, replays that call as a CUDA graph: one launch per step instead of thousands, so the
-  step costs the GPU's time, not the CPU's (the graphs of a run share one memory pool). Not
-  under the cudaMallocAsync allocator (ComfyUI's default on NVIDIA), where a capture that fails
-  aborts the process (training.graphed.allocator_reason);
+  step costs the GPU's time, not the CPU's (the graphs of a run share one memory pool; a
+  capture refuses waits for the GPU before CUDA sees them: training.graphed.capture_graph). Not
+  where ComfyUI was started with --disable-cuda-graphs;
 - for the domain rows (DomainForward), is launched before the base rows.
 
 A LoRA domain runs on the base's own modules with its LoRA as adapters (lora_adapters.py).
@@ -40,6 +40,7 @@ import torch
 
 import comfy.samplers
 
+from ..training.graphed import peak_memory
 from . import dynamic_vram
 from .cuda_graphs import CudaGraph, GraphPool
 from .fastpath_rules import graph_reason, host_state_reason, plain_cond
@@ -196,12 +197,13 @@ class RecordedCall:
 
         graph = self.use_graph and x.device.type == "cuda"
         stream = torch.cuda.Stream(device=x.device) if graph else None
+        peak: list[int] = []
         own = self.model.__dict__.get("apply_model")  # another pack may have set one on the instance
         self.model.apply_model = recorder
         try:
             if stream is not None:  # the host's call doubles as the warm-up a CUDA graph capture needs
                 stream.wait_stream(torch.cuda.current_stream(x.device))
-                with torch.cuda.stream(stream):
+                with torch.cuda.stream(stream), peak_memory(x.device) as peak:
                     preds = self._host_call(rows, x, timestep, options)
                 torch.cuda.current_stream(x.device).wait_stream(stream)
             else:
@@ -233,7 +235,8 @@ class RecordedCall:
                 with contextlib.ExitStack() as pinned:
                     if slots is not None and not pinned.enter_context(slots.guard()):
                         raise RuntimeError("weights evicted from VRAM before the capture")
-                    rec.graph = CudaGraph(lambda gx, gt: self._direct(rec, gx, gt), x, timestep, self.pool)
+                    rec.graph = CudaGraph(lambda gx, gt: self._direct(rec, gx, gt), x, timestep, self.pool,
+                                          peak[0] if peak else None)
                 self.slots = slots
                 self.params = self._addresses()
                 rec.path = "graph"

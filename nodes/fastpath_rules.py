@@ -11,7 +11,6 @@ not (a sentence for the log) or None.
 """
 from __future__ import annotations
 
-from ..training.graphed import allocator_reason
 from . import dynamic_vram
 from .lora_adapters import HOST_COMPILE_KEY, HOST_COMPILE_KWARGS
 
@@ -47,10 +46,18 @@ def host_state_reason(model, model_options: dict) -> str | None:
     return None
 
 
+def host_flag_reason() -> str | None:
+    """Why the user asked for no CUDA graphs (None: they did not): newer ComfyUI's
+    --disable-cuda-graphs, which its own graphs honour too."""
+    from comfy.cli_args import args
+
+    return "ComfyUI was started with --disable-cuda-graphs" if getattr(args, "disable_cuda_graphs", False) else None
+
+
 def graph_reason(model, kwargs: dict) -> str | None:
     """Why the recorded call cannot be a CUDA graph (None if it can): Python code inside the
     forward that may act differently per step, or weights not at fixed addresses."""
-    reason = allocator_reason()
+    reason = host_flag_reason()
     if reason:
         return reason
     options = kwargs.get("transformer_options", {})

@@ -1,6 +1,6 @@
 """A LoRA domain's rows in the base's model call (direct path only).
 
-Without CUDA graphs (ComfyUI's default allocator, cudaMallocAsync; INDOMAIN_FAST_DOMAIN=eager)
+Without CUDA graphs (INDOMAIN_FAST_DOMAIN=eager, ComfyUI's --disable-cuda-graphs, a failed capture)
 each recorded call costs its kernel launches and the host's per-layer work on the CPU, which is
 the bound at batch 1: a LoRA domain's own call was a second UNet call per step. A LoRA domain
 runs on the base's modules, so its rows can ride in the base's call: the two records' inputs

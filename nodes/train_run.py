@@ -28,6 +28,7 @@ from ..training.distributed import ranks
 from ..training.loop import cuda_graph_reason
 from .domain_files import apply_lora, model_from_base_config
 from .dynamic_vram import release
+from .fastpath_rules import host_flag_reason
 from .train_differentiable import host_in_training
 from .train_families import family_of
 from .train_files import kept_message, deliverable, cache_folder, file_metadata, fingerprint, output_paths
@@ -84,9 +85,10 @@ def image_folder_fingerprint(image_folder: str) -> str:
 
 def with_cuda_graphs(config: TrainConfig) -> TrainConfig:
     """config with cuda_graph on, or as it is (and a warning naming why) where the run cannot have
-    them: ComfyUI's default allocator (cudaMallocAsync), the CPU, torchrun, fp16, torch_compile."""
+    them: the CPU, torchrun, fp16, torch_compile, ComfyUI started with --disable-cuda-graphs."""
     reason = ("training_dtype fp16 (its loss scaling)" if config.precision == "fp16" else
-              "torch_compile is on" if config.compile else cuda_graph_reason(comfy.model_management.get_torch_device()))
+              "torch_compile is on" if config.compile else
+              cuda_graph_reason(comfy.model_management.get_torch_device()) or host_flag_reason())
     if reason:
         log.warning("cuda_graphs: training without CUDA graphs: %s", reason)
         return config

@@ -85,8 +85,7 @@ def needs_graphs(on_gpu, graphs):
     """Tests of the CUDA graphs themselves or of their rules as the GPU sees them: skipped on a
     GPU where none is made."""
     if on_gpu and not graphs:
-        pytest.skip("no CUDA graphs in this process (CPU, or the cudaMallocAsync allocator: "
-                    "HOST_ALLOCATOR=native runs the GPU tier with them)")
+        pytest.skip("no CUDA graphs in this process")
 
 
 @pytest.fixture(scope="session")

@@ -82,12 +82,10 @@ def allocator_as_main(comfy_path: str | None = None) -> None:
 
 
 def graphs_allowed(on_gpu: bool) -> bool:
-    """Whether the pack makes CUDA graphs in this process: on the GPU, where
-    training.graphed.allocator_reason names no reason (the GPU tier runs under the host's
-    allocator, cudaMallocAsync on CUDA 13 torch: HOST_ALLOCATOR=native runs it with graphs)."""
-    from training.graphed import allocator_reason
-
-    return on_gpu and allocator_reason() is None
+    """Whether the pack makes CUDA graphs in this process: on the GPU, under either allocator (the
+    GPU tier runs under the host's, cudaMallocAsync on CUDA 13 torch; HOST_ALLOCATOR=native runs
+    it under torch's own, as ComfyUI's --disable-cuda-malloc does)."""
+    return on_gpu
 
 
 class _Server:

@@ -95,22 +95,24 @@ def test_cuda_graphs_replay_what_the_host_computes(comfy, folders, monkeypatch, 
             assert paths and all("fast path (direct" in p for p in paths)
     rel = 1e-5 if domain == "gpu_domain.safetensors" else 1.2e-4  # a LoRA's adapters vs its merged weights
     scale = out["0"].abs().max()
-    assert (out["1"] - out["eager"]).abs().max() <= 1e-5 * scale
+    # eager: a LoRA domain's rows ride in the base's call (joint_call.py), other batches than the
+    # graphs' separate calls (fp16 under 0.33's dynamic VRAM: 5.0e-5 measured at batch 2)
+    assert (out["1"] - out["eager"]).abs().max() <= (1e-5 if domain == "gpu_domain.safetensors" else rel) * scale
     assert (out["1"] - out["0"]).abs().max() <= rel * scale
 
 
 def test_a_failed_capture_falls_back_and_leaves_the_random_generator_usable(comfy, folders, monkeypatch, caplog, needs_graphs):
     """A capture that fails (here: forced) keeps the direct call; an SDE sampler's noise after it
-    works, and the next run captures its graphs again (under ComfyUI's cudaMallocAsync a failed
-    capture used to make every later one fail)."""
+    works, and the next run captures its graphs again, under either allocator (under ComfyUI's
+    cudaMallocAsync a failed capture once made every later one fail, then aborted the process)."""
     cuda_graphs = comfy.pack("nodes.cuda_graphs")
 
     class Failing(cuda_graphs.CudaGraph):
-        def __init__(self, fn, x, t, pool):
+        def __init__(self, fn, x, t, pool, peak_bytes=None):
             def failing(gx, gt):
                 fn(gx, gt)
-                torch.cuda.synchronize()  # not allowed while capturing: invalidates the capture
-            super().__init__(failing, x, t, pool)
+                torch.cuda.synchronize()  # not allowed while capturing (refused before CUDA sees it)
+            super().__init__(failing, x, t, pool, peak_bytes)
 
     monkeypatch.setattr(comfy.pack("nodes.fastpath"), "CudaGraph", Failing)
     prompt = text_to_image(steps=4, sampler_name="dpmpp_2m_sde", domain=["dom", 0], domain_scale=1.5,
@@ -130,17 +132,17 @@ def test_a_failed_capture_falls_back_and_leaves_the_random_generator_usable(comf
     assert (again - straightforward).abs().max() <= 1e-5 * straightforward.abs().max()
 
 
-def test_under_cudamallocasync_the_fast_path_makes_no_graph_and_says_why(comfy, folders, caplog, monkeypatch, graphs):
-    """ComfyUI's default allocator on NVIDIA (cudaMallocAsync): a capture that fails there ends the
-    process, so the recorded calls are made directly, saying why once per record, with the
+def test_with_the_hosts_disable_cuda_graphs_the_fast_path_makes_no_graph_and_says_why(comfy, folders, caplog, monkeypatch):
+    """ComfyUI started with --disable-cuda-graphs (newer ComfyUI's switch, which its own graphs
+    honour): the recorded calls are made directly, saying why once per record, with the
     straightforward path's latents."""
-    if graphs:
-        pytest.skip("this process runs torch's native allocator (HOST_ALLOCATOR=native): graphs are made")
+    from comfy.cli_args import args
+    monkeypatch.setattr(args, "disable_cuda_graphs", True, raising=False)
     prompt = text_to_image(steps=3, domain=["dom", 0], domain_scale=1.5, extra={"dom": loader("gpu_domain.safetensors")})
     with caplog.at_level(logging.INFO):
         fast = comfy.run(prompt)["captured"]["out"]["samples"]
     lines = [r.getMessage() for r in caplog.records]
-    assert any("no CUDA graph (CUDA allocator cudaMallocAsync" in line and "--disable-cuda-malloc" in line for line in lines), lines
+    assert any("no CUDA graph (ComfyUI was started with --disable-cuda-graphs)" in line for line in lines), lines
     assert not any("capture failed" in line for line in lines)
     monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "0")
     straightforward = comfy.run(prompt)["captured"]["out"]["samples"]

@@ -55,7 +55,7 @@ def test_trains_writes_the_file_and_resumes(base_dir, on_gpu):
     more = run(base_dir, "--save-name", "cli_domain", "--steps", "3", "--cuda-graphs")  # a speed option may change
     assert more.returncode == 0, more.stderr[-3000:]
     assert "step 3/3" in more.stderr and "step 1/3" not in more.stderr  # resumed, not restarted
-    # The trainer keeps torch's own allocator (only ComfyUI's main.py picks cudaMallocAsync): graphs on a GPU
+    # On a GPU the graphs are taken (under torch's own allocator, which the trainer keeps: only main.py picks another)
     if on_gpu:
         assert "without CUDA graphs" not in more.stderr, more.stderr[-3000:]
     else:

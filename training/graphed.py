@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -63,6 +64,7 @@ class GraphedSteps:
         self.seen: collections.Counter = collections.Counter()
         self.failed: set[tuple] = set()
         self.pool = None  # one memory pool for every shape's graph: they are replayed one at a time
+        self.peaks: dict[tuple, int] = {}  # each shape's peak memory in its last eager warm-up step
         self.addresses: list[int] | None = None
 
     def __call__(self, x_t: torch.Tensor, timestep: torch.Tensor, target: torch.Tensor,
@@ -77,8 +79,13 @@ class GraphedSteps:
         rec = self.graphs.get(key)
         if rec is None or rec.cond is not cond:
             self.seen[key] += 1
-            if key in self.failed or self.seen[key] <= self.warmup:
+            if key in self.failed:
                 return self._eager(x_t, timestep, target, cond)
+            if self.seen[key] <= self.warmup:
+                with peak_memory(x_t.device) as peak:
+                    loss = self._eager(x_t, timestep, target, cond)
+                self.peaks[key] = peak[0] if peak else None
+                return loss
             rec = self._capture(key, x_t, timestep, target, cond)
             if rec is None:
                 return self._eager(x_t, timestep, target, cond)
@@ -112,13 +119,14 @@ class GraphedSteps:
             return loss.detach()
 
         try:
-            graph, loss, self.pool = capture_graph(step, x_t.device, self.pool)
+            graph, loss, self.pool = capture_graph(step, x_t.device, self.pool, self.peaks.get(key))
         except Exception as e:  # an op the capture cannot take: this shape stays eager
             self.failed.add(key)
             torch._foreach_zero_(self._grads())
             log.warning("training graphs: capture of the step for batch shape %s failed (%s: %s); this shape "
                         "runs eagerly", list(key), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             return None
+        torch._foreach_zero_(self._grads())  # what capture_graph's replay under cudaMallocAsync accumulated
         self.addresses = self._addresses()
         rec = _Graph(graph, *static, cond, loss)
         self.graphs[key] = rec
@@ -132,52 +140,155 @@ def cuda_malloc_async() -> bool:
     return torch.cuda.is_available() and torch.cuda.memory.get_allocator_backend() == "cudaMallocAsync"
 
 
-def allocator_reason() -> str | None:
-    """Why no CUDA graph is made in this process (None: they may be). Under cudaMallocAsync, the
-    allocator ComfyUI's main.py picks for NVIDIA users, a capture that fails ends the process:
-    tensors allocated inside it cannot be freed (cudaFreeAsync fails in their destructor, which
-    aborts). Found on an H200 with torch 2.11; torch's native allocator recovers
-    (undo_failed_capture)."""
-    if cuda_malloc_async():
-        return ("CUDA allocator cudaMallocAsync, where a failed capture ends the process; "
-                "ComfyUI's --disable-cuda-malloc allows CUDA graphs")
+# Python-level calls that wait for the GPU and that torch's sync debug mode does not see.
+_WAITS = ((torch.cuda, "synchronize"), (torch.cuda.Stream, "synchronize"), (torch.cuda.Stream, "query"),
+          (torch.cuda.Event, "synchronize"), (torch.cuda.Event, "query"), (torch.cuda.Event, "elapsed_time"))
+_KEPT: list[BaseException] = []  # failed captures' errors whose tensors must never be freed (see _abandon)
+
+
+@contextlib.contextmanager
+def waits_refused():
+    """Inside a capture, an operation that waits for the GPU raises before it reaches CUDA.
+
+    CUDA answers such an operation on a capturing stream by invalidating the capture, and under
+    cudaMallocAsync the tensors allocated in an invalidated capture cannot be freed: the process
+    aborts (docs/GPU_TIER.md). Refused in Python first, the capture stays valid and is abandoned
+    cleanly (_abandon): torch's own waits (.item(), .cpu(), nonzero, ...) raise through its sync
+    debug mode, set to "error" for the capture; torch.cuda.synchronize and the Stream and Event
+    waits, which that mode does not see (found on an H200, torch 2.11), through wrappers that raise
+    while the calling thread's stream is capturing. A copy from pageable memory torch refuses
+    itself. Not covered: waits inside other libraries' C++ code."""
+    debug = torch.cuda.is_available()  # (off CUDA only the wrappers, for the CPU tests)
+    before = torch.cuda.get_sync_debug_mode() if debug else None
+    originals = [(owner, name, getattr(owner, name)) for owner, name in _WAITS]
+    for owner, name, fn in originals:
+        setattr(owner, name, _refused_while_capturing(fn, name))
+    if debug:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        if debug:
+            torch.cuda.set_sync_debug_mode(before)
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+
+
+def _refused_while_capturing(fn, name):
+    def wrapper(*args, **kwargs):
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{name}() waits for the GPU: not possible inside a CUDA graph capture")
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def memory_reason(device: torch.device, peak_bytes: int | None) -> str | None:
+    """Why a capture of a call that peaked at `peak_bytes` is refused for want of free memory (None:
+    it is not). Only under cudaMallocAsync, where a graph's memory comes from outside the pool that
+    torch keeps (so the pool is trimmed first when short) and a capture that runs out of it aborts
+    the process; torch's native allocator captures into its own pool and recovers."""
+    if not cuda_malloc_async() or peak_bytes is None:
+        return None
+    need = 2 * peak_bytes + (512 << 20)
+    free = torch.cuda.mem_get_info(device)[0]
+    if free < need:
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(device)[0]
+    if free < need:
+        return (f"{free / 2**30:.2f} GiB free on the GPU, {need / 2**30:.2f} GiB wanted for the capture "
+                f"(twice the call's peak of {peak_bytes / 2**30:.2f} GiB, plus 0.5 GiB)")
     return None
 
 
-def capture_graph(fn, device: torch.device, pool=None):
+@contextlib.contextmanager
+def peak_memory(device: torch.device):
+    """Measures the peak memory allocated inside the block, above what was allocated at its start:
+    yields a list that holds the bytes afterwards. Only where memory_reason uses it (cudaMallocAsync):
+    elsewhere the list stays empty and the allocator's peak statistics are left alone."""
+    out: list[int] = []
+    if device.type != "cuda" or not cuda_malloc_async():
+        yield out
+        return
+    torch.cuda.reset_peak_memory_stats(device)
+    start = torch.cuda.memory_allocated(device)
+    yield out
+    out.append(max(0, torch.cuda.max_memory_allocated(device) - start))
+
+
+def capture_graph(fn, device: torch.device, pool=None, peak_bytes: int | None = None):
     """fn() captured as a CUDA graph on a side stream: (graph, fn's output, pool). `pool` is the
-    memory pool's handle to share with earlier graphs (None: a new one, torch.cuda.graph_pool_handle).
+    memory pool's handle to share with earlier graphs (None: a new one, torch.cuda.graph_pool_handle);
+    `peak_bytes`, the peak memory of fn called directly (memory_reason).
 
     As torch.cuda.graph captures, less its torch.cuda.empty_cache() (emptying the allocator's cache
-    at every capture made every later allocation of a sampling run a fresh cudaMalloc). A capture
-    that fails raises its first error and leaves the process as a capture that never began
-    (undo_failed_capture): without that, the next capture in the process fails too. Refused, before
-    anything is captured, where allocator_reason() names a reason."""
-    reason = allocator_reason()
+    at every capture made every later allocation of a sampling run a fresh cudaMalloc), with waits
+    for the GPU refused before they reach CUDA (waits_refused). Under cudaMallocAsync the graph is
+    replayed once before it is returned: freeing the allocations of a graph that never ran aborts
+    the process (a run that fails after the capture; found on an H200). A capture that fails raises its
+    first error and leaves the process as a capture that never began (_abandon): without that, the
+    next capture in the process fails too, or, under cudaMallocAsync, the process aborts."""
+    reason = memory_reason(device, peak_bytes)
     if reason:
         raise RuntimeError(f"no CUDA graph: {reason}")
     pool = pool if pool is not None else torch.cuda.graph_pool_handle()
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize(device)
-    with torch.cuda.stream(torch.cuda.Stream(device=device)):
+    side = torch.cuda.Stream(device=device)
+    with torch.cuda.stream(side):
         try:
             graph.capture_begin(pool=pool, capture_error_mode="thread_local")
         except BaseException:
             undo_failed_capture(graph, device, pool, begun=False)
             raise
         try:
-            out = fn()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                graph.capture_end()  # ends the (invalidated) capture; the first error is the one to see
-            undo_failed_capture(graph, device, pool)
+            with waits_refused():
+                out = fn()
+        except BaseException as e:
+            _abandon(graph, device, pool, e)
             raise
         try:
             graph.capture_end()
-        except BaseException:
+        except BaseException as e:
             undo_failed_capture(graph, device, pool)
+            _keep_if_async(e)
             raise
+        if cuda_malloc_async():  # freeing the allocations of a graph that never ran aborts the process
+            graph.replay()
+    torch.cuda.current_stream(device).wait_stream(side)
     return graph, out, pool
+
+
+def _abandon(graph: torch.cuda.CUDAGraph, device: torch.device, pool, error: BaseException) -> None:
+    """A capture whose function raised, ended without leaving a trace.
+
+    Raised before CUDA saw anything wrong (waits_refused, torch's own refusals), the capture is
+    still valid: it ends as a graph of the work recorded so far, which under cudaMallocAsync is
+    replayed once before it is dropped (freeing a capture's allocation before its graph has run
+    aborts the process; found on an H200), and the memory goes back with the graph. An
+    invalidated capture is undone (undo_failed_capture); under cudaMallocAsync the error, whose
+    traceback holds the tensors allocated in it, is kept for the life of the process (_keep_if_async)."""
+    try:
+        graph.capture_end()
+    except Exception:  # invalidated by CUDA
+        undo_failed_capture(graph, device, pool)
+        _keep_if_async(error)
+        return
+    with warnings.catch_warnings():  # "uncaptured free of a captured allocation": intended here
+        warnings.simplefilter("ignore")
+        if cuda_malloc_async():
+            graph.replay()
+            torch.cuda.current_stream(device).synchronize()
+        graph.reset()
+
+
+def _keep_if_async(error: BaseException) -> None:
+    """Under cudaMallocAsync, keeps `error` (and through its traceback the tensors a failed capture
+    allocated) for the life of the process: freeing them would abort it. A leak, logged."""
+    if cuda_malloc_async():
+        _KEPT.append(error)
+        log.error("a CUDA graph capture was invalidated by CUDA (%s); under the cudaMallocAsync allocator its "
+                  "tensors are kept, not freed (freeing them would stop ComfyUI). If ComfyUI stops after this, "
+                  "start it with --disable-cuda-malloc (torch's own allocator recovers from a failed capture)", str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
 def undo_failed_capture(graph: torch.cuda.CUDAGraph, device: torch.device, pool, begun: bool = True) -> None:

@@ -36,7 +36,7 @@ from .distributed import Ranks, StoppedByPeer, agree, agree_flag, announce_failu
 from .latents import FileIndex, LatentSet, cache_latents
 from .lora import DEFAULT_TARGETS
 from .noise import DiscreteSchedule, FlowSchedule, check_schedule
-from .graphed import GraphedSteps, allocator_reason, predicted_loss
+from .graphed import GraphedSteps, predicted_loss
 from .trainable import MODES, Trainable, ema_decay_at, ema_init, ema_update, enable_gradient_checkpointing, full_copy, lora_adapters
 
 log = logging.getLogger(__name__)
@@ -343,7 +343,7 @@ def cuda_graph_reason(device: torch.device | str) -> str | None:
     if device.type != "cuda" or ranks().active:
         return "CUDA graphs need a CUDA device and one process" + (
             f" (the device is {device})" if device.type != "cuda" else " (not under torchrun)")
-    return allocator_reason()
+    return None
 
 
 def train(
