@@ -70,6 +70,26 @@ def test_inside_a_capture_waits_for_the_gpu_raise_before_cuda_sees_them_and_are_
             torch.cuda.Event.query) == originals
 
 
+def test_under_cudamallocasync_a_capture_wants_twice_the_calls_peak_free_and_trims_torchs_pool_first(monkeypatch):
+    """memory_reason: under cudaMallocAsync a capture is refused, naming the figures, unless twice
+    the call's measured peak plus 0.5 GiB is free on the GPU; when short, torch's pool is trimmed
+    (empty_cache) and free memory read again. Under the native allocator, or with no peak measured,
+    nothing is refused."""
+    from training import graphed
+    GiB, free, trimmed = 2 ** 30, [3 * 2 ** 30], []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free[0], 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: (trimmed.append(1), free.__setitem__(0, free[0] + GiB)))
+    dev = torch.device("cuda", 0)
+    monkeypatch.setattr(graphed, "cuda_malloc_async", lambda: False)
+    assert graphed.memory_reason(dev, 100 * GiB) is None and not trimmed
+    monkeypatch.setattr(graphed, "cuda_malloc_async", lambda: True)
+    assert graphed.memory_reason(dev, None) is None
+    assert graphed.memory_reason(dev, GiB) is None and not trimmed  # 3 GiB free, 2.5 wanted
+    assert graphed.memory_reason(dev, int(1.5 * GiB)) is None and trimmed == [1]  # 3.5 wanted: 4 after the trim
+    reason = graphed.memory_reason(dev, 4 * GiB)
+    assert reason == "5.00 GiB free on the GPU, 8.50 GiB wanted for the capture (twice the call's peak of 4.00 GiB, plus 0.5 GiB)"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("allocator", ["native", "cudaMallocAsync"])
 def test_failed_captures_leave_the_next_capture_memory_and_random_generator_as_they_were(allocator):

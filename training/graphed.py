@@ -143,7 +143,7 @@ def cuda_malloc_async() -> bool:
 # Python-level calls that wait for the GPU and that torch's sync debug mode does not see.
 _WAITS = ((torch.cuda, "synchronize"), (torch.cuda.Stream, "synchronize"), (torch.cuda.Stream, "query"),
           (torch.cuda.Event, "synchronize"), (torch.cuda.Event, "query"), (torch.cuda.Event, "elapsed_time"))
-_KEPT: list[BaseException] = []  # failed captures' errors whose tensors must never be freed (see _abandon)
+_KEPT: list[BaseException] = []  # failed captures' errors whose tensors must never be freed (_keep_if_async)
 
 
 @contextlib.contextmanager
@@ -184,9 +184,10 @@ def _refused_while_capturing(fn, name):
 
 def memory_reason(device: torch.device, peak_bytes: int | None) -> str | None:
     """Why a capture of a call that peaked at `peak_bytes` is refused for want of free memory (None:
-    it is not). Only under cudaMallocAsync, where a graph's memory comes from outside the pool that
-    torch keeps (so the pool is trimmed first when short) and a capture that runs out of it aborts
-    the process; torch's native allocator captures into its own pool and recovers."""
+    it is not). Only under cudaMallocAsync, where a graph's memory comes from CUDA's graph pool,
+    outside the pool that torch keeps (so that one is trimmed first when short), and where a graph
+    that runs out of it would likely end the process like a failed capture (not tried); torch's
+    native allocator captures into its own pool and recovers."""
     if not cuda_malloc_async() or peak_bytes is None:
         return None
     need = 2 * peak_bytes + (512 << 20)
@@ -288,7 +289,8 @@ def _keep_if_async(error: BaseException) -> None:
         _KEPT.append(error)
         log.error("a CUDA graph capture was invalidated by CUDA (%s); under the cudaMallocAsync allocator its "
                   "tensors are kept, not freed (freeing them would stop ComfyUI). If ComfyUI stops after this, "
-                  "start it with --disable-cuda-malloc (torch's own allocator recovers from a failed capture)", str(error).splitlines()[0] if str(error) else type(error).__name__)
+                  "start it with --disable-cuda-malloc (torch's own allocator recovers from a failed capture)",
+                  str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
 def undo_failed_capture(graph: torch.cuda.CUDAGraph, device: torch.device, pool, begun: bool = True) -> None:
