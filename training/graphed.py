@@ -157,7 +157,9 @@ def waits_refused():
     debug mode, set to "error" for the capture; torch.cuda.synchronize and the Stream and Event
     waits, which that mode does not see (found on an H200, torch 2.11), through wrappers that raise
     while the calling thread's stream is capturing. A copy from pageable memory torch refuses
-    itself. Not covered: waits inside other libraries' C++ code."""
+    itself. Not covered: waits inside other libraries' C++ code. The sync debug mode is the
+    process's: for the capture's duration (tens to hundreds of ms) torch's waits raise in other
+    threads too (the host runs one prompt at a time; its server thread does no GPU work)."""
     debug = torch.cuda.is_available()  # (off CUDA only the wrappers, for the CPU tests)
     before = torch.cuda.get_sync_debug_mode() if debug else None
     originals = [(owner, name, getattr(owner, name)) for owner, name in _WAITS]
