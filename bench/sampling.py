@@ -121,6 +121,8 @@ MODELS = {
 }
 LORA_TARGETS = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
 VARIANTS = ("cl", "cudnn", "autotune", "compile")
+# INDOMAIN_FAST_DOMAIN for a case by its suffix (nodes/fastpath.py mode()); others: "1", the default
+FAST_MODES = {"_ref": "0", "_domain_only": "domain", "_eager": "eager", "_separate": "separate"}
 CASES = ("stock", "full", "full_half", "full_negnull", "lora", "lora_half", "full_ref", "lora_ref", "full_domain_only",
          "lora_domain_only", "full_eager", "lora_eager", "lora_separate", "zero")
 
@@ -412,8 +414,7 @@ class Bench:
         domain = m["full"] if case.startswith("full") else m["lora"]
         end = 0.5 if case.endswith("_half") else 1.0
         negative = c["null"] if case.endswith("_negnull") else c["negative"]
-        fast = ("0" if case.endswith("_ref") else "domain" if case.endswith("_domain_only")
-                else "eager" if case.endswith("_eager") else "separate" if case.endswith("_separate") else "1")
+        fast = next((mode for suffix, mode in FAST_MODES.items() if case.endswith(suffix)), "1")
         s = self.sampling
 
         def fn():
