@@ -90,6 +90,25 @@ def test_under_cudamallocasync_a_capture_wants_twice_the_calls_peak_free_and_tri
     assert reason == "5.00 GiB free on the GPU, 8.50 GiB wanted for the capture (twice the call's peak of 4.00 GiB, plus 0.5 GiB)"
 
 
+def test_under_cudamallocasync_an_invalidated_captures_error_is_kept_for_good_and_the_log_says_what_to_do(monkeypatch, caplog):
+    """_keep_if_async: a capture CUDA invalidated leaves tensors that cannot be freed under
+    cudaMallocAsync, so its error (whose traceback holds them) is kept for the life of the
+    process, and the log names the way out (--disable-cuda-malloc); under the native allocator
+    nothing is kept."""
+    from training import graphed
+    monkeypatch.setattr(graphed, "_KEPT", [])
+    error = RuntimeError("operation not permitted when stream is capturing\nmore")
+    monkeypatch.setattr(graphed, "cuda_malloc_async", lambda: False)
+    graphed._keep_if_async(error)
+    assert graphed._KEPT == []
+    monkeypatch.setattr(graphed, "cuda_malloc_async", lambda: True)
+    with caplog.at_level(logging.ERROR, logger="training.graphed"):
+        graphed._keep_if_async(error)
+    assert graphed._KEPT == [error]
+    assert "invalidated by CUDA (operation not permitted when stream is capturing)" in caplog.text
+    assert "--disable-cuda-malloc" in caplog.text
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("allocator", ["native", "cudaMallocAsync"])
 def test_failed_captures_leave_the_next_capture_memory_and_random_generator_as_they_were(allocator):
