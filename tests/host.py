@@ -81,13 +81,6 @@ def allocator_as_main(comfy_path: str | None = None) -> None:
         log.warning("torch was imported before the host's allocator choice: it keeps the allocator it loaded with")
 
 
-def graphs_allowed(on_gpu: bool) -> bool:
-    """Whether the pack makes CUDA graphs in this process: on the GPU, under either allocator (the
-    GPU tier runs under the host's, cudaMallocAsync on CUDA 13 torch; HOST_ALLOCATOR=native runs
-    it under torch's own, as ComfyUI's --disable-cuda-malloc does)."""
-    return on_gpu
-
-
 class _Server:
     """The part of ComfyUI's PromptServer that PromptExecutor talks to, recording messages."""
 

@@ -78,7 +78,7 @@ def test_the_gpu_resumes_exactly_and_a_cancel_keeps_the_checkpoint(comfy, folder
 
 @pytest.mark.parametrize("domain", ["gpu_domain.safetensors", "gpu_lora.safetensors"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_cuda_graphs_replay_what_the_host_computes(comfy, folders, monkeypatch, caplog, domain, batch, needs_graphs):
+def test_cuda_graphs_replay_what_the_host_computes(comfy, folders, monkeypatch, caplog, domain, batch):
     """The graph path, the eager path and the straightforward path give the same latents."""
     import logging
     caplog.set_level(logging.INFO)
@@ -101,7 +101,7 @@ def test_cuda_graphs_replay_what_the_host_computes(comfy, folders, monkeypatch, 
     assert (out["1"] - out["0"]).abs().max() <= rel * scale
 
 
-def test_a_failed_capture_falls_back_and_leaves_the_random_generator_usable(comfy, folders, monkeypatch, caplog, needs_graphs):
+def test_a_failed_capture_falls_back_and_leaves_the_random_generator_usable(comfy, folders, monkeypatch, caplog):
     """A capture that fails (here: forced) keeps the direct call; an SDE sampler's noise after it
     works, and the next run captures its graphs again, under either allocator (under ComfyUI's
     cudaMallocAsync a failed capture once made every later one fail, then aborted the process)."""

@@ -30,7 +30,6 @@ import os
 import pytest
 import torch
 
-import host as host_module
 import tiny_families as fam
 import tiny_nodes as tiny
 from graphs import close
@@ -132,7 +131,7 @@ def rel_tolerance(family: str, on_gpu: bool, cpu: float) -> float:
 def path_lines(caplog, on_gpu) -> list[str]:
     lines = [r.getMessage() for r in caplog.records
              if "fast path" in r.getMessage() or "straightforward path" in r.getMessage()]
-    return [line.replace(RECORDED[host_module.graphs_allowed(on_gpu)], "(recorded") for line in lines]
+    return [line.replace(RECORDED[on_gpu], "(recorded") for line in lines]
 
 
 @pytest.fixture(scope="module")

@@ -316,7 +316,7 @@ def test_model_patches_sample_as_on_the_straightforward_path(comfy, files, monke
     assert not torch.equal(fast, run(True, patched=False))  # the patch does act on this model
 
 
-def test_a_base_model_patch_keeps_the_fast_path_but_no_cuda_graph(comfy, files, monkeypatch, caplog, on_gpu, needs_graphs):
+def test_a_base_model_patch_keeps_the_fast_path_but_no_cuda_graph(comfy, files, monkeypatch, caplog, on_gpu):
     """FreeU patches the base's forward with Python code: the recorded call runs it every step,
     but a CUDA graph (which would freeze what that code does) is refused."""
     fastpath = comfy.pack("nodes.fastpath")  # graph_reason as the recorder sees it
@@ -375,7 +375,7 @@ def test_what_keeps_the_hosts_call_every_step(comfy):
     assert fastpath.host_state_reason(model, {}) == "hook weight patches are registered"
 
 
-def test_a_compiled_module_is_seen_whichever_way_it_was_compiled(comfy, needs_graphs):
+def test_a_compiled_module_is_seen_whichever_way_it_was_compiled(comfy):
     """The LoRA adapters stay off a compiled UNet: compiled in place (nn.Module.compile), a block
     swapped for torch.compile's wrapper, or the host's compile wrapper on the MODEL."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper

@@ -34,7 +34,7 @@ def test_cuda_graph_on_the_cpu_is_refused_naming_the_device_before_anything_is_w
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode, ckpt", [("lora", False), ("full", False), ("lora", True), ("full", True)])
-def test_graphed_steps_train_what_eager_steps_train(tmp_path, caplog, mode, ckpt, needs_graphs):
+def test_graphed_steps_train_what_eager_steps_train(tmp_path, caplog, mode, ckpt):
     """bf16, 8 steps on one bucket: 2 eager steps, a capture, then replays. The losses and the
     weights equal the eager run's within 1e-3 (the same kernels on the same inputs)."""
     config = dict(steps=8, mode=mode, lr=3e-3, lora_rank=4, precision="bf16", state_name=None,
