@@ -76,6 +76,15 @@ def apply_recorded(model, kwargs: dict, n: int, x: torch.Tensor, timestep: torch
     return model.apply_model(torch.cat([x] * n), torch.cat([timestep] * n), **kwargs)
 
 
+def split_rows(rec: _Record, out: torch.Tensor, rows: list, x: torch.Tensor) -> list:
+    """A record's batched output [n*B, ...] as the host returns it: one prediction per row, zeros
+    for a None row (mask and strength are 1 for a plain row, so the host's weighted sum is the output)."""
+    preds = [torch.zeros_like(x) for _ in rows]
+    for chunk, index in zip(out.chunk(len(rec.order)), rec.order):
+        preds[index] = chunk.to(x.dtype)
+    return preds
+
+
 class _Record:
     """The host's one apply_model call for a fixed list of rows, recorded."""
 
@@ -124,8 +133,8 @@ class RecordedCall:
                     self.records.clear()
                     self.slots = None
                     return self._record(key, rows, x, timestep, options)
-                return self._split(rec, self._replay(rec, x, timestep), rows, x)
-            return self._split(rec, self._direct(rec, x, timestep), rows, x)
+                return split_rows(rec, self._replay(rec, x, timestep), rows, x)
+            return split_rows(rec, self._direct(rec, x, timestep), rows, x)
         return self._record(key, rows, x, timestep, options)
 
     def _lookup(self, rows: list, x: torch.Tensor, model_options: dict | None) -> tuple[dict, tuple, _Record | None]:
@@ -165,15 +174,6 @@ class RecordedCall:
                      ", then the CUDA graph again (weights back in their slots)" if back else
                      " until they are back in their slots")
         return out
-
-    @staticmethod
-    def _split(rec: _Record, out, rows, x) -> list:
-        """The batched output [n*B, ...] as the host returns it: one prediction per row, zeros for a
-        None row (mask and strength are 1 for a plain row, so the host's weighted sum is the output)."""
-        preds = [torch.zeros_like(x) for _ in rows]
-        for chunk, index in zip(out.chunk(len(rec.order)), rec.order):
-            preds[index] = chunk.to(x.dtype)
-        return preds
 
     def _record(self, key, rows, x, timestep, options):
         if len(self.records) >= self.MAX_RECORDS:

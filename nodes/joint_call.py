@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from .fastpath import RecordedCall, apply_recorded
+from .fastpath import RecordedCall, apply_recorded, split_rows
 from .lora_adapters import RowsMismatch, lora_applied
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class JointCall:
             self.failed = True
             log.info("%s: LoRA domain rows in calls of their own (%s)", self.base.name, e)
             return None
-        return RecordedCall._split(recs[0], out[:n_base * b], rows, x), [d.to(x.dtype) for d in out[n_base * b:].chunk(len(self.domains))]
+        return split_rows(recs[0], out[:n_base * b], rows, x), [d.to(x.dtype) for d in out[n_base * b:].chunk(len(self.domains))]
 
     def _kwargs(self, recs: list) -> dict | None:
         """The joint call's keyword arguments, made once per set of records; None if the records'
