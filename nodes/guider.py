@@ -330,7 +330,6 @@ class DomainGuider(comfy.samplers.CFGGuider):
                 and CUSTOM_ROWS not in self.model_options):
             self.base_fast = fastpath.RecordedCall("base model", self.inner_model, use_graph=self.fast_mode == "graph",
                                                    pool=pool)
-        self.joint_calls = {}
         self._make_room_for_the_extra_rows(noise.shape, device)
         try:
             for d in self.domains:
