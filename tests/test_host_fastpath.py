@@ -119,7 +119,7 @@ def test_lora_domain_as_adapters_equals_the_weight_hook(comfy, files, monkeypatc
 
 @pytest.mark.parametrize("negative", ["blurry", ""])
 def test_without_graphs_a_lora_domain_rides_in_the_base_call(comfy, files, monkeypatch, caplog, negative, graphs, on_gpu):
-    """Without CUDA graphs (the CPU; on NVIDIA ComfyUI's default allocator) every model call costs
+    """Without CUDA graphs (the CPU; on a GPU INDOMAIN_FAST_DOMAIN=eager) every model call costs
     its launches on the CPU: after the first step the LoRA domain's row rides in the base's call
     (nodes/joint_call.py), the LoRA added to that row only. One call per step instead of two, and
     the latents of the separate calls."""
