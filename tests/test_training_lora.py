@@ -158,3 +158,65 @@ def test_under_autocast_an_adapter_makes_no_copy_of_its_input_and_no_pass_over_i
     layer_sized = [m for m in made if m[1] == (16, 32)]
     assert len(layer_sized) == 1 and layer_sized[0][0] in ("mm", "addmm", "linear"), made
     assert torch.allclose(y.float(), adapter.scale * adapter.lora_up(adapter.lora_down(x.float())), rtol=2e-2, atol=1e-3)
+
+
+class _SelfAttentionProjections(nn.Module):
+    """q, k and v of a self-attention: three layers handed the same tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v = nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 12)
+
+    def forward(self, x):
+        return self.to_q(x) * self.to_k(x) + self.to_v(x)
+
+
+class _CountCasts(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.casts = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten._to_copy and tuple(args[0].shape) == self.shape:
+            self.casts += 1
+        return out
+
+
+def test_under_autocast_layers_handed_the_same_float32_tensor_cast_it_once():
+    """Each of the six matmuls (three layers, three adapters) would cast the input on its own."""
+    block = _SelfAttentionProjections()
+    network = inject_lora(block, rank=4, alpha=4.0)
+    _randomise_up(network)
+    leaf = torch.randn(3, 7, 12, requires_grad=True)
+    with _CountCasts(leaf.shape) as counted, torch.autocast("cpu", torch.bfloat16):
+        x = leaf * 2  # an activation (autocast keeps the casts of leaves that require gradients)
+        y = block(x)
+    assert counted.casts == 1 and y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert leaf.grad is not None and all(p.grad is not None for p in network.named_params().values())
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(12, 20), nn.Conv2d(6, 10, 3, padding=1)], ids=["linear", "conv3x3"])
+def test_under_autocast_an_adapted_layer_is_its_merged_weight_in_bf16(layer):
+    """The Linear adapter's up-projection adds inside its matmul (addmm); the result and the adapters'
+    gradients are those of base(x) + scale * up(down(x)) within bf16's rounding."""
+    holder = nn.Module()
+    holder.proj_in = layer
+    network = inject_lora(holder, rank=3, alpha=6.0, targets=("proj_in",))
+    _randomise_up(network, seed=4)
+    inp = torch.randn(5, 12) if isinstance(layer, nn.Linear) else torch.randn(2, 6, 9, 9)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = holder.proj_in(inp)
+    adapter = network.adapters[0]
+    expected = layer._conv_forward(inp, layer.weight, layer.bias) if isinstance(layer, nn.Conv2d) else F.linear(inp, layer.weight, layer.bias)
+    expected = expected + adapter.scale * adapter.lora_up(adapter.lora_down(inp))
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), expected, rtol=2e-2, atol=2e-2)
+    got.float().sum().backward()
+    grads = [p.grad.clone() for p in network.named_params().values()]
+    for p in network.named_params().values():
+        p.grad = None
+    expected.sum().backward()
+    for g, p in zip(grads, network.named_params().values()):
+        assert torch.allclose(g, p.grad, rtol=3e-2, atol=3e-2 * p.grad.abs().max().item())

@@ -9,11 +9,19 @@ down starts Kaiming-uniform, up at zero, so a fresh adapter changes nothing.
 The base layer is not replaced: it stays in place, with its class, attributes and state-dict
 keys (ComfyUI's ops classes subclass nn.Linear / nn.Conv2d and carry their own attributes);
 a forward hook adds the adapter's output. `LoRANetwork.remove()` takes the hooks off again.
+
+Under autocast two things keep the adapters' own cost down (issue 16's profile of LoRA training):
+- one cast of a layer's input for the layer and its adapter (and for the next adapted layers that
+  take the same tensor: q, k and v of a self-attention): autocast would cast it, and cast its
+  gradient back, once per matmul, and the UNet's norms hand float32 to most adapted layers;
+- a Linear adapter's up-projection adds onto the layer's output inside its matmul (addmm), not as
+  a separate pass over the layer-sized output.
 """
 from __future__ import annotations
 
 import fnmatch
 import math
+import weakref
 from typing import Mapping, Sequence
 
 import torch
@@ -81,7 +89,9 @@ class LoRANetwork(nn.Module):
         self._frozen = [(p, p.requires_grad) for p in unet.parameters()]
         unet.requires_grad_(False)
         modules = dict(unet.named_modules())
+        shared = SharedCast()
         for path, adapter in zip(self.paths, self.adapters):
+            self._handles.append(modules[path].register_forward_pre_hook(shared))
             self._handles.append(modules[path].register_forward_hook(_adapter_hook(adapter)))
 
     def remove(self) -> None:
@@ -105,9 +115,37 @@ class LoRANetwork(nn.Module):
         return {f"{KEY_PREFIX}{p}.alpha": torch.tensor(a.alpha) for p, a in zip(self.paths, self.adapters)}
 
 
+class SharedCast:
+    """Forward pre-hook: a floating input goes into an adapted layer already cast to autocast's dtype,
+    the cast the layer's matmul would make, made once for the layer, its adapter and every later
+    adapted layer handed the same tensor (the last input seen, held by weak references)."""
+
+    def __init__(self):
+        self._last: tuple[weakref.ref, weakref.ref] | None = None
+
+    def __call__(self, module, args):
+        x = args[0]
+        kind = x.device.type
+        if not (torch.is_autocast_enabled(kind) and x.is_floating_point()) or x.dtype == torch.get_autocast_dtype(kind):
+            return None
+        src, cast = (r() for r in self._last) if self._last else (None, None)
+        if src is not x or cast is None:
+            cast = x.to(torch.get_autocast_dtype(kind))
+            self._last = (weakref.ref(x), weakref.ref(cast))
+        return (cast, *args[1:])
+
+
 def _adapter_hook(adapter: LoRAAdapter):
+    linear = isinstance(adapter.lora_up, nn.Linear)
+
     def hook(module, args, output):
-        return output + adapter(args[0]).to(output.dtype)
+        x = args[0]
+        kind = x.device.type
+        if linear and torch.is_autocast_enabled(kind) and output.dtype == torch.get_autocast_dtype(kind) and output.is_contiguous():
+            h = adapter.lora_down(x)  # [..., rank]
+            out = torch.addmm(output.flatten(0, -2), h.flatten(0, -2), adapter.lora_up.weight.t(), alpha=adapter.scale)
+            return out.view(output.shape)
+        return output + adapter(x).to(output.dtype)
     return hook
 
 
