@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ..training.graphed import capture_graph
+from ..training.graphed import capture_graph, release_graph
 
 log = logging.getLogger(__name__)
 
@@ -39,4 +39,8 @@ class CudaGraph:
         self.t.copy_(t)
         self.graph.replay()
         return self.out.clone()
+
+    def __del__(self):
+        if hasattr(self, "graph"):  # (a failed capture leaves none)
+            release_graph(self.graph, self.out)
 

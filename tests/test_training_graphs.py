@@ -110,6 +110,30 @@ def test_under_cudamallocasync_an_invalidated_captures_error_is_kept_for_good_an
 
 
 @pytest.mark.gpu
+def test_graphs_let_go_under_cudamallocasync_leave_the_console_quiet():
+    """ComfyUI's default allocator warns "Attempting uncaptured free of a captured allocation" on
+    stderr each time a captured tensor is freed outside its graph: a plain `del` of a graph and its
+    output does (the control). Freed through release_graph, as a sampling run's CudaGraph and
+    training's GraphedSteps are when they go, it does not."""
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="backend:cudaMallocAsync")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "graph_release_check.py")
+    run_ = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
+    assert run_.returncode == 0, run_.stderr[-3000:]
+    report = json.loads(run_.stdout.strip().splitlines()[-1])
+    assert report["allocator"] == "cudaMallocAsync" and report["captured"] == 1, report
+    losses = report["losses"]  # two eager steps, the capture's, a replay: the same weights, the same loss
+    assert report["sampled"] == [4.0, 4.0] and max(losses) - min(losses) <= 1e-6 * max(losses), report
+    parts = {}
+    for chunk in run_.stderr.split("=== ")[1:]:
+        name, _, text = chunk.partition("\n")
+        parts[name] = text
+    assert list(parts) == ["plain del", "release_graph", "CudaGraph", "GraphedSteps", "end"], run_.stderr[-3000:]
+    assert "uncaptured free of a captured allocation" in parts["plain del"], run_.stderr[-3000:]
+    for name in ("release_graph", "CudaGraph", "GraphedSteps"):
+        assert "uncaptured free" not in parts[name], (name, run_.stderr[-3000:])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("allocator", ["native", "cudaMallocAsync"])
 def test_failed_captures_leave_the_next_capture_memory_and_random_generator_as_they_were(allocator):
     """Four captures that fail, in a fresh process under each allocator (cudaMallocAsync is

@@ -45,14 +45,17 @@ def predicted_loss(model: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, 
     return denoising_loss(prediction, target)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Graph:
     graph: torch.cuda.CUDAGraph
     x_t: torch.Tensor
     timestep: torch.Tensor
     target: torch.Tensor
     cond: Mapping[str, torch.Tensor]
-    loss: torch.Tensor
+    loss: torch.Tensor  # allocated by the capture: steps get copies
+
+    def __del__(self):
+        release_graph(self.graph, self.loss)
 
 
 class GraphedSteps:
@@ -93,7 +96,7 @@ class GraphedSteps:
         rec.timestep.copy_(timestep)
         rec.target.copy_(target)
         rec.graph.replay()
-        return rec.loss
+        return rec.loss.clone()  # the capture's own loss tensor stays the graph's (release_graph)
 
     def _grads(self) -> list[torch.Tensor]:
         """The gradient tensors, made once (zeros) so that eager steps and graphs accumulate into
@@ -282,6 +285,24 @@ def _abandon(graph: torch.cuda.CUDAGraph, device: torch.device, pool, error: Bas
             graph.replay()
             torch.cuda.current_stream(device).synchronize()
         graph.reset()
+
+
+def release_graph(graph: torch.cuda.CUDAGraph, *captured) -> None:
+    """Let go of a graph and of the tensors its capture allocated (`captured`: its outputs, which
+    no one else holds) through bound calls, so that cudaMallocAsync's warning "Attempting
+    uncaptured free of a captured allocation" (benign: the graph goes with them) arrives as a
+    Python warning and is dropped here; a plain `del` frees them in the C++ destructor, which
+    prints it to the console each time a run's graphs go. Also at interpreter exit: never raises."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for t in captured:
+                if isinstance(t, torch.Tensor):
+                    with torch.inference_mode(t.is_inference()):
+                        t.set_()
+            graph.reset()
+    except Exception:  # interpreter shutdown (modules torn down): the destructors do the same
+        pass
 
 
 def _keep_if_async(error: BaseException) -> None:
