@@ -84,8 +84,9 @@ class DomainTrainer(io.ComfyNode):
                                        "resumes only with the optimizer it started with.", **advanced()),
                 io.Boolean.Input("cuda_graphs", default=False, optional=True,
                                  tooltip="Replay each step's forward and backward as a CUDA graph: the same training, fewer "
-                                         "launches (H200, SD1.5 bs 8: LoRA 2.3x-2.9x the eager steps' images/s; full mode "
-                                         "1.4x-2.2x, with 1.5-3.3 GiB more memory; docs/BENCHMARKS.md). Needs one GPU, bf16 or fp32, "
+                                         "launches (H200, SD1.5 bs 8: LoRA 1.4x the eager steps' images/s, 2x with gradient "
+                                         "checkpointing, 0.1 GiB more; full mode 1.0x-1.4x, with 1.5-3.3 GiB more; "
+                                         "docs/BENCHMARKS.md). Needs one GPU, bf16 or fp32, "
                                          "torch_compile off, and not ComfyUI's --disable-cuda-graphs; otherwise trains "
                                          "without them and says why in the log.", **advanced()),
             ],
