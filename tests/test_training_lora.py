@@ -197,6 +197,20 @@ def test_under_autocast_layers_handed_the_same_float32_tensor_cast_it_once():
     assert leaf.grad is not None and all(p.grad is not None for p in network.named_params().values())
 
 
+def test_under_autocast_a_tensor_changed_in_place_between_two_layers_is_cast_again():
+    block = _SelfAttentionProjections()
+    network = inject_lora(block, rank=4, alpha=4.0)
+    _randomise_up(network)
+    leaf = torch.randn(3, 7, 12, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        x = leaf * 1  # an activation; the first call's cast stays alive (saved for the backward)
+        q_before = block.to_q(x)
+        x.mul_(3.0)  # e.g. a residual added in place
+        q_after = block.to_q(x)
+        expected = block.to_q(x.clone())
+    assert torch.equal(q_after, expected) and not torch.allclose(q_after.float(), q_before.float())
+
+
 @pytest.mark.parametrize("layer", [nn.Linear(12, 20), nn.Conv2d(6, 10, 3, padding=1)], ids=["linear", "conv3x3"])
 def test_under_autocast_an_adapted_layer_is_its_merged_weight_in_bf16(layer):
     """The Linear adapter's up-projection adds inside its matmul (addmm); the result and the adapters'

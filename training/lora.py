@@ -118,20 +118,22 @@ class LoRANetwork(nn.Module):
 class SharedCast:
     """Forward pre-hook: a floating input goes into an adapted layer already cast to autocast's dtype,
     the cast the layer's matmul would make, made once for the layer, its adapter and every later
-    adapted layer handed the same tensor (the last input seen, held by weak references)."""
+    adapted layer handed the same tensor unchanged (the last input seen, held by weak references,
+    with its version: a tensor changed in place since is cast again)."""
 
     def __init__(self):
-        self._last: tuple[weakref.ref, weakref.ref] | None = None
+        self._last: tuple[weakref.ref, int | None, weakref.ref] | None = None
 
     def __call__(self, module, args):
         x = args[0]
         kind = x.device.type
         if not (torch.is_autocast_enabled(kind) and x.is_floating_point()) or x.dtype == torch.get_autocast_dtype(kind):
             return None
-        src, cast = (r() for r in self._last) if self._last else (None, None)
-        if src is not x or cast is None:
+        version = None if x.is_inference() else x._version  # (inference tensors cannot change in place here)
+        src, src_version, cast = (self._last[0](), self._last[1], self._last[2]()) if self._last else (None, None, None)
+        if src is not x or src_version != version or cast is None:
             cast = x.to(torch.get_autocast_dtype(kind))
-            self._last = (weakref.ref(x), weakref.ref(cast))
+            self._last = (weakref.ref(x), version, weakref.ref(cast))
         return (cast, *args[1:])
 
 
