@@ -30,7 +30,8 @@ class DomainTrainer(io.ComfyNode):
                                "as the host samples it (a ModelSamplingDiscrete patch, e.g. v_prediction + zsnr, included)."),
                 io.Vae.Input("vae", tooltip="The base checkpoint's VAE; images are encoded once and cached on disk."),
                 io.Combo.Input("mode", options=["lora", "full"], default="lora",
-                               tooltip="lora: small adapters on the base (fast, about 8 GiB at SD1.5). "
+                               tooltip="lora: small adapters on the base (little memory: 3.3 GiB at SD1.5 bs 8 with gradient checkpointing; "
+                                       "small files; turn cuda_graphs on for its speed). "
                                        "full: the paper's text-free copy of the whole UNet (about 16 GiB at SD1.5 bs 8)."),
                 io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Total optimizer steps (a resumed run continues up to this)."),
                 io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Images per step (all from one aspect-ratio bucket)."),
@@ -48,7 +49,8 @@ class DomainTrainer(io.ComfyNode):
                 io.Combo.Input("training_dtype", options=list(PRECISIONS), default="bf16",
                                tooltip="Autocast precision. bf16 on recent GPUs (its runs repeat bit for bit); fp16 uses loss scaling; fp32 is full precision and slow (on a GPU two fp32 runs differ slightly).", **advanced()),
                 io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute activations in backward: much less memory, about 30% slower.", **advanced()),
+                                 tooltip="Recompute activations in backward: much less memory (SD1.5 bs 8: LoRA 12.1 -> 3.3 GiB, "
+                                         "full 20.7 -> 14.1 GiB), 1.5x-2x slower (H200; docs/BENCHMARKS.md).", **advanced()),
                 io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.99999, step=0.0001, round=0.00001,
                                tooltip="Exponential moving average of the weights (e.g. 0.999); the file and the output use it. 0 = off. "
                                        "With warm-up: step t uses min(ema_decay, (1 + t) / (10 + t)), so the starting weights fade early.", **advanced()),
