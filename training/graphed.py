@@ -279,12 +279,10 @@ def _abandon(graph: torch.cuda.CUDAGraph, device: torch.device, pool, error: Bas
         undo_failed_capture(graph, device, pool)
         _keep_if_async(error)
         return
-    with warnings.catch_warnings():  # "uncaptured free of a captured allocation": intended here
-        warnings.simplefilter("ignore")
-        if cuda_malloc_async():
-            graph.replay()
-            torch.cuda.current_stream(device).synchronize()
-        graph.reset()
+    if cuda_malloc_async():
+        graph.replay()
+        torch.cuda.current_stream(device).synchronize()
+    release_graph(graph)
 
 
 def release_graph(graph: torch.cuda.CUDAGraph, *captured) -> None:
