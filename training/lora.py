@@ -127,12 +127,15 @@ class SharedCast:
     def __call__(self, module, args):
         x = args[0]
         kind = x.device.type
-        if not (torch.is_autocast_enabled(kind) and x.is_floating_point()) or x.dtype == torch.get_autocast_dtype(kind):
+        if not (torch.is_autocast_enabled(kind) and x.is_floating_point()):
+            return None
+        dtype = torch.get_autocast_dtype(kind)
+        if x.dtype == dtype:
             return None
         version = None if x.is_inference() else x._version  # (inference tensors cannot change in place here)
         src, src_version, cast = (self._last[0](), self._last[1], self._last[2]()) if self._last else (None, None, None)
         if src is not x or src_version != version or cast is None:
-            cast = x.to(torch.get_autocast_dtype(kind))
+            cast = x.to(dtype)
             self._last = (weakref.ref(x), version, weakref.ref(cast))
         return (cast, *args[1:])
 
