@@ -211,10 +211,13 @@ def test_under_autocast_a_tensor_changed_in_place_between_two_layers_is_cast_aga
     assert torch.equal(q_after, expected) and not torch.allclose(q_after.float(), q_before.float())
 
 
-@pytest.mark.parametrize("layer", [nn.Linear(12, 20), nn.Conv2d(6, 10, 3, padding=1)], ids=["linear", "conv3x3"])
+@pytest.mark.parametrize("layer", [nn.Linear(12, 20), nn.Conv2d(6, 10, 3, padding=1), nn.Linear(12, 20).half(),
+                                   nn.Conv2d(6, 10, 3, padding=1).half()],
+                         ids=["linear", "conv3x3", "fp16-linear", "fp16-conv3x3"])
 def test_under_autocast_an_adapted_layer_is_its_merged_weight_in_bf16(layer):
     """The Linear adapter's up-projection adds inside its matmul (addmm); the result and the adapters'
-    gradients are those of base(x) + scale * up(down(x)) within bf16's rounding."""
+    gradients are those of base(x) + scale * up(down(x)) within bf16's rounding. Also with fp16 base
+    weights and no manual cast, as the host loads a UNet on a GPU (LoRA mode trains on it)."""
     holder = nn.Module()
     holder.proj_in = layer
     network = inject_lora(holder, rank=3, alpha=6.0, targets=("proj_in",))
@@ -223,7 +226,8 @@ def test_under_autocast_an_adapted_layer_is_its_merged_weight_in_bf16(layer):
     with torch.autocast("cpu", torch.bfloat16):
         got = holder.proj_in(inp)
     adapter = network.adapters[0]
-    expected = layer._conv_forward(inp, layer.weight, layer.bias) if isinstance(layer, nn.Conv2d) else F.linear(inp, layer.weight, layer.bias)
+    weight, bias = layer.weight.float(), layer.bias.float()
+    expected = layer._conv_forward(inp, weight, bias) if isinstance(layer, nn.Conv2d) else F.linear(inp, weight, bias)
     expected = expected + adapter.scale * adapter.lora_up(adapter.lora_down(inp))
     assert got.dtype == torch.bfloat16
     assert torch.allclose(got.float(), expected, rtol=2e-2, atol=2e-2)
