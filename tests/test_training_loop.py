@@ -234,6 +234,26 @@ def test_under_cudamallocasync_checkpointing_recomputes_whole_blocks_and_trains_
     assert tuc.checkpoint is real  # the library's function itself is untouched
 
 
+def test_undoing_gradient_checkpointing_gives_each_module_back_the_forward_it_had():
+    """The undo restores exactly what was there: a module's own instance `forward` (a wrapper set by
+    the host or another pack) comes back as that same object; a module without one is left without
+    one (the class's forward again)."""
+    from training.trainable import enable_gradient_checkpointing
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    wrapped, plain = model[0], model[1]
+
+    def wrapper(*args, **kwargs):
+        return torch.nn.Linear.forward(wrapped, *args, **kwargs)
+
+    wrapped.forward = wrapper
+    undo = enable_gradient_checkpointing(model, ["0", "1"])
+    assert wrapped.forward is not wrapper and "forward" in plain.__dict__  # both checkpointed
+    undo()
+    assert wrapped.__dict__["forward"] is wrapper
+    assert "forward" not in plain.__dict__
+
+
 def test_compiled_forward_trains_the_same_weights(tmp_path):
     """`compile` (torch.compile, issue 5's speed option) changes speed, not the result; a run may
     be resumed with it switched."""

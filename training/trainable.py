@@ -22,6 +22,7 @@ from .graphed import cuda_malloc_async
 from .lora import DEFAULT_TARGETS, inject_lora, lora_state_dict
 
 MODES = ("full", "lora")
+_NONE = object()  # a module without an instance attribute of that name
 
 
 @dataclass
@@ -87,10 +88,11 @@ def enable_gradient_checkpointing(model: nn.Module, names: Sequence[str], preser
     unknown = [n for n in names if n not in modules]
     if unknown:
         raise ValueError(f"gradient_checkpointing: the UNet has no submodule named {unknown}; give module paths such as 'input_blocks.1'")
-    wrapped = []
+    wrapped = []  # (module, its own instance `forward` before ours, or _NONE)
     for name in names:
         module = modules[name]
         forward = module.forward
+        wrapped.append((module, module.__dict__.get("forward", _NONE)))
 
         def checkpointed(*args, _forward=forward, **kwargs):
             if torch.is_grad_enabled():
@@ -100,11 +102,16 @@ def enable_gradient_checkpointing(model: nn.Module, names: Sequence[str], preser
             return _forward(*args, **kwargs)
 
         module.forward = checkpointed  # an instance attribute: the class is untouched
-        wrapped.append(module)
 
     def undo() -> None:
-        for module in wrapped:
-            module.__dict__.pop("forward", None)
+        """Each module's `forward` exactly as it was: its own instance attribute (a wrapper another
+        pack or the host set) put back, else ours removed (the class's shows again). In reverse
+        order, so that a module named twice ends with what it had before the first."""
+        for module, previous in reversed(wrapped):
+            if previous is _NONE:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = previous
 
     return undo
 
