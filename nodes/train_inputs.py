@@ -21,6 +21,7 @@ from .dynamic_vram import cannot_copy, non_dynamic_copy, patcher_is_dynamic
 from .train_families import family_of
 
 log = logging.getLogger(__name__)
+_NONE = object()  # a layer without a comfy_cast_weights of its own (only its class's)
 
 
 def model_sampling(model):
@@ -181,7 +182,8 @@ def load_for_training(model) -> torch.nn.Module:
 def weights_cast_to_input(module: torch.nn.Module, needed: bool = True):
     """Within the block, every layer of `module` casts its weight to its input's dtype, by the
     host's own manual cast (the comfy_cast_weights flag of its ops, what the host sets for weights
-    stored in a dtype the GPU does not compute in); the flags are restored on exit, also on error.
+    stored in a dtype the GPU does not compute in). On exit, also on error, each layer's flag is
+    exactly what it was: its own value again, or none of its own where only its class had one.
 
     Needed wherever a layer meets inputs of another dtype than its weights without autocast: on
     a GPU the host keeps the UNet in fp16/bf16 and calls it without casting, so training it in
@@ -189,13 +191,17 @@ def weights_cast_to_input(module: torch.nn.Module, needed: bool = True):
     the host's UNet in a preview gets the host's fp16 inputs. Layers without the flag (not the
     host's ops) are left alone."""
     changed = [m for m in module.modules() if getattr(m, "comfy_cast_weights", None) is False] if needed else []
+    before = [m.__dict__.get("comfy_cast_weights", _NONE) for m in changed]
     for m in changed:
         m.comfy_cast_weights = True
     try:
         yield len(changed)
     finally:
-        for m in changed:
-            m.comfy_cast_weights = False
+        for m, flag in zip(changed, before):
+            if flag is _NONE:
+                m.__dict__.pop("comfy_cast_weights", None)
+            else:
+                m.__dict__["comfy_cast_weights"] = flag
 
 
 def mixed_dtypes(module: torch.nn.Module, compute: torch.dtype) -> bool:

@@ -721,6 +721,25 @@ def test_full_mode_gives_the_base_back_to_the_host_once_its_copy_is_made(comfy, 
     assert seen == ["no release"]
 
 
+def test_weights_cast_to_input_gives_each_layer_back_its_flag_exactly_as_it_was(comfy):
+    """Within the block every host layer that did not cast its weights casts them to its input;
+    afterwards, also after an error, each layer's comfy_cast_weights is exactly what it was: its
+    own value where it had one (as the host's ModelPatcher leaves it), none of its own where only
+    its class had one (the class's value shows again). Layers that cast already are left alone."""
+    from comfy.ops import disable_weight_init, manual_cast
+
+    inputs = comfy.pack("nodes.train_inputs")
+    from_class, own, casting = disable_weight_init.Linear(2, 2), disable_weight_init.Linear(2, 2), manual_cast.Linear(2, 2)
+    own.comfy_cast_weights = False
+    with pytest.raises(RuntimeError, match="inside the block"):
+        with inputs.weights_cast_to_input(torch.nn.Sequential(from_class, own, casting)) as changed:
+            assert changed == 2 and from_class.comfy_cast_weights is own.comfy_cast_weights is True
+            raise RuntimeError("inside the block")
+    assert "comfy_cast_weights" not in from_class.__dict__ and from_class.comfy_cast_weights is False
+    assert own.__dict__["comfy_cast_weights"] is False
+    assert "comfy_cast_weights" not in casting.__dict__ and casting.comfy_cast_weights is True
+
+
 def test_full_mode_builds_its_model_from_the_base_config_not_by_detecting_the_weights(comfy, folders, monkeypatch):
     """A base whose saved weights the host cannot detect again (as for a model only its own loader
     knows): the trained MODEL is made from the base's model config, and samples as the written
