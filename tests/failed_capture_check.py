@@ -1,7 +1,10 @@
 """Run in a fresh process by tests/test_training_graphs.py (GPU tier), under the allocator that
 PYTORCH_CUDA_ALLOC_CONF names: four captures that fail, each after allocating 2 GiB in the
 capture (.item(), torch.cuda.synchronize(), an Event's synchronize, a copy from pageable memory),
-and a graph dropped before it was replayed, then what must still work. Prints one JSON line."""
+and a graph dropped before it was replayed, then what must still work; then the failures that
+reach CUDA or come from outside: a wait CUDA itself refuses (the capture invalidated), a first
+replay without the memory it needs, a Cancel inside the capture; then graphs held by the owner
+and released. Prints one JSON line."""
 import gc
 import json
 import os
@@ -10,7 +13,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from training.graphed import capture_graph  # noqa: E402
+from cudagraph import OWNER, capture_graph, graph_memory, kept_bytes, register_interrupt  # noqa: E402
 
 dev = torch.device("cuda")
 x = torch.ones(1024, device=dev)
@@ -54,6 +57,50 @@ graph, out, pool = capture_graph(lambda: x * 2 + 1, dev)
 x.fill_(3.0)
 graph.replay()
 noise = torch.randn(4, device=dev)  # the random generator outside a capture
+
+
+class Cancel(Exception):
+    """Stands for ComfyUI's InterruptProcessingException."""
+
+
+def cancelled(y):
+    raise Cancel("Processing interrupted")
+
+
+def oom_at_first_replay():
+    """A graph whose memory (3 GiB) is not there when it first runs: all but 1.5 GiB taken."""
+    blocker = torch.empty(max(0, torch.cuda.mem_get_info()[0] - (3 << 29)), dtype=torch.uint8, device=dev)
+    try:
+        capture_graph(lambda: torch.ones(3 << 28, device=dev) * x[0], dev)
+    finally:
+        del blocker
+
+
+register_interrupt(Cancel)
+late = {}
+for name, attempt in (("cuda_refused", lambda: capture_graph(failing(lambda y: torch._C._cuda_synchronize()), dev)),
+                      ("oom_first_replay", oom_at_first_replay),
+                      ("cancel", lambda: capture_graph(failing(cancelled), dev))):
+    try:
+        attempt()
+        late[name] = "no error"
+    except BaseException as e:  # noqa: BLE001
+        late[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+graph2, out2, _ = capture_graph(lambda: x * 2 + 1, dev)  # still captures and replays after those
+graph2.replay()
+
+gc.collect()
+torch.cuda.synchronize()
+used_before = graph_memory(dev)
+held = [OWNER.capture(("check", n), lambda a: a * n + torch.ones(64 << 20, device=dev)[0], [x], dev) for n in range(3)]
+replays = [float(g(x)[0]) for g in held]
+used_with_graphs = graph_memory(dev)
+released = OWNER.release(dev, "check")
+gc.collect()
+torch.cuda.synchronize()
 print(json.dumps({"allocator": torch.cuda.memory.get_allocator_backend(), "errors": errors,
                   "reserved_growth": after_failures - start, "replayed": out.tolist()[:2],
-                  "noise_finite": bool(torch.isfinite(noise).all())}))
+                  "noise_finite": bool(torch.isfinite(noise).all()), "late": late, "kept_bytes": kept_bytes(),
+                  "after_late": out2.tolist()[:2], "owner_replays": replays, "owner_released": released,
+                  "graph_used": [used_before, used_with_graphs, graph_memory(dev)],
+                  "alive_after_release": [g.alive for g in held]}))

@@ -1,26 +1,19 @@
 """Run in a fresh process by tests/test_training_graphs.py (GPU tier), under the allocator that
 PYTORCH_CUDA_ALLOC_CONF names: graphs let go four ways, each part after a mark on stderr ("=== name"):
-a plain `del` (the control), training.graphed.release_graph, a sampling CudaGraph
-(nodes/cuda_graphs.py) and training's GraphedSteps going out of scope. The test reads which parts
+a plain `del` (the control), cudagraph.release_graph, a cudagraph.Graph (what sampling and
+training hold) released by its owner and training's GraphedSteps closed and going out of scope. The test reads which parts
 of stderr carry cudaMallocAsync's "uncaptured free of a captured allocation". Prints one JSON line."""
 import gc
-import importlib
 import json
 import os
 import sys
-import types
 
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from training.graphed import GraphedSteps, capture_graph, release_graph  # noqa: E402
-
-for name, path in (("_pack", REPO), ("_pack.nodes", os.path.join(REPO, "nodes"))):  # nodes/__init__ needs the host
-    package = types.ModuleType(name)
-    package.__path__ = [path]
-    sys.modules[name] = package
-cuda_graphs = importlib.import_module("_pack.nodes.cuda_graphs")
+from cudagraph import OWNER, capture_graph, release_graph  # noqa: E402
+from training.graphed import GraphedSteps  # noqa: E402
 
 dev = torch.device("cuda")
 x = torch.ones(1024, device=dev)
@@ -42,9 +35,10 @@ graph, out, _ = capture_graph(lambda: x * 3, dev)
 graph.replay()
 release_graph(graph, out)
 del graph, out
-mark("CudaGraph")
-sampled = cuda_graphs.CudaGraph(lambda a, t: a * t, x, torch.ones(1, device=dev), cuda_graphs.GraphPool())
+mark("Graph")
+sampled = OWNER.capture("test", lambda a, t: a * t, [x, torch.ones(1, device=dev)], dev)
 result = sampled(x, torch.full((1,), 4.0, device=dev))
+OWNER.release(dev)
 del sampled
 mark("GraphedSteps")
 
@@ -63,6 +57,7 @@ steps = GraphedSteps(model, list(model.parameters()), None)
 x_t, t, target = torch.randn(2, 8, device=dev), torch.ones(2, device=dev), torch.zeros(2, 8, device=dev)
 losses = [float(steps(x_t, t, target, {})) for _ in range(4)]
 captured = len(steps.graphs)
+steps.close()
 del steps
 mark("end")
 print(json.dumps({"allocator": torch.cuda.memory.get_allocator_backend(), "sampled": result[:2].tolist(),

@@ -429,7 +429,7 @@ def train(
             release_base()
     else:
         trainable = lora_adapters(unet, config.lora_rank, config.lora_alpha, config.lora_targets, config.seed)
-    undo_checkpointing = lambda: None
+    undo_checkpointing, graphed = (lambda: None), None
     try:
         undo_checkpointing = enable_gradient_checkpointing(trainable.module, config.gradient_checkpointing,
                                                            preserve_rng_state=not config.cuda_graph)
@@ -523,6 +523,8 @@ def train(
             start_step=start,
         )
     finally:
+        if graphed is not None:
+            graphed.close()
         undo_checkpointing()
         trainable.close()
 
