@@ -529,24 +529,26 @@ torch.randn(4, device="cuda")
 """
 
 
-def capture_failure_check(cuda_graphs) -> dict:
+def capture_failure_check(cudagraph) -> dict:
     """A failed CUDA graph capture, then random numbers on the device: plain torch (in a child
-    process: the state it leaves is process-wide) against cuda_graphs.CudaGraph (restores it)."""
+    process: the state it leaves is process-wide) against cudagraph.Graph (restores it)."""
     import subprocess
 
     raw = subprocess.run([sys.executable, "-c", _RAW_FAILED_CAPTURE], capture_output=True, text=True)
     x, t = torch.ones(4, device="cuda"), torch.zeros(1, device="cuda")
+    dev = x.device
     out = {"check": "failed capture, then torch.randn on the device",
            "plain_torch": "ok" if raw.returncode == 0 else raw.stderr.strip().splitlines()[-1][:200]}
     try:
-        cuda_graphs.CudaGraph(lambda a, b: a * float(a.sum()), x, t, cuda_graphs.GraphPool())
+        cudagraph.Graph(lambda a, b: a * float(a.sum()), [x, t], dev)
         out["fastpath_capture"] = "captured (unexpected)"
     except Exception as e:
         out["fastpath_capture"] = f"failed as expected: {type(e).__name__}"
     try:
         torch.randn(4, device="cuda")
-        graph = cuda_graphs.CudaGraph(lambda a, b: a * 2 + b, x, t, cuda_graphs.GraphPool())
+        graph = cudagraph.Graph(lambda a, b: a * 2 + b, [x, t], dev)
         out["fastpath_after"] = "ok" if torch.equal(graph(x + 1, t + 1), (x + 1) * 2 + 1) else "wrong replay"
+        graph.release()
     except Exception as e:
         out["fastpath_after"] = f"{type(e).__name__}: {e}"[:200]
     return out
@@ -696,7 +698,7 @@ def main(argv=None) -> int:
             json.dump(result, f, indent=1)
 
     if is_cuda():
-        result["checks"].append(capture_failure_check(host.pack("nodes.cuda_graphs")))
+        result["checks"].append(capture_failure_check(host.pack("cudagraph")))
         print(json.dumps(result["checks"][-1]), flush=True)
     batches = [int(b) for b in args.batches.split(",")]
     cases = [c for c in args.cases.split(",") if c]

@@ -12,9 +12,10 @@ Every later step with the same rows:
 - calls apply_model with the recorded conditioning directly: the same kernels on the same
   inputs, hence the same numbers, without the per-step bookkeeping;
 - on CUDA, replays that call as a CUDA graph: one launch per step instead of thousands, so the
-  step costs the GPU's time, not the CPU's (the graphs of a run share one memory pool; a
-  capture refuses waits for the GPU before CUDA sees them: training.graphed.capture_graph). Not
-  where ComfyUI was started with --disable-cuda-graphs;
+  step costs the GPU's time, not the CPU's. Not where ComfyUI was started with
+  --disable-cuda-graphs. The graphs belong to cudagraph.OWNER, which gives a later run with the
+  same model, weights, LoRA, conditioning and shapes the graph of an earlier one (no capture),
+  keeps a bounded amount between runs, and lets go when the host needs the memory;
 - for the domain rows (DomainForward), is launched before the base rows.
 
 A LoRA domain runs on the base's own modules with its LoRA as adapters (lora_adapters.py).
@@ -24,8 +25,8 @@ CUDA graph is made where the call may act differently per step or the weights ar
 addresses: the rules are fastpath_rules.py. Under the host's dynamic VRAM the weights have fixed
 slots that a later allocation may evict: a graph replays only while they hold the pages it read
 (dynamic_vram.py). Weights that move, or are replaced, between steps are
-re-recorded; a capture that fails leaves the direct call (cuda_graphs.py). A record serves only
-the very options and rows objects it was made for.
+re-recorded; a capture that fails leaves the direct call, a Cancel during it stops the run. A
+record serves only the very options and rows objects it was made for.
 Without graphs a LoRA domain's rows ride in the base's call (joint_call.py).
 INDOMAIN_FAST_DOMAIN=0 turns the fast path off, =eager keeps it without CUDA graphs, =separate
 also without joint calls, =domain records only the domain rows.
@@ -40,9 +41,8 @@ import torch
 
 import comfy.samplers
 
-from ..training.graphed import peak_memory
+from ..cudagraph import OWNER, Graph, is_interrupt, peak_memory
 from . import dynamic_vram
-from .cuda_graphs import CudaGraph, GraphPool
 from .fastpath_rules import graph_reason, host_state_reason, plain_cond
 from .lora_adapters import LoraBranch, lora_applied
 
@@ -95,7 +95,7 @@ class _Record:
         self.reason = reason  # why the host's call is made every step instead (None: recorded)
         self.kwargs = None  # apply_model keyword arguments (conditioning on the device)
         self.order: list[int] = []  # row index of each batch chunk of the call
-        self.graph: CudaGraph | None = None
+        self.graph: Graph | None = None
         self.path = "host"  # "host" | "direct" | "graph"
 
     def holds(self, options, rows) -> bool:
@@ -110,13 +110,12 @@ class RecordedCall:
     MAX_RECORDS = 8  # row lists per run (a partial interval gives two); more means they change per step
 
     def __init__(self, name: str, model, model_options: dict | None = None, branches: list[LoraBranch] | None = None,
-                 use_graph: bool = True, pool: GraphPool | None = None):
+                 use_graph: bool = True):
         self.name = name
         self.model = model  # the host's BaseModel (the base's own for a LoRA domain)
         self.model_options = model_options
         self.branches = branches
         self.use_graph = use_graph
-        self.pool = pool or GraphPool()
         self.cache: dict = {}
         self.records: dict[tuple, _Record] = {}
         self.params = None  # the parameters' addresses at capture time
@@ -128,6 +127,8 @@ class RecordedCall:
         if rec is not None:
             if rec.reason is not None:
                 return self._host_call(rows, x, timestep, options)
+            if rec.graph is not None and not rec.graph.alive:  # the host took its memory back
+                rec.graph, rec.path = None, "direct"
             if rec.graph is not None:
                 if self._weights_moved():
                     self.records.clear()
@@ -232,16 +233,13 @@ class RecordedCall:
                 why_not = "weights not all resident in VRAM (dynamic VRAM)"
         if graph and why_not is None:
             try:
-                with contextlib.ExitStack() as pinned:
-                    if slots is not None and not pinned.enter_context(slots.guard()):
-                        raise RuntimeError("weights evicted from VRAM before the capture")
-                    rec.graph = CudaGraph(lambda gx, gt: self._direct(rec, gx, gt), x, timestep, self.pool,
-                                          peak[0] if peak else None)
+                rec.graph = self._graph(rec, x, timestep, slots, peak[0] if peak else None)
                 self.slots = slots
                 self.params = self._addresses()
                 rec.path = "graph"
-                log.debug("%s: CUDA graph of %d rows captured in %s ms", self.name, len(rec.order), rec.graph.capture_ms)
             except Exception as e:  # an op the capture cannot take: keep the direct call
+                if is_interrupt(e):  # the host's Cancel, raised by a layer inside the capture
+                    raise
                 log.warning("%s: CUDA graph capture failed (%s: %s); calling the model directly",
                             self.name, type(e).__name__, e)
                 rec.graph = None
@@ -250,9 +248,33 @@ class RecordedCall:
         self._report(rec, len(rows))
         return preds
 
-    def _addresses(self) -> list:
-        weights = [p.data_ptr() for p in self.model.parameters()]
-        return weights + (self.slots.addresses() if self.slots is not None else [])
+    def _graph(self, rec: _Record, x, timestep, slots, peak: int | None) -> Graph:
+        """The record's CUDA graph: an earlier run's, if it reads the same weights, LoRA and
+        conditioning (cudagraph.OWNER), else captured now."""
+        key = ("sampling", id(self.model), tuple(x.shape), x.dtype, tuple(timestep.shape), timestep.dtype,
+               tuple(rec.order), tuple((id(b.module), id(b.down), id(b.up), b.scale) for b in self.branches or ()))
+        weights = self._addresses(slots)
+        found = OWNER.find(key, lambda g: g.holds["weights"] == weights and same_value(g.holds["kwargs"], rec.kwargs))
+        with contextlib.ExitStack() as pinned:
+            if slots is not None and not pinned.enter_context(slots.guard()):
+                raise RuntimeError("weights evicted from VRAM before the capture")
+            if found is not None:
+                rec.kwargs = found.holds["kwargs"]  # the tensors the graph reads (equal to this run's)
+                log.debug("%s: CUDA graph of %d rows from an earlier run", self.name, len(rec.order))
+                return found
+            holds = {"kwargs": rec.kwargs, "weights": weights, "casts": self.cache,
+                     "lora": [(b.down, b.up) for b in self.branches or ()]}  # (so that the ids stay theirs)
+            made = OWNER.capture(key, lambda gx, gt: self._direct(rec, gx, gt), [x, timestep], x.device, peak,
+                                 holds=holds, model=self.model)
+        log.debug("%s: CUDA graph of %d rows captured in %s ms", self.name, len(rec.order), made.capture_ms)
+        return made
+
+    def _addresses(self, slots: dynamic_vram.Slots | None = None) -> list:
+        """Where the weights the graphs read are, and which patches the host applied to them."""
+        slots = slots if slots is not None else self.slots
+        tensors = [p.data_ptr() for p in self.model.parameters()] + [b.data_ptr() for b in self.model.buffers()]
+        return [getattr(self.model, "current_weight_patches_uuid", None)] + tensors + (
+            slots.addresses() if slots is not None else [])
 
     def _weights_moved(self) -> bool:
         """True if the model's weights are not where the graphs read them: moved, or replaced by new
@@ -275,9 +297,37 @@ class DomainForward:
     """d(x, t) = one domain row's prediction through a RecordedCall."""
 
     def __init__(self, name: str, model, get_cond, model_options: dict, branches: list[LoraBranch] | None = None,
-                 use_graph: bool = True, pool: GraphPool | None = None):
+                 use_graph: bool = True):
         self.get_cond = get_cond  # the row's conditioning as the host has processed it for this run
-        self.call = RecordedCall(f"domain '{name}'", model, model_options, branches, use_graph, pool)
+        self.call = RecordedCall(f"domain '{name}'", model, model_options, branches, use_graph)
 
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         return self.call([self.get_cond()], x, timestep)[0]
+
+
+# transformer_options entries the host sets anew for every run or call, which the forward does not
+# read under the fast path's rules (no wrappers, patches or callbacks acting per step)
+_PER_CALL = ("uuids", "sigmas", "sample_sigmas")
+
+
+def same_value(a, b) -> bool:
+    """True if two recorded values would make the same model call: tensors of equal shape, dtype,
+    device and values; containers of such; other objects identical or equal. In transformer_options
+    the per-call entries (_PER_CALL) are not compared."""
+    if a is b:
+        return True
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype
+                and a.device == b.device and bool(torch.equal(a, b)))
+    if isinstance(a, dict) and isinstance(b, dict):
+        if "transformer_options" in a:
+            a, b = dict(a), dict(b)
+            a["transformer_options"], b["transformer_options"] = (
+                {k: v for k, v in o.get("transformer_options", {}).items() if k not in _PER_CALL} for o in (a, b))
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # objects whose == is not a truth value
+        return False

@@ -31,8 +31,8 @@ whatever the empty prompt carries; n keeps the negative's own, as in KSampler.
 
 The fast path (fastpath.py): each domain row and the base's batched rows go through the host's
 calc_cond_batch on the first step; its one model call is recorded and, every later step, made
-directly (a CUDA graph on CUDA under torch's native allocator), the domain rows launched
-before the base rows. Whatever the
+directly (a CUDA graph on CUDA, kept for later identical runs by cudagraph.OWNER within its
+bound), the domain rows launched before the base rows. Whatever the
 recording cannot reproduce (ControlNet, hooks, areas, masks, wrappers...) keeps the host's call.
 INDOMAIN_FAST_DOMAIN=0 gives the straightforward path: every row through the host's
 calc_cond_batch each step (the reference the fast path is tested against); =domain records the
@@ -55,7 +55,7 @@ import comfy.samplers
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from . import fastpath
-from .cuda_graphs import GraphPool
+from ..cudagraph import OWNER
 from .domain_files import DomainModelError, check_compatible
 from .dynamic_vram import cannot_copy, settle_lazy_dtypes
 from .joint_call import JointCall
@@ -213,7 +213,8 @@ class _Domain:
         self.interval: TermInterval | None = None
         self.inner_model = None
         self.model_options = None
-        self.branches: list[LoraBranch] | None = None  # kind "adapter"
+        self.branches: list[LoraBranch] | None = None  # kind "adapter": on the modules of the model that runs
+        self.patches: dict | None = None  # kind "adapter": the LoRA's weight patches (key -> patch tuples)
         self.fast: fastpath.DomainForward | None = None
 
 
@@ -263,7 +264,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
                     else:
                         domain.branches = lora_branches(self.model_patcher.model, extra)
                         if domain.branches is not None:
-                            domain.kind = "adapter"
+                            domain.kind, domain.patches = "adapter", extra
             if domain.kind == "hook":
                 self._check_hook_allowed(term.name)
                 hook = _PatchDiffHook(extra)
@@ -285,6 +286,9 @@ class DomainGuider(comfy.samplers.CFGGuider):
         super().inner_set_conds(conds)  # under dynamic VRAM, conds with hooks: the host's non-dynamic delegate
         if self.model_patcher is not dynamic:
             settle_lazy_dtypes(self.model_patcher.model)
+            for d in self.domains:  # the LoRA adapters on the modules of the model that runs
+                if d.kind == "adapter":
+                    d.branches = lora_branches(self.model_patcher.model, d.patches)
 
     def _check_hook_allowed(self, name: str) -> None:
         """Under dynamic VRAM the host runs a weight hook on a non-dynamic copy of the base, which
@@ -321,15 +325,13 @@ class DomainGuider(comfy.samplers.CFGGuider):
         self.read_sigma = not all(covers_whole_run(d.term.start_percent, d.term.end_percent) for d in self.domains)
         self.evaluation, self.differences = 0, {}
         prepared = []
-        pool = GraphPool()
         # The base rows recorded too, where some term can be on (with none, every step is the host's own
         # sampling_function), unless a LoRA domain rides in the base's call as a weight hook (the host
         # swaps the base's weights around that row) or a model patch replaces the host's row batching.
         if (self.fast_mode in ("graph", "eager", "separate") and any(d.kind not in ("off", "same") for d in self.domains)
                 and not any(d.kind == "hook" for d in self.domains)
                 and CUSTOM_ROWS not in self.model_options):
-            self.base_fast = fastpath.RecordedCall("base model", self.inner_model, use_graph=self.fast_mode == "graph",
-                                                   pool=pool)
+            self.base_fast = fastpath.RecordedCall("base model", self.inner_model, use_graph=self.fast_mode == "graph")
         self._make_room_for_the_extra_rows(noise.shape, device)
         try:
             for d in self.domains:
@@ -339,7 +341,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
                     self._prepare_domain_model(d, sigmas)
                     prepared.append(d)
                 if d.kind in ("model", "adapter") and self.fast_mode != "off":
-                    d.fast = self._domain_forward(d, sigmas, pool)
+                    d.fast = self._domain_forward(d, sigmas)
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
         except BaseException:
             # The host cleans up the models loaded with the conditioning after a run that ended well
@@ -348,9 +350,10 @@ class DomainGuider(comfy.samplers.CFGGuider):
                 d.term.model.cleanup()
             raise
         finally:
-            self.base_fast, self.joint_calls = None, {}  # frees the CUDA graphs' memory pool
+            self.base_fast, self.joint_calls = None, {}
             for d in self.domains:
                 d.fast = None
+            OWNER.settle(device)  # the graphs kept for the next run: within the bound, the rest let go
             for d in prepared:
                 d.term.model.restore_hook_patches()
                 d.inner_model = None
@@ -369,7 +372,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         keep = [m for m in comfy.model_management.current_loaded_models if any(m.model is p for p in ours)]
         comfy.model_management.free_memory(need, device, keep_loaded=keep)
 
-    def _domain_forward(self, d: _Domain, sigmas, pool: GraphPool) -> fastpath.DomainForward:
+    def _domain_forward(self, d: _Domain, sigmas) -> fastpath.DomainForward:
         """The fast path of a full-copy domain (its own model) or a LoRA domain (the base's model)."""
         if d.kind == "model":
             model, options = d.inner_model, d.model_options
@@ -378,7 +381,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
             options = comfy.model_patcher.create_model_options_clone(self.model_options)
             options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
         return fastpath.DomainForward(d.term.name, model, lambda: self.conds[d.key], options, d.branches,
-                                      use_graph=self.fast_mode in ("graph", "domain"), pool=pool)
+                                      use_graph=self.fast_mode in ("graph", "domain"))
 
     def _prepare_domain_model(self, d: _Domain, sigmas):
         """Prepare a separately loaded domain model the way the host prepares the base."""

@@ -105,16 +105,18 @@ def test_a_failed_capture_falls_back_and_leaves_the_random_generator_usable(comf
     """A capture that fails (here: forced) keeps the direct call; an SDE sampler's noise after it
     works, and the next run captures its graphs again, under either allocator (under ComfyUI's
     cudaMallocAsync a failed capture once made every later one fail, then aborted the process)."""
-    cuda_graphs = comfy.pack("nodes.cuda_graphs")
+    owner = comfy.pack("cudagraph.owner")
+    owner.OWNER.release()  # no graph of an earlier test to reuse: this run captures
+    real = owner.Graph
 
-    class Failing(cuda_graphs.CudaGraph):
-        def __init__(self, fn, x, t, pool, peak_bytes=None):
-            def failing(gx, gt):
-                fn(gx, gt)
+    class Failing(real):
+        def __init__(self, fn, inputs, *args, **kwargs):
+            def failing(*a):
+                fn(*a)
                 torch.cuda.synchronize()  # not allowed while capturing (refused before CUDA sees it)
-            super().__init__(failing, x, t, pool, peak_bytes)
+            super().__init__(failing, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(comfy.pack("nodes.fastpath"), "CudaGraph", Failing)
+    monkeypatch.setattr(owner, "Graph", Failing)
     prompt = text_to_image(steps=4, sampler_name="dpmpp_2m_sde", domain=["dom", 0], domain_scale=1.5,
                            extra={"dom": loader("gpu_domain.safetensors")})
     failed = comfy.run(prompt)["captured"]["out"]["samples"]
@@ -122,7 +124,7 @@ def test_a_failed_capture_falls_back_and_leaves_the_random_generator_usable(comf
     monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "0")
     straightforward = comfy.run(prompt)["captured"]["out"]["samples"]
     assert (failed - straightforward).abs().max() <= 1e-5 * straightforward.abs().max()
-    monkeypatch.setattr(comfy.pack("nodes.fastpath"), "CudaGraph", cuda_graphs.CudaGraph)
+    monkeypatch.setattr(owner, "Graph", real)
     monkeypatch.delenv("INDOMAIN_FAST_DOMAIN")
     caplog.clear()
     with caplog.at_level(logging.INFO):

@@ -269,9 +269,28 @@ class TestConditioning:
         return ([[torch.zeros(1, 77, width), {}]],)
 
 
+class TestHookedConditioning:
+    """A CONDITIONING with an empty HookGroup on each entry: hooks that change nothing, which still
+    make the host treat the prompt as hooked (under dynamic VRAM: its non-dynamic copy of the base)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"conditioning": ("CONDITIONING",)}}
+
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "hook"
+    CATEGORY = "testing"
+
+    def hook(self, conditioning):
+        import comfy.hooks
+
+        return ([[t, {**d, "hooks": comfy.hooks.HookGroup()}] for t, d in conditioning],)
+
+
 def register(host):
     import nodes
 
+    nodes.NODE_CLASS_MAPPINGS["TestHookedConditioning"] = TestHookedConditioning
     nodes.NODE_CLASS_MAPPINGS["TestTinyCheckpoint"] = TestTinyCheckpoint
     nodes.NODE_CLASS_MAPPINGS["TestConditioning"] = TestConditioning
     nodes.NODE_CLASS_MAPPINGS["TestTinyTAESD"] = TestTinyTAESD

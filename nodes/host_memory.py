@@ -1,0 +1,65 @@
+"""The host's memory management, told of the CUDA graphs the pack keeps (cudagraph.OWNER).
+
+ComfyUI frees memory in one place: comfy.model_management.free_memory, which every model load
+calls with the bytes it needs, and unload_all_models (the "Unload models" button, the API's
+/free) calls with more than any card has. Wrapped here, once per process, so that:
+- when the host lacks the memory it asks for, the graphs go first (a capture costs tens of
+  milliseconds; reloading a model, seconds): every graph on that device is released and CUDA's
+  graph memory trimmed, before the host unloads any model;
+- after it, the graphs of models the host no longer has loaded go too.
+The wrapper calls the host's own function with the same arguments and returns what it returns.
+
+Also here: the host's Cancel (InterruptProcessingException) is registered as an interrupt, so a
+Cancel that lands during a capture stops the run (cudagraph.is_interrupt).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+import comfy.model_management as mm
+
+from ..cudagraph import OWNER, register_interrupt
+
+log = logging.getLogger(__name__)
+
+_MARK = "_indomain_releases_graphs"
+_EVERYTHING = 1e29  # unload_all_models asks for 1e30 bytes
+
+
+def install() -> None:
+    """Registers the host's Cancel and wraps its free_memory (idempotent)."""
+    register_interrupt(mm.InterruptProcessingException)
+    if getattr(mm.free_memory, _MARK, False):
+        return
+    original = mm.free_memory
+
+    @functools.wraps(original)
+    def free_memory(memory_required, device, *args, **kwargs):
+        release_if_short(memory_required, device)
+        try:
+            return original(memory_required, device, *args, **kwargs)
+        finally:
+            OWNER.sweep(is_loaded)
+
+    setattr(free_memory, _MARK, True)
+    mm.free_memory = free_memory
+
+
+def release_if_short(memory_required, device) -> int:
+    """Releases the graphs on `device` when the host asks for more than is free (or for all of it);
+    returns the bytes they held."""
+    if not isinstance(device, torch.device) or device.type != "cuda" or not OWNER.held(device):
+        return 0
+    if memory_required < _EVERYTHING and mm.get_free_memory(device) >= memory_required:
+        return 0
+    why = "ComfyUI unloads its models" if memory_required >= _EVERYTHING else \
+        f"ComfyUI needs {memory_required / 2**30:.2f} GiB"
+    return OWNER.release(device, why)
+
+
+def is_loaded(model) -> bool:
+    """True while the host lists `model` (a BaseModel) among its loaded models."""
+    return any(lm.model is not None and lm.model.model is model for lm in mm.current_loaded_models)
