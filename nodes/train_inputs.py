@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 
 import torch
 
@@ -17,11 +18,12 @@ import comfy.model_management
 import comfy.model_sampling
 
 from ..training import FlowSchedule
-from .dynamic_vram import cannot_copy, non_dynamic_copy, patcher_is_dynamic
+from .dynamic_vram import cannot_copy, non_dynamic_copy, patcher_is_dynamic, release
 from .train_families import family_of
 
 log = logging.getLogger(__name__)
 _NONE = object()  # a layer without a comfy_cast_weights of its own (only its class's)
+_copies = weakref.WeakSet()  # the host's non-dynamic copies that for_training made
 
 
 def model_sampling(model):
@@ -164,17 +166,26 @@ def for_training(model):
             "loader, or start ComfyUI with --disable-dynamic-vram")
     log.info("dynamic VRAM: training on the host's non-dynamic copy of the base (its weights on the GPU, "
              "for autograd)")
-    return non_dynamic_copy(model)
+    copy = non_dynamic_copy(model)
+    _copies.add(copy)
+    return copy
 
 
 def load_for_training(model) -> torch.nn.Module:
     """The base's UNet on the device, whole (the host's model management loads it, with the base's
     LoRAs merged), its weights usable by autograd. Cheap when it is loaded already; called again
     wherever the host may have unloaded it (VAE encoding, previews), so that training goes on with
-    the weights it trains, where it trains them."""
-    comfy.model_management.load_models_gpu([model], force_full_load=True)
-    unet = model.model.diffusion_model
-    make_autograd_safe(unet)
+    the weights it trains, where it trains them. If it fails on a copy that for_training made, the
+    copy is released (dynamic_vram.release) before the error goes on: the host lists it among its
+    loaded models once it loads it, and a failure here may come before its caller releases it."""
+    try:
+        comfy.model_management.load_models_gpu([model], force_full_load=True)
+        unet = model.model.diffusion_model
+        make_autograd_safe(unet)
+    except BaseException:
+        if model in _copies:
+            release(model)
+        raise
     return unet
 
 

@@ -721,6 +721,45 @@ def test_full_mode_gives_the_base_back_to_the_host_once_its_copy_is_made(comfy, 
     assert seen == ["no release"]
 
 
+def host_lists(patcher) -> bool:
+    """True if the host's model management lists `patcher`'s model among its loaded models."""
+    mm = importlib.import_module("comfy.model_management")
+    return any(m.model is not None and m.model.model is patcher.model for m in mm.current_loaded_models)
+
+
+def test_a_failure_loading_the_non_dynamic_copy_releases_it_from_the_host(comfy, folders, monkeypatch):
+    """Under dynamic VRAM training runs on the host's non-dynamic copy of the base, which the host
+    lists among its loaded models once it loads it. If loading or preparing the copy fails, the copy
+    is released (no longer listed) before the error reaches the user. Where the host has no dynamic
+    VRAM (0.8.0) it is emulated: the base counts as dynamic and its copy is the same file loaded
+    again as a classic model, as the host's get_non_dynamic_delegate gives it. The failure: making
+    the copy's weights usable by autograd, right after the host loaded it."""
+    import tiny_nodes
+
+    inputs, base, copies, listed_at_failure = comfy.pack("nodes.train_inputs"), tiny_nodes.tiny_model(), [], []
+    real_copy, dynamic = inputs.non_dynamic_copy, inputs.patcher_is_dynamic(base)
+
+    def non_dynamic_copy(model):
+        copies.append(real_copy(model) if dynamic else tiny_nodes.load_unet(tiny_nodes.unet_state_dict(0)))
+        return copies[-1]
+
+    def fails(unet):
+        listed_at_failure.append(host_lists(copies[0]))
+        raise RuntimeError("making the copy autograd-safe failed")
+
+    if not dynamic:
+        monkeypatch.setattr(inputs, "patcher_is_dynamic", lambda model: model is base)
+    monkeypatch.setattr(inputs, "non_dynamic_copy", non_dynamic_copy)
+    monkeypatch.setattr(inputs, "make_autograd_safe", fails)
+    try:
+        assert "making the copy autograd-safe failed" in error_of(comfy, steps=1, save_name="copy_fails", resume=False)
+        assert len(copies) == 1 and listed_at_failure == [True]  # the host had loaded the copy when it failed
+        assert not host_lists(copies[0])
+    finally:
+        for copy in copies:
+            comfy.pack("nodes.dynamic_vram").release(copy)
+
+
 def test_weights_cast_to_input_gives_each_layer_back_its_flag_exactly_as_it_was(comfy):
     """Within the block every host layer that did not cast its weights casts them to its input;
     afterwards, also after an error, each layer's comfy_cast_weights is exactly what it was: its
