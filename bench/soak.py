@@ -1,0 +1,230 @@
+"""GPU soak: one ComfyUI process sampling as a server does for hours (cudagraph.OWNER's contract).
+
+    python bench/soak.py --out DIR [--runs 100] [--cancels 10] [--steps 6] [--quick]
+
+Starts the real host in-process as its main.py would (tests/host.py: its allocator, dynamic VRAM
+where main.py turns it on, main.py's progress hook that raises on Cancel), builds full-size SD1.5
+and SDXL UNets with random fp16 weights, a full-copy domain and a rank-32 LoRA of each (bench/
+sampling.py's Bench), then makes --runs sampling runs, each drawn at random (seeded): model, batch
+1-8, one of two resolutions, full or LoRA domain, domain on (1.5) or off (0), plain or hooked
+prompt (an empty HookGroup on the positive); every fifth run repeats an earlier one exactly.
+Interleaved: three LoRA training runs with cuda_graphs on (SD1.5, 8 steps, 256 px, random latents).
+--cancels of the runs are cancelled: at least 3 while the fast path captures (the host's Cancel
+flag set by a layer's pre-hook during the capture: its ops raise inside it), the others by a
+timer at a random moment.
+
+Reported (soak.json): per run its draw, time, captures and reuses, and for a Cancel the steps the
+sampler finished after the flag was set; at the end, after the host's unload_all_models and
+soft_empty_cache, CUDA's graph memory in use and free memory against their values before the
+first run; whether repeated runs gave bit-identical latents. The process must not abort.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import threading
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, BENCH)
+import sampling  # noqa: E402  (bench/sampling.py: the host as main.py starts it, its allocator first)
+from sampling import Bench, host_module, torch  # noqa: E402
+
+def capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+RESOLUTIONS = {"sd15": (512, 384), "sdxl": (768, 512)}
+
+
+class Soak:
+    def __init__(self, host, bench: Bench, steps: int, quick: bool):
+        import comfy.model_management as mm
+        self.host, self.bench, self.steps, self.quick, self.mm = host, bench, steps, quick, mm
+        self.cudagraph = host.pack("cudagraph")
+        self.sampling = host.pack("nodes.sampling")
+        self.after_cancel: list[int] = []  # steps finished after the Cancel flag was set
+        self.flagged = False
+
+    def progress_hook(self, value, total, preview, prompt_id=None, node_id=None):
+        """main.py's hook: a Cancel raises at the next step's callback."""
+        if self.flagged:
+            self.after_cancel.append(value)
+        self.mm.throw_exception_if_processing_interrupted()
+
+    def cancel(self):
+        self.flagged = True
+        self.mm.interrupt_current_processing(True)
+
+    def sample(self, m: dict, draw: dict) -> torch.Tensor:
+        import comfy.hooks
+        c = m["conds"]
+        positive = c["positive"]
+        if draw["hooked"]:
+            positive = [[t, {**d, "hooks": comfy.hooks.HookGroup()}] for t, d in positive]
+        px = draw["px"]
+        latent = {"samples": torch.zeros(draw["batch"], 4, px // 8, px // 8)}
+        s = self.sampling
+        terms = s.collect_terms(m[draw["domain"]], 1.5 if draw["on"] else 0.0, 0.0, 1.0, None)
+        guider = s.make_guider(m["base"], positive, c["negative"], c["null"], 7.0, terms, False)
+        try:
+            return s.sample_like_ksampler(guider, draw["seed"], self.steps, "euler", "normal", latent, 1.0)["samples"]
+        finally:
+            self.host.after_node()
+
+    def run(self, models: dict, draw: dict, cancel: str | None) -> dict:
+        owner = self.cudagraph.OWNER
+        captures, reuses = owner.captures, owner.reuses
+        m = models[draw["model"]]
+        handle, timer = None, None
+        self.after_cancel, self.flagged = [], False
+        if cancel == "capture":
+            owner.release()  # this run captures: nothing of an earlier run to reuse
+            module = m["base"].model.diffusion_model.out[2]
+            handle = module.register_forward_pre_hook(
+                lambda mod, args: self.cancel() if capturing() and not self.flagged else None)
+        elif cancel == "timer":
+            timer = threading.Timer(random.uniform(0.05, 1.5), self.cancel)
+            timer.start()
+        t0 = time.perf_counter()
+        row = {**draw, "cancel": cancel}
+        try:
+            out = self.sample(m, draw)
+            row["result"] = "done"
+        except self.mm.InterruptProcessingException:
+            out, row["result"] = None, "cancelled"
+        finally:
+            if handle is not None:
+                handle.remove()
+            if timer is not None:
+                timer.cancel()
+            self.mm.interrupt_current_processing(False)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        row.update(seconds=round(time.perf_counter() - t0, 3), captures=owner.captures - captures,
+                   reuses=owner.reuses - reuses, held_gib=round(owner.held() / 2**30, 3),
+                   graph_used_gib=round(self.cudagraph.graph_memory(self.mm.get_torch_device()) / 2**30, 3))
+        if self.flagged:
+            row["steps_after_cancel"] = max(0, len(self.after_cancel) - (1 if row["result"] == "cancelled" else 0))
+        return row, out
+
+    def train(self, models: dict) -> dict:
+        """A LoRA training run with cuda_graphs on: bench/training.py's lora-b8-graph case, 8 steps at
+        256 px, on this soak's SD1.5 base."""
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("training_bench", os.path.join(BENCH, "training.py"))
+        bench_training = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_training)
+        bench_training.host = self.host
+        owner = self.cudagraph.OWNER
+        captures = owner.captures
+        t0 = time.perf_counter()
+        row = bench_training.run_case(models["sd15"]["base"], "lora-b8-graph", 64 if self.quick else 256, 8, 3, 16)
+        return {"train": "lora-b8-graph, 8 steps, 256 px", "seconds": round(time.perf_counter() - t0, 2),
+                "images_per_s": round(row["images_per_s"], 2), "captures": owner.captures - captures,
+                "held_after_gib": round(owner.held() / 2**30, 3)}
+
+
+def memory(cudagraph) -> dict:
+    if not torch.cuda.is_available():  # (--quick on the CPU: nothing to measure)
+        return {"graph_used_gib": 0.0, "free_gib": 0.0, "reserved_gib": 0.0}
+    dev = torch.device("cuda")
+    free, total = torch.cuda.mem_get_info(dev)
+    return {"graph_used_gib": round(cudagraph.graph_memory(dev) / 2**30, 3), "free_gib": round(free / 2**30, 3),
+            "reserved_gib": round(torch.cuda.memory_reserved(dev) / 2**30, 3)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--cancels", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", default="sd15,sdxl")
+    ap.add_argument("--quick", action="store_true", help="tiny models (checks the script)")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    import tempfile
+    host = host_module.Host(host_module.find_host(), tempfile.mkdtemp(prefix="indomain-soak-"),
+                            cpu=not torch.cuda.is_available(),
+                            builtin_nodes=False, dynamic_vram=True).start()
+    import comfy.model_management as mm
+    import comfy.utils
+    import comfyui_version
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+    bench = Bench(host, args.quick, args.steps, 1, 7.0, torch.float16 if torch.cuda.is_available() else torch.float32)
+    soak = Soak(host, bench, args.steps, args.quick)
+    comfy.utils.set_progress_bar_global_hook(soak.progress_hook)
+    models = {name: bench.build(name) for name in args.models.split(",")}
+    rng = random.Random(args.seed)
+    random.seed(args.seed)
+    result = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": mm.get_torch_device_name(mm.get_torch_device()),
+                       "torch": torch.__version__, "comfyui": comfyui_version.__version__,
+                       "allocator": host.allocator, "dynamic_vram": host.dynamic_vram, "steps": args.steps,
+                       "runs": args.runs, "command": "python bench/soak.py " + " ".join(argv or sys.argv[1:])},
+              "runs": []}
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    result["before"] = memory(soak.cudagraph)
+    cancels = rng.sample(range(1, args.runs), args.cancels)
+    kinds = {i: ("capture" if n < 3 else "timer") for n, i in enumerate(cancels)}
+    trainings = {args.runs // 4, args.runs // 2, 3 * args.runs // 4}
+    draws, outputs, repeats = [], {}, []
+    path = os.path.join(args.out, "soak.json")
+    for i in range(args.runs):
+        if i % 5 == 4 and draws:
+            j = rng.randrange(len(draws))
+            draw, repeat_of = dict(draws[j]), j
+        else:
+            model = rng.choice(list(models))
+            draw = {"model": model, "batch": 1 + rng.randrange(8), "px": rng.choice(RESOLUTIONS[model]) if not args.quick else 64,
+                    "domain": rng.choice(["full", "lora"]), "on": rng.random() < 0.8, "hooked": rng.random() < 0.2,
+                    "seed": rng.randrange(1 << 30)}
+            repeat_of = None
+        row, out = soak.run(models, draw, kinds.get(i))
+        row["run"], row["repeat_of"] = i, repeat_of
+        draws.append(draw)
+        if out is not None:
+            outputs[i] = out
+            if repeat_of is not None and repeat_of in outputs:
+                row["bit_identical"] = bool(torch.equal(out, outputs[repeat_of]))
+                repeats.append(row["bit_identical"])
+        result["runs"].append(row)
+        print(json.dumps(row), flush=True)
+        if i in trainings and "sd15" in models:
+            try:
+                result["runs"].append(soak.train(models))
+            except Exception as e:  # reported, the soak goes on
+                result["runs"].append({"train": "error", "error": f"{type(e).__name__}: {e}"[:300]})
+            print(json.dumps(result["runs"][-1]), flush=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    del models, outputs
+    gc.collect()
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    result["after"] = memory(soak.cudagraph)
+    cancelled = [r for r in result["runs"] if r.get("cancel")]
+    result["summary"] = {
+        "runs": args.runs, "cancels": len(cancelled),
+        "cancels_during_capture": sum(r["cancel"] == "capture" for r in cancelled),
+        "cancelled_runs": sum(r.get("result") == "cancelled" for r in cancelled),
+        "max_steps_after_cancel": max((r.get("steps_after_cancel", 0) for r in cancelled), default=0),
+        "repeats": len(repeats), "repeats_bit_identical": sum(repeats),
+        "graph_used_delta_gib": round(result["after"]["graph_used_gib"] - result["before"]["graph_used_gib"], 3),
+        "free_delta_gib": round(result["after"]["free_gib"] - result["before"]["free_gib"], 3),
+        "kept_bytes": soak.cudagraph.kept_bytes(),
+    }
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result["summary"]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
