@@ -254,7 +254,21 @@ class RecordedCall:
         key = ("sampling", id(self.model), tuple(x.shape), x.dtype, tuple(timestep.shape), timestep.dtype,
                tuple(rec.order), tuple((id(b.module), id(b.down), id(b.up), b.scale) for b in self.branches or ()))
         weights = self._addresses(slots)
-        found = OWNER.find(key, lambda g: g.holds["weights"] == weights and same_value(g.holds["kwargs"], rec.kwargs))
+
+        def reusable(g: Graph) -> bool:
+            why = ("the weights moved or were patched" if g.holds["weights"] != weights else
+                   difference(g.holds["kwargs"], rec.kwargs))
+            if why is not None:
+                log.info("%s: the CUDA graph of an earlier run does not serve this one (%s differs)", self.name, why)
+            return why is None
+
+        found = OWNER.find(key, reusable)
+        if found is None:
+            near = [k for k in OWNER.graphs if isinstance(k, tuple) and k[:2] == key[:2]]
+            if near:
+                parts = ("", "", "x shape", "x dtype", "t shape", "t dtype", "rows", "LoRA")
+                log.info("%s: earlier graphs of this model are for other calls (%s)", self.name,
+                         ", ".join(n for n, a, b in zip(parts, near[-1], key) if a != b))
         with contextlib.ExitStack() as pinned:
             if slots is not None and not pinned.enter_context(slots.guard()):
                 raise RuntimeError("weights evicted from VRAM before the capture")
@@ -311,23 +325,31 @@ _PER_CALL = ("uuids", "sigmas", "sample_sigmas")
 
 
 def same_value(a, b) -> bool:
-    """True if two recorded values would make the same model call: tensors of equal shape, dtype,
-    device and values; containers of such; other objects identical or equal. In transformer_options
-    the per-call entries (_PER_CALL) are not compared."""
+    """True if two recorded values would make the same model call (difference is None)."""
+    return difference(a, b) is None
+
+
+def difference(a, b, path: str = "kwargs") -> str | None:
+    """Where two recorded values differ (None: they would make the same model call): tensors of
+    equal shape, dtype, device and values; containers of such; other objects identical or equal.
+    In transformer_options the per-call entries (_PER_CALL) are not compared."""
     if a is b:
-        return True
+        return None
     if torch.is_tensor(a) or torch.is_tensor(b):
-        return (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype
+        same = (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype
                 and a.device == b.device and bool(torch.equal(a, b)))
+        return None if same else path
     if isinstance(a, dict) and isinstance(b, dict):
-        if "transformer_options" in a:
-            a, b = dict(a), dict(b)
-            a["transformer_options"], b["transformer_options"] = (
-                {k: v for k, v in o.get("transformer_options", {}).items() if k not in _PER_CALL} for o in (a, b))
-        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+        if path.endswith("transformer_options"):
+            a, b = ({k: v for k, v in o.items() if k not in _PER_CALL} for o in (a, b))
+        if a.keys() != b.keys():
+            return f"{path} keys {sorted(map(str, a.keys() ^ b.keys()))}"
+        return next((d for k in a if (d := difference(a[k], b[k], f"{path}.{k}")) is not None), None)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+        if type(a) is not type(b) or len(a) != len(b):
+            return path
+        return next((d for i, (x, y) in enumerate(zip(a, b)) if (d := difference(x, y, f"{path}[{i}]")) is not None), None)
     try:
-        return bool(a == b)
+        return None if bool(a == b) else f"{path} ({type(a).__name__})"
     except Exception:  # objects whose == is not a truth value
-        return False
+        return f"{path} ({type(a).__name__})"

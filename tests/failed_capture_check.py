@@ -41,6 +41,17 @@ def event_wait(_):
     e.synchronize()
 
 
+gc.collect()
+torch.cuda.synchronize()
+used_before = graph_memory(dev)
+held = [OWNER.capture(("check", n), lambda a: a * n + torch.ones(64 << 20, device=dev)[0], [x], dev) for n in range(3)]
+replays = [float(g(x)[0]) for g in held]
+used_with_graphs = graph_memory(dev)
+released = OWNER.release(dev, "check")
+gc.collect()
+torch.cuda.synchronize()
+used_after_release = graph_memory(dev)
+
 waits = [lambda y: float(y.sum()), lambda y: torch.cuda.synchronize(), event_wait,
          lambda y: y + torch.ones(1024).to(dev, non_blocking=True)]
 start = reserved()
@@ -74,6 +85,7 @@ def oom_at_first_replay():
         capture_graph(lambda: torch.ones(3 << 28, device=dev) * x[0], dev)
     finally:
         del blocker
+        torch.cuda.empty_cache()  # (native: the blocker's memory back to CUDA, for later pools)
 
 
 register_interrupt(Cancel)
@@ -89,18 +101,9 @@ for name, attempt in (("cuda_refused", lambda: capture_graph(failing(lambda y: t
 graph2, out2, _ = capture_graph(lambda: x * 2 + 1, dev)  # still captures and replays after those
 graph2.replay()
 
-gc.collect()
-torch.cuda.synchronize()
-used_before = graph_memory(dev)
-held = [OWNER.capture(("check", n), lambda a: a * n + torch.ones(64 << 20, device=dev)[0], [x], dev) for n in range(3)]
-replays = [float(g(x)[0]) for g in held]
-used_with_graphs = graph_memory(dev)
-released = OWNER.release(dev, "check")
-gc.collect()
-torch.cuda.synchronize()
 print(json.dumps({"allocator": torch.cuda.memory.get_allocator_backend(), "errors": errors,
                   "reserved_growth": after_failures - start, "replayed": out.tolist()[:2],
                   "noise_finite": bool(torch.isfinite(noise).all()), "late": late, "kept_bytes": kept_bytes(),
                   "after_late": out2.tolist()[:2], "owner_replays": replays, "owner_released": released,
-                  "graph_used": [used_before, used_with_graphs, graph_memory(dev)],
+                  "graph_used": [used_before, used_with_graphs, used_after_release],
                   "alive_after_release": [g.alive for g in held]}))

@@ -152,10 +152,19 @@ def test_with_the_hosts_disable_cuda_graphs_the_fast_path_makes_no_graph_and_say
     assert (fast - straightforward).abs().max() <= 2e-4 * straightforward.abs().max()
 
 
-def test_cuda_graphs_are_given_back_after_each_run(comfy, folders):
-    """The graphs (and their memory pool) live for one sampling run: none is left once it ends."""
+def test_after_a_run_the_only_cuda_graphs_are_those_the_owner_keeps(comfy, folders):
+    """A run's graphs outlive it only in cudagraph.OWNER (for a later identical run); once it lets
+    go, no CUDA graph is left in the process."""
     import gc
+    owner = comfy.pack("cudagraph.owner").OWNER
     prompt = text_to_image(steps=3, domain=["dom", 0], domain_scale=1.5, extra={"dom": loader("gpu_domain.safetensors")})
     comfy.run(prompt)
+    gc.collect()
+    live = [o for o in gc.get_objects() if isinstance(o, torch.cuda.CUDAGraph)]
+    kept = [g.graph for g, _ in owner.graphs.values() if g.alive]
+    assert live and {id(o) for o in live} == {id(g) for g in kept}
+    owner.release()
+    gc.collect()
+    del live, kept
     gc.collect()
     assert [o for o in gc.get_objects() if isinstance(o, torch.cuda.CUDAGraph)] == []

@@ -9,6 +9,7 @@
 The memory and Cancel tests need a GPU (the GPU tier); the hook test runs on both tiers, on the
 CPU with the host's swap to a copy of the base emulated as 0.33 makes it under dynamic VRAM.
 """
+import logging
 import os
 
 import pytest
@@ -44,16 +45,26 @@ def run(comfy, domain_file, scale=1.5, **kw):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["full", "lora"])
-def test_an_identical_second_run_captures_nothing_and_gives_the_same_latents(comfy, files, owner, kind):
-    first = run(comfy, files[kind])
+def test_an_identical_second_run_captures_nothing_and_gives_the_same_latents(comfy, files, owner, caplog, kind):
+    """As a server runs prompts: the host's executor keeps each node's output while its inputs stay
+    the same (the models, the LoRA, the prompts' encodings). A second run with another seed replays
+    the graphs of the first; a third with the first's seed gives its latents bit for bit."""
+    caplog.set_level(logging.INFO)
+    executor = comfy.executor()
+
+    def sample(seed):
+        prompt = text_to_image(steps=4, seed=seed, domain=["dom", 0], domain_scale=1.5, extra={"dom": loader(files[kind])})
+        return comfy.run(prompt, executor=executor)["captured"]["out"]["samples"]
+
+    first = sample(7)
     captured = owner.captures
     assert captured >= 2  # the domain rows and the base rows
-    reused = owner.reuses
-    second = run(comfy, files[kind])
-    assert owner.captures == captured and owner.reuses >= reused + 2
-    assert torch.equal(first, second)
-    third = run(comfy, files[kind], positive="a photo of a dog")  # another prompt: the base rows anew
-    assert owner.captures > captured and not torch.equal(third, first)
+    caplog.clear()
+    other = sample(8)
+    again = sample(7)
+    why = [r.getMessage() for r in caplog.records if "earlier" in r.getMessage() or "CUDA graphs:" in r.getMessage()]
+    assert owner.captures == captured and owner.reuses >= 4, why
+    assert torch.equal(again, first) and not torch.equal(other, first)
 
 
 @pytest.mark.gpu
@@ -75,11 +86,17 @@ def test_graphs_stay_within_their_bound_and_go_with_the_hosts_unload(comfy, file
             assert owner.held(dev) <= cudagraph.limit_bytes(dev)
     monkeypatch.delenv(cudagraph.ENV)
     run(comfy, files["lora"], batch=2, steps=3)
-    assert owner.held(dev) > 0  # kept for the next run
+    held = owner.held(dev)
+    assert held > 0  # kept for the next run
+    in_use = cudagraph.graph_memory(dev)
     mm.unload_all_models()
     mm.soft_empty_cache()
+    after = cudagraph.graph_memory(dev)
     assert owner.held() == 0 and not owner.graphs
-    assert cudagraph.graph_memory(dev) <= before + (16 << 20), (before, cudagraph.graph_memory(dev))
+    if cudagraph.cuda_malloc_async():  # what the owner held is CUDA's graph memory, and it came back
+        assert in_use - after >= 0.9 * held, (in_use, after, held)
+        if not getattr(tiny.tiny_model(), "is_dynamic", lambda: False)():  # (0.33 keeps graphs of its own)
+            assert after <= before + (16 << 20), (before, after)
 
 
 @pytest.mark.gpu

@@ -116,9 +116,9 @@ def test_the_published_archive_holds_what_runs_and_nothing_else():
     assert {"nodes", "guidance", "training", "cudagraph"} <= top
     size = sum((REPO / p).stat().st_size for p in files)
     # (nine templates with their thumbnails are about 170 KB of it: SD1.5's five, SDXL's and Flux's two each;
-    # README and CHANGELOG about 55 KB; the code the rest: 500 KB reached on 2026-11-30. The bound is
-    # there to catch a stray large file, e.g. an evidence image or a model, not the code's growth.)
-    assert size < 550_000, f"{len(files)} files, {size} bytes"
+    # README and CHANGELOG about 55 KB; the code the rest: 570 KB with cudagraph/. The bound is there
+    # to catch a stray large file, e.g. an evidence image or a model, not the code's growth.)
+    assert size < 650_000, f"{len(files)} files, {size} bytes"
     log.info("the archive would hold %d files, %d bytes:\n%s", len(files), size, "\n".join(files))
 
 

@@ -105,7 +105,7 @@ def test_failed_captures_leave_the_next_capture_memory_and_random_generator_as_t
     if allocator == "cudaMallocAsync":  # what an invalidated capture allocated is kept, counted (2 GiB), never freed
         assert report["kept_bytes"] >= 2 ** 31, report
     assert report["after_late"] == [7.0, 7.0], report
-    assert report["owner_replays"] == [1.0, 4.0, 7.0] and report["alive_after_release"] == [False] * 3, report
+    assert report["owner_replays"] == [1.0, 2.0, 3.0] and report["alive_after_release"] == [False] * 3, report
     used = report["graph_used"]
     if allocator == "cudaMallocAsync":  # the owner's graphs held CUDA graph memory, and gave it all back
-        assert used[1] - used[0] >= 3 * 2 ** 28 and used[2] <= used[0] + 2 ** 20, used
+        assert used[1] - used[0] >= 2 ** 28 and used[2] <= used[0] + 2 ** 20, used
