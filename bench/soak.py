@@ -97,6 +97,8 @@ class Soak:
             row["result"] = "done"
         except self.mm.InterruptProcessingException:
             out, row["result"] = None, "cancelled"
+        except Exception as e:  # reported; the soak goes on (a server would too)
+            out, row["result"] = None, f"error: {type(e).__name__}: {e}"[:300]
         finally:
             if handle is not None:
                 handle.remove()
@@ -186,6 +188,8 @@ def main(argv=None) -> int:
                     "domain": rng.choice(["full", "lora"]), "on": rng.random() < 0.8, "hooked": rng.random() < 0.2,
                     "seed": rng.randrange(1 << 30)}
             repeat_of = None
+        if kinds.get(i) == "capture":  # a run that captures: the domain on, no hooked prompt
+            draw.update(on=True, hooked=False)
         row, out = soak.run(models, draw, kinds.get(i))
         row["run"], row["repeat_of"] = i, repeat_of
         draws.append(draw)
@@ -219,6 +223,9 @@ def main(argv=None) -> int:
         "graph_used_delta_gib": round(result["after"]["graph_used_gib"] - result["before"]["graph_used_gib"], 3),
         "free_delta_gib": round(result["after"]["free_gib"] - result["before"]["free_gib"], 3),
         "kept_bytes": soak.cudagraph.kept_bytes(),
+        "errors": sum(str(r.get("result", "")).startswith("error") for r in result["runs"])
+        + sum(r.get("train") == "error" for r in result["runs"]),
+        "captures": soak.cudagraph.OWNER.captures, "reuses": soak.cudagraph.OWNER.reuses,
     }
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
