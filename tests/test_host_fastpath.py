@@ -504,8 +504,8 @@ def test_a_patch_that_batches_the_text_rows_itself_keeps_doing_so_with_a_domain(
 
 def test_a_record_serves_only_the_objects_and_weights_it_was_made_for(comfy):
     """Records are keyed by the ids of the step's options and rows, and hold them, so that no later
-    object can take an id over; a CUDA graph is re-recorded when a weight is replaced by a new
-    Parameter, not only when the captured Parameter moved."""
+    object can take an id over; a CUDA graph is re-recorded when a weight or a buffer is replaced
+    (not only when the captured one moved) and when the host patched the weights in place."""
     fastpath = comfy.pack("nodes.fastpath")
     options, rows = {"transformer_options": {}}, [[{"model_conds": {}}], None]
     rec = fastpath._Record((1, 4, 8, 8), options, rows)
@@ -517,6 +517,14 @@ def test_a_record_serves_only_the_objects_and_weights_it_was_made_for(comfy):
     assert not call._weights_moved()
     out = patcher.model.diffusion_model.out[2]
     out.weight = torch.nn.Parameter(out.weight.detach().clone())  # e.g. a pack swapping in new weights
+    assert call._weights_moved()
+    call.params = call._addresses()
+    sampling = patcher.model.model_sampling  # buffers are read by the graphs too (the sigmas)
+    name, buffer = next(iter(sampling.named_buffers()))
+    sampling.register_buffer(name, buffer.clone())  # e.g. a node replacing the model's schedule
+    assert call._weights_moved()
+    call.params = call._addresses()
+    patcher.model.current_weight_patches_uuid = "another set of patches"  # the host patched the weights in place
     assert call._weights_moved()
 
 
