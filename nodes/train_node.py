@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..training import TrainConfig
-from ..training.loop import OPTIMIZERS
+from ..training.config import OPTIMIZERS
 from .host_schema import advanced, schema
 from .plot import loss_curve_image
 from .sampling import CATEGORY

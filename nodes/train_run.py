@@ -25,7 +25,7 @@ import folder_paths
 from ..training import DEFAULT_TARGETS, TrainConfig, save_model_file, train
 from ..training.data import IMAGE_EXTENSIONS
 from ..training.distributed import ranks
-from ..training.loop import cuda_graph_reason
+from ..training.config import cuda_graph_reason
 from .domain_files import apply_lora, model_from_base_config
 from .dynamic_vram import release
 from .fastpath_rules import host_flag_reason
