@@ -25,7 +25,7 @@ from .lora import DEFAULT_TARGETS
 from .noise import DiscreteSchedule, FlowSchedule
 from .trainable import MODES
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the node offers them in this order
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit")
 # Options that change speed or bookkeeping, not the math: a run may be resumed with other values.
