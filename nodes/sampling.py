@@ -11,11 +11,10 @@ import latent_preview
 from comfy_api.latest import io
 
 from .guider import DOMAIN_TERMS, DomainGuider, DomainTerm
-from .host_schema import schema
+from .host_schema import CATEGORY, schema
 
 log = logging.getLogger(__name__)
 
-CATEGORY = "in-domain"
 DomainTerms = io.Custom(DOMAIN_TERMS)
 
 NULL_TIP = ("The base model's empty-prompt conditioning (CLIP Text Encode of an empty string). "

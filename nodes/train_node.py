@@ -5,9 +5,8 @@ from comfy_api.latest import io
 
 from ..training import TrainConfig
 from ..training.loop import OPTIMIZERS
-from .host_schema import advanced, schema
+from .host_schema import CATEGORY, advanced, schema
 from .plot import loss_curve_image
-from .sampling import CATEGORY
 from .train_run import image_folder_fingerprint, run_training
 
 PRECISIONS = ("bf16", "fp16", "fp32")
