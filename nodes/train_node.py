@@ -1,4 +1,4 @@
-"""Train Domain UNet node: declarations; the run is train_run.run_training."""
+"""Train Domain UNet node: declarations; the run is nodes/training/run.py's run_training."""
 from __future__ import annotations
 
 from comfy_api.latest import io
@@ -6,8 +6,8 @@ from comfy_api.latest import io
 from ..training import TrainConfig
 from ..training.loop import OPTIMIZERS
 from .host_schema import CATEGORY, advanced, schema
-from .plot import loss_curve_image
-from .train_run import image_folder_fingerprint, run_training
+from .training.plot import loss_curve_image
+from .training.run import image_folder_fingerprint, run_training
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 

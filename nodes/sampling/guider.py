@@ -55,12 +55,12 @@ import comfy.samplers
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from . import fastpath
-from ..cudagraph import OWNER
-from .domain_files import DomainModelError, check_compatible
-from .dynamic_vram import cannot_copy, settle_lazy_dtypes
+from ...cudagraph import OWNER
+from ..domain_files import DomainModelError, check_compatible
+from ..dynamic_vram import cannot_copy, settle_lazy_dtypes
 from .joint_call import JointCall
 from .lora_adapters import LoraBranch, compiled_reason, lora_branches
-from ..guidance import (GuidanceTerm, TermInterval, add_domain_differences, add_domain_terms, covers_whole_run, is_active,
+from ...guidance import (GuidanceTerm, TermInterval, add_domain_differences, add_domain_terms, covers_whole_run, is_active,
                         percent_to_step_fraction, recompute_domain)
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """run_training: one Train Domain UNet run, from host objects to the written files and the domain
 MODEL, shared by the node and the headless trainer (tools/train_domain.py).
 
-Host objects become the loop's callables (train_inputs), the loop runs (training.train) with the
-host's progress bar, interrupt and previews (train_progress), and each checkpoint's weights are
-written as the model file (train_files). Out-of-memory and a full disk are reported with what
+Host objects become the loop's callables (inputs.py), the loop runs (training.train) with the
+host's progress bar, interrupt and previews (progress.py), and each checkpoint's weights are
+written as the model file (files.py). Out-of-memory and a full disk are reported with what
 was kept.
 """
 from __future__ import annotations
@@ -22,20 +22,20 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ..training import DEFAULT_TARGETS, TrainConfig, save_model_file, train
-from ..training.data import IMAGE_EXTENSIONS
-from ..training.distributed import ranks
-from ..training.loop import cuda_graph_reason
-from .domain_files import apply_lora, model_from_base_config
-from .dynamic_vram import release
-from .fastpath_rules import host_flag_reason
-from .train_differentiable import host_in_training
-from .train_families import family_of
-from .train_files import kept_message, deliverable, cache_folder, file_metadata, fingerprint, output_paths
-from .train_inputs import (alphas_cumprod, check_vae, checkpointed_blocks, cond_function, empty_prompt, encode_function,
+from ...training import DEFAULT_TARGETS, TrainConfig, save_model_file, train
+from ...training.data import IMAGE_EXTENSIONS
+from ...training.distributed import ranks
+from ...training.loop import cuda_graph_reason
+from ..domain_files import apply_lora, model_from_base_config
+from ..dynamic_vram import release
+from ..host_memory import host_flag_reason
+from .differentiable import host_in_training
+from .families import family_of
+from .files import kept_message, deliverable, cache_folder, file_metadata, fingerprint, output_paths
+from .inputs import (alphas_cumprod, check_vae, checkpointed_blocks, cond_function, empty_prompt, encode_function,
                            flow_schedule, for_training, mixed_dtypes, prediction_type, weights_cast_to_input,
                            weights_for_autograd)
-from .train_progress import preview_function, progress_reporter
+from .progress import preview_function, progress_reporter
 
 log = logging.getLogger(__name__)
 

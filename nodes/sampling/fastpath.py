@@ -41,8 +41,8 @@ import torch
 
 import comfy.samplers
 
-from ..cudagraph import OWNER, Graph, is_interrupt, peak_memory
-from . import dynamic_vram
+from ...cudagraph import OWNER, Graph, is_interrupt, peak_memory
+from .. import dynamic_vram
 from .fastpath_rules import graph_reason, host_state_reason, plain_cond
 from .lora_adapters import LoraBranch, lora_applied
 

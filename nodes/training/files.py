@@ -25,9 +25,9 @@ import torch
 
 import folder_paths
 
-from ..training import TrainConfig, safe_join
-from .folders import FOLDER, is_inside, kind_folder, own_folders
-from .train_inputs import prediction_type
+from ...training import TrainConfig, safe_join
+from ..folders import FOLDER, is_inside, kind_folder, own_folders
+from .inputs import prediction_type
 
 STATE_EXTENSION = ".indomain-state"
 CACHE_FOLDER = ".latent-cache"
@@ -94,7 +94,7 @@ def fingerprint(module: torch.nn.Module) -> str:
     for name, t in module.state_dict(keep_vars=True).items():
         picks = torch.arange(0, t.numel(), max(1, t.numel() // 256), device=t.device)[:256]
         source = t.float() if t.dtype.itemsize == 1 and t.is_floating_point() else t  # take has no fp8 kernel (CUDA)
-        sample = torch.take(source, picks).float().cpu()  # no view of t: see train_inputs.make_autograd_safe
+        sample = torch.take(source, picks).float().cpu()  # no view of t: see inputs.make_autograd_safe
         h.update(f"{name}{list(t.shape)}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
@@ -102,7 +102,8 @@ def fingerprint(module: torch.nn.Module) -> str:
 
 def pack_version() -> str:
     """The pack's version, from pyproject.toml (the one place it is written)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+    pack = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # <pack>/nodes/training/files.py
+    path = os.path.join(pack, "pyproject.toml")
     try:
         with open(path, encoding="utf-8") as f:
             found = re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.MULTILINE)

@@ -10,7 +10,7 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io
 
-from .guider import DOMAIN_TERMS, DomainGuider, DomainTerm
+from .sampling.guider import DOMAIN_TERMS, DomainGuider, DomainTerm
 from .host_schema import CATEGORY, schema
 
 log = logging.getLogger(__name__)
