@@ -20,13 +20,13 @@ How each domain model is evaluated:
 - a clone of the base with extra weight patches (a LoRA domain): plain LoRA patches run as
   adapters on the base's own modules (lora_adapters.py; no second model in memory);
   other patch types ride in the base's batched call as a weight hook, the host's per-row
-  mechanism;
+  mechanism (conditioning.hook_group);
 - a separate model (a full-copy domain UNet): it is loaded together with the base as an
   additional model of the conditioning, prepared like the base (pre_run, wrappers, hooks)
   and evaluated in its own call.
 
 A guidance-distilled model (Flux.1 dev) reads its guidance value from each row's conditioning: u and
-every d_k take the positive's (with_prompt_guidance), so the domain term is measured at c's guidance,
+every d_k take the positive's (conditioning.with_prompt_guidance), so the domain term is measured at c's guidance,
 whatever the empty prompt carries; n keeps the negative's own, as in KSampler.
 
 The fast path (fastpath.py): each domain row and the base's batched rows go through the host's
@@ -42,22 +42,21 @@ from __future__ import annotations
 
 import logging
 import math
-import uuid
 from dataclasses import dataclass
 
 import torch
 
-import comfy.hooks
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sampler_helpers
 import comfy.samplers
-from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from . import fastpath
 from ...cudagraph import OWNER
 from ..domain_files import DomainModelError, check_compatible
 from ..dynamic_vram import cannot_copy, settle_lazy_dtypes
+from .conditioning import (check_text_width, hook_group, patch_difference, positive_control, same_conditioning,
+                           with_prompt_guidance, with_values)
 from .joint_call import JointCall
 from .lora_adapters import LoraBranch, compiled_reason, lora_branches
 from ...guidance import (GuidanceTerm, TermInterval, add_domain_differences, add_domain_terms, covers_whole_run, is_active,
@@ -84,122 +83,11 @@ class DomainTerm:
         percent_to_step_fraction(self.start_percent, self.end_percent)
 
 
-class _PatchDiffHook(comfy.hooks.WeightHook):
-    """A weight hook carrying ready-made patch lists (key -> [patch tuples]) of a LoRA domain."""
-
-    def __init__(self, patch_lists: dict | None = None):
-        super().__init__()
-        self.patch_lists = patch_lists or {}
-
-    def add_hook_patches(self, model, model_options, target_dict, registered):
-        if target_dict.get("target") == comfy.hooks.EnumWeightTarget.Clip:
-            return False
-        if not self.should_register(model, model_options, target_dict, registered):
-            return False
-        current = model.hook_patches.get(self.hook_ref, {})
-        for key, patches in self.patch_lists.items():
-            current.setdefault(key, []).extend(patches)
-        model.hook_patches[self.hook_ref] = current
-        model.patches_uuid = uuid.uuid4()
-        registered.add(self)
-        return True
-
-    def clone(self):
-        c = super().clone()
-        c.patch_lists = self.patch_lists
-        return c
-
-
-def patch_difference(base, domain) -> dict:
-    """The weight patches a clone `domain` has on top of `base` (key -> list of patch tuples).
-
-    Raises ValueError if the domain clone lost or reordered patches of the base, which no
-    per-row adapter can express.
-    """
-    extra = {}
-    for key, patches in domain.patches.items():
-        base_patches = base.patches.get(key, [])
-        if len(patches) < len(base_patches) or any(a is not b for a, b in zip(patches, base_patches)):
-            raise ValueError(
-                f"domain model is a patched copy of the base whose patches on '{key}' do not extend the base's; "
-                "load it with Load Domain UNet from the base model it was trained on"
-            )
-        if len(patches) > len(base_patches):
-            extra[key] = list(patches[len(base_patches):])
-    missing = set(base.patches) - set(domain.patches)
-    if missing:
-        raise ValueError(f"domain model lacks {len(missing)} weight patches of the base (e.g. '{sorted(missing)[0]}')")
-    return extra
-
-
-def same_conditioning(a, b) -> bool:
-    """True when two CONDITIONING lists are the same prompt (so one model row serves both)."""
-    if a is b:
-        return True
-    if len(a) != len(b):
-        return False
-    for (ta, da), (tb, db) in zip(a, b):
-        if ta.shape != tb.shape or not torch.equal(ta, tb) or da.keys() != db.keys():
-            return False
-        for k in da:
-            va, vb = da[k], db[k]
-            if isinstance(va, torch.Tensor) or isinstance(vb, torch.Tensor):
-                if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)
-                        and va.shape == vb.shape and torch.equal(va, vb)):
-                    return False
-            elif va is not vb and va != vb:
-                return False
-    return True
-
-
-def check_text_width(base, conditioning, input_name: str) -> None:
-    """ValueError naming `input_name` when its text embedding is not as wide as the base's
-    cross-attention takes (context_dim of the base's UNet config; other models are not checked)."""
-    model = base.model
-    expected = model.model_config.unet_config.get("context_dim")
-    if expected is None or not isinstance(model.diffusion_model, UNetModel) or hasattr(model, "cc_projection"):
-        return  # (Stable Zero123 projects other widths itself)
-    for tensor, _ in conditioning:
-        if tensor.shape[-1] != expected:
-            fix = "encode the empty prompt" if input_name == "null_conditioning" else "encode it"
-            raise ValueError(
-                f"{input_name}: its text embedding is {tensor.shape[-1]} wide, but the base model "
-                f"({type(model.model_config).__name__}) takes {expected}: {fix} with the base checkpoint's CLIP"
-            )
-
-
 def check_domain_model(base, term: "DomainTerm") -> None:
     """DomainModelError naming the input of a separately loaded domain model whose family,
     architecture or prediction type is not the base's."""
     subject = term.name if term.name == "domain_model" else f"more_domains {term.name}"
     check_compatible(term.model, base, what=subject)
-
-
-def _with_values(conditioning, values: dict):
-    """A CONDITIONING list with `values` set on every entry (the entries are copied)."""
-    return [[t, {**d, **values}] for t, d in conditioning]
-
-
-GUIDANCE = "guidance"  # a guidance-distilled model's guidance value (Flux.1 dev: FluxGuidance), read per row
-_NO_GUIDANCE = object()
-
-
-def with_prompt_guidance(null, positive):
-    """The empty prompt for the domain rows u and d_k, at the prompt's guidance value.
-
-    A guidance-distilled model (Flux.1 dev) reads its guidance embedding from each row's conditioning.
-    The domain term w (d - u) is added to the prompt's prediction c, so u and d are computed at c's
-    guidance: the positive's value (its first entry that has one), or none (the model's default) when
-    the positive has none; the empty prompt's own value is not used. The null list itself when it
-    already has that value on every entry (models without a guidance embedding never see a change)."""
-    wanted = next((d[GUIDANCE] for _, d in positive if GUIDANCE in d), _NO_GUIDANCE)
-    if all(d.get(GUIDANCE, _NO_GUIDANCE) is wanted or d.get(GUIDANCE, _NO_GUIDANCE) == wanted for _, d in null):
-        return null
-    log.info("domain rows: the empty prompt takes the prompt's guidance (%s)",
-             "the model's default" if wanted is _NO_GUIDANCE else wanted)
-    if wanted is _NO_GUIDANCE:
-        return [[t, {k: v for k, v in d.items() if k != GUIDANCE}] for t, d in null]
-    return _with_values(null, {GUIDANCE: wanted})
 
 
 class _Domain:
@@ -246,7 +134,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         self.negative_is_null = same_conditioning(negative, null)
         conds = {"positive": positive, "negative": negative, "null": null}
         self.domains = []
-        control = self._positive_control(positive) if self.control_in_domain else None
+        control = positive_control(positive) if self.control_in_domain else None
         self.fast_mode = fastpath.mode()
         for i, term in enumerate(self.terms):
             kind = "off" if term.weight == 0.0 else self._kind(term.model)  # weight 0: not even loaded
@@ -267,10 +155,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
                             domain.kind, domain.patches = "adapter", extra
             if domain.kind == "hook":
                 self._check_hook_allowed(term.name)
-                hook = _PatchDiffHook(extra)
-                group = comfy.hooks.HookGroup()
-                group.add(hook)
-                values["hooks"] = group
+                values["hooks"] = hook_group(extra)
             elif domain.kind == "model":
                 check_domain_model(self.model_patcher, term)
                 # Loaded with the base for the whole run, as the host loads models carried by conditioning.
@@ -278,7 +163,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
                 values["additional_models"] = [term.model]
             if control is not None:
                 values["control"] = control
-            conds[domain.key] = _with_values(null, values)
+            conds[domain.key] = with_values(null, values)
         self.inner_set_conds(conds)
 
     def inner_set_conds(self, conds):
@@ -308,13 +193,6 @@ class DomainGuider(comfy.samplers.CFGGuider):
         if domain.is_clone(base):
             return "hook"
         return "model"
-
-    @staticmethod
-    def _positive_control(positive):
-        for _, d in positive:
-            if d.get("control") is not None:
-                return d["control"]
-        return None
 
     # -- sampling run ---------------------------------------------------------------------
 
