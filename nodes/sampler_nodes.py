@@ -10,8 +10,9 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io
 
-from .sampling.guider import DOMAIN_TERMS, DomainGuider, DomainTerm
 from .host_schema import CATEGORY, schema
+from .sampling.domains import DOMAIN_TERMS, DomainTerm
+from .sampling.guider import DomainGuider
 
 log = logging.getLogger(__name__)
 

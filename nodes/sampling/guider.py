@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 
 import torch
 
@@ -53,57 +52,20 @@ import comfy.samplers
 
 from . import fastpath
 from ...cudagraph import OWNER
-from ..domain_files import DomainModelError, check_compatible
+from ..domain_files import DomainModelError
 from ..dynamic_vram import cannot_copy, settle_lazy_dtypes
 from .conditioning import (check_text_width, hook_group, patch_difference, positive_control, same_conditioning,
                            with_prompt_guidance, with_values)
+from .domains import DomainState, DomainTerm, check_domain_model, kind_of
 from .joint_call import JointCall
-from .lora_adapters import LoraBranch, compiled_reason, lora_branches
+from .lora_adapters import compiled_reason, lora_branches
 from ...guidance import (GuidanceTerm, TermInterval, add_domain_differences, add_domain_terms, covers_whole_run, is_active,
-                        percent_to_step_fraction, recompute_domain)
+                        recompute_domain)
 
 log = logging.getLogger(__name__)
 
-DOMAIN_TERMS = "INDOMAIN_TERMS"  # the node type of a list[DomainTerm]
 # A model patch that replaces the host's batching of the text rows (the host's sampling_function honours it).
 CUSTOM_ROWS = "sampler_calc_cond_batch_function"
-
-
-@dataclass(frozen=True)
-class DomainTerm:
-    """One domain term of the sum: weight * (domain(x, "") - base(x, "")) within [start, end]."""
-
-    model: "comfy.model_patcher.ModelPatcher"
-    weight: float
-    start_percent: float = 0.0
-    end_percent: float = 1.0
-    name: str = "domain"
-
-    def __post_init__(self):
-        percent_to_step_fraction(self.start_percent, self.end_percent)
-
-
-def check_domain_model(base, term: "DomainTerm") -> None:
-    """DomainModelError naming the input of a separately loaded domain model whose family,
-    architecture or prediction type is not the base's."""
-    subject = term.name if term.name == "domain_model" else f"more_domains {term.name}"
-    check_compatible(term.model, base, what=subject)
-
-
-class _Domain:
-    """Run-time state of one domain term inside a sampling run."""
-
-    def __init__(self, index: int, term: DomainTerm, kind: str):
-        self.index = index
-        self.term = term
-        self.kind = kind  # "off" | "same" | "adapter" | "hook" | "model"
-        self.key = f"indomain_domain_{index}"
-        self.interval: TermInterval | None = None
-        self.inner_model = None
-        self.model_options = None
-        self.branches: list[LoraBranch] | None = None  # kind "adapter": on the modules of the model that runs
-        self.patches: dict | None = None  # kind "adapter": the LoRA's weight patches (key -> patch tuples)
-        self.fast: fastpath.DomainForward | None = None
 
 
 class DomainGuider(comfy.samplers.CFGGuider):
@@ -119,7 +81,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         self.evaluation = 0  # model evaluations so far in this run
         self.differences: dict[int, torch.Tensor] = {}  # domain index -> d - u at its last computation
         self.negative_is_null = False
-        self.domains: list[_Domain] = []
+        self.domains: list[DomainState] = []
         self.fast_mode = fastpath.mode()
         self.read_sigma = True
         self.base_fast: fastpath.RecordedCall | None = None
@@ -137,8 +99,8 @@ class DomainGuider(comfy.samplers.CFGGuider):
         control = positive_control(positive) if self.control_in_domain else None
         self.fast_mode = fastpath.mode()
         for i, term in enumerate(self.terms):
-            kind = "off" if term.weight == 0.0 else self._kind(term.model)  # weight 0: not even loaded
-            domain = _Domain(i, term, kind)
+            kind = "off" if term.weight == 0.0 else kind_of(self.model_patcher, term.model)  # weight 0: not even loaded
+            domain = DomainState(i, term, kind)
             self.domains.append(domain)
             if kind in ("off", "same"):
                 continue
@@ -185,14 +147,6 @@ class DomainGuider(comfy.samplers.CFGGuider):
                 "dynamic VRAM the host runs weight hooks on a copy of the base that it loads again from its "
                 "file, and this base MODEL came from a node that gives no such recipe. Load the base with "
                 "Load Checkpoint or Load Diffusion Model, or start ComfyUI with --disable-dynamic-vram")
-
-    def _kind(self, domain) -> str:
-        base = self.model_patcher
-        if domain is base or base.clone_has_same_weights(domain):
-            return "same"
-        if domain.is_clone(base):
-            return "hook"
-        return "model"
 
     # -- sampling run ---------------------------------------------------------------------
 
@@ -250,7 +204,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         keep = [m for m in comfy.model_management.current_loaded_models if any(m.model is p for p in ours)]
         comfy.model_management.free_memory(need, device, keep_loaded=keep)
 
-    def _domain_forward(self, d: _Domain, sigmas) -> fastpath.DomainForward:
+    def _domain_forward(self, d: DomainState, sigmas) -> fastpath.DomainForward:
         """The fast path of a full-copy domain (its own model) or a LoRA domain (the base's model)."""
         if d.kind == "model":
             model, options = d.inner_model, d.model_options
@@ -261,7 +215,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         return fastpath.DomainForward(d.term.name, model, lambda: self.conds[d.key], options, d.branches,
                                       use_graph=self.fast_mode in ("graph", "domain"))
 
-    def _prepare_domain_model(self, d: _Domain, sigmas):
+    def _prepare_domain_model(self, d: DomainState, sigmas):
         """Prepare a separately loaded domain model the way the host prepares the base."""
         patcher = d.term.model
         options = comfy.model_patcher.create_model_options_clone(patcher.model_options)
