@@ -1,15 +1,10 @@
 """The domain terms of a sampling run: what the user asks for (DomainTerm, a list of them the
-nodes' DOMAIN_TERMS type), how each is evaluated (kind_of), and its state inside a run
-(DomainState). The kinds, as the guider's module docstring describes them:
-
-- "off": weight 0, not evaluated at all (not even loaded);
-- "same": the base's own weights, so d = u and the term is zero;
-- "adapter": a plain LoRA of the base, run as adapters on the base's modules (lora_adapters.py);
-- "hook": another patch of the base, a weight hook in the base's batched call;
-- "model": a separately loaded model (a full-copy domain UNet) in its own call.
+nodes' DOMAIN_TERMS type), how each is evaluated (DomainKind, chosen by kind_of), and its state
+inside a run (DomainState).
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import comfy.model_patcher
@@ -36,15 +31,30 @@ class DomainTerm:
         percent_to_step_fraction(self.start_percent, self.end_percent)
 
 
-def kind_of(base, model) -> str:
-    """How a domain `model` with a non-zero weight is evaluated beside the `base` patcher: "same"
-    (the base's weights), "hook" (a patched clone of the base; set_conds may make it "adapter") or
-    "model" (a separately loaded model)."""
+class DomainKind(enum.Enum):
+    """How a domain term's row is evaluated (the guider's module docstring tells each in full)."""
+
+    OFF = "off"  # weight 0: not evaluated at all (not even loaded); the term is zero
+    SAME = "same"  # the base's own weights: d = u, the term is zero
+    ADAPTER = "adapter"  # a plain LoRA of the base: adapters on the base's own modules (lora_adapters.py)
+    HOOK = "hook"  # another patch of the base: a weight hook in the base's batched call
+    MODEL = "model"  # a separately loaded model (a full-copy domain UNet), in a call of its own
+
+    @property
+    def evaluated(self) -> bool:
+        """True where the term has a row of its own to compute (not OFF, not SAME)."""
+        return self not in (DomainKind.OFF, DomainKind.SAME)
+
+
+def kind_of(base, model) -> DomainKind:
+    """How a domain `model` with a non-zero weight is evaluated beside the `base` patcher: SAME (the
+    base's weights), HOOK (a patched clone of the base; the guider makes a plain LoRA ADAPTER where
+    it can) or MODEL (a separately loaded model)."""
     if model is base or base.clone_has_same_weights(model):
-        return "same"
+        return DomainKind.SAME
     if model.is_clone(base):
-        return "hook"
-    return "model"
+        return DomainKind.HOOK
+    return DomainKind.MODEL
 
 
 def check_domain_model(base, term: "DomainTerm") -> None:
@@ -57,14 +67,14 @@ def check_domain_model(base, term: "DomainTerm") -> None:
 class DomainState:
     """Run-time state of one domain term inside a sampling run."""
 
-    def __init__(self, index: int, term: DomainTerm, kind: str):
+    def __init__(self, index: int, term: DomainTerm, kind: DomainKind):
         self.index = index
         self.term = term
-        self.kind = kind  # "off" | "same" | "adapter" | "hook" | "model"
+        self.kind = kind
         self.key = f"indomain_domain_{index}"
         self.interval: TermInterval | None = None
         self.inner_model = None
         self.model_options = None
-        self.branches: list[LoraBranch] | None = None  # kind "adapter": on the modules of the model that runs
-        self.patches: dict | None = None  # kind "adapter": the LoRA's weight patches (key -> patch tuples)
+        self.branches: list[LoraBranch] | None = None  # ADAPTER: on the modules of the model that runs
+        self.patches: dict | None = None  # ADAPTER: the LoRA's weight patches (key -> patch tuples)
         self.fast: fastpath.DomainForward | None = None

@@ -56,7 +56,7 @@ from ..domain_files import DomainModelError
 from ..dynamic_vram import cannot_copy, settle_lazy_dtypes
 from .conditioning import (check_text_width, hook_group, patch_difference, positive_control, same_conditioning,
                            with_prompt_guidance, with_values)
-from .domains import DomainState, DomainTerm, check_domain_model, kind_of
+from .domains import DomainKind, DomainState, DomainTerm, check_domain_model, kind_of
 from .joint_call import JointCall
 from .lora_adapters import compiled_reason, lora_branches
 from ...guidance import (GuidanceTerm, TermInterval, add_domain_differences, add_domain_terms, covers_whole_run, is_active,
@@ -99,13 +99,13 @@ class DomainGuider(comfy.samplers.CFGGuider):
         control = positive_control(positive) if self.control_in_domain else None
         self.fast_mode = fastpath.mode()
         for i, term in enumerate(self.terms):
-            kind = "off" if term.weight == 0.0 else kind_of(self.model_patcher, term.model)  # weight 0: not even loaded
+            kind = DomainKind.OFF if term.weight == 0.0 else kind_of(self.model_patcher, term.model)  # weight 0: not even loaded
             domain = DomainState(i, term, kind)
             self.domains.append(domain)
-            if kind in ("off", "same"):
+            if not kind.evaluated:
                 continue
             values = {"prompt_type": "negative"}
-            if kind == "hook":
+            if kind is DomainKind.HOOK:
                 extra = patch_difference(self.model_patcher, term.model)
                 if self.fast_mode != "off" and control is None:
                     compiled = compiled_reason(self.model_patcher, term.model)
@@ -114,11 +114,11 @@ class DomainGuider(comfy.samplers.CFGGuider):
                     else:
                         domain.branches = lora_branches(self.model_patcher.model, extra)
                         if domain.branches is not None:
-                            domain.kind, domain.patches = "adapter", extra
-            if domain.kind == "hook":
+                            domain.kind, domain.patches = DomainKind.ADAPTER, extra
+            if domain.kind is DomainKind.HOOK:
                 self._check_hook_allowed(term.name)
                 values["hooks"] = hook_group(extra)
-            elif domain.kind == "model":
+            elif domain.kind is DomainKind.MODEL:
                 check_domain_model(self.model_patcher, term)
                 # Loaded with the base for the whole run, as the host loads models carried by conditioning.
                 # (Never a LoRA clone: loading it would patch the weights it shares with the base.)
@@ -134,7 +134,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         if self.model_patcher is not dynamic:
             settle_lazy_dtypes(self.model_patcher.model)
             for d in self.domains:  # the LoRA adapters on the modules of the model that runs
-                if d.kind == "adapter":
+                if d.kind is DomainKind.ADAPTER:
                     d.branches = lora_branches(self.model_patcher.model, d.patches)
 
     def _check_hook_allowed(self, name: str) -> None:
@@ -160,8 +160,8 @@ class DomainGuider(comfy.samplers.CFGGuider):
         # The base rows recorded too, where some term can be on (with none, every step is the host's own
         # sampling_function), unless a LoRA domain rides in the base's call as a weight hook (the host
         # swaps the base's weights around that row) or a model patch replaces the host's row batching.
-        if (self.fast_mode in ("graph", "eager", "separate") and any(d.kind not in ("off", "same") for d in self.domains)
-                and not any(d.kind == "hook" for d in self.domains)
+        if (self.fast_mode in ("graph", "eager", "separate") and any(d.kind.evaluated for d in self.domains)
+                and not any(d.kind is DomainKind.HOOK for d in self.domains)
                 and CUSTOM_ROWS not in self.model_options):
             self.base_fast = fastpath.RecordedCall("base model", self.inner_model, use_graph=self.fast_mode == "graph")
         self._make_room_for_the_extra_rows(noise.shape, device)
@@ -169,10 +169,10 @@ class DomainGuider(comfy.samplers.CFGGuider):
             for d in self.domains:
                 s, e = d.term.start_percent, d.term.end_percent
                 d.interval = TermInterval(float(model_sampling.percent_to_sigma(s)), float(model_sampling.percent_to_sigma(e)))
-                if d.kind == "model":
+                if d.kind is DomainKind.MODEL:
                     self._prepare_domain_model(d, sigmas)
                     prepared.append(d)
-                if d.kind in ("model", "adapter") and self.fast_mode != "off":
+                if d.kind in (DomainKind.MODEL, DomainKind.ADAPTER) and self.fast_mode != "off":
                     d.fast = self._domain_forward(d, sigmas)
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
         except BaseException:
@@ -195,7 +195,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         row and the domain rows come on top, and the recorded calls keep theirs in a CUDA-graph pool
         for the whole run. Ask the host's model management for that room too, as it does for its own
         rows: it unloads other models if it must, never the base or the domains of this run."""
-        rows = sum(1 for d in self.domains if d.kind not in ("off", "same"))
+        rows = sum(1 for d in self.domains if d.kind.evaluated)
         if rows == 0:
             return
         rows += 0 if self.negative_is_null else 1
@@ -206,7 +206,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
 
     def _domain_forward(self, d: DomainState, sigmas) -> fastpath.DomainForward:
         """The fast path of a full-copy domain (its own model) or a LoRA domain (the base's model)."""
-        if d.kind == "model":
+        if d.kind is DomainKind.MODEL:
             model, options = d.inner_model, d.model_options
         else:  # the base's options as CFGGuider.inner_sample hands them to predict_noise
             model = self.inner_model
@@ -229,7 +229,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         sigma = float(timestep.max()) if self.read_sigma else None
-        active = [d for d in self.domains if d.kind not in ("off", "same")
+        active = [d for d in self.domains if d.kind.evaluated
                   and (sigma is None or is_active(d.interval, sigma))]
         if not active:  # no domain term this step: the host's own sampling_function, KSampler exactly
             self.differences = {}
@@ -243,7 +243,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
             out, _ = self._base_rows(text, [], x, timestep, model_options, with_null=False)
             guided = self._text_guided(out, text, x, timestep, model_options)
             return add_domain_differences(guided, [(self.differences[d.index], d.term.weight) for d in active])
-        hooked = [d for d in active if d.kind == "hook"]
+        hooked = [d for d in active if d.kind is DomainKind.HOOK]
         joined = self._joint_rows(text, active, hooked, x, timestep, model_options)
         riding = joined[2] if joined else {}  # LoRA domains whose rows were in the base's call
         # Fast domain rows first: the GPU computes them while the CPU launches the base rows.
@@ -271,7 +271,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         and the active LoRA domains' rows (joint_call.py), or None where that call is not made:
         base rows not recorded, a weight-hook domain, a patch replacing the host's batching, the
         records not direct calls yet (first step) or not joinable."""
-        lora = [d for d in active if d.kind == "adapter" and d.fast is not None and d.fast.call.model is self.inner_model]
+        lora = [d for d in active if d.kind is DomainKind.ADAPTER and d.fast is not None and d.fast.call.model is self.inner_model]
         if not lora or hooked or self.base_fast is None or self.fast_mode == "separate" or CUSTOM_ROWS in model_options:
             return None
         key = tuple(d.index for d in lora)
