@@ -11,7 +11,6 @@ import comfy.model_patcher
 
 from ..domain_files import check_compatible
 from ...guidance import TermInterval, percent_to_step_fraction
-from . import fastpath
 from .lora_adapters import LoraBranch
 
 DOMAIN_TERMS = "INDOMAIN_TERMS"  # the node type of a list[DomainTerm]
@@ -77,4 +76,3 @@ class DomainState:
         self.model_options = None
         self.branches: list[LoraBranch] | None = None  # ADAPTER: on the modules of the model that runs
         self.patches: dict | None = None  # ADAPTER: the LoRA's weight patches (key -> patch tuples)
-        self.fast: fastpath.DomainForward | None = None

@@ -26,14 +26,15 @@ How each domain model is evaluated:
   and evaluated in its own call.
 
 A guidance-distilled model (Flux.1 dev) reads its guidance value from each row's conditioning: u and
-every d_k take the positive's (conditioning.with_prompt_guidance), so the domain term is measured at c's guidance,
-whatever the empty prompt carries; n keeps the negative's own, as in KSampler.
+every d_k take the positive's (conditioning.with_prompt_guidance), so the domain term is measured at
+c's guidance, whatever the empty prompt carries; n keeps the negative's own, as in KSampler.
 
-The fast path (fastpath.py): each domain row and the base's batched rows go through the host's
-calc_cond_batch on the first step; its one model call is recorded and, every later step, made
-directly (a CUDA graph on CUDA, kept for later identical runs by cudagraph.OWNER within its
-bound), the domain rows launched before the base rows. Whatever the
-recording cannot reproduce (ControlNet, hooks, areas, masks, wrappers...) keeps the host's call.
+The step's model calls are made by one object per run, StepCalls (step_calls.py); predict_noise
+combines what it gives. The fast path (fastpath.py): each domain row and the base's batched rows
+go through the host's calc_cond_batch on the first step; its one model call is recorded and, every
+later step, made directly (a CUDA graph on CUDA, kept for later identical runs by cudagraph.OWNER
+within its bound), the domain rows launched before the base rows. Whatever the recording cannot
+reproduce (ControlNet, hooks, areas, masks, wrappers...) keeps the host's call.
 INDOMAIN_FAST_DOMAIN=0 gives the straightforward path: every row through the host's
 calc_cond_batch each step (the reference the fast path is tested against); =domain records the
 domain rows only; =eager records without CUDA graphs.
@@ -57,15 +58,12 @@ from ..dynamic_vram import cannot_copy, settle_lazy_dtypes
 from .conditioning import (check_text_width, hook_group, patch_difference, positive_control, same_conditioning,
                            with_prompt_guidance, with_values)
 from .domains import DomainKind, DomainState, DomainTerm, check_domain_model, kind_of
-from .joint_call import JointCall
 from .lora_adapters import compiled_reason, lora_branches
+from .step_calls import StepCalls
 from ...guidance import (GuidanceTerm, TermInterval, add_domain_differences, add_domain_terms, covers_whole_run, is_active,
                         recompute_domain)
 
 log = logging.getLogger(__name__)
-
-# A model patch that replaces the host's batching of the text rows (the host's sampling_function honours it).
-CUSTOM_ROWS = "sampler_calc_cond_batch_function"
 
 
 class DomainGuider(comfy.samplers.CFGGuider):
@@ -84,8 +82,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         self.domains: list[DomainState] = []
         self.fast_mode = fastpath.mode()
         self.read_sigma = True
-        self.base_fast: fastpath.RecordedCall | None = None
-        self.joint_calls: dict[tuple, JointCall] = {}  # LoRA domains riding in the base's call, per set
+        self.calls: StepCalls | None = None  # the model calls of the run's steps (inside a run only)
 
     def set_conds(self, positive, negative, null):
         """positive/negative as for KSampler; null: the base's empty-prompt conditioning."""
@@ -102,31 +99,36 @@ class DomainGuider(comfy.samplers.CFGGuider):
             kind = DomainKind.OFF if term.weight == 0.0 else kind_of(self.model_patcher, term.model)  # weight 0: not even loaded
             domain = DomainState(i, term, kind)
             self.domains.append(domain)
-            if not kind.evaluated:
-                continue
-            values = {"prompt_type": "negative"}
-            if kind is DomainKind.HOOK:
-                extra = patch_difference(self.model_patcher, term.model)
-                if self.fast_mode != "off" and control is None:
-                    compiled = compiled_reason(self.model_patcher, term.model)
-                    if compiled:
-                        log.info("domain %r: LoRA kept as a weight hook (%s)", term.name, compiled)
-                    else:
-                        domain.branches = lora_branches(self.model_patcher.model, extra)
-                        if domain.branches is not None:
-                            domain.kind, domain.patches = DomainKind.ADAPTER, extra
-            if domain.kind is DomainKind.HOOK:
-                self._check_hook_allowed(term.name)
-                values["hooks"] = hook_group(extra)
-            elif domain.kind is DomainKind.MODEL:
-                check_domain_model(self.model_patcher, term)
-                # Loaded with the base for the whole run, as the host loads models carried by conditioning.
-                # (Never a LoRA clone: loading it would patch the weights it shares with the base.)
-                values["additional_models"] = [term.model]
-            if control is not None:
-                values["control"] = control
-            conds[domain.key] = with_values(null, values)
+            if kind.evaluated:
+                conds[domain.key] = with_values(null, self._domain_row_values(domain, control))
         self.inner_set_conds(conds)
+
+    def _domain_row_values(self, domain: DomainState, control) -> dict:
+        """What a domain's row sets on the empty prompt's conditioning. A LoRA of the base becomes an
+        ADAPTER here where the fast path can run its patches as adapters, else stays a weight HOOK."""
+        term = domain.term
+        values = {"prompt_type": "negative"}
+        if domain.kind is DomainKind.HOOK:
+            extra = patch_difference(self.model_patcher, term.model)
+            if self.fast_mode != "off" and control is None:
+                compiled = compiled_reason(self.model_patcher, term.model)
+                if compiled:
+                    log.info("domain %r: LoRA kept as a weight hook (%s)", term.name, compiled)
+                else:
+                    domain.branches = lora_branches(self.model_patcher.model, extra)
+                    if domain.branches is not None:
+                        domain.kind, domain.patches = DomainKind.ADAPTER, extra
+        if domain.kind is DomainKind.HOOK:
+            self._check_hook_allowed(term.name)
+            values["hooks"] = hook_group(extra)
+        elif domain.kind is DomainKind.MODEL:
+            check_domain_model(self.model_patcher, term)
+            # Loaded with the base for the whole run, as the host loads models carried by conditioning.
+            # (Never a LoRA clone: loading it would patch the weights it shares with the base.)
+            values["additional_models"] = [term.model]
+        if control is not None:
+            values["control"] = control
+        return values
 
     def inner_set_conds(self, conds):
         dynamic = self.model_patcher
@@ -157,13 +159,6 @@ class DomainGuider(comfy.samplers.CFGGuider):
         self.read_sigma = not all(covers_whole_run(d.term.start_percent, d.term.end_percent) for d in self.domains)
         self.evaluation, self.differences = 0, {}
         prepared = []
-        # The base rows recorded too, where some term can be on (with none, every step is the host's own
-        # sampling_function), unless a LoRA domain rides in the base's call as a weight hook (the host
-        # swaps the base's weights around that row) or a model patch replaces the host's row batching.
-        if (self.fast_mode in ("graph", "eager", "separate") and any(d.kind.evaluated for d in self.domains)
-                and not any(d.kind is DomainKind.HOOK for d in self.domains)
-                and CUSTOM_ROWS not in self.model_options):
-            self.base_fast = fastpath.RecordedCall("base model", self.inner_model, use_graph=self.fast_mode == "graph")
         self._make_room_for_the_extra_rows(noise.shape, device)
         try:
             for d in self.domains:
@@ -172,8 +167,8 @@ class DomainGuider(comfy.samplers.CFGGuider):
                 if d.kind is DomainKind.MODEL:
                     self._prepare_domain_model(d, sigmas)
                     prepared.append(d)
-                if d.kind in (DomainKind.MODEL, DomainKind.ADAPTER) and self.fast_mode != "off":
-                    d.fast = self._domain_forward(d, sigmas)
+            self.calls = StepCalls(self.inner_model, self.model_options, lambda: self.conds, self.domains, sigmas,
+                                   self.fast_mode, self.negative_is_null)
             return super().inner_sample(noise, latent_image, device, sampler, sigmas, *args, **kwargs)
         except BaseException:
             # The host cleans up the models loaded with the conditioning after a run that ended well
@@ -182,9 +177,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
                 d.term.model.cleanup()
             raise
         finally:
-            self.base_fast, self.joint_calls = None, {}
-            for d in self.domains:
-                d.fast = None
+            self.calls = None  # (its records and graphs' references with it)
             OWNER.settle(device)  # the graphs kept for the next run: within the bound, the rest let go
             for d in prepared:
                 d.term.model.restore_hook_patches()
@@ -204,17 +197,6 @@ class DomainGuider(comfy.samplers.CFGGuider):
         keep = [m for m in comfy.model_management.current_loaded_models if any(m.model is p for p in ours)]
         comfy.model_management.free_memory(need, device, keep_loaded=keep)
 
-    def _domain_forward(self, d: DomainState, sigmas) -> fastpath.DomainForward:
-        """The fast path of a full-copy domain (its own model) or a LoRA domain (the base's model)."""
-        if d.kind is DomainKind.MODEL:
-            model, options = d.inner_model, d.model_options
-        else:  # the base's options as CFGGuider.inner_sample hands them to predict_noise
-            model = self.inner_model
-            options = comfy.model_patcher.create_model_options_clone(self.model_options)
-            options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
-        return fastpath.DomainForward(d.term.name, model, lambda: self.conds[d.key], options, d.branches,
-                                      use_graph=self.fast_mode in ("graph", "domain"))
-
     def _prepare_domain_model(self, d: DomainState, sigmas):
         """Prepare a separately loaded domain model the way the host prepares the base."""
         patcher = d.term.model
@@ -228,58 +210,35 @@ class DomainGuider(comfy.samplers.CFGGuider):
         d.model_options = options
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        sigma = float(timestep.max()) if self.read_sigma else None
-        active = [d for d in self.domains if d.kind.evaluated
-                  and (sigma is None or is_active(d.interval, sigma))]
+        """The guided prediction of one model evaluation: n + cfg (c - n) + sum_k w_k (d_k - u)."""
+        active = self._active_domains(timestep)
         if not active:  # no domain term this step: the host's own sampling_function, KSampler exactly
             self.differences = {}
             return super().predict_noise(x, timestep, model_options, seed)
         evaluation, self.evaluation = self.evaluation, self.evaluation + 1
         cfg1 = math.isclose(self.cfg, 1.0) and not model_options.get("disable_cfg1_optimization", False)
-        text = [self.conds.get("positive"), None if cfg1 else self.conds.get("negative")]
-        if self.domain_every > 1 and not recompute_domain(evaluation, self.domain_every) and \
-                all(d.index in self.differences and self.differences[d.index].shape == x.shape for d in active):
+        text = [self.conds.get("positive"), None if cfg1 else self.conds.get("negative")]  # c, n
+        if self._reuses_differences(evaluation, active, x):
             # between two computations of the domain rows: KSampler's two rows plus each term's last d - u
-            out, _ = self._base_rows(text, [], x, timestep, model_options, with_null=False)
-            guided = self._text_guided(out, text, x, timestep, model_options)
+            guided = self._text_guided(self.calls.text_rows(text, x, timestep, model_options), text, x, timestep, model_options)
             return add_domain_differences(guided, [(self.differences[d.index], d.term.weight) for d in active])
-        hooked = [d for d in active if d.kind is DomainKind.HOOK]
-        joined = self._joint_rows(text, active, hooked, x, timestep, model_options)
-        riding = joined[2] if joined else {}  # LoRA domains whose rows were in the base's call
-        # Fast domain rows first: the GPU computes them while the CPU launches the base rows.
-        predictions = {d.index: d.fast(x, timestep) for d in active if d.fast is not None and d.index not in riding}
-        out, null_row = joined[:2] if joined else self._base_rows(text, hooked, x, timestep, model_options)
-        predictions.update(riding)
-        guided = self._text_guided(out, text, x, timestep, model_options)
-        predictions.update({d.index: out[len(out) - len(hooked) + j] for j, d in enumerate(hooked)})
-        for d in active:
-            if d.index not in predictions:  # the straightforward path of a full-copy domain
-                predictions[d.index] = comfy.samplers.calc_cond_batch(d.inner_model, [self.conds[d.key]], x, timestep, d.model_options)[0]
-        terms = [GuidanceTerm(predictions[d.index], d.term.weight) for d in active]
+        rows = self.calls.step(text, active, x, timestep, model_options)  # c, n, u and the domain rows made with them
+        guided = self._text_guided(rows.base, text, x, timestep, model_options)  # KSampler's n + cfg (c - n)
+        u, domain = rows.null, rows.domains(active)  # every d_k
         if self.domain_every > 1:
-            self.differences = {d.index: predictions[d.index] - out[null_row] for d in active}
-        return add_domain_terms(guided, out[null_row], terms)
+            self.differences = {d.index: domain[d.index] - u for d in active}
+        return add_domain_terms(guided, u, [GuidanceTerm(domain[d.index], d.term.weight) for d in active])
 
-    def _base_row_list(self, text: list, hooked: list, with_null: bool) -> tuple[list, int | None]:
-        """The base's rows as _base_rows batches them (no model patch replacing the host's batching)
-        and the index of u among them."""
-        extra = [] if not with_null or (self.negative_is_null and text[1] is not None) else [self.conds.get("null")]
-        return text + extra + [self.conds[d.key] for d in hooked], (2 if extra else 1 if with_null else None)
+    def _active_domains(self, timestep) -> list[DomainState]:
+        """The terms with a row to compute that are on at this step's noise level."""
+        sigma = float(timestep.max()) if self.read_sigma else None
+        return [d for d in self.domains if d.kind.evaluated and (sigma is None or is_active(d.interval, sigma))]
 
-    def _joint_rows(self, text: list, active: list, hooked: list, x, timestep, model_options) -> tuple | None:
-        """(base predictions, index of u, {domain index: prediction}) from one call of the base's rows
-        and the active LoRA domains' rows (joint_call.py), or None where that call is not made:
-        base rows not recorded, a weight-hook domain, a patch replacing the host's batching, the
-        records not direct calls yet (first step) or not joinable."""
-        lora = [d for d in active if d.kind is DomainKind.ADAPTER and d.fast is not None and d.fast.call.model is self.inner_model]
-        if not lora or hooked or self.base_fast is None or self.fast_mode == "separate" or CUSTOM_ROWS in model_options:
-            return None
-        key = tuple(d.index for d in lora)
-        if key not in self.joint_calls:
-            self.joint_calls[key] = JointCall(self.base_fast, [d.fast for d in lora])
-        rows, null_row = self._base_row_list(text, [], with_null=True)
-        joined = self.joint_calls[key](rows, x, timestep, model_options)
-        return None if joined is None else (joined[0], null_row, {d.index: p for d, p in zip(lora, joined[1])})
+    def _reuses_differences(self, evaluation: int, active: list[DomainState], x) -> bool:
+        """True where domain_every = k > 1 skips the domain rows at this evaluation and every active
+        term has a last d - u of x's shape to reuse."""
+        return self.domain_every > 1 and not recompute_domain(evaluation, self.domain_every) and \
+            all(d.index in self.differences and self.differences[d.index].shape == x.shape for d in active)
 
     def _text_guided(self, out: list, text: list, x, timestep, model_options):
         """KSampler's guidance of the text rows out[:2] (after the model's pre-CFG functions, which may
@@ -289,27 +248,3 @@ class DomainGuider(comfy.samplers.CFGGuider):
                           "input": x, "sigma": timestep, "model": self.inner_model, "model_options": model_options})
         return comfy.samplers.cfg_function(self.inner_model, out[0], out[1], self.cfg, x, timestep,
                                            model_options=model_options, cond=text[0], uncond=text[1])
-
-    def _base_rows(self, text: list, hooked: list, x, timestep, model_options, with_null: bool = True) -> tuple[list, int | None]:
-        """The base's predictions [positive, negative | zeros, null?, LoRA-domain rows...] and the index
-        of the empty prompt's row u (with_null=False: no u row unless the negative is it; index None).
-
-        One batched call of the base, as the host batches KSampler's rows (the negative row doubles as
-        u when the negative is the empty prompt). A model patch that replaces the host's row batching
-        (sampler_calc_cond_batch_function, e.g. SkipLayerGuidance) gets the text rows exactly as the
-        host's sampling_function gives them; u and the LoRA-domain rows are then a plain call of their own."""
-        custom = model_options.get(CUSTOM_ROWS)
-        if custom is None:
-            rows, null_row = self._base_row_list(text, hooked, with_null)
-            if self.base_fast is not None:
-                out = self.base_fast(rows, x, timestep, model_options)
-            else:
-                out = comfy.samplers.calc_cond_batch(self.inner_model, rows, x, timestep, model_options)
-            return out, null_row
-        null = self.conds.get("null")
-        out = list(custom({"conds": text, "input": x, "sigma": timestep, "model": self.inner_model,
-                           "model_options": model_options}))
-        rest = ([null] if with_null else []) + [self.conds[d.key] for d in hooked]
-        if rest:
-            out += comfy.samplers.calc_cond_batch(self.inner_model, rest, x, timestep, model_options)
-        return out, (2 if with_null else None)
