@@ -26,7 +26,7 @@ ModelPatcher), and times with torch.cuda.synchronize around each whole sampling 
                  (what "full" / "lora" do where ComfyUI was started with --disable-cuda-graphs;
                  without graphs the LoRA domain's row rides in the base's call)
   lora_separate  ours with INDOMAIN_FAST_DOMAIN=separate: as lora_eager, the LoRA domain's row in a
-                 call of its own (before the joint call, nodes/sampling/joint_call.py)
+                 call of its own (before it rode in the base's call: nodes/sampling/lora_rows_in_base_call.py)
   full_everyK, lora_everyK
                  ours with domain_every = K (the domain rows every K-th evaluation; e.g. full_every2)
   zero           ours with domain_scale 0: each step the host's own sampling_function (since issue 15;

@@ -121,8 +121,8 @@ def test_lora_domain_as_adapters_equals_the_weight_hook(comfy, files, monkeypatc
 def test_without_graphs_a_lora_domain_rides_in_the_base_call(comfy, files, monkeypatch, caplog, negative, graphs, on_gpu):
     """Without CUDA graphs (the CPU; on a GPU INDOMAIN_FAST_DOMAIN=eager) every model call costs
     its launches on the CPU: after the first step the LoRA domain's row rides in the base's call
-    (nodes/sampling/joint_call.py), the LoRA added to that row only. One call per step instead of two, and
-    the latents of the separate calls."""
+    (nodes/sampling/lora_rows_in_base_call.py), the LoRA added to that row only. One call per step
+    instead of two, and the latents of the separate calls."""
     model_base = importlib.import_module("comfy.model_base")
     calls, real = [], model_base.BaseModel.apply_model
 
@@ -266,8 +266,8 @@ def test_lora_branches_refuse_what_is_not_a_plain_lora(comfy):
         assert fastpath.lora_branches(model, {"lin.weight": [bad]}) is None
     assert fastpath.lora_branches(model, {"lin.bias": [plain]}) is None
     assert fastpath.lora_branches(model, {"missing.weight": [plain]}) is None
-    # In a joint call (nodes/sampling/joint_call.py) the LoRA acts on the domain's rows only, and a module
-    # that sees another batch than the call's stops the joint call.
+    # In the base's call (nodes/sampling/lora_rows_in_base_call.py) the LoRA acts on the domain's rows only,
+    # and a module that sees another batch than the call's stops the LoRA rows riding in it.
     with fastpath.lora_applied([b], {}, rows=(2, 1), batch=3):
         y = lin(x)
         with pytest.raises(fastpath.RowsMismatch, match="batch of 2, the call has 3 rows"):

@@ -9,7 +9,7 @@ for the step's predictions and combines them (guider.py); how each is made is de
   the weight-hook rows are then a plain call of their own.
 - Each domain row d_k: a full-copy or plain-LoRA domain through its DomainForward, launched before
   the base rows (the GPU computes it while the CPU launches them); a plain-LoRA domain's rows in the
-  base's own call where both records allow it (joint_call.py); a weight-hook LoRA domain in the
+  base's own call where both records allow it (lora_rows_in_base_call.py); a weight-hook LoRA domain in the
   base's batch; with the fast path off, a full-copy domain through the host's calc_cond_batch.
 
 Made for one sampling run (DomainGuider.inner_sample, once the domain models are prepared) and
@@ -22,7 +22,7 @@ import comfy.samplers
 
 from . import fastpath
 from .domains import DomainKind, DomainState
-from .joint_call import JointCall
+from .lora_rows_in_base_call import LoraRowsInBaseCall
 
 # A model patch that replaces the host's batching of the text rows (the host's sampling_function honours it).
 CUSTOM_ROWS = "sampler_calc_cond_batch_function"
@@ -51,7 +51,7 @@ class StepCalls:
         self.forwards: dict[int, fastpath.DomainForward] = {  # domain index -> its fast path
             d.index: self._domain_forward(d, model_options, sigmas) for d in domains
             if d.kind in (DomainKind.MODEL, DomainKind.ADAPTER) and fast_mode != "off"}
-        self.joint_calls: dict[tuple, JointCall] = {}  # LoRA domains riding in the base's call, per set
+        self.lora_calls: dict[tuple, LoraRowsInBaseCall] = {}  # LoRA domains riding in the base's call, per set
 
     def _domain_forward(self, d: DomainState, model_options: dict, sigmas) -> fastpath.DomainForward:
         """The fast path of a full-copy domain (its own model) or a LoRA domain (the base's model)."""
@@ -71,7 +71,7 @@ class StepCalls:
     def step(self, text: list, active: list[DomainState], x, timestep, model_options) -> StepRows:
         """The base's rows with u, and the rows of the `active` domains that come with them (see StepRows)."""
         hooked = [d for d in active if d.kind is DomainKind.HOOK]
-        joined = self._joint_rows(text, active, hooked, x, timestep, model_options)
+        joined = self._lora_rows_in_base_call(text, active, hooked, x, timestep, model_options)
         riding = joined[2] if joined else {}  # LoRA domains whose rows were in the base's call
         # Fast domain rows first: the GPU computes them while the CPU launches the base rows.
         made = {d.index: self.forwards[d.index](x, timestep) for d in active if d.index in self.forwards and d.index not in riding}
@@ -90,9 +90,9 @@ class StepCalls:
         extra = [] if not with_null or (self.negative_is_null and text[1] is not None) else [conds.get("null")]
         return text + extra + [conds[d.key] for d in hooked], (2 if extra else 1 if with_null else None)
 
-    def _joint_rows(self, text: list, active: list, hooked: list, x, timestep, model_options) -> tuple | None:
+    def _lora_rows_in_base_call(self, text: list, active: list, hooked: list, x, timestep, model_options) -> tuple | None:
         """(base predictions, index of u, {domain index: prediction}) from one call of the base's rows
-        and the active LoRA domains' rows (joint_call.py), or None where that call is not made:
+        and the active LoRA domains' rows (lora_rows_in_base_call.py), or None where that call is not made:
         base rows not recorded, a weight-hook domain, a patch replacing the host's batching, the
         records not direct calls yet (first step) or not joinable."""
         lora = [d for d in active if d.kind is DomainKind.ADAPTER and d.index in self.forwards
@@ -100,10 +100,10 @@ class StepCalls:
         if not lora or hooked or self.base_fast is None or self.fast_mode == "separate" or CUSTOM_ROWS in model_options:
             return None
         key = tuple(d.index for d in lora)
-        if key not in self.joint_calls:
-            self.joint_calls[key] = JointCall(self.base_fast, [self.forwards[d.index] for d in lora])
+        if key not in self.lora_calls:
+            self.lora_calls[key] = LoraRowsInBaseCall(self.base_fast, [self.forwards[d.index] for d in lora])
         rows, null_row = self._base_row_list(text, [], with_null=True)
-        joined = self.joint_calls[key](rows, x, timestep, model_options)
+        joined = self.lora_calls[key](rows, x, timestep, model_options)
         return None if joined is None else (joined[0], null_row, {d.index: p for d, p in zip(lora, joined[1])})
 
     def _base_rows(self, text: list, hooked: list, x, timestep, model_options, with_null: bool = True) -> tuple[list, int | None]:
