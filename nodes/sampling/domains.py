@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import comfy.model_patcher
 
 from ..domain_files import check_compatible
-from ...guidance import TermInterval, percent_to_step_fraction
+from ...guidance import TermInterval, check_percent_interval
 from .lora_adapters import LoraBranch
 
 DOMAIN_TERMS = "INDOMAIN_TERMS"  # the node type of a list[DomainTerm]
@@ -27,7 +27,7 @@ class DomainTerm:
     name: str = "domain"
 
     def __post_init__(self):
-        percent_to_step_fraction(self.start_percent, self.end_percent)
+        check_percent_interval(self.start_percent, self.end_percent)
 
 
 class DomainKind(enum.Enum):

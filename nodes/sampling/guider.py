@@ -60,8 +60,8 @@ from .conditioning import (check_text_width, hook_group, patch_difference, posit
 from .domains import DomainKind, DomainState, DomainTerm, check_domain_model, kind_of
 from .lora_adapters import compiled_reason, lora_branches
 from .step_calls import StepCalls
-from ...guidance import (GuidanceTerm, TermInterval, add_domain_differences, add_domain_terms, covers_whole_run, is_active,
-                        recompute_domain)
+from ...guidance import (GuidanceTerm, TermInterval, add_domain_differences, add_domain_terms, check_domain_every,
+                        covers_whole_run, is_active, recompute_domain)
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         super().__init__(model_patcher)
         self.terms = list(terms)
         self.control_in_domain = control_in_domain
-        self.domain_every = int(domain_every)  # 1: exact; k: domain rows every k-th evaluation (guidance.combine)
-        recompute_domain(0, self.domain_every)  # (checks it)
+        self.domain_every = check_domain_every(int(domain_every))  # 1: exact; k: domain rows every k-th evaluation
         self.evaluation = 0  # model evaluations so far in this run
         self.differences: dict[int, torch.Tensor] = {}  # domain index -> d - u at its last computation
         self.negative_is_null = False
