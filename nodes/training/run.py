@@ -105,13 +105,7 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
     cuda_graphs: the steps as CUDA graphs where this process allows them (training/graphed.py),
     else the eager steps and a warning naming why."""
     config = with_cuda_graphs(config) if cuda_graphs else config
-    sources = []
-    if images is not None:
-        sources.append(images)
-    if image_folder and image_folder.strip():
-        sources.append(resolve_image_folder(image_folder, anywhere=image_folder_anywhere))
-    if not sources:
-        raise ValueError("images / image_folder: connect an IMAGE batch or give a folder of domain images")
+    sources = image_sources(images, image_folder, anywhere=image_folder_anywhere)
     model_path, state_path = output_paths(save_name, config.mode)
     pred = prediction_type(model)
     check_vae(vae, model)
@@ -126,10 +120,7 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
     with contextlib.ExitStack() as copy, torch.inference_mode(False), weights_for_autograd(trainer) as unet:
         if trainer is not model:
             copy.callback(release, trainer)
-        if config.gradient_checkpointing == ("all",):
-            config = TrainConfig(**{**config.__dict__, "gradient_checkpointing": checkpointed_blocks(trainer)})
-        if config.lora_targets == DEFAULT_TARGETS:  # the UNet's layer names: the family's own, for a DiT
-            config = TrainConfig(**{**config.__dict__, "lora_targets": family_of(trainer).lora_targets})
+        config = family_config(config, trainer)
         base_fp = fingerprint(unet)
         storage = trainer.model.get_dtype()
         counted = {}
@@ -151,37 +142,72 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
         # LoRA in fp32 runs the host's UNet without autocast: its fp16/bf16 weights (a GPU's) are cast
         # to the fp32 activations layer by layer.
         casting = config.mode == "lora" and config.precision == "fp32" and mixed_dtypes(unet, torch.float32)
-        try:
-            with weights_cast_to_input(unet, casting), host_in_training(trainer, checkpointing=bool(config.gradient_checkpointing)):
-                result = train(
-                    unet, sources if len(sources) > 1 else sources[0],
-                    encode=encode_function(vae, trainer),
-                    vae_id=f"{fingerprint(vae.first_stage_model)}|{type(trainer.model.latent_format).__name__}",
-                    cond_for=cond_function(trainer, cross_attn, extras),
-                    alphas_cumprod=alphas_cumprod(trainer), prediction_type=pred, flow=flow_schedule(trainer), config=config,
-                    cache_dir=cache_folder(), state_path=state_path,
-                    check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-                    on_progress=count_images, on_checkpoint=write, on_preview=preview,
-                    device=comfy.model_management.get_torch_device(),
-                    release_base=(lambda: release(trainer)) if config.mode == "full" else None,
-                )
-        except torch.OutOfMemoryError as e:
-            raise RuntimeError(kept_message(state_path, f"out of memory while training ({e}). Lower batch_size or resolution, "
-                                                 "turn on gradient_checkpointing, use bf16, or use mode lora")) from e
-        except torch.utils.checkpoint.CheckpointError as e:  # seen with SD3.5 on an H200 (docs/BENCHMARKS.md)
-            raise RuntimeError(kept_message(state_path, f"gradient_checkpointing: recomputing {family_of(trainer).name} blocks "
-                                                 "in backward did not give what the forward computed on this device "
-                                                 f"({str(e).splitlines()[0]}). Turn gradient_checkpointing off (more memory: "
-                                                 "lower batch_size or resolution if needed)")) from e
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise RuntimeError(kept_message(state_path, f"the disk is full while writing {e.filename or 'a checkpoint'}; "
-                                                     "free space and run again to resume")) from e
-            raise
+        with failures_explained(state_path, trainer), weights_cast_to_input(unet, casting), \
+                host_in_training(trainer, checkpointing=bool(config.gradient_checkpointing)):
+            result = train(
+                unet, sources if len(sources) > 1 else sources[0],
+                encode=encode_function(vae, trainer),
+                vae_id=f"{fingerprint(vae.first_stage_model)}|{type(trainer.model.latent_format).__name__}",
+                cond_for=cond_function(trainer, cross_attn, extras),
+                alphas_cumprod=alphas_cumprod(trainer), prediction_type=pred, flow=flow_schedule(trainer), config=config,
+                cache_dir=cache_folder(), state_path=state_path,
+                check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                on_progress=count_images, on_checkpoint=write, on_preview=preview,
+                device=comfy.model_management.get_torch_device(),
+                release_base=(lambda: release(trainer)) if config.mode == "full" else None,
+            )
         final = result.ema_weights if result.ema_weights is not None else result.weights
         if main:
             write(result.step, final)
 
+    return trained_model(model, final, config, storage, model_path), result.losses, result.start_step, model_path
+
+
+def image_sources(images, image_folder: str, *, anywhere: bool = False) -> list:
+    """What the run trains on: the IMAGE batch, the folder, or both (ValueError for neither)."""
+    sources = []
+    if images is not None:
+        sources.append(images)
+    if image_folder and image_folder.strip():
+        sources.append(resolve_image_folder(image_folder, anywhere=anywhere))
+    if not sources:
+        raise ValueError("images / image_folder: connect an IMAGE batch or give a folder of domain images")
+    return sources
+
+
+def family_config(config: TrainConfig, trainer) -> TrainConfig:
+    """config with the model family's own checkpointed blocks and LoRA targets where it asks for the defaults."""
+    if config.gradient_checkpointing == ("all",):
+        config = TrainConfig(**{**config.__dict__, "gradient_checkpointing": checkpointed_blocks(trainer)})
+    if config.lora_targets == DEFAULT_TARGETS:  # the UNet's layer names: the family's own, for a DiT
+        config = TrainConfig(**{**config.__dict__, "lora_targets": family_of(trainer).lora_targets})
+    return config
+
+
+@contextlib.contextmanager
+def failures_explained(state_path: str, trainer):
+    """Out of memory, a recomputation that differs and a full disk during training, raised as errors
+    that say what to change and that the resumable state is kept (kept_message)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise RuntimeError(kept_message(state_path, f"out of memory while training ({e}). Lower batch_size or resolution, "
+                                             "turn on gradient_checkpointing, use bf16, or use mode lora")) from e
+    except torch.utils.checkpoint.CheckpointError as e:  # seen with SD3.5 on an H200 (docs/BENCHMARKS.md)
+        raise RuntimeError(kept_message(state_path, f"gradient_checkpointing: recomputing {family_of(trainer).name} blocks "
+                                             "in backward did not give what the forward computed on this device "
+                                             f"({str(e).splitlines()[0]}). Turn gradient_checkpointing off (more memory: "
+                                             "lower batch_size or resolution if needed)")) from e
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RuntimeError(kept_message(state_path, f"the disk is full while writing {e.filename or 'a checkpoint'}; "
+                                                 "free space and run again to resume")) from e
+        raise
+
+
+def trained_model(model, final: dict, config: TrainConfig, storage, model_path: str):
+    """The trained weights as the domain MODEL the node outputs (a full copy of the base's
+    architecture, or the LoRA applied to the base), named after its file."""
     name = os.path.basename(model_path)
     if config.mode == "full":
         domain = model_from_base_config(model, deliverable(final, config, storage), name)
@@ -189,6 +215,6 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
             domain.add_object_patch("model_sampling", model.get_model_object("model_sampling"))
     else:
         domain = apply_lora(model, final, name)
-    return domain, result.losses, result.start_step, model_path
+    return domain
 
 
