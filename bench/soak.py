@@ -38,7 +38,7 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-RESOLUTIONS = {"sd15": (512, 384), "sdxl": (768, 512)}
+RESOLUTIONS = {"sd15": (512, 384), "sdxl": (640, 512)}
 
 
 class Soak:

@@ -15,11 +15,11 @@ What a server that runs for hours needs of them, and where each is done:
 The host adapts this in nodes/ (the free-memory hook and the interrupt type: nodes/host_memory.py;
 the sampling records: nodes/sampling/fastpath.py); training in training/graphed.py.
 """
-from .capture import (capture_graph, cuda_malloc_async, is_interrupt, kept_bytes, memory_reason, peak_memory,
+from .capture import (capture_graph, capture_stream, clear_workspaces, cuda_malloc_async, is_interrupt, kept_bytes, memory_reason, peak_memory,
                       register_interrupt, release_graph, undo_failed_capture, waits_refused)
 from .memory import graph_memory, trim_graph_memory
 from .owner import ENV, OWNER, Graph, GraphOwner, held_memory, limit_bytes
 
-__all__ = ["capture_graph", "cuda_malloc_async", "is_interrupt", "kept_bytes", "memory_reason", "peak_memory",
+__all__ = ["capture_graph", "capture_stream", "clear_workspaces", "cuda_malloc_async", "is_interrupt", "kept_bytes", "memory_reason", "peak_memory",
            "register_interrupt", "release_graph", "undo_failed_capture", "waits_refused", "graph_memory",
            "trim_graph_memory", "ENV", "OWNER", "Graph", "GraphOwner", "held_memory", "limit_bytes"]

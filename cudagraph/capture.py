@@ -138,7 +138,7 @@ def capture_graph(fn, device: torch.device, pool=None, peak_bytes: int | None = 
     pool = pool if pool is not None else torch.cuda.graph_pool_handle()
     graph = torch.cuda.CUDAGraph()
     torch.cuda.synchronize(device)
-    side = torch.cuda.Stream(device=device)
+    side = capture_stream(device)
     invalidated = None
     with torch.cuda.stream(side):
         try:
@@ -167,6 +167,31 @@ def capture_graph(fn, device: torch.device, pool=None, peak_bytes: int | None = 
         raise invalidated
     torch.cuda.current_stream(device).wait_stream(side)
     return graph, out, pool
+
+
+_STREAMS: dict = {}
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The one side stream every capture on `device` uses. cuBLAS keeps a workspace per stream,
+    made at the stream's first matmul: on a stream first used inside a capture, that workspace is
+    the graph's memory and stays for the process's life (a new stream per capture held 32 MiB more
+    graph memory each time, up to 1 GiB: torch's pool has 32 streams). One stream: one workspace,
+    let go with the last graph (clear_workspaces)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _STREAMS:
+        _STREAMS[index] = torch.cuda.Stream(device=torch.device("cuda", index))
+    return _STREAMS[index]
+
+
+def clear_workspaces() -> None:
+    """Frees cuBLAS's cached workspaces (made again at the next matmul). Only once no graph is
+    left: a graph captured on a stream reads that stream's workspace."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None and torch.cuda.is_initialized():
+        with warnings.catch_warnings():  # (a workspace made inside a capture: "uncaptured free")
+            warnings.simplefilter("ignore")
+            clear()
 
 
 def _first_replay(graph: torch.cuda.CUDAGraph, device: torch.device, *captured) -> None:

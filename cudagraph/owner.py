@@ -27,7 +27,7 @@ from typing import Callable, Hashable
 
 import torch
 
-from .capture import capture_graph, cuda_malloc_async, release_graph
+from .capture import capture_graph, clear_workspaces, cuda_malloc_async, release_graph
 from .memory import USED_MEM_CURRENT, graph_memory, trim_graph_memory
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,8 @@ class GraphOwner:
         freed = sum(self.graphs[k][0].nbytes for k in keys if self.graphs[k][0].alive)
         for k in keys:
             self.discard(k)
+        if not self.graphs and any(d.type == "cuda" for d in devices):
+            clear_workspaces()  # no graph reads them any more (capture.capture_stream)
         for device in devices:
             if device.type == "cuda":
                 torch.cuda.empty_cache()

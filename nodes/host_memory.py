@@ -6,7 +6,9 @@ calls with the bytes it needs, and unload_all_models (the "Unload models" button
 - when the host lacks the memory it asks for, the graphs go first (a capture costs tens of
   milliseconds; reloading a model, seconds): every graph on that device is released and CUDA's
   graph memory trimmed, before the host unloads any model;
-- after it, the graphs of models the host no longer has loaded go too.
+- after it, the graphs of the models it unloaded go too (what it returns). Not those of models
+  missing from its list at the time: load_models_gpu takes a model it reloads off the list around
+  its own free_memory call.
 The wrapper calls the host's own function with the same arguments and returns what it returns.
 
 Also here: the host's Cancel (InterruptProcessingException) is registered as an interrupt, so a
@@ -40,10 +42,11 @@ def install() -> None:
     @functools.wraps(original)
     def free_memory(memory_required, device, *args, **kwargs):
         release_if_short(memory_required, device)
-        try:
-            return original(memory_required, device, *args, **kwargs)
-        finally:
-            OWNER.sweep(is_loaded)
+        unloaded = original(memory_required, device, *args, **kwargs)
+        models = [lm.model.model for lm in unloaded or () if getattr(lm, "model", None) is not None]
+        if models:  # the graphs of the models it unloaded go with them
+            OWNER.sweep(lambda model: not any(model is m for m in models))
+        return unloaded
 
     setattr(free_memory, _MARK, True)
     mm.free_memory = free_memory
@@ -59,11 +62,6 @@ def release_if_short(memory_required, device) -> int:
     why = "ComfyUI unloads its models" if memory_required >= _EVERYTHING else \
         f"ComfyUI needs {memory_required / 2**30:.2f} GiB"
     return OWNER.release(device, why)
-
-
-def is_loaded(model) -> bool:
-    """True while the host lists `model` (a BaseModel) among its loaded models."""
-    return any(lm.model is not None and lm.model.model is model for lm in mm.current_loaded_models)
 
 
 def host_flag_reason() -> str | None:

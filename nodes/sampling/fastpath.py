@@ -41,7 +41,7 @@ import torch
 
 import comfy.samplers
 
-from ...cudagraph import OWNER, Graph, is_interrupt, peak_memory
+from ...cudagraph import OWNER, Graph, capture_stream, is_interrupt, peak_memory
 from .. import dynamic_vram
 from .fastpath_rules import graph_reason, host_state_reason, plain_cond
 from .lora_adapters import LoraBranch, lora_applied
@@ -197,7 +197,7 @@ class RecordedCall:
             return real(input_x, t, **kwargs)
 
         graph = self.use_graph and x.device.type == "cuda"
-        stream = torch.cuda.Stream(device=x.device) if graph else None
+        stream = capture_stream(x.device) if graph else None  # (the capture's own: cuBLAS's workspace made here)
         peak: list[int] = []
         own = self.model.__dict__.get("apply_model")  # another pack may have set one on the instance
         self.model.apply_model = recorder
