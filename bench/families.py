@@ -15,7 +15,7 @@ import torch
 
 # name: host supported_models class, the model config (as detection spells it), weight dtype, latent channels,
 # context tokens x width, pooled width (None: none), cfg users run (Flux dev and Z-Image Turbo: 1, guidance-distilled),
-# Flux guidance (None: no guidance entry), LoRA target suffixes (the training row's; nodes/train_families.py),
+# Flux guidance (None: no guidance entry), LoRA target suffixes (the training row's; nodes/training/families.py),
 # tiny: the tests' tiny model of the family (tests/tiny_families.py), for --quick.
 FAMILIES = {
     "sd35m": dict(cls="SD3", tiny="sd3", dtype=torch.bfloat16, latent=16, tokens=154, context=4096, pooled=2048, cfg=4.5, guidance=None,

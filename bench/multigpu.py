@@ -69,8 +69,8 @@ def worker(args) -> int:
     import comfy.model_management as mm
     import comfy.sd
 
-    train_inputs = bt.host.pack("nodes.train_inputs")
-    training = sys.modules[train_inputs.__name__.rsplit(".", 2)[0] + ".training"]
+    train_inputs = bt.host.pack("nodes.training.inputs")
+    training = bt.host.pack("training")
     px = 64 if args.quick else 512
     model = comfy.sd.load_diffusion_model_state_dict(bt.random_unet(bt.SD15_TINY if args.quick else bt.SD15, torch.float16))
     rows = []

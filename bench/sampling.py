@@ -26,7 +26,7 @@ ModelPatcher), and times with torch.cuda.synchronize around each whole sampling 
                  (what "full" / "lora" do where ComfyUI was started with --disable-cuda-graphs;
                  without graphs the LoRA domain's row rides in the base's call)
   lora_separate  ours with INDOMAIN_FAST_DOMAIN=separate: as lora_eager, the LoRA domain's row in a
-                 call of its own (before the joint call, nodes/joint_call.py)
+                 call of its own (before it rode in the base's call: nodes/sampling/lora_rows_in_base_call.py)
   full_everyK, lora_everyK
                  ours with domain_every = K (the domain rows every K-th evaluation; e.g. full_every2)
   zero           ours with domain_scale 0: each step the host's own sampling_function (since issue 15;
@@ -121,7 +121,7 @@ MODELS = {
 }
 LORA_TARGETS = (".to_q.weight", ".to_k.weight", ".to_v.weight", ".to_out.0.weight")
 VARIANTS = ("cl", "cudnn", "autotune", "compile")
-# INDOMAIN_FAST_DOMAIN for a case by its suffix (nodes/fastpath.py mode()); others: "1", the default
+# INDOMAIN_FAST_DOMAIN for a case by its suffix (nodes/sampling/fastpath.py mode()); others: "1", the default
 FAST_MODES = {"_ref": "0", "_domain_only": "domain", "_eager": "eager", "_separate": "separate"}
 CASES = ("stock", "full", "full_half", "full_negnull", "lora", "lora_half", "full_ref", "lora_ref", "full_domain_only",
          "lora_domain_only", "full_eager", "lora_eager", "lora_separate", "zero")
@@ -292,7 +292,7 @@ class Bench:
         self.repeats = repeats
         self.cfg = cfg
         self.dtype = dtype
-        self.sampling = host.pack("nodes.sampling")
+        self.sampling = host.pack("nodes.sampler_nodes")
         self.loader = host.pack("nodes.domain_files")
 
     def build(self, name: str) -> dict:
@@ -572,7 +572,7 @@ class PathLog(logging.Handler):
         root.addHandler(self)
         root.setLevel(min(root.level, logging.INFO))
         self._fast = [l for l in logging.Logger.manager.loggerDict.values()
-                      if isinstance(l, logging.Logger) and l.name.endswith(".nodes.fastpath")]
+                      if isinstance(l, logging.Logger) and l.name.endswith(".nodes.sampling.fastpath")]
         for l in self._fast:  # its capture timings are DEBUG lines
             l.setLevel(logging.DEBUG)
         self.setLevel(logging.DEBUG)

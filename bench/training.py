@@ -6,7 +6,7 @@
 Starts the real ComfyUI host in-process (tests/host.py; COMFYUI_PATH, else .hostsrc/ in this
 repo), builds the SD1.5 UNet from its config with random fp16 weights and loads it through the
 host (comfy.sd.load_diffusion_model_state_dict: the host detects SD15 and returns a ModelPatcher),
-then runs the node's own adapters and loop exactly as Train Domain UNet does (nodes/train_run.py:
+then runs the node's own adapters and loop exactly as Train Domain UNet does (nodes/training/run.py:
 load_models_gpu, make_autograd_safe, checkpointed_blocks; training.train), on 512x512 images,
 with the VAE replaced by random latents (the VAE runs once per image and is cached; it is not
 part of a training step) and a random empty-prompt context [1, 77, 768].
@@ -102,8 +102,8 @@ def fake_encoder(channels: int, factor: int):
 
 def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, profile: str | None = None) -> dict:
     import comfy.model_management as mm
-    training_node = host.pack("nodes.train_inputs")
-    training = sys.modules[training_node.__name__.rsplit(".", 2)[0] + ".training"]
+    training_node = host.pack("nodes.training.inputs")
+    training = host.pack("training")
     mode, batch, ckpt, speed = CASES[name]
     device = mm.get_torch_device()
     mm.load_models_gpu([model], force_full_load=True)  # again after a full-mode case released it, as the node does
@@ -133,8 +133,8 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, pr
             profiler.stop()
 
     t_begin = time.perf_counter()
-    # as the node runs it (nodes/train_run.py): with checkpointing, attention without cuDNN's kernel
-    in_training = host.pack("nodes.train_differentiable").host_in_training(model, checkpointing=ckpt)
+    # as the node runs it (nodes/training/run.py): with checkpointing, attention without cuDNN's kernel
+    in_training = host.pack("nodes.training.differentiable").host_in_training(model, checkpointing=ckpt)
     with tempfile.TemporaryDirectory() as cache, torch.inference_mode(False), in_training:
         result = training.train(
             unet, pixels, encode=fake_encoder(4, 8), vae_id="bench", cond_for=lambda h, w: {"context": torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))},
@@ -162,7 +162,7 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, pr
 def run_family_case(host, name: str, weight_dtype: str, batch: int, px: int, steps: int, warmup: int, images: int,
                     quick: bool) -> dict:
     """LoRA training of a diffusion transformer of bench/families.py through Train Domain UNet's own
-    run (nodes/train_run.run_training: the family's targets, checkpointed blocks, conditioning and
+    run (nodes/training/run.py's run_training: the family's targets, checkpointed blocks, conditioning and
     flow objective), gradient checkpointing on, bf16 autocast, loaded from a file as UNETLoader
     loads it with weight_dtype "default" (bf16) or "fp8_e4m3fn" (the host's fp8 storage, cast per
     layer). A random TAESD with the family's 16 latent channels stands in for its VAE (it encodes
@@ -183,8 +183,8 @@ def run_family_case(host, name: str, weight_dtype: str, batch: int, px: int, ste
     with plain_weights():
         vae = comfy.sd.VAE(sd={k: v.contiguous() for k, v in randomize_(TAESD(latent_channels=spec["latent"]), seed=5, scale=1.0).state_dict().items()})
     null = families.conditioning(name, 13, quick)
-    run_training = host.pack("nodes.train_run").run_training
-    training = sys.modules[host.pack("nodes.train_run").__name__.rsplit(".", 2)[0] + ".training"]
+    run_training = host.pack("nodes.training.run").run_training
+    training = host.pack("training")
     config = training.TrainConfig(steps=steps, mode="lora", batch_size=batch, resolution=px, lr=1e-4, flip=False,
                                   precision="bf16", gradient_checkpointing=("all",), lora_rank=16, lora_alpha=16.0)
     g = torch.Generator().manual_seed(1)

@@ -13,7 +13,7 @@ What a server that runs for hours needs of them, and where each is done:
 - memory.py: CUDA's graph memory (invisible to torch's statistics), read and trimmed.
 
 The host adapts this in nodes/ (the free-memory hook and the interrupt type: nodes/host_memory.py;
-the sampling records: nodes/fastpath.py); training in training/graphed.py.
+the sampling records: nodes/sampling/fastpath.py); training in training/graphed.py.
 """
 from .capture import (capture_graph, capture_stream, clear_workspaces, cuda_malloc_async, is_interrupt, kept_bytes, memory_reason, peak_memory,
                       register_interrupt, release_graph, undo_failed_capture, waits_refused)

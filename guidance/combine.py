@@ -77,11 +77,17 @@ def add_domain_differences(guided: torch.Tensor, differences: Sequence[tuple[tor
     return out
 
 
-def recompute_domain(evaluation: int, every: int) -> bool:
-    """True if the domain rows are computed at this model evaluation of the run (0, k, 2k, ...)."""
+def check_domain_every(every: int) -> int:
+    """Check the speed dial's k (domain_every) and return it unchanged: ValueError below 1."""
     if every < 1:
         raise ValueError(f"domain_every={every}: must be 1 (every evaluation, exact) or more")
-    return evaluation % every == 0
+    return every
+
+
+def recompute_domain(evaluation: int, every: int) -> bool:
+    """True if the domain rows are computed at this model evaluation of the run (0, k, 2k, ...);
+    ValueError for a k below 1 (check_domain_every)."""
+    return evaluation % check_domain_every(every) == 0
 
 
 def decoupled_guidance(

@@ -36,8 +36,8 @@ def covers_whole_run(start_percent: float, end_percent: float) -> bool:
     return start_percent <= 0.0 and end_percent >= 1.0
 
 
-def percent_to_step_fraction(start_percent: float, end_percent: float) -> tuple[float, float]:
-    """Check a user's (start, end) pair of fractions of the run and return it.
+def check_percent_interval(start_percent: float, end_percent: float) -> tuple[float, float]:
+    """Check a user's (start, end) pair of fractions of the run and return it unchanged.
 
     Raises ValueError, naming both values, for values outside [0, 1] or start > end.
     """

@@ -12,7 +12,8 @@ calls with the bytes it needs, and unload_all_models (the "Unload models" button
 The wrapper calls the host's own function with the same arguments and returns what it returns.
 
 Also here: the host's Cancel (InterruptProcessingException) is registered as an interrupt, so a
-Cancel that lands during a capture stops the run (cudagraph.is_interrupt).
+Cancel that lands during a capture stops the run (cudagraph.is_interrupt); and the host's
+--disable-cuda-graphs flag, which sampling and training both honour (host_flag_reason).
 """
 from __future__ import annotations
 
@@ -61,3 +62,11 @@ def release_if_short(memory_required, device) -> int:
     why = "ComfyUI unloads its models" if memory_required >= _EVERYTHING else \
         f"ComfyUI needs {memory_required / 2**30:.2f} GiB"
     return OWNER.release(device, why)
+
+
+def host_flag_reason() -> str | None:
+    """Why the user asked for no CUDA graphs (None: they did not): newer ComfyUI's
+    --disable-cuda-graphs, which its own graphs honour too."""
+    from comfy.cli_args import args
+
+    return "ComfyUI was started with --disable-cuda-graphs" if getattr(args, "disable_cuda_graphs", False) else None

@@ -1,4 +1,5 @@
-"""Schema fields that only newer hosts know, passed only where the host's V3 schema has them.
+"""What every node of the pack declares alike: its menu category, and the schema fields that only
+newer hosts know, passed only where the host's V3 schema has them.
 
 ComfyUI 0.33's `io.Schema` has `search_aliases` (the node search also finds these words) and its
 inputs take `advanced=True` (folded away until the user shows advanced inputs); 0.8.0 has neither
@@ -13,6 +14,8 @@ import logging
 from comfy_api.latest import io
 
 log = logging.getLogger(__name__)
+
+CATEGORY = "in-domain"  # the node menu's folder of every node of the pack
 
 HAS_SEARCH_ALIASES = "search_aliases" in {f.name for f in dataclasses.fields(io.Schema)}
 HAS_ADVANCED_INPUTS = "advanced" in inspect.signature(io.Input.__init__).parameters

@@ -8,8 +8,7 @@ from comfy_api.latest import io
 
 from .domain_files import load_domain_unet
 from .folders import FOLDER
-from .host_schema import schema
-from .sampling import CATEGORY
+from .host_schema import CATEGORY, schema
 
 
 class DomainUNetLoader(io.ComfyNode):

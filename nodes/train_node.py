@@ -1,14 +1,83 @@
-"""Train Domain UNet node: declarations; the run is train_run.run_training."""
+"""Train Domain UNet node: declarations; the run is nodes/training/run.py's run_training."""
 from __future__ import annotations
 
 from comfy_api.latest import io
 
 from ..training import TrainConfig
 from ..training.config import OPTIMIZERS, PRECISIONS
-from .host_schema import advanced, schema
-from .plot import loss_curve_image
-from .sampling import CATEGORY
-from .train_run import image_folder_fingerprint, run_training
+from .host_schema import CATEGORY, advanced, schema
+from .training.plot import loss_curve_image
+from .training.run import image_folder_fingerprint, run_training
+
+
+def trainer_inputs() -> list:
+    """The inputs of Train Domain UNet, in the order the node shows them."""
+    return [
+        io.Model.Input("model", tooltip="The base MODEL (from Load Checkpoint). Its noise schedule and prediction type are used, "
+                       "as the host samples it (a ModelSamplingDiscrete patch, e.g. v_prediction + zsnr, included)."),
+        io.Vae.Input("vae", tooltip="The base checkpoint's VAE; images are encoded once and cached on disk."),
+        io.Combo.Input("mode", options=["lora", "full"], default="lora",
+                       tooltip="lora: small adapters on the base (a fraction of full mode's memory, small files; turn "
+                               "cuda_graphs on for its speed). full: the paper's text-free copy of the whole UNet (the "
+                               "most memory: the weights, their gradients and AdamW's states). Figures: docs/BENCHMARKS.md."),
+        io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Total optimizer steps (a resumed run continues up to this)."),
+        io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Images per step (all from one aspect-ratio bucket)."),
+        io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6, round=1e-7,
+                       tooltip="Peak learning rate (AdamW). About 1e-4 for lora, 1e-5 to 2e-5 for full."),
+        io.Combo.Input("lr_schedule", options=["constant", "cosine"], default="constant",
+                       tooltip="After warm-up: keep the learning rate, or decay it to 0 along a cosine.", **advanced()),
+        io.Int.Input("warmup_steps", default=0, min=0, max=100_000, tooltip="Steps of linear warm-up to the learning rate.", **advanced()),
+        io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
+                     tooltip="Seed of all training randomness (images, flips, timesteps, noise): the same seed gives the same weights.", **advanced()),
+        io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
+                     tooltip="Training area: buckets of about resolution x resolution pixels (512 for SD1, 768 for SD2, 1024 for SDXL). "
+                             "Images of any size are resized and centre-cropped to the nearest aspect-ratio bucket."),
+        io.Boolean.Input("flip", default=True, tooltip="Horizontal-flip augmentation (off for text, logos or asymmetric subjects).", **advanced()),
+        io.Combo.Input("training_dtype", options=list(PRECISIONS), default="bf16",
+                       tooltip="Autocast precision. bf16 on recent GPUs (its runs repeat bit for bit); fp16 uses loss scaling; fp32 is full precision and slow (on a GPU two fp32 runs differ slightly).", **advanced()),
+        io.Boolean.Input("gradient_checkpointing", default=True,
+                         tooltip="Recompute activations in backward: much less memory, each step slower (the forward "
+                                 "runs twice). Figures: docs/BENCHMARKS.md.", **advanced()),
+        io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.99999, step=0.0001, round=0.00001,
+                       tooltip="Exponential moving average of the weights (e.g. 0.999); the file and the output use it. 0 = off. "
+                               "With warm-up: step t uses min(ema_decay, (1 + t) / (10 + t)), so the starting weights fade early.", **advanced()),
+        io.Int.Input("lora_rank", default=16, min=1, max=1024, tooltip="LoRA rank (mode lora only).", **advanced()),
+        io.Float.Input("lora_alpha", default=16.0, min=0.01, max=4096.0, step=0.5, tooltip="LoRA alpha; the update is scaled by alpha / rank (mode lora only).", **advanced()),
+        io.String.Input("save_name", default="my_domain",
+                        tooltip="File name in models/loras (lora) or models/diffusion_models (full); subfolders allowed, no '..'. "
+                                "Running again with the same name resumes."),
+        io.Int.Input("checkpoint_every", default=250, min=0, max=1_000_000,
+                     tooltip="Save the model file and the resumable state every N steps (0: only at the end).", **advanced()),
+        io.Int.Input("preview_every", default=0, min=0, max=1_000_000,
+                     tooltip="Every N steps, sample the domain model on the empty prompt (20 Euler steps, fixed seed), show it "
+                             "on the node and save it to output/indomain_previews/<save_name>/. 0 = off.", **advanced()),
+        io.Boolean.Input("resume", default=True,
+                         tooltip="On: continue from save_name's last checkpoint if there is one. Off: start over and replace it."),
+        io.Conditioning.Input("null_conditioning", optional=True,
+                              tooltip="CLIP Text Encode of an empty string (the condition of every training sample). Or connect clip."),
+        io.Clip.Input("clip", optional=True, tooltip="Used to encode the empty prompt when null_conditioning is not connected."),
+        io.Image.Input("images", optional=True, tooltip="Domain images as an IMAGE batch (e.g. Load Image). Can be combined with image_folder."),
+        io.String.Input("image_folder", default="", optional=True,
+                        tooltip="A folder of domain images (png, jpg, webp, bmp) inside ComfyUI's input folder, e.g. "
+                                "my_domain_images for input/my_domain_images (an absolute path must lie inside it too). "
+                                "Unreadable files are skipped with a warning. Adding, removing or changing an image "
+                                "makes the next queue train again."),
+        io.Boolean.Input("torch_compile", default=False, optional=True,
+                         tooltip="Compile the trained UNet with torch.compile (needs a C++ compiler / Triton): the first step takes "
+                                 "2-3 minutes, then about 1.4x faster at batch 32 with less memory (mode full, no gradient "
+                                 "checkpointing; docs/BENCHMARKS.md). Pays for long runs.", **advanced()),
+        io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw", optional=True,
+                       tooltip="adamw: AdamW with 32-bit moments (8 bytes of state per trained parameter). adamw8bit: "
+                               "bitsandbytes' 8-bit AdamW, the paper's recipe: 2 bytes per parameter (SD1.5 full mode: "
+                               "about 5 GB less); needs the bitsandbytes package (pip install bitsandbytes). A run "
+                               "resumes only with the optimizer it started with.", **advanced()),
+        io.Boolean.Input("cuda_graphs", default=False, optional=True,
+                         tooltip="Replay each step's forward and backward as a CUDA graph: the same training with "
+                                 "far fewer kernel launches, faster where the CPU is the bound (LoRA mode most), for a "
+                                 "little more memory (figures: docs/BENCHMARKS.md). Needs one GPU, bf16 or fp32, "
+                                 "torch_compile off, and not ComfyUI's --disable-cuda-graphs; otherwise trains "
+                                 "without them and says why in the log.", **advanced()),
+    ]
 
 
 class DomainTrainer(io.ComfyNode):
@@ -23,72 +92,7 @@ class DomainTrainer(io.ComfyNode):
                         "LoRA adapters on it, trained with every image on the empty prompt. Writes models/loras/<save_name>.safetensors "
                         "(lora) or models/diffusion_models/<save_name>.safetensors (full) and resumes from its checkpoint when run again.",
             is_output_node=True,
-            inputs=[
-                io.Model.Input("model", tooltip="The base MODEL (from Load Checkpoint). Its noise schedule and prediction type are used, "
-                               "as the host samples it (a ModelSamplingDiscrete patch, e.g. v_prediction + zsnr, included)."),
-                io.Vae.Input("vae", tooltip="The base checkpoint's VAE; images are encoded once and cached on disk."),
-                io.Combo.Input("mode", options=["lora", "full"], default="lora",
-                               tooltip="lora: small adapters on the base (a fraction of full mode's memory, small files; turn "
-                                       "cuda_graphs on for its speed). full: the paper's text-free copy of the whole UNet (the "
-                                       "most memory: the weights, their gradients and AdamW's states). Figures: docs/BENCHMARKS.md."),
-                io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Total optimizer steps (a resumed run continues up to this)."),
-                io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Images per step (all from one aspect-ratio bucket)."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6, round=1e-7,
-                               tooltip="Peak learning rate (AdamW). About 1e-4 for lora, 1e-5 to 2e-5 for full."),
-                io.Combo.Input("lr_schedule", options=["constant", "cosine"], default="constant",
-                               tooltip="After warm-up: keep the learning rate, or decay it to 0 along a cosine.", **advanced()),
-                io.Int.Input("warmup_steps", default=0, min=0, max=100_000, tooltip="Steps of linear warm-up to the learning rate.", **advanced()),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
-                             tooltip="Seed of all training randomness (images, flips, timesteps, noise): the same seed gives the same weights.", **advanced()),
-                io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
-                             tooltip="Training area: buckets of about resolution x resolution pixels (512 for SD1, 768 for SD2, 1024 for SDXL). "
-                                     "Images of any size are resized and centre-cropped to the nearest aspect-ratio bucket."),
-                io.Boolean.Input("flip", default=True, tooltip="Horizontal-flip augmentation (off for text, logos or asymmetric subjects).", **advanced()),
-                io.Combo.Input("training_dtype", options=list(PRECISIONS), default="bf16",
-                               tooltip="Autocast precision. bf16 on recent GPUs (its runs repeat bit for bit); fp16 uses loss scaling; fp32 is full precision and slow (on a GPU two fp32 runs differ slightly).", **advanced()),
-                io.Boolean.Input("gradient_checkpointing", default=True,
-                                 tooltip="Recompute activations in backward: much less memory, each step slower (the forward "
-                                         "runs twice). Figures: docs/BENCHMARKS.md.", **advanced()),
-                io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.99999, step=0.0001, round=0.00001,
-                               tooltip="Exponential moving average of the weights (e.g. 0.999); the file and the output use it. 0 = off. "
-                                       "With warm-up: step t uses min(ema_decay, (1 + t) / (10 + t)), so the starting weights fade early.", **advanced()),
-                io.Int.Input("lora_rank", default=16, min=1, max=1024, tooltip="LoRA rank (mode lora only).", **advanced()),
-                io.Float.Input("lora_alpha", default=16.0, min=0.01, max=4096.0, step=0.5, tooltip="LoRA alpha; the update is scaled by alpha / rank (mode lora only).", **advanced()),
-                io.String.Input("save_name", default="my_domain",
-                                tooltip="File name in models/loras (lora) or models/diffusion_models (full); subfolders allowed, no '..'. "
-                                        "Running again with the same name resumes."),
-                io.Int.Input("checkpoint_every", default=250, min=0, max=1_000_000,
-                             tooltip="Save the model file and the resumable state every N steps (0: only at the end).", **advanced()),
-                io.Int.Input("preview_every", default=0, min=0, max=1_000_000,
-                             tooltip="Every N steps, sample the domain model on the empty prompt (20 Euler steps, fixed seed), show it "
-                                     "on the node and save it to output/indomain_previews/<save_name>/. 0 = off.", **advanced()),
-                io.Boolean.Input("resume", default=True,
-                                 tooltip="On: continue from save_name's last checkpoint if there is one. Off: start over and replace it."),
-                io.Conditioning.Input("null_conditioning", optional=True,
-                                      tooltip="CLIP Text Encode of an empty string (the condition of every training sample). Or connect clip."),
-                io.Clip.Input("clip", optional=True, tooltip="Used to encode the empty prompt when null_conditioning is not connected."),
-                io.Image.Input("images", optional=True, tooltip="Domain images as an IMAGE batch (e.g. Load Image). Can be combined with image_folder."),
-                io.String.Input("image_folder", default="", optional=True,
-                                tooltip="A folder of domain images (png, jpg, webp, bmp) inside ComfyUI's input folder, e.g. "
-                                        "my_domain_images for input/my_domain_images (an absolute path must lie inside it too). "
-                                        "Unreadable files are skipped with a warning. Adding, removing or changing an image "
-                                        "makes the next queue train again."),
-                io.Boolean.Input("torch_compile", default=False, optional=True,
-                                 tooltip="Compile the trained UNet with torch.compile (needs a C++ compiler / Triton): the first step takes "
-                                         "2-3 minutes, then about 1.4x faster at batch 32 with less memory (mode full, no gradient "
-                                         "checkpointing; docs/BENCHMARKS.md). Pays for long runs.", **advanced()),
-                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw", optional=True,
-                               tooltip="adamw: AdamW with 32-bit moments (8 bytes of state per trained parameter). adamw8bit: "
-                                       "bitsandbytes' 8-bit AdamW, the paper's recipe: 2 bytes per parameter (SD1.5 full mode: "
-                                       "about 5 GB less); needs the bitsandbytes package (pip install bitsandbytes). A run "
-                                       "resumes only with the optimizer it started with.", **advanced()),
-                io.Boolean.Input("cuda_graphs", default=False, optional=True,
-                                 tooltip="Replay each step's forward and backward as a CUDA graph: the same training with "
-                                         "far fewer kernel launches, faster where the CPU is the bound (LoRA mode most), for a "
-                                         "little more memory (figures: docs/BENCHMARKS.md). Needs one GPU, bf16 or fp32, "
-                                         "torch_compile off, and not ComfyUI's --disable-cuda-graphs; otherwise trains "
-                                         "without them and says why in the log.", **advanced()),
-            ],
+            inputs=trainer_inputs(),
             outputs=[
                 io.Model.Output(display_name="domain_model", tooltip="The trained domain UNet, for KSampler (Domain Guidance)."),
                 io.Image.Output(display_name="loss_curve", tooltip="The training loss per step of this run."),

@@ -54,7 +54,7 @@ def main(out_path: str) -> int:
     lines = Lines()
     logging.getLogger().addHandler(lines)
     logging.getLogger().setLevel(logging.INFO)
-    S = h.pack("nodes.sampling")
+    S = h.pack("nodes.sampler_nodes")
     loader = h.pack("nodes.domain_files")
     device = mm.get_torch_device()
     dtype = torch.float16

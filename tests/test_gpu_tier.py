@@ -40,7 +40,7 @@ def test_the_host_runs_the_unet_on_the_gpu_in_half_precision_without_manual_cast
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_every_training_setting_trains_on_the_gpu(comfy, folders, monkeypatch, mode, precision, checkpointing, ema, previews):
-    monkeypatch.setattr(comfy.pack("nodes.train_progress"), "PREVIEW_STEPS", 4)
+    monkeypatch.setattr(comfy.pack("nodes.training.progress"), "PREVIEW_STEPS", 4)
     model = tiny.tiny_model()
     before = host_state(model)
     name = f"matrix_{mode}_{precision}_{int(checkpointing)}_{ema}_{previews}"
@@ -95,8 +95,8 @@ def test_cuda_graphs_replay_what_the_host_computes(comfy, folders, monkeypatch, 
             assert paths and all("fast path (direct" in p for p in paths)
     rel = 1e-5 if domain == "gpu_domain.safetensors" else 1.2e-4  # a LoRA's adapters vs its merged weights
     scale = out["0"].abs().max()
-    # eager: a LoRA domain's rows ride in the base's call (joint_call.py), other batches than the
-    # graphs' separate calls (fp16 under 0.33's dynamic VRAM: 5.0e-5 measured at batch 2)
+    # eager: a LoRA domain's rows ride in the base's call (nodes/sampling/lora_rows_in_base_call.py),
+    # other batches than the graphs' separate calls (fp16 under 0.33's dynamic VRAM: 5.0e-5 measured at batch 2)
     assert (out["1"] - out["eager"]).abs().max() <= (1e-5 if domain == "gpu_domain.safetensors" else rel) * scale
     assert (out["1"] - out["0"]).abs().max() <= rel * scale
 

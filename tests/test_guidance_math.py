@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from guidance import GuidanceTerm, TermInterval, covers_whole_run, decoupled_guidance, is_active, ksampler_cfg, percent_to_step_fraction, text_term
+from guidance import (GuidanceTerm, TermInterval, check_percent_interval, covers_whole_run, decoupled_guidance, is_active,
+                      ksampler_cfg, text_term)
 
 g = torch.Generator().manual_seed(0)
 u, c, n, d = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(4))
@@ -43,7 +44,7 @@ def test_intervals():
     with pytest.raises(ValueError):
         TermInterval(sigma_start=1.0, sigma_end=2.0)
     with pytest.raises(ValueError, match="start_percent=0.9"):
-        percent_to_step_fraction(0.9, 0.1)
+        check_percent_interval(0.9, 0.1)
 
 
 def test_only_the_whole_run_needs_no_sigma():
@@ -51,11 +52,12 @@ def test_only_the_whole_run_needs_no_sigma():
     assert covers_whole_run(0.0, 1.0)
     assert not covers_whole_run(0.0, 0.99) and not covers_whole_run(0.01, 1.0) and not covers_whole_run(0.5, 0.5)
     with pytest.raises(ValueError, match="end_percent=1.5"):
-        percent_to_step_fraction(0.0, 1.5)
+        check_percent_interval(0.0, 1.5)
+    assert check_percent_interval(0.25, 0.75) == (0.25, 0.75)
 
 
 def test_the_speed_dial_reuses_each_terms_last_difference_with_its_weight():
-    from guidance import add_domain_differences, recompute_domain
+    from guidance import add_domain_differences, check_domain_every, recompute_domain
 
     g = torch.Generator().manual_seed(3)
     guided, d1, d2 = (torch.randn(1, 4, 8, 8, generator=g) for _ in range(3))
@@ -65,3 +67,6 @@ def test_the_speed_dial_reuses_each_terms_last_difference_with_its_weight():
     assert all(recompute_domain(i, 1) for i in range(5))
     with pytest.raises(ValueError, match="domain_every=0"):
         recompute_domain(0, 0)
+    assert check_domain_every(3) == 3
+    with pytest.raises(ValueError, match="domain_every=0"):
+        check_domain_every(0)

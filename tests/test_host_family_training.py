@@ -61,7 +61,7 @@ def test_a_lora_is_written_with_the_familys_prediction_type_and_the_hosts_lora_l
     weights = load_file(path)
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
     adapted = {k[:-len(".lora_down.weight")] for k in weights if k.endswith(".lora_down.weight")}
-    assert len(adapted) >= 4  # the family's attention and feed-forward projections (train_families)
+    assert len(adapted) >= 4  # the family's attention and feed-forward projections (nodes/training/families.py)
     # the host's LoraLoaderModelOnly finds the file and patches exactly those weights of the base
     base = fam.family_model(family)
     lora = comfy.nodes["LoraLoaderModelOnly"]().load_lora_model_only(base, os.path.basename(path), 1.0)[0]
@@ -140,7 +140,7 @@ def test_gradient_checkpointing_of_the_familys_blocks_trains_the_same_weights(co
 
 
 def test_a_base_of_a_family_the_trainer_does_not_know_is_refused_listing_the_supported_ones(comfy):
-    family_of = comfy.pack("nodes.train_families").family_of
+    family_of = comfy.pack("nodes.training.families").family_of
     unknown = type("Model", (), {"diffusion_model": torch.nn.Linear(2, 2), "model_config": object()})()
     with pytest.raises(ValueError) as e:
         family_of(type("Patcher", (), {"model": unknown})())

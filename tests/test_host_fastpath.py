@@ -1,4 +1,4 @@
-"""The fast path (nodes/fastpath.py) gives what the straightforward guider gives.
+"""The fast path (nodes/sampling/fastpath.py) gives what the straightforward guider gives.
 
 Each case samples the same graph twice in the real host: with the fast path (the default: the
 domain rows and the base rows each recorded once, then called directly) and with
@@ -121,8 +121,8 @@ def test_lora_domain_as_adapters_equals_the_weight_hook(comfy, files, monkeypatc
 def test_without_graphs_a_lora_domain_rides_in_the_base_call(comfy, files, monkeypatch, caplog, negative, graphs, on_gpu):
     """Without CUDA graphs (the CPU; on a GPU INDOMAIN_FAST_DOMAIN=eager) every model call costs
     its launches on the CPU: after the first step the LoRA domain's row rides in the base's call
-    (nodes/joint_call.py), the LoRA added to that row only. One call per step instead of two, and
-    the latents of the separate calls."""
+    (nodes/sampling/lora_rows_in_base_call.py), the LoRA added to that row only. One call per step
+    instead of two, and the latents of the separate calls."""
     model_base = importlib.import_module("comfy.model_base")
     calls, real = [], model_base.BaseModel.apply_model
 
@@ -244,7 +244,7 @@ def test_control_in_domain_takes_the_straightforward_path(comfy, files, monkeypa
 
 
 def test_lora_branches_refuse_what_is_not_a_plain_lora(comfy):
-    fastpath = comfy.pack("nodes.lora_adapters")
+    fastpath = comfy.pack("nodes.sampling.lora_adapters")
     from comfy.weight_adapter.lora import LoRAAdapter
 
     lin = torch.nn.Linear(8, 6)
@@ -266,8 +266,8 @@ def test_lora_branches_refuse_what_is_not_a_plain_lora(comfy):
         assert fastpath.lora_branches(model, {"lin.weight": [bad]}) is None
     assert fastpath.lora_branches(model, {"lin.bias": [plain]}) is None
     assert fastpath.lora_branches(model, {"missing.weight": [plain]}) is None
-    # In a joint call (nodes/joint_call.py) the LoRA acts on the domain's rows only, and a module
-    # that sees another batch than the call's stops the joint call.
+    # In the base's call (nodes/sampling/lora_rows_in_base_call.py) the LoRA acts on the domain's rows only,
+    # and a module that sees another batch than the call's stops the LoRA rows riding in it.
     with fastpath.lora_applied([b], {}, rows=(2, 1), batch=3):
         y = lin(x)
         with pytest.raises(fastpath.RowsMismatch, match="batch of 2, the call has 3 rows"):
@@ -319,7 +319,7 @@ def test_model_patches_sample_as_on_the_straightforward_path(comfy, files, monke
 def test_a_base_model_patch_keeps_the_fast_path_but_no_cuda_graph(comfy, files, monkeypatch, caplog, on_gpu):
     """FreeU patches the base's forward with Python code: the recorded call runs it every step,
     but a CUDA graph (which would freeze what that code does) is refused."""
-    fastpath = comfy.pack("nodes.fastpath")  # graph_reason as the recorder sees it
+    fastpath = comfy.pack("nodes.sampling.fastpath")  # graph_reason as the recorder sees it
     seen = []
     real = fastpath.graph_reason
     monkeypatch.setattr(fastpath, "graph_reason", lambda model, kwargs: seen.append(real(model, kwargs)) or seen[-1])
@@ -357,7 +357,7 @@ def test_what_keeps_the_hosts_call_every_step(comfy):
     from comfy import hooks
     from comfy import patcher_extension as ext
 
-    fastpath = comfy.pack("nodes.fastpath_rules")
+    fastpath = comfy.pack("nodes.sampling.fastpath_rules")
     patcher = tiny.load_unet(tiny.unet_state_dict(0))  # a model of its own (tiny_model() is shared)
     model = patcher.model
     model.current_patcher = patcher  # as the host's pre_run sets it
@@ -380,7 +380,7 @@ def test_a_compiled_module_is_seen_whichever_way_it_was_compiled(comfy):
     swapped for torch.compile's wrapper, or the host's compile wrapper on the MODEL."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
-    fastpath = comfy.pack("nodes.lora_adapters")
+    fastpath = comfy.pack("nodes.sampling.lora_adapters")
     patcher = tiny.load_unet(tiny.unet_state_dict(0))
     unet = patcher.model.diffusion_model
     assert fastpath.compiled_reason(patcher) is None
@@ -403,7 +403,7 @@ def test_a_compiled_module_is_seen_whichever_way_it_was_compiled(comfy):
     # other model wrapper do.
     from comfy import patcher_extension as ext
 
-    fastpath = comfy.pack("nodes.fastpath_rules")
+    fastpath = comfy.pack("nodes.sampling.fastpath_rules")
     kwargs = {"transformer_options": {"wrappers": clone.wrappers}}  # as the host's sampling run passes them
     clone.model.current_patcher = clone  # as the host's pre_run sets it
     set_torch_compile_wrapper(clone, backend="inductor")
@@ -506,7 +506,7 @@ def test_a_record_serves_only_the_objects_and_weights_it_was_made_for(comfy):
     """Records are keyed by the ids of the step's options and rows, and hold them, so that no later
     object can take an id over; a CUDA graph is re-recorded when a weight or a buffer is replaced
     (not only when the captured one moved) and when the host patched the weights in place."""
-    fastpath = comfy.pack("nodes.fastpath")
+    fastpath = comfy.pack("nodes.sampling.fastpath")
     options, rows = {"transformer_options": {}}, [[{"model_conds": {}}], None]
     rec = fastpath._Record((1, 4, 8, 8), options, rows)
     assert rec.holds(options, rows)
@@ -553,7 +553,7 @@ def test_with_the_hosts_disable_cuda_graphs_no_recorded_call_is_a_cuda_graph_and
     """Newer ComfyUI's --disable-cuda-graphs (its own graphs honour it) turns the pack's off too,
     under either allocator; the reason the log gives names the flag."""
     from comfy.cli_args import args
-    fastpath = comfy.pack("nodes.fastpath")
+    fastpath = comfy.pack("nodes.sampling.fastpath")
     patcher = tiny.tiny_model()
     assert "cuda-graphs" not in (fastpath.graph_reason(patcher.model, {}) or "")  # on the CPU: weights not on the GPU
     monkeypatch.setattr(args, "disable_cuda_graphs", True, raising=False)

@@ -58,7 +58,7 @@ def test_the_gpu_like_model_is_half_precision_without_manual_cast(comfy):
     ("full", "fp32", 2),  # was: "mat1 and mat2 must have the same dtype, but got Half and Float" (the preview)
 ])
 def test_training_on_fp16_weights_without_manual_cast(comfy, folders, monkeypatch, mode, precision, preview_every):
-    monkeypatch.setattr(comfy.pack("nodes.train_progress"), "PREVIEW_STEPS", 2)  # fp16 on the CPU is slow
+    monkeypatch.setattr(comfy.pack("nodes.training.progress"), "PREVIEW_STEPS", 2)  # fp16 on the CPU is slow
     model = tiny.tiny_model(GPU_LIKE)
     before = host_state(model)
     name = f"gpu_like_{mode}_{precision}_{preview_every}"

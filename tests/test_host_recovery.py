@@ -49,7 +49,7 @@ def trained_weights(comfy, folders, name, **options) -> dict:
 def test_a_failed_training_run_leaves_the_next_one_unaffected(comfy, folders, monkeypatch, mode, failure):
     loop = comfy.pack("training.loop")
     options = dict(mode=mode, training_dtype="bf16", gradient_checkpointing=True, preview_every=2)
-    monkeypatch.setattr(comfy.pack("nodes.train_progress"), "PREVIEW_STEPS", 2)
+    monkeypatch.setattr(comfy.pack("nodes.training.progress"), "PREVIEW_STEPS", 2)
     model, real_step = tiny.tiny_model(), loop.denoising_step
     before = trained_weights(comfy, folders, f"recover_{mode}_a", **options)
     state = host_state(model)
@@ -79,7 +79,7 @@ def test_two_training_runs_in_one_process_give_the_same_weights(comfy, folders):
 def test_a_failed_sampling_run_leaves_the_next_one_unaffected(comfy, folders, monkeypatch, domain, failure):
     """A failure in the third step (after the fast path recorded its calls and, on the GPU, captured
     its CUDA graphs), then the same graph again: the same latents as before the failure."""
-    guider = comfy.pack("nodes.guider")
+    guider = comfy.pack("nodes.sampling.guider")
     name = "recovery_domain.safetensors" if domain == "full" else "recovery_lora.safetensors"
     prompt = text_to_image(steps=4, domain=["dom", 0], domain_scale=1.5, extra={"dom": loader(name)})
     first = comfy.run(prompt)["captured"]["out"]["samples"]
@@ -125,7 +125,7 @@ def test_a_full_copy_domain_gets_the_hosts_whole_run_protocol(comfy, folders, mo
 
     nodes.NODE_CLASS_MAPPINGS["TestHandOver"] = HandOver
     if fails:
-        fail_on_call(monkeypatch, comfy.pack("nodes.guider"), "add_domain_terms", 1)
+        fail_on_call(monkeypatch, comfy.pack("nodes.sampling.guider"), "add_domain_terms", 1)
     prompt = text_to_image(steps=2, domain=["dom", 0], domain_scale=1.0, extra={"dom": {"class_type": "TestHandOver", "inputs": {}}})
     if fails:
         with pytest.raises(HostError):
@@ -144,7 +144,7 @@ def test_the_host_unloading_the_unet_while_training_changes_nothing(comfy, folde
     from comfy import model_management as mm
     from comfy import sd
 
-    monkeypatch.setattr(comfy.pack("nodes.train_progress"), "PREVIEW_STEPS", 2)
+    monkeypatch.setattr(comfy.pack("nodes.training.progress"), "PREVIEW_STEPS", 2)
     options = dict(mode=mode, training_dtype="bf16", preview_every=2)
     undisturbed = trained_weights(comfy, folders, f"unload_{mode}_a", **options)
     unloads = []
@@ -157,7 +157,7 @@ def test_the_host_unloading_the_unet_while_training_changes_nothing(comfy, folde
             return _real(self, *args, **kwargs)
 
         monkeypatch.setattr(sd.VAE, name, unloading)
-    monkeypatch.setattr(comfy.pack("nodes.train_files"), "CACHE_FOLDER", f".latent-cache-unload-{mode}")  # encode again
+    monkeypatch.setattr(comfy.pack("nodes.training.files"), "CACHE_FOLDER", f".latent-cache-unload-{mode}")  # encode again
     disturbed = trained_weights(comfy, folders, f"unload_{mode}_b", **options)
     assert len(unloads) > 6  # every image encoded (and flipped), and the preview decoded
     assert all(torch.equal(disturbed[k], undisturbed[k]) for k in undisturbed)

@@ -124,8 +124,8 @@ def clamped_euler():
 
 def through_the_guider(comfy, setup, sampler, weight=WEIGHT, start=0.0, end=1.0, every=1):
     """DomainGuider (the pack's, as the nodes build it) on the host models, from the experiment's noise."""
-    DomainGuider = comfy.pack("nodes.guider").DomainGuider
-    DomainTerm = comfy.pack("nodes.guider").DomainTerm
+    DomainGuider = comfy.pack("nodes.sampling.guider").DomainGuider
+    DomainTerm = comfy.pack("nodes.sampling.domains").DomainTerm
     noise = torch.randn((N, 3, SIZE, SIZE), generator=torch.Generator().manual_seed(7))  # ddim_sample's, seed 7
     ms = setup["base_model"].model.model_sampling
     ts = sampling_timesteps(1000, STEPS)

@@ -536,7 +536,7 @@ def test_sdxl_trains_on_its_size_conditioning_and_v_models_on_v(comfy):
     prompt's 'y' for each bucket size; a v-prediction base trains on v."""
     from tiny_nodes import UNET_CONFIG
 
-    training = comfy.pack("nodes.train_inputs")
+    training = comfy.pack("nodes.training.inputs")
     model_base, supported = importlib.import_module("comfy.model_base"), importlib.import_module("comfy.supported_models")
     config = {**UNET_CONFIG, "context_dim": 2048, "adm_in_channels": 2816, "use_linear_in_transformer": True,
               "num_head_channels": 64, "num_heads": -1}
@@ -558,7 +558,7 @@ def test_a_model_patched_to_v_with_zero_terminal_snr_trains_on_v_and_that_schedu
     """The host's ModelSamplingDiscrete node (v_prediction, zsnr) makes the host sample the model
     as v-prediction on a zero-terminal-SNR schedule: training then uses the same pair, from the
     same model_sampling, and the file says v. Unpatched, the tiny SD1 model stays eps."""
-    run = comfy.pack("nodes.train_run")
+    run = comfy.pack("nodes.training.run")
     real, seen = run.train, []
 
     def spy(*args, **kwargs):
@@ -602,7 +602,7 @@ def test_models_sampled_as_anything_but_eps_v_or_flow_on_their_schedules_are_ref
     schedule) trains."""
     from tiny_nodes import UNET_CONFIG, tiny_model
 
-    training = comfy.pack("nodes.train_inputs")
+    training = comfy.pack("nodes.training.inputs")
     patch = comfy.nodes["ModelSamplingDiscrete"]().patch
     assert training.prediction_type(patch(tiny_model(), "eps", False)[0]) == "eps"
     for sampling, described in [("x0", "SD15\\) is sampled as X0 on ModelSamplingDiscrete"),
@@ -621,9 +621,9 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_weights(co
     """The host's UNet calls each block's layers one by one, so checkpointing wraps the layers:
     their forward runs twice per step (forward, then recomputed in backward), the math is unchanged:
     the same gradient, and on the CPU the same trained weights. (On a GPU the node's checkpointed run
-    takes another attention kernel, nodes/train_differentiable.py, and Adam turns the kernels' rounding
+    takes another attention kernel, nodes/training/differentiable.py, and Adam turns the kernels' rounding
     into different weights: two steps in bf16 on an H200 moved 80 of 144 LoRA tensors by up to 1.8e-3.)"""
-    training_node, loop = comfy.pack("nodes.train_inputs"), comfy.pack("training.trainable")
+    training_node, loop = comfy.pack("nodes.training.inputs"), comfy.pack("training.trainable")
     import tiny_nodes
     unet = tiny_nodes.tiny_model().model.diffusion_model
     names = training_node.checkpointed_blocks(tiny_nodes.tiny_model())
@@ -697,7 +697,7 @@ def test_full_mode_gives_the_base_back_to_the_host_once_its_copy_is_made(comfy, 
     """Full mode trains a float32 copy and never reads the base's UNet again, so the host unloads it
     (on a GPU: the VRAM of a second, frozen UNet for the training); LoRA mode trains on the base and
     keeps it loaded."""
-    mm, train_run = importlib.import_module("comfy.model_management"), comfy.pack("nodes.train_run")
+    mm, train_run = importlib.import_module("comfy.model_management"), comfy.pack("nodes.training.run")
     train_loop, seen = train_run.train, []
 
     def spy(unet, *args, release_base=None, **kwargs):
@@ -736,7 +736,7 @@ def test_a_failure_loading_the_non_dynamic_copy_releases_it_from_the_host(comfy,
     the copy's weights usable by autograd, right after the host loaded it."""
     import tiny_nodes
 
-    inputs, base, copies, listed_at_failure = comfy.pack("nodes.train_inputs"), tiny_nodes.tiny_model(), [], []
+    inputs, base, copies, listed_at_failure = comfy.pack("nodes.training.inputs"), tiny_nodes.tiny_model(), [], []
     real_copy, dynamic = inputs.non_dynamic_copy, inputs.patcher_is_dynamic(base)
 
     def non_dynamic_copy(model):
@@ -767,7 +767,7 @@ def test_weights_cast_to_input_gives_each_layer_back_its_flag_exactly_as_it_was(
     its class had one (the class's value shows again). Layers that cast already are left alone."""
     from comfy.ops import disable_weight_init, manual_cast
 
-    inputs = comfy.pack("nodes.train_inputs")
+    inputs = comfy.pack("nodes.training.inputs")
     from_class, own, casting = disable_weight_init.Linear(2, 2), disable_weight_init.Linear(2, 2), manual_cast.Linear(2, 2)
     own.comfy_cast_weights = False
     with pytest.raises(RuntimeError, match="inside the block"):

@@ -1,6 +1,6 @@
 """Headless training: Train Domain UNet from the command line, with the host's own loaders.
 
-Runs the same code as the node (nodes/train_run.py -> training/) without the UI, for servers:
+Runs the same code as the node (nodes/training/run.py -> training/) without the UI, for servers:
 
     $COMFYUI_PATH/.venv/bin/python custom_nodes/comfyui-indomain/tools/train_domain.py \\
         --checkpoint v1-5-pruned-emaonly.safetensors --images /data/porcelain \\
@@ -165,7 +165,7 @@ def start_host(args):
     pack = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = pack
     spec.loader.exec_module(pack)
-    return importlib.import_module("comfyui_indomain.nodes.train_run")
+    return importlib.import_module("comfyui_indomain.nodes.training.run")
 
 
 def model_file(folder: str, name: str, what: str) -> str:
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
 def train(args, rank: int, world: int) -> int:
     training_node = start_host(args)
     import comfy.model_management as mm
-    from comfyui_indomain.nodes.train_files import output_paths
+    from comfyui_indomain.nodes.training.files import output_paths
     from comfyui_indomain.training import TrainConfig
     from comfyui_indomain.training.distributed import ranks, report_stop
 

@@ -27,9 +27,9 @@ slots that a later allocation may evict: a graph replays only while they hold th
 (dynamic_vram.py). Weights that move, or are replaced, between steps are
 re-recorded; a capture that fails leaves the direct call, a Cancel during it stops the run. A
 record serves only the very options and rows objects it was made for.
-Without graphs a LoRA domain's rows ride in the base's call (joint_call.py).
+Without graphs a LoRA domain's rows ride in the base's call (lora_rows_in_base_call.py).
 INDOMAIN_FAST_DOMAIN=0 turns the fast path off, =eager keeps it without CUDA graphs, =separate
-also without joint calls, =domain records only the domain rows.
+also without the LoRA rows in the base's call, =domain records only the domain rows.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ import torch
 
 import comfy.samplers
 
-from ..cudagraph import OWNER, Graph, capture_stream, is_interrupt, peak_memory
-from . import dynamic_vram
+from ...cudagraph import OWNER, Graph, capture_stream, is_interrupt, peak_memory
+from .. import dynamic_vram
 from .fastpath_rules import graph_reason, host_state_reason, plain_cond
 from .lora_adapters import LoraBranch, lora_applied
 
@@ -53,7 +53,7 @@ ENV = "INDOMAIN_FAST_DOMAIN"
 
 def mode() -> str:
     """'graph' (default), 'eager' (no CUDA graphs), 'separate' (eager, each LoRA domain in a call
-    of its own instead of the base's: joint_call.py), 'domain' (only the domain rows recorded, the
+    of its own instead of the base's: lora_rows_in_base_call.py), 'domain' (only the domain rows recorded, the
     base rows through the host's call every step) or 'off' (the straightforward guider)."""
     value = os.environ.get(ENV, "1").strip().lower()
     if value in ("0", "off", "false", "no"):

@@ -10,12 +10,12 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io
 
-from .guider import DOMAIN_TERMS, DomainGuider, DomainTerm
-from .host_schema import schema
+from .host_schema import CATEGORY, schema
+from .sampling.domains import DOMAIN_TERMS, DomainTerm
+from .sampling.guider import DomainGuider
 
 log = logging.getLogger(__name__)
 
-CATEGORY = "in-domain"
 DomainTerms = io.Custom(DOMAIN_TERMS)
 
 NULL_TIP = ("The base model's empty-prompt conditioning (CLIP Text Encode of an empty string). "

@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 import comfy.model_management
 import comfy.ops
 
-from .train_families import family_of
+from .families import family_of
 
 
 def _apply_rope1(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ def host_in_training(model=None, checkpointing: bool = False):
     plain torch ops while comfy.model_management.in_training is set (what its own LoRA trainer
     does); older hosts (0.8.0) bind the kitchen's ops at import, in comfy.ldm.flux.math and in the
     modules that import them from there, so those bindings are swapped for the same plain ops for
-    the block. For a family whose blocks add in place (train_families), those adds are made out of
+    the block. For a family whose blocks add in place (families.py), those adds are made out of
     place within the block (_OutOfPlaceAdds). With `checkpointing`, attention runs without cuDNN's
     kernel (_attention_without_cudnn). Restored on exit, also after an error or Cancel."""
     with contextlib.ExitStack() as stack:

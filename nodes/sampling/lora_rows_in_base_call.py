@@ -22,12 +22,12 @@ from .lora_adapters import RowsMismatch, lora_applied
 log = logging.getLogger(__name__)
 
 
-class JointCall:
+class LoraRowsInBaseCall:
     """The base's rows and the LoRA domains' rows in one model call (direct path only)."""
 
     def __init__(self, base: RecordedCall, domains: list):
         self.base, self.domains = base, domains  # DomainForward of LoRA domains on base.model
-        self.joined: dict = {}  # ids of (base record, domain records) -> (those records, joint kwargs or None)
+        self.joined: dict = {}  # ids of (base record, domain records) -> (those records, the call's kwargs or None)
         self.failed = False  # a layer saw another batch: separate calls for the rest of the run
 
     def __call__(self, rows: list, x, timestep, options) -> tuple[list, list] | None:
@@ -50,7 +50,7 @@ class JointCall:
         return split_rows(recs[0], out[:n_base * b], rows, x), [d.to(x.dtype) for d in out[n_base * b:].chunk(len(self.domains))]
 
     def _kwargs(self, recs: list) -> dict | None:
-        """The joint call's keyword arguments, made once per set of records; None if the records'
+        """The one call's keyword arguments, made once per set of records; None if the records'
         conditioning does not concatenate."""
         key = tuple(id(r) for r in recs)
         if key not in self.joined:
@@ -86,7 +86,7 @@ def _joined_kwargs(records: list[dict]) -> dict | None:
 
 
 def _joined_transformer_options(values: list[dict]) -> dict | None:
-    """One dict for the joint call: the per-row lists concatenated, every other entry the same in all."""
+    """One dict for the one call: the per-row lists concatenated, every other entry the same in all."""
     per_row = ("cond_or_uncond", "uuids")
     first = values[0]
     if any(set(o) - {"sigmas"} != set(first) - {"sigmas"} for o in values):

@@ -12,9 +12,9 @@ from PIL import Image
 import comfy.sample
 import folder_paths
 
-from ..training import TrainConfig
-from .dynamic_vram import release
-from .train_inputs import load_for_training, weights_cast_to_input
+from ...training import TrainConfig
+from ..dynamic_vram import release
+from .inputs import load_for_training, weights_cast_to_input
 
 PREVIEW_STEPS = 20
 

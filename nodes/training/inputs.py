@@ -17,9 +17,9 @@ import torch
 import comfy.model_management
 import comfy.model_sampling
 
-from ..training import FlowSchedule
-from .dynamic_vram import cannot_copy, non_dynamic_copy, patcher_is_dynamic, release
-from .train_families import family_of
+from ...training import FlowSchedule
+from ..dynamic_vram import cannot_copy, non_dynamic_copy, patcher_is_dynamic, release
+from .families import family_of
 
 log = logging.getLogger(__name__)
 _NONE = object()  # a layer without a comfy_cast_weights of its own (only its class's)
@@ -108,7 +108,7 @@ def cond_function(model, cross_attn: torch.Tensor, extras: dict):
     """(height_px, width_px) -> the diffusion model's keyword inputs for the empty prompt at that
     size, built by the base's own extra_conds (SDXL's size embedding 'y', SD3's and Flux's pooled
     'y', Flux dev's guidance (the empty prompt's FluxGuidance, else the host's default), Z-Image's
-    token count), named as the family's row says (train_families)."""
+    token count), named as the family's row says (families.py)."""
     keys = family_of(model).conds
     passed = {k: extras[k] for k in ("guidance", "attention_mask") if extras.get(k) is not None}
 
@@ -277,7 +277,7 @@ def weights_for_autograd(model):
 
 
 def checkpointed_blocks(model) -> tuple[str, ...]:
-    """The blocks gradient checkpointing recomputes, from the family's row (train_families)."""
+    """The blocks gradient checkpointing recomputes, from the family's row (families.py)."""
     return family_of(model).blocks(model.model.diffusion_model)
 
 

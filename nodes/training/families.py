@@ -4,7 +4,7 @@ Each row says which layers take LoRA adapters (the attention and feed-forward pr
 family's usual LoRA trainers choose them), which blocks gradient checkpointing recomputes, and
 which of the host's conditioning inputs (model_base.extra_conds) the diffusion model takes, under
 which keyword. How a family is noised and what it predicts comes from the host's model_sampling
-(train_inputs.noise_schedule), not from this table.
+(inputs.noise_schedule), not from this table.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..training import DEFAULT_TARGETS
+from ...training import DEFAULT_TARGETS
 
 
 def _numbered(module: torch.nn.Module, *lists: str) -> tuple[str, ...]:
@@ -42,7 +42,7 @@ class Family:
     lora_targets: tuple[str, ...]  # module-path suffixes (fnmatch) of the Linear/Conv2d layers adapted
     blocks: Callable[[torch.nn.Module], tuple[str, ...]]  # what gradient checkpointing recomputes
     conds: dict[str, str]  # host extra_conds key -> the diffusion model's keyword argument
-    adds_in_place: bool = False  # its blocks update tensors autograd saved (train_differentiable._OutOfPlaceAdds)
+    adds_in_place: bool = False  # its blocks update tensors autograd saved (differentiable._OutOfPlaceAdds)
 
 
 FAMILIES = (

@@ -76,8 +76,8 @@ class RowsMismatch(RuntimeError):
 @contextlib.contextmanager
 def lora_applied(branches: list[LoraBranch] | None, cache: dict, rows: tuple[int, int] | None = None, batch: int = 0):
     """Forward hooks adding each branch to its module's output, removed on exit. `rows` = (start,
-    count): only to those rows of a call on `batch` rows (the domain's rows in a joint call,
-    joint_call.py); a module whose input has another batch raises RowsMismatch."""
+    count): only to those rows of a call on `batch` rows (the domain's rows in the base's call,
+    lora_rows_in_base_call.py); a module whose input has another batch raises RowsMismatch."""
     def add(module, args, output, b):
         if rows is None:
             return torch.add(output, b(args[0], cache), alpha=b.scale)

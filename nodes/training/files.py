@@ -23,9 +23,9 @@ import safetensors
 
 import folder_paths
 
-from ..training import TrainConfig, safe_join
-from .folders import FOLDER, is_inside, kind_folder, own_folders
-from .train_inputs import prediction_type
+from ...training import TrainConfig, safe_join
+from ..folders import FOLDER, is_inside, kind_folder, own_folders
+from .inputs import prediction_type
 
 STATE_EXTENSION = ".indomain-state"
 CACHE_FOLDER = ".latent-cache"
@@ -83,7 +83,8 @@ def written_by_pack(path: str) -> bool:
 
 def pack_version() -> str:
     """The pack's version, from pyproject.toml (the one place it is written)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+    pack = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # <pack>/nodes/training/files.py
+    path = os.path.join(pack, "pyproject.toml")
     try:
         with open(path, encoding="utf-8") as f:
             found = re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.MULTILINE)

@@ -11,7 +11,8 @@ not (a sentence for the log) or None.
 """
 from __future__ import annotations
 
-from . import dynamic_vram
+from .. import dynamic_vram
+from ..host_memory import host_flag_reason
 from .lora_adapters import HOST_COMPILE_KEY, HOST_COMPILE_KWARGS
 
 # Entries of a cond that make its prediction more than one plain apply_model call on all of x.
@@ -44,14 +45,6 @@ def host_state_reason(model, model_options: dict) -> str | None:
         if getattr(patcher, "hook_patches", None) or getattr(patcher, "forced_hooks", None) is not None:
             return "hook weight patches are registered"
     return None
-
-
-def host_flag_reason() -> str | None:
-    """Why the user asked for no CUDA graphs (None: they did not): newer ComfyUI's
-    --disable-cuda-graphs, which its own graphs honour too."""
-    from comfy.cli_args import args
-
-    return "ComfyUI was started with --disable-cuda-graphs" if getattr(args, "disable_cuda_graphs", False) else None
 
 
 def graph_reason(model, kwargs: dict) -> str | None:

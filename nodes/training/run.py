@@ -1,0 +1,186 @@
+"""run_training: one Train Domain UNet run, from host objects to the written files and the domain
+MODEL, shared by the node and the headless trainer (tools/train_domain.py).
+
+Host objects become the loop's callables (inputs.py), the loop runs (training.train) with the
+host's progress bar, interrupt and previews (progress.py), and each checkpoint's weights are
+written as the model file (files.py). Out-of-memory and a full disk are reported with what
+was kept.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import logging
+import os
+
+import torch
+import torch.utils.checkpoint
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+from ...training import DEFAULT_TARGETS, TrainConfig, data, save_model_file, train
+from ...training.checkpoint import deliverable, fingerprint
+from ...training.config import cuda_graph_reason
+from ...training.distributed import ranks
+from ..domain_files import apply_lora, model_from_base_config
+from ..dynamic_vram import release
+from ..host_memory import host_flag_reason
+from .differentiable import host_in_training
+from .families import family_of
+from .files import kept_message, cache_folder, file_metadata, output_paths
+from .inputs import (alphas_cumprod, check_vae, checkpointed_blocks, cond_function, empty_prompt, encode_function,
+                           flow_schedule, for_training, mixed_dtypes, prediction_type, weights_cast_to_input,
+                           weights_for_autograd)
+from .progress import preview_function, progress_reporter
+
+log = logging.getLogger(__name__)
+
+
+def resolve_image_folder(image_folder: str, *, anywhere: bool = False) -> str:
+    """training.data.resolve_image_folder in ComfyUI's input directory."""
+    return data.resolve_image_folder(image_folder, folder_paths.get_input_directory(), anywhere=anywhere)
+
+
+def image_folder_fingerprint(image_folder: str) -> str:
+    """training.data.image_folder_fingerprint in ComfyUI's input directory (the node's fingerprint_inputs)."""
+    return data.image_folder_fingerprint(image_folder, folder_paths.get_input_directory())
+
+
+def with_cuda_graphs(config: TrainConfig) -> TrainConfig:
+    """config with cuda_graph on, or as it is (and a warning naming why) where the run cannot have
+    them: the CPU, torchrun, fp16, torch_compile, ComfyUI started with --disable-cuda-graphs."""
+    reason = ("training_dtype fp16 (its loss scaling)" if config.precision == "fp16" else
+              "torch_compile is on" if config.compile else
+              cuda_graph_reason(comfy.model_management.get_torch_device()) or host_flag_reason())
+    if reason:
+        log.warning("cuda_graphs: training without CUDA graphs: %s", reason)
+        return config
+    return dataclasses.replace(config, cuda_graph=True)
+
+
+def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, image_folder="", config: TrainConfig,
+                 save_name: str, resume: bool = True, node_id=None, on_progress=None, image_folder_anywhere: bool = False,
+                 cuda_graphs: bool = False):
+    """Train, write the domain UNet file, and return (domain MODEL, losses, start step, model file path).
+
+    image_folder: a folder inside ComfyUI's input directory (relative to it, or an absolute path
+    inside it); image_folder_anywhere=True (the headless trainer) accepts any folder.
+    cuda_graphs: the steps as CUDA graphs where this process allows them (training/graphed.py),
+    else the eager steps and a warning naming why."""
+    config = with_cuda_graphs(config) if cuda_graphs else config
+    sources = image_sources(images, image_folder, anywhere=image_folder_anywhere)
+    model_path, state_path = output_paths(save_name, config.mode)
+    pred = prediction_type(model)
+    check_vae(vae, model)
+    cross_attn, extras = empty_prompt(null_conditioning, clip)
+    main = ranks().main  # under torchrun (the headless trainer) rank 0 alone writes files
+    if not resume and os.path.exists(state_path) and main:
+        log.info("resume is off: starting over, replacing %s", state_path)
+        os.remove(state_path)
+
+    # Under dynamic VRAM, the host's non-dynamic copy of the base; the outputs below refer to `model`.
+    trainer = for_training(model)
+    with contextlib.ExitStack() as copy, torch.inference_mode(False), weights_for_autograd(trainer) as unet:
+        if trainer is not model:
+            copy.callback(release, trainer)
+        config = family_config(config, trainer)
+        base_fp = fingerprint(unet)
+        storage = trainer.model.get_dtype()
+        counted = {}
+
+        def write(step: int, weights: dict[str, torch.Tensor]) -> None:
+            save_model_file(model_path, deliverable(weights, config, storage),
+                            file_metadata(model, config, step, counted.get("images", 0), base_fp))
+
+        def count_images(p) -> None:
+            if p.stage == "cache":
+                counted["images"] = p.step
+            report(p)
+            if on_progress is not None:
+                on_progress(p)
+
+        bar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
+        report = progress_reporter(bar, node_id, config.steps)
+        preview = preview_function(trainer, vae, cross_attn, extras, config, os.path.splitext(os.path.basename(model_path))[0], bar)
+        # LoRA in fp32 runs the host's UNet without autocast: its fp16/bf16 weights (a GPU's) are cast
+        # to the fp32 activations layer by layer.
+        casting = config.mode == "lora" and config.precision == "fp32" and mixed_dtypes(unet, torch.float32)
+        with failures_explained(state_path, trainer), weights_cast_to_input(unet, casting), \
+                host_in_training(trainer, checkpointing=bool(config.gradient_checkpointing)):
+            result = train(
+                unet, sources if len(sources) > 1 else sources[0],
+                encode=encode_function(vae, trainer),
+                vae_id=f"{fingerprint(vae.first_stage_model)}|{type(trainer.model.latent_format).__name__}",
+                cond_for=cond_function(trainer, cross_attn, extras),
+                alphas_cumprod=alphas_cumprod(trainer), prediction_type=pred, flow=flow_schedule(trainer), config=config,
+                cache_dir=cache_folder(), state_path=state_path,
+                check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+                on_progress=count_images, on_checkpoint=write, on_preview=preview,
+                device=comfy.model_management.get_torch_device(),
+                release_base=(lambda: release(trainer)) if config.mode == "full" else None,
+            )
+        final = result.ema_weights if result.ema_weights is not None else result.weights
+        if main:
+            write(result.step, final)
+
+    return trained_model(model, final, config, storage, model_path), result.losses, result.start_step, model_path
+
+
+def image_sources(images, image_folder: str, *, anywhere: bool = False) -> list:
+    """What the run trains on: the IMAGE batch, the folder, or both (ValueError for neither)."""
+    sources = []
+    if images is not None:
+        sources.append(images)
+    if image_folder and image_folder.strip():
+        sources.append(resolve_image_folder(image_folder, anywhere=anywhere))
+    if not sources:
+        raise ValueError("images / image_folder: connect an IMAGE batch or give a folder of domain images")
+    return sources
+
+
+def family_config(config: TrainConfig, trainer) -> TrainConfig:
+    """config with the model family's own checkpointed blocks and LoRA targets where it asks for the defaults."""
+    if config.gradient_checkpointing == ("all",):
+        config = TrainConfig(**{**config.__dict__, "gradient_checkpointing": checkpointed_blocks(trainer)})
+    if config.lora_targets == DEFAULT_TARGETS:  # the UNet's layer names: the family's own, for a DiT
+        config = TrainConfig(**{**config.__dict__, "lora_targets": family_of(trainer).lora_targets})
+    return config
+
+
+@contextlib.contextmanager
+def failures_explained(state_path: str, trainer):
+    """Out of memory, a recomputation that differs and a full disk during training, raised as errors
+    that say what to change and that the resumable state is kept (kept_message)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise RuntimeError(kept_message(state_path, f"out of memory while training ({e}). Lower batch_size or resolution, "
+                                             "turn on gradient_checkpointing, use bf16, or use mode lora")) from e
+    except torch.utils.checkpoint.CheckpointError as e:  # seen with SD3.5 on an H200 (docs/BENCHMARKS.md)
+        raise RuntimeError(kept_message(state_path, f"gradient_checkpointing: recomputing {family_of(trainer).name} blocks "
+                                             "in backward did not give what the forward computed on this device "
+                                             f"({str(e).splitlines()[0]}). Turn gradient_checkpointing off (more memory: "
+                                             "lower batch_size or resolution if needed)")) from e
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise RuntimeError(kept_message(state_path, f"the disk is full while writing {e.filename or 'a checkpoint'}; "
+                                                 "free space and run again to resume")) from e
+        raise
+
+
+def trained_model(model, final: dict, config: TrainConfig, storage, model_path: str):
+    """The trained weights as the domain MODEL the node outputs (a full copy of the base's
+    architecture, or the LoRA applied to the base), named after its file."""
+    name = os.path.basename(model_path)
+    if config.mode == "full":
+        domain = model_from_base_config(model, deliverable(final, config, storage), name)
+        if "model_sampling" in model.object_patches:  # e.g. ModelSamplingDiscrete's v / zsnr: what it was trained on
+            domain.add_object_patch("model_sampling", model.get_model_object("model_sampling"))
+    else:
+        domain = apply_lora(model, final, name)
+    return domain
+
+
