@@ -91,12 +91,12 @@ def main(argv=None) -> int:
     if r.active:
         torch.distributed.barrier()
     try:
-        import pytest  # noqa: F401  (test_training_support's fixtures; a GPU box may have no pytest)
+        import pytest  # noqa: F401  (training_support's fixtures; a GPU box may have no pytest)
     except ImportError:
         import types
 
         sys.modules["pytest"] = types.SimpleNamespace(fixture=lambda *a, **k: (lambda f: f))
-    from test_training_support import cond_for, sd_alphas_cumprod, tiny_unet
+    from training_support import cond_for, sd_alphas_cumprod, tiny_unet
 
     marks = {"rss_at_start": rss_mib()}
 

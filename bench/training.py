@@ -37,15 +37,7 @@ import host as host_module  # noqa: E402
 host_module.allocator_as_main()  # the CUDA allocator the host's main.py picks, before torch is imported
 import torch  # noqa: E402
 
-_COMMON = dict(use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, use_spatial_transformer=True,
-               legacy=False, use_temporal_attention=False, use_temporal_resblock=False)
-SD15 = dict(_COMMON, model_channels=320, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
-            transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_middle=1,
-            transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], use_linear_in_transformer=False,
-            context_dim=768, num_heads=8, adm_in_channels=None)
-SD15_TINY = dict(_COMMON, model_channels=320, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1],
-                 transformer_depth_output=[1, 1], transformer_depth_middle=1, context_dim=768, num_heads=8,
-                 num_head_channels=-1, use_linear_in_transformer=False, adm_in_channels=None)
+from unet_configs import SD15, SD15_TINY  # noqa: E402  (bench/unet_configs.py)
 TFLOP_PER_IMAGE = 2.47  # SD1.5 512px, forward + backward (issue 5)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, SXM
 CASES = {

@@ -112,3 +112,21 @@ def comfy_server(tmp_path_factory):
             writer.kill()
             writer.wait()
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def folders(comfy, request):
+    """The tiny image domain in ComfyUI's input/domain, and models/domain_unets (returned) with, where
+    the test module sets DOMAIN_FILES = "name", a full-copy domain (name_domain.safetensors) and a
+    LoRA (name_lora.safetensors) of the tiny model."""
+    import folder_paths
+
+    import tiny_nodes as tiny
+
+    tiny.domain_images(os.path.join(folder_paths.get_input_directory(), "domain"))
+    d = comfy.model_dir("domain_unets")
+    name = getattr(request.module, "DOMAIN_FILES", None)
+    if name:
+        tiny.write_safetensors(os.path.join(d, f"{name}_domain.safetensors"), tiny.domain_state_dict())
+        tiny.write_safetensors(os.path.join(d, f"{name}_lora.safetensors"), tiny.lora_state_dict(seed=5))
+    return d

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file
 
 from test_training_distributed import CONFIG, LORA, WORKER, images
-from test_training_support import FakeVAE, cond_for, sd_alphas_cumprod, tiny_unet
+from training_support import FakeVAE, cond_for, sd_alphas_cumprod, tiny_unet
 from training import TrainConfig, read_state_header, train
 
 pytestmark = [pytest.mark.gpu,

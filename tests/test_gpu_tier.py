@@ -4,7 +4,6 @@ The rest of the suite runs in that tier too, with the host on the GPU and its ow
 weights on an H200, no manual cast, CUDA graphs on the fast path). Skipped on the CPU, saying why.
 """
 import logging
-import os
 
 import pytest
 import torch
@@ -13,19 +12,11 @@ from safetensors.torch import load_file
 import tiny_nodes as tiny
 from graphs import loader, saved, text_to_image, train_graph
 from test_host_gpu_dtypes import assert_same_state, host_state
-from test_host_training import domain_images
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def folders(comfy):
-    import folder_paths
-    domain_images(os.path.join(folder_paths.get_input_directory(), "domain"))
-    d = comfy.model_dir("domain_unets")
-    tiny.write_safetensors(os.path.join(d, "gpu_domain.safetensors"), tiny.domain_state_dict())
-    tiny.write_safetensors(os.path.join(d, "gpu_lora.safetensors"), tiny.lora_state_dict(seed=5))
-    return d
+DOMAIN_FILES = "gpu"  # conftest.folders writes gpu_domain.safetensors and gpu_lora.safetensors
 
 
 def test_the_host_runs_the_unet_on_the_gpu_in_half_precision_without_manual_cast(comfy):

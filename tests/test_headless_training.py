@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 import tiny_nodes as tiny
 from host import find_host
-from test_host_training import domain_images
+from tiny_nodes import domain_images
 
 TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "train_domain.py")
 

@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from graphs import loader, saved, train_graph
-from test_host_training import domain_images
+from tiny_nodes import domain_images
 
 CACHES = ["CLASSIC", "LRU"]  # 0.8.0's default cache, and --cache-lru 10
 

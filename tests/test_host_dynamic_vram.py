@@ -10,7 +10,7 @@ import torch
 import tiny_nodes as tiny
 from graphs import loader, text_to_image, train_graph, written
 from host import HostError
-from test_host_training import domain_images
+from tiny_nodes import domain_images
 
 
 @pytest.fixture

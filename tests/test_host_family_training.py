@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import tiny_families as fam
 import tiny_nodes as tiny
 from graphs import TRAIN_DEFAULTS, reproducible_dtype, saved
-from test_host_training import domain_images
+from tiny_nodes import domain_images
 
 FAMILIES = list(fam.FAMILIES)
 

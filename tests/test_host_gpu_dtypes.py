@@ -14,16 +14,11 @@ from safetensors.torch import load_file
 
 import tiny_nodes as tiny
 from graphs import saved, text_to_image, train_graph
-from test_host_training import domain_images, shown_losses
+from test_host_training import shown_losses
 
 GPU_LIKE = "fp16 without cast"
 
 
-@pytest.fixture(scope="module")
-def folders(comfy):
-    import folder_paths
-    domain_images(os.path.join(folder_paths.get_input_directory(), "domain"))
-    return comfy.model_dir("domain_unets")
 
 
 def host_state(model) -> dict:

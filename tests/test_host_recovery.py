@@ -3,7 +3,6 @@ fresh host: a failed or cancelled training or sampling run leaves no weights, pa
 flags, adapters, CUDA graphs or loaded-model state behind. Runs in both tiers (on the GPU the
 host's weights move between devices and the fast path's CUDA graphs are captured).
 """
-import os
 
 import pytest
 import torch
@@ -13,17 +12,9 @@ import tiny_nodes as tiny
 from graphs import loader, saved, text_to_image, train_graph
 from host import HostError
 from test_host_gpu_dtypes import assert_same_state, host_state
-from test_host_training import domain_images
 
 
-@pytest.fixture(scope="module")
-def folders(comfy):
-    import folder_paths
-    domain_images(os.path.join(folder_paths.get_input_directory(), "domain"))
-    d = comfy.model_dir("domain_unets")
-    tiny.write_safetensors(os.path.join(d, "recovery_domain.safetensors"), tiny.domain_state_dict())
-    tiny.write_safetensors(os.path.join(d, "recovery_lora.safetensors"), tiny.lora_state_dict(seed=5))
-    return d
+DOMAIN_FILES = "recovery"  # conftest.folders writes recovery_domain.safetensors and recovery_lora.safetensors
 
 
 def fail_on_call(monkeypatch, module, name: str, call: int, error=RuntimeError("injected failure")):

@@ -19,28 +19,12 @@ from safetensors.torch import load_file
 
 from graphs import close, reproducible_dtype, saved, text_to_image, train_graph, written
 from host import HostError
+from tiny_nodes import domain_images
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def domain_images(folder, sizes=((64, 64), (64, 96), (96, 64), (64, 64), (80, 80), (64, 128))):
-    """A small captionless 'domain': soft colour blobs on a warm background, in mixed sizes."""
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i, (h, w) in enumerate(sizes):
-        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-        cy, cx = rng.uniform(0.3, 0.7, 2)
-        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.05)[..., None]
-        pixels = (np.array([230, 180, 120]) * (1 - blob) + np.array([40, 60, 160]) * blob).astype(np.uint8)
-        Image.fromarray(pixels).save(os.path.join(folder, f"img_{i}.png"))
-    return folder
 
-
-@pytest.fixture(scope="module")
-def folders(comfy):
-    import folder_paths
-    domain_images(os.path.join(folder_paths.get_input_directory(), "domain"))
-    return comfy.model_dir("domain_unets")
 
 
 def train(comfy, label="trained", **options):

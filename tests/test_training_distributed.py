@@ -2,14 +2,13 @@
 the CPU train what one process trains with the same global batch; a run resumes on another
 number of processes; a failing rank stops every rank with one message and the last checkpoint kept.
 
-The workers are tests/dist_worker.py (the stand-ins of test_training_support: tiny UNet, fake
+The workers are tests/dist_worker.py (the stand-ins of training_support: tiny UNet, fake
 VAE, one thread each), started as torchrun starts them. The single-process references run here.
 """
 import glob
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -18,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_training_support import FakeVAE, cond_for, one_cpu_thread, sd_alphas_cumprod, tiny_unet, write_image  # noqa: F401
+from live_server import free_port
+from training_support import FakeVAE, cond_for, one_cpu_thread, sd_alphas_cumprod, tiny_unet, write_image  # noqa: F401
 from training import TrainConfig, read_state_header, train
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
@@ -26,12 +26,6 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.p
 CONFIG = dict(steps=4, mode="full", lr=3e-3, resolution=128, precision="fp32", batch_size=4, ema_decay=0.9,
               checkpoint_every=2, warmup_steps=1)
 LORA = dict(CONFIG, mode="lora", lora_rank=4, lr=3e-2)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def images(root) -> str:

@@ -1,7 +1,7 @@
 """TrainConfig.cuda_graph (training/graphed.py): the steps' forward and backward replayed as CUDA
 graphs train what the eager steps train, and the option refuses what it cannot do.
 
-The GPU tests (marked gpu) train the stand-in UNet of tests/test_training_support.py on the GPU
+The GPU tests (marked gpu) train the stand-in UNet of tests/training_support.py on the GPU
 with and without the graphs; the CPU tests check the refusals.
 """
 import json
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_training_support import run, tiny_unet
+from training_support import run, tiny_unet
 
 
 @pytest.mark.parametrize("options, words", [

@@ -1,6 +1,6 @@
 """training/loop.py: train() end to end with the stand-ins (tiny UNet, fake VAE) on synthetic images.
 
-Every run here is fp32 on CPU unless a test says otherwise; `run` (test_training_support) trains
+Every run here is fp32 on CPU unless a test says otherwise; `run` (training_support) trains
 on four 64x64 images at resolution 64 with batch size 2.
 """
 import glob
@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_training_support import FakeVAE, cond_for, image_folder, one_cpu_thread, run, sd_alphas_cumprod, tiny_unet, write_image  # noqa: F401
+from training_support import FakeVAE, cond_for, image_folder, one_cpu_thread, run, sd_alphas_cumprod, tiny_unet, write_image  # noqa: F401
 from training import ResumeMismatch, TrainConfig, TrainingDiverged, learning_rate, read_state_header, train
 from training.latents import CachedImage, LatentSet
 from training.plan import sample_batch

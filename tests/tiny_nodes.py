@@ -1,4 +1,5 @@
-"""Tiny SD1-architecture models with random weights, and test-only nodes that hand them to graphs.
+"""Tiny SD1-architecture models with random weights, test-only nodes that hand them to graphs,
+and a tiny captionless image domain (domain_images).
 
 The UNet keeps SD1.5's identifying dimensions (320 model channels, 768-d context) so that the
 host's own model detection recognises it as SD15, but has one level and one block per stage.
@@ -9,7 +10,9 @@ import contextlib
 import functools
 import os
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 UNET_CONFIG = dict(
@@ -301,3 +304,16 @@ def write_safetensors(path: str, tensors: dict, metadata: dict | None = None) ->
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata=metadata)
     return path
+
+
+def domain_images(folder, sizes=((64, 64), (64, 96), (96, 64), (64, 64), (80, 80), (64, 128))):
+    """A small captionless 'domain': soft colour blobs on a warm background, in mixed sizes."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+        cy, cx = rng.uniform(0.3, 0.7, 2)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.05)[..., None]
+        pixels = (np.array([230, 180, 120]) * (1 - blob) + np.array([40, 60, 160]) * blob).astype(np.uint8)
+        Image.fromarray(pixels).save(os.path.join(folder, f"img_{i}.png"))
+    return folder
