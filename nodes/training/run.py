@@ -32,8 +32,8 @@ from .differentiable import host_in_training
 from .families import family_of
 from .files import kept_message, cache_folder, file_metadata, output_paths
 from .inputs import (alphas_cumprod, check_vae, checkpointed_blocks, cond_function, empty_prompt, encode_function,
-                           flow_schedule, for_training, mixed_dtypes, prediction_type, weights_cast_to_input,
-                           weights_for_autograd)
+                     flow_schedule, for_training, mixed_dtypes, prediction_type, weights_cast_to_input,
+                     weights_for_autograd)
 from .progress import preview_function, progress_reporter
 
 log = logging.getLogger(__name__)
