@@ -123,12 +123,12 @@ class GraphOwner:
 
     def held(self, device: torch.device | None = None) -> int:
         """Bytes the live graphs hold (on `device`, or on every device)."""
-        return sum(g.nbytes for g, _ in self.graphs.values() if g.alive and (device is None or g.device == device))
+        return sum(g.nbytes for g, _ in self.graphs.values() if g.alive and (device is None or same_device(g.device, device)))
 
     def release(self, device: torch.device | None = None, why: str = "") -> int:
         """Every graph (on `device`) released and CUDA's graph memory trimmed; returns the bytes the
         graphs held."""
-        keys = [k for k, (g, _) in self.graphs.items() if device is None or g.device == device]
+        keys = [k for k, (g, _) in self.graphs.items() if device is None or same_device(g.device, device)]
         return self.drop(keys, why)
 
     def sweep(self, keep_model: Callable[[object], bool]) -> int:
@@ -143,12 +143,12 @@ class GraphOwner:
         """After a run: releases the graphs not kept, then the least recently used until those on
         `device` fit limit_bytes(device)."""
         drop = [k for k, (g, keep) in self.graphs.items() if not keep]
-        held = sum(g.nbytes for k, (g, _) in self.graphs.items() if g.device == device and k not in drop)
+        held = sum(g.nbytes for k, (g, _) in self.graphs.items() if same_device(g.device, device) and k not in drop)
         limit = limit_bytes(device)
         for k, (g, _) in self.graphs.items():
             if held <= limit:
                 break
-            if g.device == device and k not in drop:
+            if same_device(g.device, device) and k not in drop:
                 drop.append(k)
                 held -= g.nbytes
         return self.drop(drop, f"over the {limit / 2**30:.2f} GiB kept between runs ({ENV})" if drop else "")
@@ -171,6 +171,13 @@ class GraphOwner:
                     trim_graph_memory(device)
         log.info("CUDA graphs: %d released (%.2f GiB)%s", len(keys), freed / 2**30, f": {why}" if why else "")
         return freed
+
+
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """cuda and cuda:N name the same card when N is the current one."""
+    def index(d):
+        return d.index if d.index is not None or d.type != "cuda" or not torch.cuda.is_available() else torch.cuda.current_device()
+    return a.type == b.type and index(a) == index(b)
 
 
 def limit_bytes(device: torch.device) -> int:

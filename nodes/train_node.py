@@ -4,12 +4,10 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..training import TrainConfig
-from ..training.loop import OPTIMIZERS
+from ..training.config import OPTIMIZERS, PRECISIONS
 from .host_schema import CATEGORY, advanced, schema
 from .training.plot import loss_curve_image
 from .training.run import image_folder_fingerprint, run_training
-
-PRECISIONS = ("bf16", "fp16", "fp32")
 
 
 def trainer_inputs() -> list:
@@ -19,9 +17,9 @@ def trainer_inputs() -> list:
                        "as the host samples it (a ModelSamplingDiscrete patch, e.g. v_prediction + zsnr, included)."),
         io.Vae.Input("vae", tooltip="The base checkpoint's VAE; images are encoded once and cached on disk."),
         io.Combo.Input("mode", options=["lora", "full"], default="lora",
-                       tooltip="lora: small adapters on the base (little memory: 3.3 GiB at SD1.5 bs 8 with gradient checkpointing; "
-                               "small files; turn cuda_graphs on for its speed). "
-                               "full: the paper's text-free copy of the whole UNet (about 16 GiB at SD1.5 bs 8)."),
+                       tooltip="lora: small adapters on the base (a fraction of full mode's memory, small files; turn "
+                               "cuda_graphs on for its speed). full: the paper's text-free copy of the whole UNet (the "
+                               "most memory: the weights, their gradients and AdamW's states). Figures: docs/BENCHMARKS.md."),
         io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Total optimizer steps (a resumed run continues up to this)."),
         io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Images per step (all from one aspect-ratio bucket)."),
         io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6, round=1e-7,
@@ -38,8 +36,8 @@ def trainer_inputs() -> list:
         io.Combo.Input("training_dtype", options=list(PRECISIONS), default="bf16",
                        tooltip="Autocast precision. bf16 on recent GPUs (its runs repeat bit for bit); fp16 uses loss scaling; fp32 is full precision and slow (on a GPU two fp32 runs differ slightly).", **advanced()),
         io.Boolean.Input("gradient_checkpointing", default=True,
-                         tooltip="Recompute activations in backward: much less memory (SD1.5 bs 8: LoRA 12.1 -> 3.3 GiB, "
-                                 "full 20.7 -> 14.1 GiB), 1.5x-2x slower (H200; docs/BENCHMARKS.md).", **advanced()),
+                         tooltip="Recompute activations in backward: much less memory, each step slower (the forward "
+                                 "runs twice). Figures: docs/BENCHMARKS.md.", **advanced()),
         io.Float.Input("ema_decay", default=0.0, min=0.0, max=0.99999, step=0.0001, round=0.00001,
                        tooltip="Exponential moving average of the weights (e.g. 0.999); the file and the output use it. 0 = off. "
                                "With warm-up: step t uses min(ema_decay, (1 + t) / (10 + t)), so the starting weights fade early.", **advanced()),
@@ -74,10 +72,9 @@ def trainer_inputs() -> list:
                                "about 5 GB less); needs the bitsandbytes package (pip install bitsandbytes). A run "
                                "resumes only with the optimizer it started with.", **advanced()),
         io.Boolean.Input("cuda_graphs", default=False, optional=True,
-                         tooltip="Replay each step's forward and backward as a CUDA graph: the same training, fewer "
-                                 "launches (H200, SD1.5 bs 8: LoRA 1.4x the eager steps' images/s, 2x with gradient "
-                                 "checkpointing, 0.1 GiB more; full mode 1.0x-1.4x, with 1.5-3.3 GiB more; "
-                                 "docs/BENCHMARKS.md). Needs one GPU, bf16 or fp32, "
+                         tooltip="Replay each step's forward and backward as a CUDA graph: the same training with "
+                                 "far fewer kernel launches, faster where the CPU is the bound (LoRA mode most), for a "
+                                 "little more memory (figures: docs/BENCHMARKS.md). Needs one GPU, bf16 or fp32, "
                                  "torch_compile off, and not ComfyUI's --disable-cuda-graphs; otherwise trains "
                                  "without them and says why in the log.", **advanced()),
     ]

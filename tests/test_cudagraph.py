@@ -184,7 +184,7 @@ def test_the_owner_lets_go_of_a_device_and_of_unloaded_models_when_asked():
     b = fake(owner, "b", 100, model=unloaded)
     c = fake(owner, "c", 100, device="cuda:1", model=loaded)
     run = fake(owner, "run", 100, model=Model(), keep=False)  # a training run's: its model is no host model
-    assert owner.held(torch.device("cuda", 0)) == 300
+    assert owner.held(torch.device("cuda", 0)) == 300 and owner.held(torch.device("cuda", 1)) == 100
     assert owner.sweep(lambda m: m is loaded) == 100 and not b.alive and a.alive and run.alive
     assert owner.release(torch.device("cuda", 0), "test") == 200 and not a.alive and not run.alive and c.alive
     assert owner.release() == 100 and owner.held() == 0

@@ -121,14 +121,14 @@ def test_trains_on_the_gpu_in_the_hosts_low_vram_mode_with_previews(base_dir, mo
 
 def test_the_command_line_offers_what_the_training_loop_takes(comfy):
     """The CLI parses its options before the pack is importable, so its choices are written out
-    there: each must be a value TrainConfig takes, and every optimizer training.loop has is offered."""
+    there: each must be a value TrainConfig takes, and every optimizer training.config has is offered."""
     spec = importlib.util.spec_from_file_location("train_domain_cli", os.path.join(os.path.dirname(__file__), "..", "tools", "train_domain.py"))
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    loop = comfy.pack("training.loop")
+    config = comfy.pack("training.config")
     choices = {a.dest: a.choices for a in cli.parser()._actions if a.choices}
     assert set(choices) == {"mode", "lr_schedule", "training_dtype", "optimizer"}
-    assert set(choices["optimizer"]) == set(loop.OPTIMIZERS)
+    assert set(choices["optimizer"]) == set(config.OPTIMIZERS)
     for name in ("mode", "lr_schedule", "optimizer"):
         for value in choices[name]:
-            loop.TrainConfig(**{name: value}).validate()  # raises on a value the loop does not take
+            config.TrainConfig(**{name: value}).validate()  # raises on a value the loop does not take

@@ -80,7 +80,7 @@ def test_the_latents_stay_on_disk_and_give_the_batches_the_in_memory_cache_gave(
     batches that the same latents held in memory (CachedImage, the cache before issue 20) give."""
     from training import TrainConfig
     from training.latents import CachedImage, LatentFile, LatentSet
-    from training.loop import sample_batch
+    from training.plan import sample_batch
     from test_training_support import write_image
 
     folder = tmp_path / "images"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_training_support import FakeVAE, cond_for, image_folder, one_cpu_thread, run, sd_alphas_cumprod, tiny_unet, write_image  # noqa: F401
 from training import ResumeMismatch, TrainConfig, TrainingDiverged, learning_rate, read_state_header, train
 from training.latents import CachedImage, LatentSet
-from training.loop import sample_batch
+from training.plan import sample_batch
 
 
 class Interrupted(Exception):

@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def parser() -> argparse.ArgumentParser:
     """The options (their choices written out: they are parsed before the pack is importable; a
-    test checks them against training.loop)."""
+    test checks them against training.config)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_argument_group("models (a checkpoint, or --unet with --vae and --clip)")
     src.add_argument("--checkpoint", help="base checkpoint (name in models/checkpoints, or a path)")

@@ -4,7 +4,23 @@ trained text-free (every sample on the empty-prompt embedding) on captionless do
 with the ordinary denoising loss.
 
 Host independent: torch, numpy, safetensors, the standard library, and Pillow (only in
-data.py, to read image files; ComfyUI ships it). Nothing here imports ComfyUI.
+data.py, to read image files; ComfyUI ships it). Nothing here imports ComfyUI; graphed.py takes
+its graph capture from the sibling package cudagraph/.
+
+The modules, in the order of a run:
+
+    loop.py         train(): the recipe, stage by stage (data -> trainable, optimizer, EMA -> steps -> result)
+    config.py       TrainConfig, its validation, what a state file records of it (run_config)
+    data.py         the training images: a folder or an IMAGE batch, each image fitted to a bucket
+    latents.py      the latent cache: each image VAE-encoded once, read from disk per batch
+    plan.py         the batch plan: which images each step trains on, its flips, timesteps and noise
+    noise.py        the objective: the denoising loss for the base's schedule (eps, v, flow)
+    trainable.py    what the optimizer trains (a full copy or LoRA adapters), gradient checkpointing, EMA
+    lora.py         LoRA adapters as forward hooks, in ComfyUI's LoRA file format
+    optimizer.py    AdamW (fused, sharded or 8-bit) and the learning rate of each update
+    graphed.py      a step's forward and backward replayed as CUDA graphs (opt-in)
+    checkpoint.py   the files: the training state, the deliverable model file, safe paths, atomic writes
+    distributed.py  torchrun: ranks, the per-step agreement, stops and failures every rank agrees on
 
 The host interface: `train(unet, images, *, ...)` (loop.py) takes
 
@@ -68,8 +84,10 @@ from .checkpoint import ResumeMismatch, atomic_save, read_state_header, safe_joi
 from .data import ImageSet, make_buckets, nearest_bucket
 from .latents import cache_latents
 from .lora import DEFAULT_TARGETS, LoRANetwork, inject_lora, load_lora, lora_state_dict, merged_weight
-from .loop import Progress, TrainConfig, TrainingDiverged, TrainResult, learning_rate, train
+from .config import TrainConfig
+from .loop import Progress, TrainingDiverged, TrainResult, train
 from .noise import DiscreteSchedule, FlowSchedule, denoising_loss, flow_sample, flow_target, prediction_target, q_sample, v_target
+from .optimizer import learning_rate
 
 __all__ = [
     "DEFAULT_TARGETS",

@@ -1,4 +1,5 @@
-"""Files: the training state (one safetensors file), the deliverable model file, safe paths.
+"""Files: the training state (one safetensors file), the deliverable model file (`deliverable`:
+its tensors; `fingerprint`: a short hash of a module's weights, how a file names its base), safe paths.
 
 Every write is atomic: the tensors go to `<name>.tmp-<pid>` in the target's folder, are fsynced,
 and replace the target with os.replace; the temp file is removed on any error, so a target is
@@ -18,15 +19,19 @@ and metadata (str -> str): format, step, params (JSON list), config (JSON: what 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:  # a type only: config.py -> distributed.py -> checkpoint.py (importing it here would be a cycle)
+    from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -251,3 +256,29 @@ def _copy_checked(path: str, key: str, value: torch.Tensor, into: torch.Tensor) 
     if value.shape != into.shape:
         raise ResumeMismatch(f"cannot resume from {path!r}: {key} has shape {list(value.shape)}, the model needs {list(into.shape)}")
     into.copy_(value)
+
+
+@torch.inference_mode()
+def fingerprint(module: torch.nn.Module) -> str:
+    """A short content hash of a module's weights: every name and shape, and a strided sample of
+    every tensor's values (hashing all of an SDXL UNet would take seconds).
+
+    Read in inference mode, without views: the host's weights may be inference tensors, or
+    parameters that refuse a view ("Inference tensors do not track version counter")."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict(keep_vars=True).items():
+        picks = torch.arange(0, t.numel(), max(1, t.numel() // 256), device=t.device)[:256]
+        source = t.float() if t.dtype.itemsize == 1 and t.is_floating_point() else t  # take has no fp8 kernel (CUDA)
+        sample = torch.take(source, picks).float().cpu()  # no view of t: see nodes/train_inputs.make_autograd_safe
+        h.update(f"{name}{list(t.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def deliverable(weights: dict[str, torch.Tensor], config: TrainConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The file's tensors: a full UNet in the base's storage dtype; a LoRA as trained (float32)."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        dtype = torch.float16  # e.g. an fp8-stored base: keep the trained weights in 16 bits
+    if config.mode == "full":
+        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+    return weights

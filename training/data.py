@@ -5,10 +5,14 @@ aspect-ratio bucket (sides multiples of 64, area <= resolution^2, aspect ratio u
 resizing it to cover the bucket and cropping the centre, so no image is rejected for its size:
 small ones are upscaled. Images are read one at a time; nothing holds the whole set in memory.
 
+A folder name is resolved inside the host's input directory (resolve_image_folder: never outside
+it, unless the headless trainer asks), and image_folder_fingerprint tells when its files changed.
+
 Pillow is used here only to read, orient and resize image files (ComfyUI ships it).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -96,6 +100,48 @@ def list_image_files(folder: str | os.PathLike) -> list[str]:
     if not names:
         raise ValueError(f"image folder {folder!r} has no image files (expected {', '.join(IMAGE_EXTENSIONS)})")
     return [os.path.join(folder, n) for n in names]
+
+
+def resolve_image_folder(image_folder: str, input_dir: str, *, anywhere: bool = False) -> str:
+    """The folder `image_folder` names: a relative path is inside `input_dir` (ComfyUI's input directory).
+
+    Unless `anywhere` (the headless trainer), the folder must lie inside the input directory after
+    resolving symlinks and '..' (as Load Image reads only from there), so that a shared server
+    cannot be made to train on arbitrary server paths; otherwise a ValueError names the folder and
+    the allowed root."""
+    folder = image_folder.strip()
+    path = folder if os.path.isabs(folder) else os.path.join(input_dir, folder)
+    if anywhere:
+        return path
+    root, real = os.path.realpath(input_dir), os.path.realpath(path)
+    try:
+        inside = os.path.commonpath([root, real]) == root
+    except ValueError:  # another drive (Windows)
+        inside = False
+    if not inside:
+        raise ValueError(f"image_folder {image_folder!r} is outside ComfyUI's input directory {root} (it resolves to {real}): "
+                         "only folders inside the input directory are read; put the images in a folder there, e.g. "
+                         f"{os.path.join(root, 'my_domain_images')}, and give its name ('my_domain_images')")
+    return real
+
+
+def image_folder_fingerprint(image_folder: str, input_dir: str) -> str:
+    """A cheap fingerprint of the images in `image_folder` (names, sizes, modification times; the
+    contents are not read): changes when an image is added, removed or rewritten. The node's
+    fingerprint_inputs, so the host runs the training again then and reuses its output otherwise."""
+    if not image_folder or not image_folder.strip():
+        return ""
+    try:
+        folder = resolve_image_folder(image_folder, input_dir)
+        entries = []
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                    st = entry.stat()
+                    entries.append(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}")
+    except (OSError, ValueError) as e:  # the run reports it; a failed run is not cached
+        return f"error: {e}"
+    return hashlib.sha256("\n".join([folder, *sorted(entries)]).encode()).hexdigest()
 
 
 def file_signature(path: str) -> str | None:

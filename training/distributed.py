@@ -6,24 +6,33 @@ Without a process group (the node, one GPU) everything here is the identity: ran
 
 What the ranks share:
 - the global batch: every rank draws the same global batch from (seed, step) and takes its slice of
-  batch_size / world images (loop.sample_batch, Batch.part), so N ranks compute what one would;
-- the gradients: DistributedDataParallel averages them (a mean of equal slices' means is the mean);
+  batch_size / world images (plan.sample_batch, Batch.part), so N ranks compute what one would;
+- the gradients: DistributedDataParallel averages them (a mean of equal slices' means is the mean;
+  `data_parallel` synchronizes only the trained parameters);
 - one status exchange per step (`agree`): every rank's loss, whether it is finite, and whether that
-  rank was interrupted, so that a NaN or a Ctrl-C stops every rank at the same step with the same
-  decision (rank 0 reports it; the others raise StoppedByPeer);
+  rank was interrupted (`pending_interrupt` holds an interrupt until then), so that a NaN or a
+  Ctrl-C stops every rank at the same step with the same decision (rank 0 reports it; the others
+  raise StoppedByPeer);
+- a checkpoint: rank 0 writes it and every rank learns whether the write succeeded (`save_agreed`),
+  so a failed write stops every rank;
 - a failure that cannot be agreed (an exception inside a step: out of memory, an error in a
-  collective) is announced in the process group's store (`announce_failure`) by the rank that
-  fails, which reports it and exits; the other ranks' next collective then fails (gloo: the peer
-  closed the connection) or torchrun stops them (NCCL), and they raise StoppedByPeer quietly.
+  collective) is announced in the process group's store (`announce_failure`, from `step_failure`)
+  by the rank that fails, which reports it and exits; the other ranks' next collective then fails
+  (gloo: the peer closed the connection) or torchrun stops them (NCCL), and they raise
+  StoppedByPeer quietly.
 """
 from __future__ import annotations
 
 import datetime
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+from torch import nn
+
+from .checkpoint import optimizer_state, save_state
+from .trainable import Trainable
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +162,52 @@ def stopped_by_peer(r: Ranks, error: BaseException) -> StoppedByPeer | None:
     return None
 
 
+def pending_interrupt(check_interrupt: Callable[[], None], r: Ranks) -> BaseException | None:
+    """check_interrupt(); alone it raises at once, under torchrun its interrupt is returned, to be
+    agreed on by every rank at the step's status exchange."""
+    if not r.active:
+        check_interrupt()
+        return None
+    try:
+        check_interrupt()
+    except BaseException as e:
+        return e
+    return None
+
+
+def step_failure(r: Ranks, error: BaseException, step: int) -> BaseException:
+    """What to raise for an exception inside a step: alone, the exception; under torchrun, a
+    StoppedByPeer when it comes from another rank's failure, else the exception, announced to the
+    other ranks first."""
+    if not r.active or isinstance(error, StoppedByPeer) or getattr(error, "indomain_failed_rank", None) is not None:
+        return error  # alone; or already decided (another rank's stop, this rank's agreed failure)
+    peer = stopped_by_peer(r, error)
+    if peer is not None:
+        return peer
+    announce_failure(r, f"{type(error).__name__} at step {step}: {str(error).splitlines()[0][:300] if str(error) else ''}")
+    return mark_own(r, error)
+
+
+def save_agreed(r: Ranks, state_path: str, step: int, config: dict, params, ema, optimizer, scaler, after) -> None:
+    """Rank 0 writes the state (and `after()`: the host's model file); every rank learns whether it
+    succeeded, so a failed write stops every rank."""
+    by_index = optimizer_state(optimizer, list(params.values()))  # a collective for a sharded optimizer
+    failure = None
+    if r.main:
+        try:
+            save_state(state_path, step=step, config=config, params=params, ema=ema, optimizer=by_index, scaler=scaler)
+            if after is not None:
+                after()
+        except BaseException as e:
+            if not r.active:
+                raise
+            failure = mark_own(r, e)
+    if r.active and agree_flag(r, failure is not None) and failure is None:
+        raise StoppedByPeer(f"stopped because rank 0 could not write the checkpoint at step {step} (its message says why)")
+    if failure is not None:
+        raise failure
+
+
 def gather_objects(r: Ranks, obj) -> list:
     """Every rank's `obj` (picklable), in rank order."""
     if not r.active:
@@ -236,3 +291,29 @@ def leave(code: int) -> None:
         except Exception:
             pass
     os._exit(code)
+
+
+def data_parallel(trainable: Trainable, device: torch.device) -> nn.Module:
+    """The trained module under DistributedDataParallel: only the trained parameters are
+    synchronized (the host's frozen base weights of a LoRA run are left alone: the same on every
+    rank already); gradients are averaged across ranks during backward."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    holder = _Trained(trainable.module, trainable.owner)
+    trained = {id(p) for p in trainable.params.values()}
+    ignore = [n for n, p in holder.named_parameters() if id(p) not in trained] + [n for n, _ in holder.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(holder, ignore)
+    return DistributedDataParallel(holder, device_ids=[device] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True, static_graph=True)
+
+
+class _Trained(nn.Module):
+    """The module the steps call, with the module that holds its trained parameters (LoRA's adapters)."""
+
+    def __init__(self, module: nn.Module, owner: nn.Module | None):
+        super().__init__()
+        self.module = module
+        self.owner = owner
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)

@@ -14,14 +14,12 @@ the host's model pickers. The model file's metadata records how it was trained (
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import time
 
 import safetensors
-import torch
 
 import folder_paths
 
@@ -83,23 +81,6 @@ def written_by_pack(path: str) -> bool:
         return False
 
 
-@torch.inference_mode()
-def fingerprint(module: torch.nn.Module) -> str:
-    """A short content hash of a module's weights: every name and shape, and a strided sample of
-    every tensor's values (hashing all of an SDXL UNet would take seconds).
-
-    Read in inference mode, without views: the host's weights may be inference tensors, or
-    parameters that refuse a view ("Inference tensors do not track version counter")."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict(keep_vars=True).items():
-        picks = torch.arange(0, t.numel(), max(1, t.numel() // 256), device=t.device)[:256]
-        source = t.float() if t.dtype.itemsize == 1 and t.is_floating_point() else t  # take has no fp8 kernel (CUDA)
-        sample = torch.take(source, picks).float().cpu()  # no view of t: see inputs.make_autograd_safe
-        h.update(f"{name}{list(t.shape)}".encode())
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def pack_version() -> str:
     """The pack's version, from pyproject.toml (the one place it is written)."""
     pack = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # <pack>/nodes/training/files.py
@@ -130,15 +111,6 @@ def file_metadata(model, config: TrainConfig, step: int, image_count: int, base_
         "indomain.lora": json.dumps({"rank": config.lora_rank, "alpha": config.lora_alpha}) if config.mode == "lora" else "",
         "indomain.date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def deliverable(weights: dict[str, torch.Tensor], config: TrainConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The file's tensors: a full UNet in the base's storage dtype; a LoRA as trained (float32)."""
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        dtype = torch.float16  # e.g. an fp8-stored base: keep the trained weights in 16 bits
-    if config.mode == "full":
-        return {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
-    return weights
 
 
 def kept_message(state_path: str, message: str) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import hashlib
 import logging
 import os
 
@@ -22,65 +21,32 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ...training import DEFAULT_TARGETS, TrainConfig, save_model_file, train
-from ...training.data import IMAGE_EXTENSIONS
+from ...training import DEFAULT_TARGETS, TrainConfig, data, save_model_file, train
+from ...training.checkpoint import deliverable, fingerprint
+from ...training.config import cuda_graph_reason
 from ...training.distributed import ranks
-from ...training.loop import cuda_graph_reason
 from ..domain_files import apply_lora, model_from_base_config
 from ..dynamic_vram import release
 from ..host_memory import host_flag_reason
 from .differentiable import host_in_training
 from .families import family_of
-from .files import kept_message, deliverable, cache_folder, file_metadata, fingerprint, output_paths
+from .files import kept_message, cache_folder, file_metadata, output_paths
 from .inputs import (alphas_cumprod, check_vae, checkpointed_blocks, cond_function, empty_prompt, encode_function,
-                           flow_schedule, for_training, mixed_dtypes, prediction_type, weights_cast_to_input,
-                           weights_for_autograd)
+                     flow_schedule, for_training, mixed_dtypes, prediction_type, weights_cast_to_input,
+                     weights_for_autograd)
 from .progress import preview_function, progress_reporter
 
 log = logging.getLogger(__name__)
 
 
 def resolve_image_folder(image_folder: str, *, anywhere: bool = False) -> str:
-    """The folder `image_folder` names: a relative path is inside ComfyUI's input directory.
-
-    Unless `anywhere` (the headless trainer), the folder must lie inside the input directory after
-    resolving symlinks and '..' (as Load Image reads only from there), so that a shared server
-    cannot be made to train on arbitrary server paths; otherwise a ValueError names the folder and
-    the allowed root."""
-    folder = image_folder.strip()
-    input_dir = folder_paths.get_input_directory()
-    path = folder if os.path.isabs(folder) else os.path.join(input_dir, folder)
-    if anywhere:
-        return path
-    root, real = os.path.realpath(input_dir), os.path.realpath(path)
-    try:
-        inside = os.path.commonpath([root, real]) == root
-    except ValueError:  # another drive (Windows)
-        inside = False
-    if not inside:
-        raise ValueError(f"image_folder {image_folder!r} is outside ComfyUI's input directory {root} (it resolves to {real}): "
-                         "only folders inside the input directory are read; put the images in a folder there, e.g. "
-                         f"{os.path.join(root, 'my_domain_images')}, and give its name ('my_domain_images')")
-    return real
+    """training.data.resolve_image_folder in ComfyUI's input directory."""
+    return data.resolve_image_folder(image_folder, folder_paths.get_input_directory(), anywhere=anywhere)
 
 
 def image_folder_fingerprint(image_folder: str) -> str:
-    """A cheap fingerprint of the images in `image_folder` (names, sizes, modification times; the
-    contents are not read): changes when an image is added, removed or rewritten. The node's
-    fingerprint_inputs, so the host runs the training again then and reuses its output otherwise."""
-    if not image_folder or not image_folder.strip():
-        return ""
-    try:
-        folder = resolve_image_folder(image_folder)
-        entries = []
-        with os.scandir(folder) as it:
-            for entry in it:
-                if entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
-                    st = entry.stat()
-                    entries.append(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}")
-    except (OSError, ValueError) as e:  # the run reports it; a failed run is not cached
-        return f"error: {e}"
-    return hashlib.sha256("\n".join([folder, *sorted(entries)]).encode()).hexdigest()
+    """training.data.image_folder_fingerprint in ComfyUI's input directory (the node's fingerprint_inputs)."""
+    return data.image_folder_fingerprint(image_folder, folder_paths.get_input_directory())
 
 
 def with_cuda_graphs(config: TrainConfig) -> TrainConfig:
