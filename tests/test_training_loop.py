@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import training_support as support
 from training_support import FakeVAE, cond_for, image_folder, one_cpu_thread, run, sd_alphas_cumprod, tiny_unet, write_image  # noqa: F401
 from training import ResumeMismatch, TrainConfig, TrainingDiverged, learning_rate, read_state_header, train
 from training.latents import CachedImage, LatentSet
@@ -330,3 +331,14 @@ def test_a_state_file_from_before_the_epoch_order_resumes_with_it(tmp_path, capl
     with caplog.at_level("INFO", logger="training.loop"):
         resumed = run(tmp_path, steps=3)
     assert resumed.start_step == 2 and "written before the epoch order" in caplog.text
+
+
+# The stand-ins the training tests run on (tests/training_support.py).
+def test_tiny_unet_has_the_hosts_signature_and_output_shape():
+    unet = support.tiny_unet()
+    x = torch.randn(2, 4, 8, 16)
+    assert unet(x, torch.tensor([0.0, 999.0]), context=support.CONTEXT.expand(2, -1, -1), y=None).shape == x.shape
+
+
+def test_fake_vae_downsamples_by_8_to_4_channels():
+    assert support.FakeVAE()(torch.rand(1, 64, 128, 3)).shape == (1, 4, 8, 16)

@@ -142,13 +142,3 @@ def run(tmp_path, unet=None, vae=None, state_name="state.train", **config):
         state_path=None if state_name is None else os.fspath(tmp_path / state_name),
         **kwargs,
     )
-
-
-def test_tiny_unet_has_the_hosts_signature_and_output_shape():
-    unet = tiny_unet()
-    x = torch.randn(2, 4, 8, 16)
-    assert unet(x, torch.tensor([0.0, 999.0]), context=CONTEXT.expand(2, -1, -1), y=None).shape == x.shape
-
-
-def test_fake_vae_downsamples_by_8_to_4_channels():
-    assert FakeVAE()(torch.rand(1, 64, 128, 3)).shape == (1, 4, 8, 16)
