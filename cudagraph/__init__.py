@@ -18,8 +18,8 @@ the sampling records: nodes/sampling/fastpath.py); training in training/graphed.
 from .capture import (capture_graph, capture_stream, clear_workspaces, cuda_malloc_async, is_interrupt, kept_bytes, memory_reason, peak_memory,
                       register_interrupt, release_graph, undo_failed_capture, waits_refused)
 from .memory import graph_memory, trim_graph_memory
-from .owner import ENV, OWNER, Graph, GraphOwner, held_memory, limit_bytes
+from .owner import ENV, OWNER, Graph, GraphOwner, held_memory, limit_bytes, weight_addresses
 
 __all__ = ["capture_graph", "capture_stream", "clear_workspaces", "cuda_malloc_async", "is_interrupt", "kept_bytes", "memory_reason", "peak_memory",
            "register_interrupt", "release_graph", "undo_failed_capture", "waits_refused", "graph_memory",
-           "trim_graph_memory", "ENV", "OWNER", "Graph", "GraphOwner", "held_memory", "limit_bytes"]
+           "trim_graph_memory", "ENV", "OWNER", "Graph", "GraphOwner", "held_memory", "limit_bytes", "weight_addresses"]

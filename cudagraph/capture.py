@@ -173,11 +173,12 @@ _STREAMS: dict = {}
 
 
 def capture_stream(device: torch.device) -> torch.cuda.Stream:
-    """The one side stream every capture on `device` uses. cuBLAS keeps a workspace per stream,
-    made at the stream's first matmul: on a stream first used inside a capture, that workspace is
-    the graph's memory and stays for the process's life (a new stream per capture held 32 MiB more
-    graph memory each time, up to 1 GiB: torch's pool has 32 streams). One stream: one workspace,
-    let go with the last graph (clear_workspaces)."""
+    """The one side stream every capture on `device` uses (the recording call warms it up). cuBLAS
+    keeps a workspace per stream, made at the stream's first matmul; made inside a capture, it is
+    graph memory that stays for the process's life. With a new stream per capture, CUDA's graph
+    memory in use grew in steps up to 1 GiB on an H100 (32 streams in torch's pool x 32 MiB; not
+    yet measured again with one stream). One stream: one workspace, let go with the last graph
+    (clear_workspaces)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _STREAMS:
         _STREAMS[index] = torch.cuda.Stream(device=torch.device("cuda", index))

@@ -173,6 +173,12 @@ class GraphOwner:
         return freed
 
 
+def weight_addresses(module: torch.nn.Module) -> list[int]:
+    """Where a module's parameters and buffers are: what a graph of it reads (a weight moved or
+    replaced by a new tensor changes the list)."""
+    return [t.data_ptr() for t in module.parameters()] + [t.data_ptr() for t in module.buffers()]
+
+
 def same_device(a: torch.device, b: torch.device) -> bool:
     """cuda and cuda:N name the same card when N is the current one."""
     def index(d):

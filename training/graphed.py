@@ -30,9 +30,9 @@ from torch import nn
 from .noise import denoising_loss
 
 try:  # inside the pack (ComfyUI imports it as a package)
-    from ..cudagraph import OWNER, Graph, GraphOwner, cuda_malloc_async, is_interrupt, peak_memory
+    from ..cudagraph import OWNER, Graph, GraphOwner, cuda_malloc_async, is_interrupt, peak_memory, weight_addresses
 except ImportError:  # `training` imported as a top-level package (tools/, tests/: the repo root on sys.path)
-    from cudagraph import OWNER, Graph, GraphOwner, cuda_malloc_async, is_interrupt, peak_memory
+    from cudagraph import OWNER, Graph, GraphOwner, cuda_malloc_async, is_interrupt, peak_memory, weight_addresses
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class GraphedSteps:
         return [p.grad for p in self.params]
 
     def _addresses(self) -> list[int]:
-        return [t.data_ptr() for t in self.model.parameters()] + [t.data_ptr() for t in self.model.buffers()]
+        return weight_addresses(self.model)
 
     def _eager(self, x_t, timestep, target, cond) -> torch.Tensor:
         loss = predicted_loss(self.model, x_t, timestep, target, cond, self.dtype)

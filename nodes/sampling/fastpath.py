@@ -41,7 +41,7 @@ import torch
 
 import comfy.samplers
 
-from ...cudagraph import OWNER, Graph, capture_stream, is_interrupt, peak_memory
+from ...cudagraph import OWNER, Graph, capture_stream, is_interrupt, peak_memory, weight_addresses
 from .. import dynamic_vram
 from .fastpath_rules import graph_reason, host_state_reason, plain_cond
 from .lora_adapters import LoraBranch, lora_applied
@@ -263,12 +263,6 @@ class RecordedCall:
             return why is None
 
         found = OWNER.find(key, reusable)
-        if found is None:
-            near = [k for k in OWNER.graphs if isinstance(k, tuple) and k[:2] == key[:2]]
-            if near:
-                parts = ("", "", "x shape", "x dtype", "t shape", "t dtype", "rows", "LoRA")
-                log.info("%s: earlier graphs of this model are for other calls (%s)", self.name,
-                         ", ".join(n for n, a, b in zip(parts, near[-1], key) if a != b))
         with contextlib.ExitStack() as pinned:
             if slots is not None and not pinned.enter_context(slots.guard()):
                 raise RuntimeError("weights evicted from VRAM before the capture")
@@ -286,8 +280,7 @@ class RecordedCall:
     def _addresses(self, slots: dynamic_vram.Slots | None = None) -> list:
         """Where the weights the graphs read are, and which patches the host applied to them."""
         slots = slots if slots is not None else self.slots
-        tensors = [p.data_ptr() for p in self.model.parameters()] + [b.data_ptr() for b in self.model.buffers()]
-        return [getattr(self.model, "current_weight_patches_uuid", None)] + tensors + (
+        return [getattr(self.model, "current_weight_patches_uuid", None)] + weight_addresses(self.model) + (
             slots.addresses() if slots is not None else [])
 
     def _weights_moved(self) -> bool:
@@ -322,11 +315,6 @@ class DomainForward:
 # transformer_options entries the host sets anew for every run or call, which the forward does not
 # read under the fast path's rules (no wrappers, patches or callbacks acting per step)
 _PER_CALL = ("uuids", "sigmas", "sample_sigmas")
-
-
-def same_value(a, b) -> bool:
-    """True if two recorded values would make the same model call (difference is None)."""
-    return difference(a, b) is None
 
 
 def difference(a, b, path: str = "kwargs") -> str | None:
