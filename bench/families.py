@@ -16,7 +16,7 @@ import torch
 # name: host supported_models class, the model config (as detection spells it), weight dtype, latent channels,
 # context tokens x width, pooled width (None: none), cfg users run (Flux dev and Z-Image Turbo: 1, guidance-distilled),
 # Flux guidance (None: no guidance entry), LoRA target suffixes (the training row's; nodes/training/families.py),
-# tiny: the tests' tiny model of the family (tests/tiny_families.py), for --quick.
+# tiny: the tests' tiny model of the family (tests/support/tiny_families.py), for --quick.
 FAMILIES = {
     "sd35m": dict(cls="SD3", tiny="sd3", dtype=torch.bfloat16, latent=16, tokens=154, context=4096, pooled=2048, cfg=4.5, guidance=None,
                   config=dict(in_channels=16, out_channels=16, patch_size=2, depth=24, input_size=None, adm_in_channels=2048,
@@ -54,7 +54,7 @@ def host_config(name: str, config: dict | None = None):
 
 def random_state_dict(name: str, seed: int, device, config: dict | None = None) -> dict[str, torch.Tensor]:
     """The family's diffusion model state dict (host key names), seeded random weights in its dtype."""
-    from tiny_nodes import plain_weights
+    from tests.support.tiny_nodes import plain_weights
 
     spec = FAMILIES[name]
     with plain_weights(), torch.device(device):
@@ -78,7 +78,7 @@ def random_state_dict(name: str, seed: int, device, config: dict | None = None) 
 
 def tiny_config(name: str) -> dict:
     """The model config of the tests' tiny model of the family (--quick)."""
-    import tiny_families
+    from tests.support import tiny_families
 
     return tiny_families.FAMILIES[FAMILIES[name]["tiny"]]["unet"]
 
@@ -115,7 +115,7 @@ def load(name: str, path: str, quick: bool = False, dtype: torch.dtype | None = 
 def conditioning(name: str, seed: int, quick: bool = False) -> list:
     """A CONDITIONING of the family's text encoders' shapes (random values; with `quick` the tiny
     model's text width), with FluxGuidance's entry for Flux dev."""
-    import tiny_families
+    from tests.support import tiny_families
 
     spec = FAMILIES[name]
     width = tiny_families.FAMILIES[spec["tiny"]]["context"] if quick else spec["context"]

@@ -1,8 +1,8 @@
 """Large-folder benchmark: encode a folder of many images into the latent cache, then train one
 epoch, measuring throughput and the peak resident memory (RSS) of the process.
 
-    python bench/large_folder.py --out DIR [--images 20000] [--size 128] [--resolution 512] [--batch-size 32]
-    torchrun --nproc-per-node 2 bench/large_folder.py --out DIR ...   (sharded encoding, DDP)
+    python -m bench.large_folder --out DIR [--images 20000] [--size 128] [--resolution 512] [--batch-size 32]
+    torchrun --nproc-per-node 2 -m bench.large_folder --out DIR ...   (sharded encoding, DDP)
 
 Pure torch (training/, no ComfyUI host): the images are small synthetic PNGs (--size px,
 written once into DIR/images and reused), each fitted to a --resolution bucket as in training
@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 
 from PIL import Image  # noqa: E402
 
@@ -91,12 +90,12 @@ def main(argv=None) -> int:
     if r.active:
         torch.distributed.barrier()
     try:
-        import pytest  # noqa: F401  (training_support's fixtures; a GPU box may have no pytest)
+        import pytest  # noqa: F401  (tests/support/standins.py's fixtures; a GPU box may have no pytest)
     except ImportError:
         import types
 
         sys.modules["pytest"] = types.SimpleNamespace(fixture=lambda *a, **k: (lambda f: f))
-    from training_support import cond_for, sd_alphas_cumprod, tiny_unet
+    from tests.support.standins import cond_for, sd_alphas_cumprod, tiny_unet
 
     marks = {"rss_at_start": rss_mib()}
 

@@ -2,7 +2,7 @@
 training at 512 px on 1 GPU and on N GPUs under torchrun: images/s, the scaling, and the peak
 memory of every GPU.
 
-    python bench/multigpu.py --out DIR [--gpus 2] [--per-gpu-batch 8] [--cases full,lora,full-zero] [--steps 12]
+    python -m bench.multigpu --out DIR [--gpus 2] [--per-gpu-batch 8] [--cases full,lora,full-zero] [--steps 12]
 
 Run plainly, it is the driver: it runs itself as a worker (--worker) once in one process (1 GPU)
 and once under `python -m torch.distributed.run --standalone --nproc-per-node N` (N GPUs), then
@@ -10,7 +10,7 @@ writes DIR/multigpu.json with both rows per case and `scaling` = images/s on N G
 one (the target: >= 1.8 on 2 GPUs). The global batch is per-gpu-batch x GPUs (weak scaling: each
 GPU always trains on per-gpu-batch images per step, so the step's work per GPU is the same).
 
-A worker starts the real ComfyUI host in-process as bench/training.py does (tests/host.py;
+A worker starts the real ComfyUI host in-process as bench/training.py does (tests/support/host.py;
 COMFYUI_PATH), on its rank's GPU (torch.cuda.set_device(LOCAL_RANK) first, so the host picks it),
 builds the SD1.5 UNet from its config with random fp16 weights through the host's loader, and runs
 the node's own adapters and training.train with the process group (NCCL). Cases:
@@ -25,7 +25,6 @@ collective, so it is every rank's), the step time, the peak CUDA memory allocate
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -35,8 +34,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-import host as host_module  # noqa: E402  (tests/host.py)
+from tests.support import host as host_module  # noqa: E402  (tests/support/host.py)
 
 host_module.allocator_as_main()  # the CUDA allocator the host's main.py picks, before torch is imported
 import torch  # noqa: E402
@@ -49,10 +47,8 @@ CASES = {  # name: (mode, gradient checkpointing, TrainConfig speed options)
 
 def bench_training():
     """bench/training.py (its SD1.5 config, random weights, fake VAE, host start), loaded under its own name."""
-    spec = importlib.util.spec_from_file_location("indomain_bench_training", os.path.join(REPO, "bench", "training.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from bench import training
+    return training
 
 
 def worker(args) -> int:
@@ -137,12 +133,12 @@ def worker(args) -> int:
 
 def driver(args, argv) -> int:
     own = [a for a in argv]
-    one = [sys.executable, os.path.abspath(__file__), "--worker", *own]
+    one = [sys.executable, "-m", "bench.multigpu", "--worker", *own]
     many = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.gpus),
-            os.path.abspath(__file__), "--worker", *own]
+            "-m", "bench.multigpu", "--worker", *own]
     for cmd in (one, many):
         print("$", " ".join(cmd), flush=True)
-        code = subprocess.call(cmd)
+        code = subprocess.call(cmd, cwd=REPO)
         if code != 0:
             print(f"exit code {code}", flush=True)
     results = {}

@@ -1,6 +1,6 @@
 """GPU benchmark: one fused AdamW step on the SD1.5 UNet's parameters, fp32 against bf16.
 
-    python bench/optimizer.py --out DIR
+    python -m bench.optimizer --out DIR
 
 Issue 5 asks whether bf16 master weights or optimizer states would speed up training. The
 optimizer step is the only part of a training step they change, so this times that step alone,
@@ -27,13 +27,12 @@ import time
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "bench"))
 
 
 def sd15_shapes() -> list[torch.Size]:
     import comfy.ops
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-    from sampling import SD15
+    from bench.unet_configs import SD15
 
     with torch.device("meta"):
         model = UNetModel(**SD15, dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init)

@@ -1,8 +1,8 @@
 """GPU benchmark: KSampler (Domain Guidance) against the host's stock KSampler.
 
-    python bench/sampling.py --out DIR [--quick] [--models sd15,sdxl] [--batches 1,4] [--repeats 3]
+    python -m bench.sampling --out DIR [--quick] [--models sd15,sdxl] [--batches 1,4] [--repeats 3]
 
-Starts the real ComfyUI host in-process (tests/host.py's Host; COMFYUI_PATH, else .host/ComfyUI
+Starts the real ComfyUI host in-process (tests/support/host.py's Host; COMFYUI_PATH, else .host/ComfyUI
 inside this repo, else the ComfyUI two folders above the pack), builds full-size SD1.5 and SDXL
 UNets from their configs with random fp16 weights, loads them through the host
 (comfy.sd.load_diffusion_model_state_dict: the host detects the family and returns a real
@@ -84,18 +84,17 @@ import time
 from unittest import mock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
 
-import host as host_module  # noqa: E402  (tests/host.py)
+from tests.support import host as host_module  # noqa: E402  (tests/support/host.py)
 
 if "COMFYUI_PATH" not in os.environ and os.path.isdir(os.path.join(REPO, ".host", "ComfyUI")):
     os.environ["COMFYUI_PATH"] = os.path.join(REPO, ".host", "ComfyUI")
 host_module.allocator_as_main()  # the CUDA allocator the host's main.py picks, before torch is imported
 import torch  # noqa: E402
-import families  # noqa: E402  (bench/families.py: SD3.5 medium, Flux.1 dev, Z-Image at full size)
-from tiny_nodes import plain_weights  # noqa: E402  (host modules built here get ordinary weights)
+from bench import families  # noqa: E402  (bench/families.py: SD3.5 medium, Flux.1 dev, Z-Image at full size)
+from tests.support.tiny_nodes import plain_weights  # noqa: E402  (host modules built here get ordinary weights)
 
-from unet_configs import SD15, SD15_TINY, SDXL, SDXL_VEGA  # noqa: E402  (bench/unet_configs.py)
+from bench.unet_configs import SD15, SD15_TINY, SDXL, SDXL_VEGA  # noqa: E402  (bench/unet_configs.py)
 
 MODELS = {
     # name: (config, quick config, host class names accepted, pixels, quick pixels, context dim, pooled dim)

@@ -1,8 +1,8 @@
 """GPU soak: one ComfyUI process sampling as a server does for hours (cudagraph.OWNER's contract).
 
-    python bench/soak.py --out DIR [--runs 100] [--cancels 10] [--steps 6] [--quick]
+    python -m bench.soak --out DIR [--runs 100] [--cancels 10] [--steps 6] [--quick]
 
-Starts the real host in-process as its main.py would (tests/host.py: its allocator, dynamic VRAM
+Starts the real host in-process as its main.py would (tests/support/host.py: its allocator, dynamic VRAM
 where main.py turns it on, main.py's progress hook that raises on Cancel), builds full-size SD1.5
 and SDXL UNets with random fp16 weights, a full-copy domain and a rank-32 LoRA of each (bench/
 sampling.py's Bench), then makes --runs sampling runs, each drawn at random (seeded): model, batch
@@ -29,10 +29,8 @@ import sys
 import threading
 import time
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, BENCH)
-import sampling  # noqa: E402  (bench/sampling.py: the host as main.py starts it, its allocator first)
-from sampling import Bench, host_module, torch  # noqa: E402
+from bench import sampling  # bench/sampling.py: the host as main.py starts it, its allocator first
+from bench.sampling import Bench, host_module, torch
 
 def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -117,10 +115,7 @@ class Soak:
     def train(self, models: dict) -> dict:
         """A LoRA training run with cuda_graphs on: bench/training.py's lora-b8-graph case, 8 steps at
         256 px, on this soak's SD1.5 base."""
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("training_bench", os.path.join(BENCH, "training.py"))
-        bench_training = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench_training)
+        from bench import training as bench_training
         bench_training.host = self.host
         owner = self.cudagraph.OWNER
         captures = owner.captures
@@ -168,7 +163,7 @@ def main(argv=None) -> int:
     result = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": mm.get_torch_device_name(mm.get_torch_device()),
                        "torch": torch.__version__, "comfyui": comfyui_version.__version__,
                        "allocator": host.allocator, "dynamic_vram": host.dynamic_vram, "steps": args.steps,
-                       "runs": args.runs, "command": "python bench/soak.py " + " ".join(argv or sys.argv[1:])},
+                       "runs": args.runs, "command": "python -m bench.soak " + " ".join(argv or sys.argv[1:])},
               "runs": []}
     mm.unload_all_models()
     mm.soft_empty_cache()

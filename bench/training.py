@@ -1,9 +1,9 @@
 """GPU benchmark: Train Domain UNet's loop (training.train) on a full-size SD1.5 UNet.
 
-    python bench/training.py --out DIR [--quick] [--cases full-b8-ckpt,lora-b8-ckpt,...] [--steps 12]
-    python bench/training.py --out DIR --families sd35m:default:1,flux_dev:float8_e4m3fn:1,zimage:default:1
+    python -m bench.training --out DIR [--quick] [--cases full-b8-ckpt,lora-b8-ckpt,...] [--steps 12]
+    python -m bench.training --out DIR --families sd35m:default:1,flux_dev:float8_e4m3fn:1,zimage:default:1
 
-Starts the real ComfyUI host in-process (tests/host.py; COMFYUI_PATH, else .hostsrc/ in this
+Starts the real ComfyUI host in-process (tests/support/host.py; COMFYUI_PATH, else .hostsrc/ in this
 repo), builds the SD1.5 UNet from its config with random fp16 weights and loads it through the
 host (comfy.sd.load_diffusion_model_state_dict: the host detects SD15 and returns a ModelPatcher),
 then runs the node's own adapters and loop exactly as Train Domain UNet does (nodes/training/run.py:
@@ -28,16 +28,15 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
 if "COMFYUI_PATH" not in os.environ and os.path.isdir(os.path.join(REPO, ".hostsrc")):
     os.environ["COMFYUI_PATH"] = os.path.join(REPO, ".hostsrc")
 
-import host as host_module  # noqa: E402
+from tests.support import host as host_module  # noqa: E402
 
 host_module.allocator_as_main()  # the CUDA allocator the host's main.py picks, before torch is imported
 import torch  # noqa: E402
 
-from unet_configs import SD15, SD15_TINY  # noqa: E402  (bench/unet_configs.py)
+from bench.unet_configs import SD15, SD15_TINY  # noqa: E402  (bench/unet_configs.py)
 TFLOP_PER_IMAGE = 2.47  # SD1.5 512px, forward + backward (issue 5)
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, SXM
 CASES = {
@@ -162,9 +161,9 @@ def run_family_case(host, name: str, weight_dtype: str, batch: int, px: int, ste
     base's resident weights included."""
     import comfy.model_management as mm
     import comfy.sd
-    import families
+    from bench import families
     from comfy.taesd.taesd import TAESD
-    from tiny_nodes import plain_weights, randomize_
+    from tests.support.tiny_nodes import plain_weights, randomize_
 
     spec = families.FAMILIES[name]
     device = mm.get_torch_device()
@@ -226,7 +225,6 @@ def main(argv=None) -> int:
     import comfy.sd
 
     if args.families:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         rows = []
         for item in args.families.split(","):
             name, weight_dtype, batch = item.split(":")

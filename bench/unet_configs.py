@@ -11,7 +11,7 @@ SDXL = dict(_COMMON, num_classes="sequential", adm_in_channels=2816, model_chann
             transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
             use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
             transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10])
-# --quick: the tiny SD1 of tests/tiny_nodes.py, and Segmind-Vega (SDXL family, 745M parameters).
+# --quick: the tiny SD1 of tests/support/tiny_nodes.py, and Segmind-Vega (SDXL family, 745M parameters).
 SD15_TINY = dict(_COMMON, model_channels=320, num_res_blocks=[1], channel_mult=[1], transformer_depth=[1],
                  transformer_depth_output=[1, 1], transformer_depth_middle=1, context_dim=768, num_heads=8,
                  num_head_channels=-1, use_linear_in_transformer=False, adm_in_channels=None)

@@ -23,10 +23,9 @@ import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
-sys.path.insert(0, TESTS)
-sys.path.append(REPO)  # `guidance` and `training` as top-level packages; after the host's `nodes`
+sys.path.append(REPO)  # `guidance`, `training` and `tests.support` as top-level packages; after the host's `nodes`
 
-import host as host_module  # noqa: E402
+from tests.support import host as host_module  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -94,7 +93,7 @@ def comfy_server(tmp_path_factory):
     """A ComfyUI server started once per session as a user starts it (main.py, a free localhost
     port), with this pack installed from a clean clone and tiny model files under the names the
     workflows use. Stopped (its whole process group) at the end of the session."""
-    import live_server
+    from tests.support import live_server
 
     server = live_server.LiveServer(host_module.find_host(), str(tmp_path_factory.mktemp("comfyui-live")))
     writer = None
@@ -121,7 +120,7 @@ def folders(comfy, request):
     LoRA (name_lora.safetensors) of the tiny model."""
     import folder_paths
 
-    import tiny_nodes as tiny
+    from tests.support import tiny_nodes as tiny
 
     tiny.domain_images(os.path.join(folder_paths.get_input_directory(), "domain"))
     d = comfy.model_dir("domain_unets")

@@ -5,7 +5,7 @@ torchrun starts a worker: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the e
 
 Joins a gloo process group (or, with DIST_WORKER_NCCL=1, an NCCL one with each rank on GPU
 LOCAL_RANK: tests/test_gpu_distributed.py), then runs each job of JOBS.json in turn: training.train with the
-stand-ins of training_support (tiny UNet, fake VAE) on job["images"], one thread. Rank 0
+stand-ins of tests/support/standins.py (tiny UNet, fake VAE) on job["images"], one thread. Rank 0
 writes each job's result (weights, losses, start step) to job["out"]. A job's "fail" makes one
 rank's UNet fail at one of its calls: {"rank": 1, "call": 3, "kind": "oom" | "nan" | "interrupt"}
 ("interrupt": a Ctrl-C arrives on that rank during that call; the CLI's signal handler sets the host's
@@ -19,12 +19,9 @@ import sys
 
 import torch
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [TESTS, os.path.dirname(TESTS)]
-
 from safetensors.torch import save_file  # noqa: E402
 
-from training_support import FakeVAE, TinyUNet, cond_for, sd_alphas_cumprod  # noqa: E402
+from tests.support.standins import FakeVAE, TinyUNet, cond_for, sd_alphas_cumprod  # noqa: E402
 from training import TrainConfig, train  # noqa: E402
 from training.distributed import leave, ranks, report_stop  # noqa: E402
 

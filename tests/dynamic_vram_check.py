@@ -20,11 +20,7 @@ from unittest import mock
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "bench"))
-
-import host as host_module  # noqa: E402
+from tests.support import host as host_module  # noqa: E402
 
 STEPS = 12
 
@@ -49,7 +45,7 @@ def main(out_path: str) -> int:
     import comfy.sample
     import comfy.samplers
 
-    import sampling as bench  # bench/sampling.py: the benchmark's models
+    from bench import sampling as bench  # bench/sampling.py: the benchmark's models
 
     lines = Lines()
     logging.getLogger().addHandler(lines)

@@ -8,11 +8,9 @@ and released. Prints one JSON line."""
 import gc
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cudagraph import OWNER, capture_graph, graph_memory, kept_bytes, register_interrupt  # noqa: E402
 
 dev = torch.device("cuda")

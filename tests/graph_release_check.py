@@ -10,8 +10,6 @@ import sys
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 from cudagraph import OWNER, capture_graph, release_graph  # noqa: E402
 from training.graphed import GraphedSteps  # noqa: E402
 

@@ -23,13 +23,13 @@ import shutil
 import pytest
 from PIL import Image
 
-import live_server
-from cdp import Browser
+from tests.support import live_server
+from tests.support.cdp import Browser
 
 pytestmark = pytest.mark.cpu_tier  # no GPU code: the GPU tier (--gpu) leaves it out
 
 CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-SHOTS = os.path.join(live_server.TESTS, "_out", "browser")
+SHOTS = os.path.join(live_server.REPO, "tests", "_out", "browser")
 WORKFLOWS = {os.path.basename(p)[:-5]: p for p in live_server.workflow_paths()}
 RUN_WORKFLOW = "text_to_image_domain"
 # The host's page asks for these on every start and the server has none: 404s of a bare ComfyUI.

@@ -26,8 +26,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_training_distributed import CONFIG, LORA, WORKER, images
-from training_support import FakeVAE, cond_for, sd_alphas_cumprod, tiny_unet
+from test_training_distributed import CONFIG, LORA, REPO, WORKER, images
+from tests.support.standins import FakeVAE, cond_for, sd_alphas_cumprod, tiny_unet
 from training import TrainConfig, read_state_header, train
 
 pytestmark = [pytest.mark.gpu,
@@ -41,8 +41,8 @@ REPORT: dict = {}
 def torchrun(tmp, jobs: list[dict], timeout: float = 240) -> subprocess.CompletedProcess:
     spec = tmp / f"jobs-{len(list(tmp.glob('jobs-*')))}.json"
     spec.write_text(json.dumps(jobs))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", WORKER, os.fspath(spec)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *WORKER, os.fspath(spec)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "DIST_WORKER_NCCL": "1", "OMP_NUM_THREADS": "1"})
 
 

@@ -11,13 +11,13 @@ import pytest
 
 pytestmark = pytest.mark.gpu
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("dynamic") / "report.json"
-    run = subprocess.run([sys.executable, os.path.join(HERE, "dynamic_vram_check.py"), str(out)],
+    run = subprocess.run([sys.executable, "-m", "tests.dynamic_vram_check", str(out)], cwd=REPO,
                          capture_output=True, text=True, timeout=900)
     if run.returncode == 77:
         pytest.skip("this host has no dynamic VRAM (ComfyUI before 0.33, or not NVIDIA)")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tiny_nodes as tiny
-from graphs import loader, saved, text_to_image, train_graph
+from tests.support import tiny_nodes as tiny
+from tests.support.graphs import loader, saved, text_to_image, train_graph
 from test_host_gpu_dtypes import assert_same_state, host_state
 
 pytestmark = pytest.mark.gpu

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import tiny_nodes as tiny
-from host import find_host
-from tiny_nodes import domain_images
+from tests.support import tiny_nodes as tiny
+from tests.support.host import find_host
+from tests.support.tiny_nodes import domain_images
 
 TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "train_domain.py")
 

@@ -16,7 +16,7 @@ import os
 import pytest
 from PIL import Image
 
-import live_server
+from tests.support import live_server
 
 pytestmark = pytest.mark.cpu_tier  # no GPU code: the GPU tier (--gpu) leaves it out
 

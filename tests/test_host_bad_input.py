@@ -3,9 +3,9 @@ import os
 
 import pytest
 
-import tiny_nodes as tiny
-from graphs import loader, text_to_image
-from host import HostError
+from tests.support import tiny_nodes as tiny
+from tests.support.graphs import loader, text_to_image
+from tests.support.host import HostError
 
 
 def error_of(comfy, prompt) -> str:

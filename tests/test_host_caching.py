@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from graphs import loader, saved, train_graph
-from tiny_nodes import domain_images
+from tests.support.graphs import loader, saved, train_graph
+from tests.support.tiny_nodes import domain_images
 
 CACHES = ["CLASSIC", "LRU"]  # 0.8.0's default cache, and --cache-lru 10
 

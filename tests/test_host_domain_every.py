@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-import tiny_nodes as tiny
-from graphs import close, loader, text_to_image
+from tests.support import tiny_nodes as tiny
+from tests.support.graphs import close, loader, text_to_image
 
 STEPS = 6  # Euler: one model evaluation per step
 

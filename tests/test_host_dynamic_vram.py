@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-import tiny_nodes as tiny
-from graphs import loader, text_to_image, train_graph, written
-from host import HostError
-from tiny_nodes import domain_images
+from tests.support import tiny_nodes as tiny
+from tests.support.graphs import loader, text_to_image, train_graph, written
+from tests.support.host import HostError
+from tests.support.tiny_nodes import domain_images
 
 
 @pytest.fixture

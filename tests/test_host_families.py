@@ -1,6 +1,6 @@
 """Sampling with domain guidance for today's model families, in the real host (issue 17, item 1).
 
-Each family is a tiny random-weight model of the host's own class (tests/tiny_families.py): SD2.x
+Each family is a tiny random-weight model of the host's own class (tests/support/tiny_families.py): SD2.x
 v-prediction, SDXL, SD3 (MMDiT, flow), Flux.1 dev (guidance-distilled), Flux.1 schnell and Z-Image.
 Conditioning is built directly with the family's widths (pooled output, Flux's guidance), no text
 encoder. For every family, through KSampler (Domain Guidance) and Domain Guider:
@@ -30,9 +30,9 @@ import os
 import pytest
 import torch
 
-import tiny_families as fam
-import tiny_nodes as tiny
-from graphs import close
+from tests.support import tiny_families as fam
+from tests.support import tiny_nodes as tiny
+from tests.support.graphs import close
 
 FAMILIES = list(fam.FAMILIES)
 STEPS = 2  # the fast path records on the first step and calls the record directly from the second

@@ -1,5 +1,5 @@
 """Train Domain UNet for every model family (issue 17): tiny random-weight models of the host's own
-classes (tests/tiny_families.py), a tiny VAE of the family's latent channels, the empty prompt.
+classes (tests/support/tiny_families.py), a tiny VAE of the family's latent channels, the empty prompt.
 
 For each family: a LoRA file written with the family's prediction type, whose adapters the host's
 own LoRA loader applies to the base's weights; a run stopped and resumed ends with the weights of
@@ -14,10 +14,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import tiny_families as fam
-import tiny_nodes as tiny
-from graphs import TRAIN_DEFAULTS, reproducible_dtype, saved
-from tiny_nodes import domain_images
+from tests.support import tiny_families as fam
+from tests.support import tiny_nodes as tiny
+from tests.support.graphs import TRAIN_DEFAULTS, reproducible_dtype, saved
+from tests.support.tiny_nodes import domain_images
 
 FAMILIES = list(fam.FAMILIES)
 
@@ -150,7 +150,7 @@ def test_a_base_of_a_family_the_trainer_does_not_know_is_refused_listing_the_sup
 
 
 def test_a_lora_trained_on_another_family_is_refused_naming_the_file(comfy):
-    from host import HostError
+    from tests.support.host import HostError
 
     path = tiny.write_safetensors(os.path.join(comfy.model_dir("domain_unets"), "fam_other_flux_lora.safetensors"),
                                   fam.lora_state_dict("flux_dev"))

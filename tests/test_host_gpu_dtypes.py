@@ -2,7 +2,7 @@
 
 On an NVIDIA GPU the host keeps the UNet's weights in fp16 or bf16 and calls it without a manual
 cast; on the CPU it keeps float32 and casts nothing. The tiny model loaded "fp16 without cast"
-(tests/tiny_nodes.py UNET_DTYPES) is the GPU's model on the CPU, so that a dtype mismatch fails
+(tests/support/tiny_nodes.py UNET_DTYPES) is the GPU's model on the CPU, so that a dtype mismatch fails
 CI without a GPU. (CPU torch cannot run half-precision GroupNorm under autocast, so the cases
 here are those without autocast over half weights: LoRA in fp32, and the float32 full copy.)
 """
@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tiny_nodes as tiny
-from graphs import saved, text_to_image, train_graph
+from tests.support import tiny_nodes as tiny
+from tests.support.graphs import saved, text_to_image, train_graph
 from test_host_training import shown_losses
 
 GPU_LIKE = "fp16 without cast"

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-import tiny_nodes as tiny
-from graphs import close, loader, text_to_image
-from host import HostError
+from tests.support import tiny_nodes as tiny
+from tests.support.graphs import close, loader, text_to_image
+from tests.support.host import HostError
 
 
 def paper_file(comfy, name: str, drop_feature: bool = False) -> tuple[str, dict, dict]:

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tiny_nodes as tiny
-from graphs import loader, saved, text_to_image, train_graph
-from host import HostError
+from tests.support import tiny_nodes as tiny
+from tests.support.graphs import loader, saved, text_to_image, train_graph
+from tests.support.host import HostError
 from test_host_gpu_dtypes import assert_same_state, host_state
 
 

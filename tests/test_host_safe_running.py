@@ -15,9 +15,9 @@ import os
 import pytest
 import torch
 
-import tiny_nodes as tiny
-from graphs import close, loader, text_to_image
-from host import HostError
+from tests.support import tiny_nodes as tiny
+from tests.support.graphs import close, loader, text_to_image
+from tests.support.host import HostError
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-import tiny_nodes as tiny
-from graphs import close, loader, text_to_image
+from tests.support import tiny_nodes as tiny
+from tests.support.graphs import close, loader, text_to_image
 
 
 @pytest.fixture(scope="module")

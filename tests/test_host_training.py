@@ -17,9 +17,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from graphs import close, reproducible_dtype, saved, text_to_image, train_graph, written
-from host import HostError
-from tiny_nodes import domain_images
+from tests.support.graphs import close, reproducible_dtype, saved, text_to_image, train_graph, written
+from tests.support.host import HostError
+from tests.support.tiny_nodes import domain_images
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def test_loss_falls_and_the_model_file_is_written(comfy, folders, mode):
     assert last < (0.95 if mode == "lora" else 0.7) * first, f"{mode}: mean loss {first:.4f} -> {last:.4f}"
     assert curve.shape == (1, 320, 640, 3) and curve.std() > 0.01  # a drawn curve, not a blank image
     from comfy.model_patcher import ModelPatcher
-    from tiny_nodes import tiny_model
+    from tests.support.tiny_nodes import tiny_model
 
     # full: a model of its own; LoRA: a clone of the base (under dynamic VRAM, the host's dynamic patcher)
     assert type(model) is (type(tiny_model()) if mode == "lora" else ModelPatcher)
@@ -79,7 +79,7 @@ def test_ema_file_has_left_the_base_weights_after_a_few_steps(comfy, folders):
     """With ema_decay 0.999 the written EMA weights are not the base's: the warm-up
     (decay min(0.999, (1 + t) / (10 + t))) lets 4 steps move them most of the way the weights went
     (without it the EMA would keep 0.999^4 of the base, and move 0.4 % of the way)."""
-    from tiny_nodes import unet_state_dict
+    from tests.support.tiny_nodes import unet_state_dict
 
     base = unet_state_dict(0)
     options = dict(mode="full", steps=4, learning_rate=1e-3, checkpoint_every=0)
@@ -194,7 +194,7 @@ def test_training_never_overwrites_a_file_it_did_not_write_nor_shadows_another(c
     is a name Load Domain UNet already lists for another file (e.g. a full copy of the same name)."""
     import folder_paths
     theirs = os.path.join(folder_paths.models_dir, "loras", "their_style.safetensors")
-    import tiny_nodes
+    from tests.support import tiny_nodes
     tiny_nodes.write_safetensors(theirs, tiny_nodes.lora_state_dict(seed=3))
     before = os.stat(theirs).st_mtime_ns
     msg = error_of(comfy, save_name="their_style", steps=1)
@@ -518,7 +518,7 @@ def test_previews_are_the_domain_model_sampled_by_the_host(comfy, folders):
 def test_sdxl_trains_on_its_size_conditioning_and_v_models_on_v(comfy):
     """The loop's inputs come from the base's own classes: SDXL's extra_conds give the empty
     prompt's 'y' for each bucket size; a v-prediction base trains on v."""
-    from tiny_nodes import UNET_CONFIG
+    from tests.support.tiny_nodes import UNET_CONFIG
 
     training = comfy.pack("nodes.training.inputs")
     model_base, supported = importlib.import_module("comfy.model_base"), importlib.import_module("comfy.supported_models")
@@ -584,7 +584,7 @@ def test_models_sampled_as_anything_but_eps_v_or_flow_on_their_schedules_are_ref
     """x0 and LCM subclass the host's EPS but read the output otherwise; EDM has a continuous
     schedule: training refuses them, naming the model and how it is sampled. Flow (CONST on a flow
     schedule) trains."""
-    from tiny_nodes import UNET_CONFIG, tiny_model
+    from tests.support.tiny_nodes import UNET_CONFIG, tiny_model
 
     training = comfy.pack("nodes.training.inputs")
     patch = comfy.nodes["ModelSamplingDiscrete"]().patch
@@ -608,7 +608,7 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_weights(co
     takes another attention kernel, nodes/training/differentiable.py, and Adam turns the kernels' rounding
     into different weights: two steps in bf16 on an H200 moved 80 of 144 LoRA tensors by up to 1.8e-3.)"""
     training_node, loop = comfy.pack("nodes.training.inputs"), comfy.pack("training.trainable")
-    import tiny_nodes
+    from tests.support import tiny_nodes
     unet = tiny_nodes.tiny_model().model.diffusion_model
     names = training_node.checkpointed_blocks(tiny_nodes.tiny_model())
     assert "input_blocks.1.0" in names and "middle_block.1" in names and "output_blocks.0.1" in names
@@ -718,7 +718,7 @@ def test_a_failure_loading_the_non_dynamic_copy_releases_it_from_the_host(comfy,
     VRAM (0.8.0) it is emulated: the base counts as dynamic and its copy is the same file loaded
     again as a classic model, as the host's get_non_dynamic_delegate gives it. The failure: making
     the copy's weights usable by autograd, right after the host loaded it."""
-    import tiny_nodes
+    from tests.support import tiny_nodes
 
     inputs, base, copies, listed_at_failure = comfy.pack("nodes.training.inputs"), tiny_nodes.tiny_model(), [], []
     real_copy, dynamic = inputs.non_dynamic_copy, inputs.patcher_is_dynamic(base)
@@ -767,7 +767,7 @@ def test_full_mode_builds_its_model_from_the_base_config_not_by_detecting_the_we
     """A base whose saved weights the host cannot detect again (as for a model only its own loader
     knows): the trained MODEL is made from the base's model config, and samples as the written
     file does when the host can read it."""
-    import tiny_nodes
+    from tests.support import tiny_nodes
     tiny_nodes.TestTinyCheckpoint().load("tiny")  # the base, loaded before detection stops working
     detection = importlib.import_module("comfy.model_detection")
     for fn in ("model_config_from_unet", "model_config_from_diffusers_unet", "convert_diffusers_mmdit"):

@@ -3,7 +3,7 @@
 The substitutes stand in for the loaders only; every other node runs as the file has it. A workflow's
 model family is read from the files its loaders name (FAMILY_FILES): SD1.5's checkpoint is the tiny SD1
 checkpoint (TestTinyCheckpoint, a real CLIP); SDXL's checkpoint and Flux.1 dev's Load Diffusion Model are
-tiny random-weight models of the host's own classes (tests/tiny_families.py) whose text encoders
+tiny random-weight models of the host's own classes (tests/support/tiny_families.py) whose text encoders
 (TestFamilyCLIP, under the host's own CLIPTextEncode) give conditioning of the family's widths, and whose
 VAE is a tiny TAESD of the family's latent channels; a domain file is a LoRA of that family.
 """
@@ -14,9 +14,9 @@ import os
 import pytest
 from PIL import Image
 
-import tiny_families as fam
-import tiny_nodes as tiny
-from workflow_api import to_api
+from tests.support import tiny_families as fam
+from tests.support import tiny_nodes as tiny
+from tests.support.workflow_api import to_api
 
 WORKFLOWS = sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(__file__)), "example_workflows", "*.json")))
 

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-import live_server
+from tests.support import live_server
 
 pytestmark = pytest.mark.cpu_tier  # no GPU code: the GPU tier (--gpu) leaves it out
 

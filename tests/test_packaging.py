@@ -103,7 +103,7 @@ def shipped() -> list[str]:
 
 def test_the_ignore_file_uses_only_the_pattern_forms_emulated_here():
     assert all(not p.startswith("!") and "**" not in p for p in ignore_patterns())
-    assert ignored("tests/host.py", "/tests/") and not ignored("nodes/tests.py", "/tests/")
+    assert ignored("tests/support/host.py", "/tests/") and not ignored("nodes/tests.py", "/tests/")
     assert ignored("tools/make_workflows.py", "/tools/make_*.py") and not ignored("tools/train_domain.py", "/tools/make_*.py")
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training_support import write_image
+from tests.support.standins import write_image
 from training.data import ImageSet, fit_to_bucket, make_buckets, nearest_bucket
 
 

@@ -2,7 +2,7 @@
 the CPU train what one process trains with the same global batch; a run resumes on another
 number of processes; a failing rank stops every rank with one message and the last checkpoint kept.
 
-The workers are tests/dist_worker.py (the stand-ins of training_support: tiny UNet, fake
+The workers are tests/dist_worker.py (the stand-ins of tests/support/standins.py: tiny UNet, fake
 VAE, one thread each), started as torchrun starts them. The single-process references run here.
 """
 import glob
@@ -17,11 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from live_server import free_port
-from training_support import FakeVAE, cond_for, one_cpu_thread, sd_alphas_cumprod, tiny_unet, write_image  # noqa: F401
+from tests.support.live_server import free_port
+from tests.support.standins import FakeVAE, cond_for, one_cpu_thread, sd_alphas_cumprod, tiny_unet, write_image  # noqa: F401
 from training import TrainConfig, read_state_header, train
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_worker.py")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = ["-m", "tests.dist_worker"]  # run from REPO
 # Two buckets at resolution 128 (128x128 and 64x128 px), a global batch of 4: 2 images per process.
 CONFIG = dict(steps=4, mode="full", lr=3e-3, resolution=128, precision="fp32", batch_size=4, ema_decay=0.9,
               checkpoint_every=2, warmup_steps=1)
@@ -43,7 +44,7 @@ def launch(tmp, jobs: list[dict], world: int = 2, timeout: float = 120) -> list[
     spec.write_text(json.dumps(jobs))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
            "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, WORKER, os.fspath(spec)], env={**env, "RANK": str(k), "LOCAL_RANK": str(k)},
+    procs = [subprocess.Popen([sys.executable, *WORKER, os.fspath(spec)], cwd=REPO, env={**env, "RANK": str(k), "LOCAL_RANK": str(k)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(world)]
     done = []
     try:

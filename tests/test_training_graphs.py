@@ -1,7 +1,7 @@
 """TrainConfig.cuda_graph (training/graphed.py): the steps' forward and backward replayed as CUDA
 graphs train what the eager steps train, and the option refuses what it cannot do.
 
-The GPU tests (marked gpu) train the stand-in UNet of tests/training_support.py on the GPU
+The GPU tests (marked gpu) train the stand-in UNet of tests/support/standins.py on the GPU
 with and without the graphs; the CPU tests check the refusals.
 """
 import json
@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from training_support import run, tiny_unet
+from tests.support.standins import run, tiny_unet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("options, words", [
@@ -57,8 +59,8 @@ def test_graphs_let_go_under_cudamallocasync_leave_the_console_quiet():
     output does (the control). Freed through release_graph, as a sampling run's Graph and
     training's GraphedSteps are when they go, it does not."""
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF="backend:cudaMallocAsync")
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "graph_release_check.py")
-    run_ = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
+    run_ = subprocess.run([sys.executable, "-m", "tests.graph_release_check"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert run_.returncode == 0, run_.stderr[-3000:]
     report = json.loads(run_.stdout.strip().splitlines()[-1])
     assert report["allocator"] == "cudaMallocAsync" and report["captured"] == 1, report
@@ -88,8 +90,8 @@ def test_failed_captures_leave_the_next_capture_memory_and_random_generator_as_t
     owner give CUDA's graph memory back when released. Under cudaMallocAsync, where freeing an
     invalidated capture's tensors aborts, this is what keeps ComfyUI running."""
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=f"backend:{allocator}")
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "failed_capture_check.py")
-    run_ = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
+    run_ = subprocess.run([sys.executable, "-m", "tests.failed_capture_check"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert run_.returncode == 0, run_.stderr[-3000:]
     report = json.loads(run_.stdout.strip().splitlines()[-1])
     assert report["allocator"] == allocator

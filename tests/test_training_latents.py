@@ -5,7 +5,7 @@ import os
 import numpy as np
 import torch
 
-from training_support import FakeVAE, image_folder
+from tests.support.standins import FakeVAE, image_folder
 from training.data import ImageSet, flip_horizontal
 from training.latents import CACHE_EXTENSION, cache_latents, to_image_batch
 
@@ -81,7 +81,7 @@ def test_the_latents_stay_on_disk_and_give_the_batches_the_in_memory_cache_gave(
     from training import TrainConfig
     from training.latents import CachedImage, LatentFile, LatentSet
     from training.plan import sample_batch
-    from training_support import write_image
+    from tests.support.standins import write_image
 
     folder = tmp_path / "images"
     folder.mkdir()
@@ -128,7 +128,7 @@ def test_a_second_run_reads_no_unchanged_image_file_and_trains_on_the_same_set(t
     decode every image to find its cache entry), with the same latents, buckets and set digest; an
     image rewritten since is read and encoded again, and an unreadable index only costs the reads."""
     import training.data as data
-    from training_support import cond_for, sd_alphas_cumprod, tiny_unet, write_image
+    from tests.support.standins import cond_for, sd_alphas_cumprod, tiny_unet, write_image
     from training import TrainConfig, train
 
     folder, cache = image_folder(tmp_path, n=4), tmp_path / "cache"

@@ -1,6 +1,6 @@
 """training/loop.py: train() end to end with the stand-ins (tiny UNet, fake VAE) on synthetic images.
 
-Every run here is fp32 on CPU unless a test says otherwise; `run` (training_support) trains
+Every run here is fp32 on CPU unless a test says otherwise; `run` (tests/support/standins.py) trains
 on four 64x64 images at resolution 64 with batch size 2.
 """
 import glob
@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import training_support as support
-from training_support import FakeVAE, cond_for, image_folder, one_cpu_thread, run, sd_alphas_cumprod, tiny_unet, write_image  # noqa: F401
+from tests.support import standins as support
+from tests.support.standins import FakeVAE, cond_for, image_folder, one_cpu_thread, run, sd_alphas_cumprod, tiny_unet, write_image  # noqa: F401
 from training import ResumeMismatch, TrainConfig, TrainingDiverged, learning_rate, read_state_header, train
 from training.latents import CachedImage, LatentSet
 from training.plan import sample_batch
@@ -333,7 +333,7 @@ def test_a_state_file_from_before_the_epoch_order_resumes_with_it(tmp_path, capl
     assert resumed.start_step == 2 and "written before the epoch order" in caplog.text
 
 
-# The stand-ins the training tests run on (tests/training_support.py).
+# The stand-ins the training tests run on (tests/support/standins.py).
 def test_tiny_unet_has_the_hosts_signature_and_output_shape():
     unet = support.tiny_unet()
     x = torch.randn(2, 4, 8, 16)

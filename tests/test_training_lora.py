@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training_support import CONTEXT, OpsLinear, tiny_unet
+from tests.support.standins import CONTEXT, OpsLinear, tiny_unet
 from training.lora import DEFAULT_TARGETS, inject_lora, load_lora, lora_state_dict, merged_weight
 
 x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from training_support import sd_alphas_cumprod
+from tests.support.standins import sd_alphas_cumprod
 from training.noise import check_schedule, denoising_loss, prediction_target, q_sample, v_target
 
 g = torch.Generator().manual_seed(0)

@@ -3,7 +3,7 @@ optimizer of the paper's own recipe): it keeps AdamW's moments in 8 bits, trains
 its state file holds those 8-bit moments and a resumed run ends where an uninterrupted one does;
 without bitsandbytes, or with a state of the other optimizer, a clear error and nothing written.
 
-A stand-in UNet 64 channels wide (tests/training_support.py's TinyUNet): bitsandbytes keeps
+A stand-in UNet 64 channels wide (tests/support/standins.py's TinyUNet): bitsandbytes keeps
 tensors under 4096 elements in 32 bits, and the narrow default has none that large.
 """
 import importlib.util
@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from training_support import TinyUNet, run
+from tests.support.standins import TinyUNet, run
 from training import read_state_header
 from training.checkpoint import ResumeMismatch
 

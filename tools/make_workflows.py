@@ -1,7 +1,7 @@
 """Writes example_workflows/*.json (ComfyUI UI format) from the compact graphs below.
 
 Run inside a started host (it reads the real node definitions for sockets and widget order):
-    COMFYUI_PATH=... python tools/make_workflows.py
+    COMFYUI_PATH=... python -m tools.make_workflows   (from the repository's root)
 then draw their thumbnails for the Templates dialog: python tools/make_thumbnails.py
 """
 from __future__ import annotations
@@ -12,10 +12,9 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
 
-import host  # noqa: E402
-from workflow_api import input_defs, widget_inputs  # noqa: E402
+from tests.support import host  # noqa: E402
+from tests.support.workflow_api import input_defs, widget_inputs  # noqa: E402
 
 CKPT = "v1-5-pruned-emaonly.safetensors"
 DOMAIN = "my_domain.safetensors"

@@ -19,7 +19,7 @@ import sys
 import types
 import uuid
 
-PACK_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/support/ -> the pack
 PACK_NAME = "comfyui-indomain"
 log = logging.getLogger("tests.host")
 
@@ -151,7 +151,7 @@ class Host:
             os.symlink(PACK_DIR, link)
         if not asyncio.run(nodes.load_custom_node(link)):
             raise RuntimeError("ComfyUI failed to load the pack; see the log above")
-        import tiny_nodes
+        from tests.support import tiny_nodes
 
         tiny_nodes.register(self)
         # Nodes reach the UI through server.PromptServer.instance, as in a running ComfyUI (whose

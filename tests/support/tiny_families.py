@@ -35,8 +35,8 @@ import zlib
 
 import torch
 
-from host import pack_module
-from tiny_nodes import plain_weights, randomize_
+from tests.support.host import pack_module
+from tests.support.tiny_nodes import plain_weights, randomize_
 
 _SD_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1], channel_mult=[1],
                 transformer_depth=[1], transformer_depth_output=[1, 1], transformer_depth_middle=1,
@@ -297,7 +297,7 @@ class TestFamilyCheckpoint:
     CATEGORY = "testing"
 
     def load(self, family):
-        from tiny_nodes import TestTinyTAESD
+        from tests.support.tiny_nodes import TestTinyTAESD
 
         vae = TestTinyTAESD().load(LATENT_CHANNELS[family])[0]
         return family_model(family), FamilyCLIP(family), vae

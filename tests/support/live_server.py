@@ -26,8 +26,7 @@ import time
 import urllib.error
 import urllib.request
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/support/ -> the pack
 PACK_NAME = "comfyui-indomain"
 
 # The combo widgets holding a file name, for the node types of workflows/: (widgets_values index,
@@ -126,8 +125,8 @@ class LiveServer:
 
     def start_writing_files(self, files: list[tuple[str, str]]) -> subprocess.Popen:
         """Tiny model files and images under the given names, written by a subprocess of the host's Python."""
-        return subprocess.Popen([self.python, os.path.abspath(__file__), "write-files", self.comfy_path, self.base,
-                                 json.dumps(files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen([self.python, "-m", "tests.support.live_server", "write-files", self.comfy_path, self.base,
+                                 json.dumps(files)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     # --- server --------------------------------------------------------------------------------
     def command(self) -> list[str]:
@@ -232,11 +231,10 @@ def write_files(comfy_path: str, base: str, files: list[tuple[str, str]]):
     a TAESD of 16 channels) and a second file of a folder is a hard link to the first (the checkpoint is
     300 MB)."""
     sys.path.insert(0, comfy_path)
-    sys.path.insert(0, TESTS)
     from comfy.cli_args import args
 
     args.cpu = True
-    import tiny_nodes as tiny
+    from tests.support import tiny_nodes as tiny
     from PIL import Image
 
     first = {}  # folder -> the first model file written there
