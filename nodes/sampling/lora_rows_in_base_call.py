@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from .fastpath import RecordedCall, apply_recorded, split_rows
+from .fastpath import RecordedCall, apply_recorded, difference, split_rows
 from .lora_adapters import RowsMismatch, lora_applied
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _joined_kwargs(records: list[dict]) -> dict | None:
             if not all(torch.is_tensor(o) and o.shape[1:] == v.shape[1:] and o.dtype == v.dtype and o.device == v.device for o in values):
                 return None
             v = torch.cat(values)
-        elif not all(_same(o, v) for o in values):
+        elif any(difference(o, v) is not None for o in values):
             return None
         joined[k] = v
     return joined
@@ -91,7 +91,7 @@ def _joined_transformer_options(values: list[dict]) -> dict | None:
     first = values[0]
     if any(set(o) - {"sigmas"} != set(first) - {"sigmas"} for o in values):
         return None
-    if any(not _same(o[k], first[k]) for o in values for k in first if k not in per_row and k != "sigmas"):
+    if any(difference(o[k], first[k]) is not None for o in values for k in first if k not in per_row and k != "sigmas"):
         return None
     joined = dict(first)
     for k in per_row:
@@ -99,13 +99,3 @@ def _joined_transformer_options(values: list[dict]) -> dict | None:
             joined[k] = [item for o in values for item in o[k]]
     return joined
 
-
-def _same(a, b) -> bool:
-    if a is b:
-        return True
-    if torch.is_tensor(a) or torch.is_tensor(b):
-        return torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and bool(torch.equal(a, b))
-    try:
-        return bool(a == b)
-    except Exception:  # objects whose == is not a truth value
-        return False
