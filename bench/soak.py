@@ -1,6 +1,6 @@
 """GPU soak: one ComfyUI process sampling as a server does for hours (cudagraph.OWNER's contract).
 
-    python -m bench.soak --out DIR [--runs 100] [--cancels 10] [--steps 6] [--quick]
+    python -m bench.soak --out DIR [--runs 100] [--cancels 10] [--steps 6] [--max-seconds S] [--quick]
 
 Starts the real host in-process as its main.py would (tests/support/host.py: its allocator, dynamic VRAM
 where main.py turns it on, main.py's progress hook that raises on Cancel), builds full-size SD1.5
@@ -144,6 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models", default="sd15,sdxl")
     ap.add_argument("--quick", action="store_true", help="tiny models (checks the script)")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="draw no new run after this long (the unload and the summary still come); the summary says how many ran")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     import tempfile
@@ -173,7 +175,11 @@ def main(argv=None) -> int:
     trainings = {args.runs // 4, args.runs // 2, 3 * args.runs // 4}
     draws, outputs, repeats = [], {}, []
     path = os.path.join(args.out, "soak.json")
+    started = time.perf_counter()
     for i in range(args.runs):
+        if args.max_seconds is not None and time.perf_counter() - started > args.max_seconds:
+            result["stopped_after_runs"] = i  # --max-seconds reached
+            break
         if i % 5 == 4 and draws:
             j = rng.randrange(len(draws))
             draw, repeat_of = dict(draws[j]), j
@@ -210,7 +216,8 @@ def main(argv=None) -> int:
     result["after"] = memory(soak.cudagraph)
     cancelled = [r for r in result["runs"] if r.get("cancel")]
     result["summary"] = {
-        "runs": args.runs, "cancels": len(cancelled),
+        "runs": result.get("stopped_after_runs", args.runs), "seconds": round(time.perf_counter() - started, 1),
+        "cancels": len(cancelled),
         "cancels_during_capture": sum(r["cancel"] == "capture" for r in cancelled),
         "cancelled_runs": sum(r.get("result") == "cancelled" for r in cancelled),
         "max_steps_after_cancel": max((r.get("steps_after_cancel", 0) for r in cancelled), default=0),
