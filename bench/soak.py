@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import random
@@ -120,7 +121,17 @@ class Soak:
         owner = self.cudagraph.OWNER
         captures = owner.captures
         t0 = time.perf_counter()
-        row = bench_training.run_case(models["sd15"]["base"], "lora-b8-graph", 64 if self.quick else 256, 8, 3, 16)
+        base = models["sd15"]["base"]
+        # as the node trains: under dynamic VRAM on the host's non-dynamic copy of the base (for_training)
+        adapters = self.host.pack("nodes.training.differentiable")
+        if not hasattr(adapters, "for_training"):
+            adapters = self.host.pack("nodes.training.inputs")
+        model = adapters.for_training(base)
+        try:
+            row = bench_training.run_case(model, "lora-b8-graph", 64 if self.quick else 256, 8, 3, 16)
+        finally:
+            if model is not base:
+                self.host.pack("nodes.dynamic_vram").release(model)
         return {"train": "lora-b8-graph, 8 steps, 256 px", "seconds": round(time.perf_counter() - t0, 2),
                 "images_per_s": round(row["images_per_s"], 2), "captures": owner.captures - captures,
                 "held_after_gib": round(owner.held() / 2**30, 3)}
@@ -196,6 +207,7 @@ def main(argv=None) -> int:
         draws.append(draw)
         if out is not None:
             outputs[i] = out
+            row["latent_sha"] = hashlib.sha256(out.cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
             if repeat_of is not None and repeat_of in outputs:
                 row["bit_identical"] = bool(torch.equal(out, outputs[repeat_of]))
                 repeats.append(row["bit_identical"])
