@@ -70,6 +70,7 @@ one row per step) and a rank-32 LoRA of the family's training targets.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import gc
 import json
@@ -77,6 +78,7 @@ import logging
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -649,6 +651,7 @@ def main(argv=None) -> int:
         return 2
     use_cpu = args.cpu or not torch.cuda.is_available()
     base_dir = tempfile.mkdtemp(prefix="indomain-bench-")
+    atexit.register(shutil.rmtree, base_dir, ignore_errors=True)  # model files of several GB
     if args.dynamic_vram == "off":
         sys.path.insert(0, path)
         from comfy.cli_args import args as host_args

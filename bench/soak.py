@@ -11,7 +11,8 @@ prompt (an empty HookGroup on the positive); every fifth run repeats an earlier 
 Interleaved: three LoRA training runs with cuda_graphs on (SD1.5, 8 steps, 256 px, random latents).
 --cancels of the runs are cancelled: at least 3 while the fast path captures (the host's Cancel
 flag set by a layer's pre-hook during the capture: its ops raise inside it), the others by a
-timer at a random moment.
+timer at a random moment of a random step (started at that step's progress callback, firing
+within the next 50 ms: a step of these models takes tens of milliseconds, so it lands mid-run).
 
 Reported (soak.json): per run its draw, time, captures and reuses, and for a Cancel the steps the
 sampler finished after the flag was set; at the end, after the host's unload_all_models and
@@ -21,11 +22,13 @@ first run; whether repeated runs gave bit-identical latents. The process must no
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import hashlib
 import json
 import os
 import random
+import shutil
 import sys
 import threading
 import time
@@ -48,11 +51,16 @@ class Soak:
         self.sampling = host.pack("nodes.sampler_nodes")
         self.after_cancel: list[int] = []  # steps finished after the Cancel flag was set
         self.flagged = False
+        self.arm_at: int | None = None  # a timer Cancel: the step whose callback starts the timer
+        self.timer: threading.Timer | None = None
 
     def progress_hook(self, value, total, preview, prompt_id=None, node_id=None):
         """main.py's hook: a Cancel raises at the next step's callback."""
         if self.flagged:
             self.after_cancel.append(value)
+        if self.arm_at is not None and value >= self.arm_at and self.timer is None:
+            self.timer = threading.Timer(random.uniform(0.0, 0.05), self.cancel)
+            self.timer.start()
         self.mm.throw_exception_if_processing_interrupted()
 
     def cancel(self):
@@ -79,16 +87,15 @@ class Soak:
         owner = self.cudagraph.OWNER
         captures, reuses = owner.captures, owner.reuses
         m = models[draw["model"]]
-        handle, timer = None, None
-        self.after_cancel, self.flagged = [], False
+        handle = None
+        self.after_cancel, self.flagged, self.arm_at, self.timer = [], False, None, None
         if cancel == "capture":
             owner.release()  # this run captures: nothing of an earlier run to reuse
             module = m["base"].model.diffusion_model.out[2]
             handle = module.register_forward_pre_hook(
                 lambda mod, args: self.cancel() if capturing() and not self.flagged else None)
         elif cancel == "timer":
-            timer = threading.Timer(random.uniform(0.05, 1.5), self.cancel)
-            timer.start()
+            self.arm_at = random.randrange(1, self.steps)
         t0 = time.perf_counter()
         row = {**draw, "cancel": cancel}
         try:
@@ -101,8 +108,9 @@ class Soak:
         finally:
             if handle is not None:
                 handle.remove()
-            if timer is not None:
-                timer.cancel()
+            if self.timer is not None:
+                self.timer.cancel()
+            self.arm_at = None
             self.mm.interrupt_current_processing(False)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
@@ -160,7 +168,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     import tempfile
-    host = host_module.Host(host_module.find_host(), tempfile.mkdtemp(prefix="indomain-soak-"),
+    base_dir = tempfile.mkdtemp(prefix="indomain-soak-")  # the host's folders: model files of several GB
+    atexit.register(shutil.rmtree, base_dir, ignore_errors=True)
+    host = host_module.Host(host_module.find_host(), base_dir,
                             cpu=not torch.cuda.is_available(),
                             builtin_nodes=False, dynamic_vram=True).start()
     import comfy.model_management as mm
