@@ -78,7 +78,7 @@ def worker(args) -> int:
         device = mm.get_torch_device()
         mm.load_models_gpu([model], force_full_load=True)
         unet = model.model.diffusion_model
-        train_inputs.make_autograd_safe(unet)
+        bt.host.pack("nodes.training.differentiable").make_autograd_safe(unet)
         config = training.TrainConfig(steps=args.steps, mode=mode, batch_size=batch, resolution=px, lr=1e-5, flip=False,
                                       precision="bf16", lora_rank=16, lora_alpha=16.0,
                                       gradient_checkpointing=train_inputs.checkpointed_blocks(unet) if ckpt else (), **speed)

@@ -99,7 +99,7 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, pr
     device = mm.get_torch_device()
     mm.load_models_gpu([model], force_full_load=True)  # again after a full-mode case released it, as the node does
     unet = model.model.diffusion_model
-    training_node.make_autograd_safe(unet)
+    host.pack("nodes.training.differentiable").make_autograd_safe(unet)
     profiled = 3 if profile else 0  # steps after the timed ones, under the profiler
     config = training.TrainConfig(steps=steps + profiled, mode=mode, batch_size=batch, resolution=px, lr=1e-5, flip=False,
                                   precision="bf16", gradient_checkpointing=training_node.checkpointed_blocks(model) if ckpt else (),

@@ -14,7 +14,7 @@ import folder_paths
 
 from ...training import TrainConfig
 from ..dynamic_vram import release
-from .inputs import load_for_training, weights_cast_to_input
+from .differentiable import load_for_training, weights_cast_to_input
 
 PREVIEW_STEPS = 20
 

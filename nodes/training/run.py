@@ -28,12 +28,11 @@ from ...training.distributed import ranks
 from ..domain_files import apply_lora, model_from_base_config
 from ..dynamic_vram import release
 from ..host_memory import host_flag_reason
-from .differentiable import host_in_training
+from .differentiable import for_training, host_in_training, mixed_dtypes, weights_cast_to_input, weights_for_autograd
 from .families import family_of
 from .files import kept_message, cache_folder, file_metadata, output_paths
 from .inputs import (alphas_cumprod, check_vae, checkpointed_blocks, cond_function, empty_prompt, encode_function,
-                     flow_schedule, for_training, mixed_dtypes, prediction_type, weights_cast_to_input,
-                     weights_for_autograd)
+                     flow_schedule, prediction_type)
 from .progress import preview_function, progress_reporter
 
 log = logging.getLogger(__name__)
