@@ -527,12 +527,13 @@ def test_sdxl_trains_on_its_size_conditioning_and_v_models_on_v(comfy):
     sdxl = model_base.SDXL(supported.SDXL(config))
     patcher = type("Patcher", (), {"model": sdxl})()
     pooled = torch.randn(1, 1280)
-    cond_for = training.cond_function(patcher, torch.randn(1, 77, 2048), {"pooled_output": pooled})
+    host = training.read_host_model(patcher)
+    cond_for = training.cond_function(host, torch.randn(1, 77, 2048), {"pooled_output": pooled})
     square, wide = cond_for(1024, 1024), cond_for(768, 1344)
     assert square["context"].shape == (1, 77, 2048) and square["y"].shape == (1, 2816)
     assert torch.equal(square["y"][:, :1280], pooled)  # the pooled empty prompt, then the size embedding
     assert not torch.equal(square["y"], wide["y"])  # the size embedding follows the bucket
-    assert training.prediction_type(patcher) == "eps"
+    assert host.prediction_type == training.prediction_type(patcher) == "eps" and host.architecture == "SDXL"
     v_model = model_base.BaseModel(supported.SD20(dict(config, context_dim=1024, adm_in_channels=None)),
                                    model_type=model_base.ModelType.V_PREDICTION)
     assert training.prediction_type(type("Patcher", (), {"model": v_model})()) == "v"
@@ -611,7 +612,7 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_weights(co
     differentiable = comfy.pack("nodes.training.differentiable")
     from tests.support import tiny_nodes
     unet = tiny_nodes.tiny_model().model.diffusion_model
-    names = training_node.checkpointed_blocks(tiny_nodes.tiny_model())
+    names = training_node.read_host_model(tiny_nodes.tiny_model()).checkpointed_blocks
     assert "input_blocks.1.0" in names and "middle_block.1" in names and "output_blocks.0.1" in names
     layer = dict(unet.named_modules())["input_blocks.1.1"]  # a SpatialTransformer
     calls, original = [], layer.forward

@@ -31,7 +31,7 @@ import comfy.model_management
 import comfy.ops
 
 from ..dynamic_vram import cannot_copy, non_dynamic_copy, patcher_is_dynamic, release
-from .families import family_of
+from .families import Family
 
 log = logging.getLogger(__name__)
 _NONE = object()  # a layer without a comfy_cast_weights of its own (only its class's)
@@ -72,18 +72,18 @@ class _OutOfPlaceAdds(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def host_in_training(model=None, checkpointing: bool = False):
+def host_in_training(family: Family | None = None, checkpointing: bool = False):
     """Within the block the host computes what autograd can differentiate. Its comfy-kitchen ops
     (the fused rotary embedding of Flux and Z-Image) have no backward: ComfyUI 0.33 switches to
     plain torch ops while comfy.model_management.in_training is set (what its own LoRA trainer
     does); older hosts (0.8.0) bind the kitchen's ops at import, in comfy.ldm.flux.math and in the
     modules that import them from there, so those bindings are swapped for the same plain ops for
-    the block. For a family whose blocks add in place (families.py), those adds are made out of
-    place within the block (_OutOfPlaceAdds). With `checkpointing`, attention runs without cuDNN's
+    the block. For a `family` whose blocks add in place (its row in families.py), those adds are made
+    out of place within the block (_OutOfPlaceAdds). With `checkpointing`, attention runs without cuDNN's
     kernel (_attention_without_cudnn). Restored on exit, also after an error or Cancel."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(_differentiable_host_ops())
-        if model is not None and family_of(model).adds_in_place:
+        if family is not None and family.adds_in_place:
             stack.enter_context(_OutOfPlaceAdds())
         if checkpointing:
             stack.enter_context(_attention_without_cudnn())
