@@ -65,10 +65,10 @@ def worker(args) -> int:
     import comfy.model_management as mm
     import comfy.sd
 
-    train_inputs = bt.host.pack("nodes.training.inputs")
     training = bt.host.pack("training")
     px = 64 if args.quick else 512
     model = comfy.sd.load_diffusion_model_state_dict(bt.random_unet(bt.SD15_TINY if args.quick else bt.SD15, torch.float16))
+    read = bt.host.pack("nodes.training.inputs").read_host_model(model)  # what the node reads of the base
     rows = []
     for name in args.cases.split(","):
         if name == "full-zero" and world == 1:
@@ -78,10 +78,10 @@ def worker(args) -> int:
         device = mm.get_torch_device()
         mm.load_models_gpu([model], force_full_load=True)
         unet = model.model.diffusion_model
-        train_inputs.make_autograd_safe(unet)
+        bt.host.pack("nodes.training.differentiable").make_autograd_safe(unet)
         config = training.TrainConfig(steps=args.steps, mode=mode, batch_size=batch, resolution=px, lr=1e-5, flip=False,
                                       precision="bf16", lora_rank=16, lora_alpha=16.0,
-                                      gradient_checkpointing=train_inputs.checkpointed_blocks(unet) if ckpt else (), **speed)
+                                      gradient_checkpointing=read.checkpointed_blocks if ckpt else (), **speed)
         pixels = torch.rand(max(64, 4 * batch), px, px, 3, generator=torch.Generator().manual_seed(1))
         stamps, error = [], None
         if gpu:
@@ -94,7 +94,7 @@ def worker(args) -> int:
                 result = training.train(
                     unet, pixels, encode=bt.fake_encoder(4, 8), vae_id="bench",
                     cond_for=lambda h, w: {"context": torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))},
-                    alphas_cumprod=train_inputs.alphas_cumprod(model), prediction_type="eps", config=config, cache_dir=cache,
+                    alphas_cumprod=read.alphas_cumprod, prediction_type="eps", config=config, cache_dir=cache,
                     on_progress=lambda p: stamps.append(time.perf_counter()) if p.stage == "train" else None, device=device)
             finite = all(v == v for v in result.losses)
             del result

@@ -7,7 +7,7 @@ Starts the real ComfyUI host in-process (tests/support/host.py; COMFYUI_PATH, el
 repo), builds the SD1.5 UNet from its config with random fp16 weights and loads it through the
 host (comfy.sd.load_diffusion_model_state_dict: the host detects SD15 and returns a ModelPatcher),
 then runs the node's own adapters and loop exactly as Train Domain UNet does (nodes/training/run.py:
-load_models_gpu, make_autograd_safe, checkpointed_blocks; training.train), on 512x512 images,
+read_host_model, load_models_gpu, make_autograd_safe; training.train), on 512x512 images,
 with the VAE replaced by random latents (the VAE runs once per image and is cached; it is not
 part of a training step) and a random empty-prompt context [1, 77, 768].
 
@@ -93,16 +93,16 @@ def fake_encoder(channels: int, factor: int):
 
 def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, profile: str | None = None) -> dict:
     import comfy.model_management as mm
-    training_node = host.pack("nodes.training.inputs")
+    read = host.pack("nodes.training.inputs").read_host_model(model)  # what the node reads of the base
     training = host.pack("training")
     mode, batch, ckpt, speed = CASES[name]
     device = mm.get_torch_device()
     mm.load_models_gpu([model], force_full_load=True)  # again after a full-mode case released it, as the node does
     unet = model.model.diffusion_model
-    training_node.make_autograd_safe(unet)
+    host.pack("nodes.training.differentiable").make_autograd_safe(unet)
     profiled = 3 if profile else 0  # steps after the timed ones, under the profiler
     config = training.TrainConfig(steps=steps + profiled, mode=mode, batch_size=batch, resolution=px, lr=1e-5, flip=False,
-                                  precision="bf16", gradient_checkpointing=training_node.checkpointed_blocks(model) if ckpt else (),
+                                  precision="bf16", gradient_checkpointing=read.checkpointed_blocks if ckpt else (),
                                   lora_rank=16, lora_alpha=16.0, **speed)
     g = torch.Generator().manual_seed(1)
     pixels = torch.rand(images, px, px, 3, generator=g)
@@ -125,11 +125,11 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, pr
 
     t_begin = time.perf_counter()
     # as the node runs it (nodes/training/run.py): with checkpointing, attention without cuDNN's kernel
-    in_training = host.pack("nodes.training.differentiable").host_in_training(model, checkpointing=ckpt)
+    in_training = host.pack("nodes.training.differentiable").host_in_training(read.family, checkpointing=ckpt)
     with tempfile.TemporaryDirectory() as cache, torch.inference_mode(False), in_training:
         result = training.train(
             unet, pixels, encode=fake_encoder(4, 8), vae_id="bench", cond_for=lambda h, w: {"context": torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))},
-            alphas_cumprod=training_node.alphas_cumprod(model), prediction_type="eps", config=config, cache_dir=cache,
+            alphas_cumprod=read.alphas_cumprod, prediction_type="eps", config=config, cache_dir=cache,
             on_progress=lambda p: on_step(p), device=device,
             release_base=(lambda: host.pack("nodes.dynamic_vram").release(model)) if mode == "full" else None)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")

@@ -527,12 +527,13 @@ def test_sdxl_trains_on_its_size_conditioning_and_v_models_on_v(comfy):
     sdxl = model_base.SDXL(supported.SDXL(config))
     patcher = type("Patcher", (), {"model": sdxl})()
     pooled = torch.randn(1, 1280)
-    cond_for = training.cond_function(patcher, torch.randn(1, 77, 2048), {"pooled_output": pooled})
+    host = training.read_host_model(patcher)
+    cond_for = training.cond_function(host, torch.randn(1, 77, 2048), {"pooled_output": pooled})
     square, wide = cond_for(1024, 1024), cond_for(768, 1344)
     assert square["context"].shape == (1, 77, 2048) and square["y"].shape == (1, 2816)
     assert torch.equal(square["y"][:, :1280], pooled)  # the pooled empty prompt, then the size embedding
     assert not torch.equal(square["y"], wide["y"])  # the size embedding follows the bucket
-    assert training.prediction_type(patcher) == "eps"
+    assert host.prediction_type == training.prediction_type(patcher) == "eps" and host.architecture == "SDXL"
     v_model = model_base.BaseModel(supported.SD20(dict(config, context_dim=1024, adm_in_channels=None)),
                                    model_type=model_base.ModelType.V_PREDICTION)
     assert training.prediction_type(type("Patcher", (), {"model": v_model})()) == "v"
@@ -608,9 +609,10 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_weights(co
     takes another attention kernel, nodes/training/differentiable.py, and Adam turns the kernels' rounding
     into different weights: two steps in bf16 on an H200 moved 80 of 144 LoRA tensors by up to 1.8e-3.)"""
     training_node, loop = comfy.pack("nodes.training.inputs"), comfy.pack("training.trainable")
+    differentiable = comfy.pack("nodes.training.differentiable")
     from tests.support import tiny_nodes
     unet = tiny_nodes.tiny_model().model.diffusion_model
-    names = training_node.checkpointed_blocks(tiny_nodes.tiny_model())
+    names = training_node.read_host_model(tiny_nodes.tiny_model()).checkpointed_blocks
     assert "input_blocks.1.0" in names and "middle_block.1" in names and "output_blocks.0.1" in names
     layer = dict(unet.named_modules())["input_blocks.1.1"]  # a SpatialTransformer
     calls, original = [], layer.forward
@@ -631,7 +633,7 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_weights(co
     layer.forward = counted  # beneath the checkpoint wrapper: counts the recomputation too
     try:
         with torch.inference_mode(False):
-            training_node.make_autograd_safe(unet)
+            differentiable.make_autograd_safe(unet)
             p, generator = next(unet.parameters()), torch.Generator().manual_seed(0)
             start = torch.randn(1, 4, 8, 8, generator=generator).to(p.device, p.dtype)
             t, context = torch.tensor([500.0], device=p.device), torch.randn(1, 77, 768, generator=generator).to(p.device, p.dtype)
@@ -640,7 +642,7 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_weights(co
             plain = input_gradient(checkpointing=False)
     finally:
         layer.__dict__.pop("forward", None)
-        training_node.give_back_to_host(unet)
+        differentiable.give_back_to_host(unet)
     error = ((recomputed.float() - plain.float()).norm() / plain.float().norm()).item()
     assert error <= (1e-2 if on_gpu else 1e-6), error  # GPU: half-precision backward kernels add in a varying order
     if on_gpu:
@@ -720,8 +722,8 @@ def test_a_failure_loading_the_non_dynamic_copy_releases_it_from_the_host(comfy,
     the copy's weights usable by autograd, right after the host loaded it."""
     from tests.support import tiny_nodes
 
-    inputs, base, copies, listed_at_failure = comfy.pack("nodes.training.inputs"), tiny_nodes.tiny_model(), [], []
-    real_copy, dynamic = inputs.non_dynamic_copy, inputs.patcher_is_dynamic(base)
+    differentiable, base, copies, listed_at_failure = comfy.pack("nodes.training.differentiable"), tiny_nodes.tiny_model(), [], []
+    real_copy, dynamic = differentiable.non_dynamic_copy, differentiable.patcher_is_dynamic(base)
 
     def non_dynamic_copy(model):
         copies.append(real_copy(model) if dynamic else tiny_nodes.load_unet(tiny_nodes.unet_state_dict(0)))
@@ -732,9 +734,9 @@ def test_a_failure_loading_the_non_dynamic_copy_releases_it_from_the_host(comfy,
         raise RuntimeError("making the copy autograd-safe failed")
 
     if not dynamic:
-        monkeypatch.setattr(inputs, "patcher_is_dynamic", lambda model: model is base)
-    monkeypatch.setattr(inputs, "non_dynamic_copy", non_dynamic_copy)
-    monkeypatch.setattr(inputs, "make_autograd_safe", fails)
+        monkeypatch.setattr(differentiable, "patcher_is_dynamic", lambda model: model is base)
+    monkeypatch.setattr(differentiable, "non_dynamic_copy", non_dynamic_copy)
+    monkeypatch.setattr(differentiable, "make_autograd_safe", fails)
     try:
         assert "making the copy autograd-safe failed" in error_of(comfy, steps=1, save_name="copy_fails", resume=False)
         assert len(copies) == 1 and listed_at_failure == [True]  # the host had loaded the copy when it failed
@@ -751,11 +753,11 @@ def test_weights_cast_to_input_gives_each_layer_back_its_flag_exactly_as_it_was(
     its class had one (the class's value shows again). Layers that cast already are left alone."""
     from comfy.ops import disable_weight_init, manual_cast
 
-    inputs = comfy.pack("nodes.training.inputs")
+    differentiable = comfy.pack("nodes.training.differentiable")
     from_class, own, casting = disable_weight_init.Linear(2, 2), disable_weight_init.Linear(2, 2), manual_cast.Linear(2, 2)
     own.comfy_cast_weights = False
     with pytest.raises(RuntimeError, match="inside the block"):
-        with inputs.weights_cast_to_input(torch.nn.Sequential(from_class, own, casting)) as changed:
+        with differentiable.weights_cast_to_input(torch.nn.Sequential(from_class, own, casting)) as changed:
             assert changed == 2 and from_class.comfy_cast_weights is own.comfy_cast_weights is True
             raise RuntimeError("inside the block")
     assert "comfy_cast_weights" not in from_class.__dict__ and from_class.comfy_cast_weights is False

@@ -269,7 +269,7 @@ def fingerprint(module: torch.nn.Module) -> str:
     for name, t in module.state_dict(keep_vars=True).items():
         picks = torch.arange(0, t.numel(), max(1, t.numel() // 256), device=t.device)[:256]
         source = t.float() if t.dtype.itemsize == 1 and t.is_floating_point() else t  # take has no fp8 kernel (CUDA)
-        sample = torch.take(source, picks).float().cpu()  # no view of t: see nodes/training/inputs.make_autograd_safe
+        sample = torch.take(source, picks).float().cpu()  # no view of t: see nodes/training/differentiable.make_autograd_safe
         h.update(f"{name}{list(t.shape)}".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]

@@ -4,7 +4,7 @@ Each row says which layers take LoRA adapters (the attention and feed-forward pr
 family's usual LoRA trainers choose them), which blocks gradient checkpointing recomputes, and
 which of the host's conditioning inputs (model_base.extra_conds) the diffusion model takes, under
 which keyword. How a family is noised and what it predicts comes from the host's model_sampling
-(inputs.noise_schedule), not from this table.
+(read with the rest in inputs.read_host_model), not from this table.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import folder_paths
 
 from ...training import TrainConfig, safe_join
 from ..folders import FOLDER, is_inside, kind_folder, own_folders
-from .inputs import prediction_type
+from .inputs import HostModel
 
 STATE_EXTENSION = ".indomain-state"
 CACHE_FOLDER = ".latent-cache"
@@ -93,13 +93,15 @@ def pack_version() -> str:
     return found.group(1) if found else "unknown"
 
 
-def file_metadata(model, config: TrainConfig, step: int, image_count: int, base_fp: str) -> dict[str, str]:
+def file_metadata(host: HostModel, config: TrainConfig, step: int, image_count: int, base_fp: str) -> dict[str, str]:
+    """How the file was trained: the format, the pack's version, the base (its architecture, prediction
+    type and fingerprint), the settings, the step and the number of images."""
     return {
         "indomain.format": FILE_FORMAT,
         "indomain.pack_version": pack_version(),
         "indomain.mode": config.mode,
-        "indomain.architecture": type(model.model.model_config).__name__,
-        "indomain.prediction_type": prediction_type(model),
+        "indomain.architecture": host.architecture,
+        "indomain.prediction_type": host.prediction_type,
         "indomain.base_fingerprint": base_fp,
         "indomain.steps": str(step),
         "indomain.learning_rate": repr(config.lr),

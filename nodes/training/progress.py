@@ -14,22 +14,24 @@ import folder_paths
 
 from ...training import TrainConfig
 from ..dynamic_vram import release
-from .inputs import load_for_training, weights_cast_to_input
+from .differentiable import load_for_training, weights_cast_to_input
+from .inputs import HostModel
 
 PREVIEW_STEPS = 20
 
 
-def preview_function(model, vae, cross_attn, extras, config: TrainConfig, save_name: str, bar):
+def preview_function(model, host: HostModel, vae, cross_attn, extras, config: TrainConfig, save_name: str, bar):
     """(step, module being trained) -> one sample of the domain model on the empty prompt (what
     KSampler (Domain Guidance) gives with cfg 0 and domain_scale 1), from the host's own sampler
-    with a fixed seed, shown on the node and saved to output/indomain_previews/<save_name>/."""
+    with a fixed seed, shown on the node and saved to output/indomain_previews/<save_name>/.
+    `model`: the MODEL being trained (the host samples it); `host`: what was read of it."""
     null = [[cross_attn, extras]]
     folder = os.path.join(folder_paths.get_output_directory(), "indomain_previews", save_name)
     side = config.resolution // getattr(vae, "downscale_ratio", 8)
 
     @torch.inference_mode()  # the host's mode, in which it loads and moves models
     def preview(step: int, module: torch.nn.Module) -> None:
-        latent = torch.zeros([1, model.model.latent_format.latent_channels, side, side])
+        latent = torch.zeros([1, host.latent_channels, side, side])
         noise = comfy.sample.prepare_noise(latent, config.seed)
         sampled = model
         if config.mode == "full":  # the trained copy stands in for the base's UNet inside each model call

@@ -1,7 +1,8 @@
 """run_training: one Train Domain UNet run, from host objects to the written files and the domain
 MODEL, shared by the node and the headless trainer (tools/train_domain.py).
 
-Host objects become the loop's callables (inputs.py), the loop runs (training.train) with the
+What training needs to know of the host's MODEL is read once (inputs.read_host_model) and handed
+on; host objects become the loop's callables (inputs.py), the loop runs (training.train) with the
 host's progress bar, interrupt and previews (progress.py), and each checkpoint's weights are
 written as the model file (files.py). Out-of-memory and a full disk are reported with what
 was kept.
@@ -28,12 +29,9 @@ from ...training.distributed import ranks
 from ..domain_files import apply_lora, model_from_base_config
 from ..dynamic_vram import release
 from ..host_memory import host_flag_reason
-from .differentiable import host_in_training
-from .families import family_of
+from .differentiable import for_training, host_in_training, mixed_dtypes, weights_cast_to_input, weights_for_autograd
 from .files import kept_message, cache_folder, file_metadata, output_paths
-from .inputs import (alphas_cumprod, check_vae, checkpointed_blocks, cond_function, empty_prompt, encode_function,
-                     flow_schedule, for_training, mixed_dtypes, prediction_type, weights_cast_to_input,
-                     weights_for_autograd)
+from .inputs import HostModel, check_vae, cond_function, empty_prompt, encode_function, read_host_model
 from .progress import preview_function, progress_reporter
 
 log = logging.getLogger(__name__)
@@ -73,9 +71,10 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
     config = with_cuda_graphs(config) if cuda_graphs else config
     sources = image_sources(images, image_folder, anywhere=image_folder_anywhere)
     model_path, state_path = output_paths(save_name, config.mode)
-    pred = prediction_type(model)
-    check_vae(vae, model)
+    host = read_host_model(model)  # all that training asks of the model, asked once; refuses one it cannot train
+    check_vae(vae, host)
     cross_attn, extras = empty_prompt(null_conditioning, clip)
+    config = family_config(config, host)
     main = ranks().main  # under torchrun (the headless trainer) rank 0 alone writes files
     if not resume and os.path.exists(state_path) and main:
         log.info("resume is off: starting over, replacing %s", state_path)
@@ -86,14 +85,12 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
     with contextlib.ExitStack() as copy, torch.inference_mode(False), weights_for_autograd(trainer) as unet:
         if trainer is not model:
             copy.callback(release, trainer)
-        config = family_config(config, trainer)
         base_fp = fingerprint(unet)
-        storage = trainer.model.get_dtype()
         counted = {}
 
         def write(step: int, weights: dict[str, torch.Tensor]) -> None:
-            save_model_file(model_path, deliverable(weights, config, storage),
-                            file_metadata(model, config, step, counted.get("images", 0), base_fp))
+            save_model_file(model_path, deliverable(weights, config, host.storage),
+                            file_metadata(host, config, step, counted.get("images", 0), base_fp))
 
         def count_images(p) -> None:
             if p.stage == "cache":
@@ -104,18 +101,18 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
 
         bar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
         report = progress_reporter(bar, node_id, config.steps)
-        preview = preview_function(trainer, vae, cross_attn, extras, config, os.path.splitext(os.path.basename(model_path))[0], bar)
+        preview = preview_function(trainer, host, vae, cross_attn, extras, config, os.path.splitext(os.path.basename(model_path))[0], bar)
         # LoRA in fp32 runs the host's UNet without autocast: its fp16/bf16 weights (a GPU's) are cast
         # to the fp32 activations layer by layer.
         casting = config.mode == "lora" and config.precision == "fp32" and mixed_dtypes(unet, torch.float32)
-        with failures_explained(state_path, trainer), weights_cast_to_input(unet, casting), \
-                host_in_training(trainer, checkpointing=bool(config.gradient_checkpointing)):
+        with failures_explained(state_path, host), weights_cast_to_input(unet, casting), \
+                host_in_training(host.family, checkpointing=bool(config.gradient_checkpointing)):
             result = train(
                 unet, sources if len(sources) > 1 else sources[0],
-                encode=encode_function(vae, trainer),
-                vae_id=f"{fingerprint(vae.first_stage_model)}|{type(trainer.model.latent_format).__name__}",
-                cond_for=cond_function(trainer, cross_attn, extras),
-                alphas_cumprod=alphas_cumprod(trainer), prediction_type=pred, flow=flow_schedule(trainer), config=config,
+                encode=encode_function(vae, host, trainer),
+                vae_id=f"{fingerprint(vae.first_stage_model)}|{host.latent_format}",
+                cond_for=cond_function(host, cross_attn, extras), alphas_cumprod=host.alphas_cumprod,
+                prediction_type=host.prediction_type, flow=host.flow, config=config,
                 cache_dir=cache_folder(), state_path=state_path,
                 check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
                 on_progress=count_images, on_checkpoint=write, on_preview=preview,
@@ -126,7 +123,7 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
         if main:
             write(result.step, final)
 
-    return trained_model(model, final, config, storage, model_path), result.losses, result.start_step, model_path
+    return trained_model(model, host, final, config, model_path), result.losses, result.start_step, model_path
 
 
 def image_sources(images, image_folder: str, *, anywhere: bool = False) -> list:
@@ -141,17 +138,17 @@ def image_sources(images, image_folder: str, *, anywhere: bool = False) -> list:
     return sources
 
 
-def family_config(config: TrainConfig, trainer) -> TrainConfig:
+def family_config(config: TrainConfig, host: HostModel) -> TrainConfig:
     """config with the model family's own checkpointed blocks and LoRA targets where it asks for the defaults."""
     if config.gradient_checkpointing == ("all",):
-        config = TrainConfig(**{**config.__dict__, "gradient_checkpointing": checkpointed_blocks(trainer)})
+        config = TrainConfig(**{**config.__dict__, "gradient_checkpointing": host.checkpointed_blocks})
     if config.lora_targets == DEFAULT_TARGETS:  # the UNet's layer names: the family's own, for a DiT
-        config = TrainConfig(**{**config.__dict__, "lora_targets": family_of(trainer).lora_targets})
+        config = TrainConfig(**{**config.__dict__, "lora_targets": host.family.lora_targets})
     return config
 
 
 @contextlib.contextmanager
-def failures_explained(state_path: str, trainer):
+def failures_explained(state_path: str, host: HostModel):
     """Out of memory, a recomputation that differs and a full disk during training, raised as errors
     that say what to change and that the resumable state is kept (kept_message)."""
     try:
@@ -160,7 +157,7 @@ def failures_explained(state_path: str, trainer):
         raise RuntimeError(kept_message(state_path, f"out of memory while training ({e}). Lower batch_size or resolution, "
                                              "turn on gradient_checkpointing, use bf16, or use mode lora")) from e
     except torch.utils.checkpoint.CheckpointError as e:  # seen with SD3.5 on an H200 (docs/BENCHMARKS.md)
-        raise RuntimeError(kept_message(state_path, f"gradient_checkpointing: recomputing {family_of(trainer).name} blocks "
+        raise RuntimeError(kept_message(state_path, f"gradient_checkpointing: recomputing {host.family.name} blocks "
                                              "in backward did not give what the forward computed on this device "
                                              f"({str(e).splitlines()[0]}). Turn gradient_checkpointing off (more memory: "
                                              "lower batch_size or resolution if needed)")) from e
@@ -171,14 +168,14 @@ def failures_explained(state_path: str, trainer):
         raise
 
 
-def trained_model(model, final: dict, config: TrainConfig, storage, model_path: str):
+def trained_model(model, host: HostModel, final: dict, config: TrainConfig, model_path: str):
     """The trained weights as the domain MODEL the node outputs (a full copy of the base's
-    architecture, or the LoRA applied to the base), named after its file."""
+    architecture, or the LoRA applied to the base `model`), named after its file."""
     name = os.path.basename(model_path)
     if config.mode == "full":
-        domain = model_from_base_config(model, deliverable(final, config, storage), name)
-        if "model_sampling" in model.object_patches:  # e.g. ModelSamplingDiscrete's v / zsnr: what it was trained on
-            domain.add_object_patch("model_sampling", model.get_model_object("model_sampling"))
+        domain = model_from_base_config(model, deliverable(final, config, host.storage), name)
+        if host.sampling_patch is not None:  # e.g. ModelSamplingDiscrete's v / zsnr: what it was trained on
+            domain.add_object_patch("model_sampling", host.sampling_patch)
     else:
         domain = apply_lora(model, final, name)
     return domain
