@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 
-from bench import sampling  # bench/sampling.py: the host as main.py starts it, its allocator first
+# bench/sampling.py first: it sets the host's allocator as main.py picks it, before torch is imported
 from bench.sampling import Bench, host_module, torch
 
 def capturing() -> bool:
@@ -131,10 +131,7 @@ class Soak:
         t0 = time.perf_counter()
         base = models["sd15"]["base"]
         # as the node trains: under dynamic VRAM on the host's non-dynamic copy of the base (for_training)
-        adapters = self.host.pack("nodes.training.differentiable")
-        if not hasattr(adapters, "for_training"):
-            adapters = self.host.pack("nodes.training.inputs")
-        model = adapters.for_training(base)
+        model = self.host.pack("nodes.training.differentiable").for_training(base)
         try:
             row = bench_training.run_case(model, "lora-b8-graph", 64 if self.quick else 256, 8, 3, 16)
         finally:
