@@ -1,0 +1,129 @@
+"""What the families users run now add to domain-guided sampling, in the real host (issue 32, item 1).
+
+The checks every family gets (domain weight 0 and domain = base are KSampler bit for bit; cfg 0 + empty
+negative + domain 1 is the domain alone; a full-copy domain's fast path is the straightforward path and
+the formula; a LoRA domain in the host's key format) run for these families in tests/test_host_families.py.
+Here, with tiny random-weight models of the host's own classes (tests/support/tiny_newer_families.py):
+
+- Flux.2 dev: its guidance embedding (every row at the prompt's FluxGuidance) and reference images
+  (ReferenceLatent, as the host's Flux.2 template puts them on the prompt).
+
+Reference images, one rule for every family, the host's: a conditioning carries the references the user
+put on it (ReferenceLatent and TextEncodeQwenImageEdit append them to the conditioning they are given; the
+host never copies them from one conditioning to another, and its KSampler gives the negative the
+references of the negative alone). So the domain rows u and d take the empty prompt's conditioning as
+wired: its own references once each (none if it has none), never the prompt's added to them.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from tests.support import tiny_families as fam
+from tests.support.family_graphs import (STEPS, cond, custom_sampling, formula_guider, graph, path_lines,
+                                         rel_tolerance, run)
+from tests.support.graphs import close
+
+
+@pytest.fixture(scope="module", autouse=True)
+def family_nodes(comfy):
+    fam.register()
+
+
+@pytest.fixture(autouse=True)
+def info_logs(caplog):
+    caplog.set_level(logging.INFO)
+
+
+def record_calls(monkeypatch, patcher, calls: list):
+    """Record, for every call of this model's transformer: its rows (batch size), the reference
+    latents per row (their count), and the guidance values it receives."""
+    module = patcher.model.diffusion_model
+    forward = module.forward
+
+    def recording(x, *args, **kwargs):
+        refs, g = kwargs.get("ref_latents"), kwargs.get("guidance")
+        assert refs is None or all(r.shape[0] == x.shape[0] for r in refs)  # one reference set per row
+        calls.append({"rows": x.shape[0], "refs": 0 if refs is None else len(refs),
+                      "guidance": None if g is None else sorted({round(float(v), 4) for v in g.flatten()})})
+        return forward(x, *args, **kwargs)
+
+    monkeypatch.setattr(module, "forward", recording)
+
+
+def image_nodes(family: str) -> dict:
+    """A 64 x 64 image (the host's EmptyImage) and the family's stand-in VAE."""
+    return {"image": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1,
+                                                             "color": 0x8040C0}},
+            "vae": {"class_type": "TestFamilyVAE", "inputs": {"family": family}}}
+
+
+# -- Flux.2 dev: guidance and reference images ----------------------------------------------------------
+
+def flux2_edit(null_reference: bool, null_guidance: float | None, weight: float = 1.2, extra=None) -> dict:
+    """The host's Flux.2 template with domain guidance: the image VAE-encoded, ReferenceLatent on the prompt,
+    FluxGuidance 4 on it; cfg 1 (its BasicGuider), Domain Guider's KSampler twin. The empty prompt with the
+    same reference (null_reference) or plain; FluxGuidance null_guidance on it (None: none)."""
+    nodes = {
+        **image_nodes("flux2"),
+        "ref": {"class_type": "VAEEncode", "inputs": {"pixels": ["image", 0], "vae": ["vae", 0]}},
+        "pos_text": cond("flux2", "a photo of a cat"),
+        "pos_ref": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["pos_text", 0], "latent": ["ref", 0]}},
+        "pos": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["pos_ref", 0], "guidance": 4.0}},
+        "null": cond("flux2", "", null_guidance),
+    }
+    if null_reference:
+        nodes["null_text"] = nodes.pop("null")
+        nodes["null"] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["null_text", 0],
+                                                                     "latent": ["ref", 0]}}
+    return graph("flux2", cfg=1.0, domain=("dom", 0), domain_scale=weight, extra={**nodes, **(extra or {})})
+
+
+@pytest.mark.parametrize("null_reference", [False, True], ids=["plain_empty_prompt", "empty_prompt_with_reference"])
+def test_flux2_reference_image_and_guidance_each_row_as_wired(comfy, monkeypatch, caplog, on_gpu, null_reference):
+    """Flux.2 as its template runs it (reference image on the prompt, FluxGuidance 4, cfg 1) with a full-copy
+    domain: c gets the reference once; u and d get the empty prompt's own references once each (none for a
+    plain empty prompt); every row is at the prompt's guidance 4, whatever the empty prompt carries (here
+    FluxGuidance 5, or none, which Flux.2 would read as 3.5). The samples are the formula's, on the fast path
+    as on the straightforward one."""
+    base, domain = fam.family_model("flux2", 0), fam.family_model("flux2", 1)
+    base_calls, domain_calls = [], []
+    record_calls(monkeypatch, base, base_calls)
+    record_calls(monkeypatch, domain, domain_calls)
+    null_guidance = 5.0 if null_reference else None
+    oracle_null = {"null_g": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["null", 0], "guidance": 4.0}}}
+    prompt = flux2_edit(null_reference, null_guidance,
+                        extra={**oracle_null, **custom_sampling(formula_guider(1.2, cfg=1.0, null=("null_g", 0)), "formula")})
+    slow = run(comfy, monkeypatch, prompt, fast=False)
+    caplog.clear()
+    base_calls.clear(), domain_calls.clear()
+    fast = run(comfy, monkeypatch, flux2_edit(null_reference, null_guidance), fast=True)["out"]
+
+    refs = 1 if null_reference else 0
+    # (a CUDA graph replays the recorded call without entering Python: the first step's calls only)
+    steps = 1 if on_gpu else STEPS
+    assert domain_calls == [{"rows": 1, "refs": refs, "guidance": [4.0]}] * steps
+    if null_reference:  # c and u alike: the host batches them in one call, recorded
+        assert base_calls == [{"rows": 2, "refs": 1, "guidance": [4.0]}] * steps
+        assert path_lines(caplog, on_gpu) == ["domain 'domain_model': fast path (recorded)",
+                                              "base model (3 rows): fast path (recorded)"]
+    else:  # c with its reference, u without: two calls, as the host makes them (its call every step)
+        assert base_calls == [{"rows": 1, "refs": 1, "guidance": [4.0]}, {"rows": 1, "refs": 0, "guidance": [4.0]}] * STEPS
+        assert path_lines(caplog, on_gpu) == [
+            "domain 'domain_model': fast path (recorded)",
+            "base model (3 rows): straightforward path (the host's call was not one model call on all rows (2 calls))"]
+    assert torch.equal(fast, slow["out"]) if not on_gpu else close(fast, slow["out"])
+    assert close(slow["out"], slow["formula"], rel=rel_tolerance("flux2", on_gpu, 1e-5))
+
+
+def test_flux2_the_reference_and_the_guidance_count(comfy, monkeypatch):
+    """The checks above have teeth: another reference image, or another guidance on the prompt, moves the sample."""
+    ref = run(comfy, monkeypatch, flux2_edit(True, None))["out"]
+    other_image = flux2_edit(True, None, extra={"image": {"class_type": "EmptyImage", "inputs": {
+        "width": 64, "height": 64, "batch_size": 1, "color": 0x20C040}}})
+    assert not close(run(comfy, monkeypatch, other_image)["out"], ref, rel=1e-4)
+    other_guidance = flux2_edit(True, None)
+    other_guidance["pos"]["inputs"]["guidance"] = 2.0
+    assert not close(run(comfy, monkeypatch, other_guidance)["out"], ref, rel=1e-4)
