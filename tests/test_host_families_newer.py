@@ -6,7 +6,9 @@ the formula; a LoRA domain in the host's key format) run for these families in t
 Here, with tiny random-weight models of the host's own classes (tests/support/tiny_newer_families.py):
 
 - Flux.2 dev: its guidance embedding (every row at the prompt's FluxGuidance) and reference images
-  (ReferenceLatent, as the host's Flux.2 template puts them on the prompt).
+  (ReferenceLatent, as the host's Flux.2 template puts them on the prompt);
+- Qwen-Image Edit: reference latents from the host's TextEncodeQwenImageEdit on the prompt, the negative
+  and (as the user wires it) the empty prompt; 5-D latents.
 
 Reference images, one rule for every family, the host's: a conditioning carries the references the user
 put on it (ReferenceLatent and TextEncodeQwenImageEdit append them to the conditioning they are given; the
@@ -17,6 +19,7 @@ wired: its own references once each (none if it has none), never the prompt's ad
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -127,3 +130,89 @@ def test_flux2_the_reference_and_the_guidance_count(comfy, monkeypatch):
     other_guidance = flux2_edit(True, None)
     other_guidance["pos"]["inputs"]["guidance"] = 2.0
     assert not close(run(comfy, monkeypatch, other_guidance)["out"], ref, rel=1e-4)
+
+
+# -- Qwen-Image Edit: reference latents from TextEncodeQwenImageEdit -------------------------------------
+
+@pytest.fixture(scope="module")
+def edit_images(comfy):
+    """The image to edit, saved twice under two names in the host's input folder (a user's second Load Image
+    of the same picture gives equal pixels in another tensor)."""
+    import folder_paths
+    from PIL import Image
+
+    pixels = (torch.arange(64 * 64 * 3).reshape(64, 64, 3) * 7 % 256).to(torch.uint8).numpy()
+    for name in ("edit_me.png", "edit_me_copy.png"):
+        Image.fromarray(pixels).save(os.path.join(folder_paths.get_input_directory(), name))
+    return "edit_me.png", "edit_me_copy.png"
+
+
+def qwen_edit(null: str, weight: float = 1.5, cfg: float = 2.5, image="edit_me.png", extra=None) -> tuple[dict, tuple]:
+    """The host's Qwen-Image Edit template with domain guidance: prompt and negative ("") both encoded by
+    TextEncodeQwenImageEdit with the loaded image and the VAE. The empty prompt (null): "negative" (the
+    negative's own output), "image_loaded_twice" (TextEncodeQwenImageEdit of "" with a second Load Image of a
+    copy of the picture) or "plain" (no image). Returns the prompt and the null's link."""
+    def encode(text, image_node="image"):
+        return {"class_type": "TextEncodeQwenImageEdit", "inputs": {"clip": ["clip", 0], "prompt": text,
+                                                                    "vae": ["vae", 0], "image": [image_node, 0]}}
+
+    nodes = {"image": {"class_type": "LoadImage", "inputs": {"image": image}},
+             "vae": {"class_type": "TestFamilyVAE", "inputs": {"family": "qwen_image"}},
+             "clip": {"class_type": "TestFamilyCLIP", "inputs": {"family": "qwen_image"}},
+             "pos": encode("a photo of a cat"), "neg": encode("")}
+    null_link = {"negative": ("neg", 0), "image_loaded_twice": ("null_edit", 0), "plain": ("null", 0)}[null]
+    if null == "image_loaded_twice":
+        nodes["image_copy"] = {"class_type": "LoadImage", "inputs": {"image": "edit_me_copy.png"}}
+        nodes["null_edit"] = encode("", "image_copy")
+    prompt = graph("qwen_image", cfg=cfg, domain=("dom", 0), domain_scale=weight, extra={**nodes, **(extra or {})})
+    prompt["sample"]["inputs"]["null_conditioning"] = list(null_link)
+    return prompt, null_link
+
+
+@pytest.mark.parametrize("null", ["negative", "image_loaded_twice", "plain"])
+def test_qwen_image_edit_reference_reaches_each_row_once_as_wired(comfy, monkeypatch, caplog, on_gpu, edit_images, null):
+    """Qwen-Image Edit as its template runs it: prompt and negative each carry the image's reference latent
+    (TextEncodeQwenImageEdit). The empty prompt encoded the same way (the negative's own output, or the same
+    picture loaded a second time and encoded with "") gives u and d that reference once each (u shares the
+    negative's row: the same values are one row, references compared by value); a plain empty
+    prompt gives them none. c and n keep theirs, once. The samples are the formula's (fast and straightforward)."""
+    base, domain = fam.family_model("qwen_image", 0), fam.family_model("qwen_image", 1)
+    base_calls, domain_calls = [], []
+    record_calls(monkeypatch, base, base_calls)
+    record_calls(monkeypatch, domain, domain_calls)
+    prompt, null_link = qwen_edit(null)
+    slow = run(comfy, monkeypatch, {**prompt, **custom_sampling(formula_guider(1.5, cfg=2.5, null=null_link), "formula")},
+               fast=False)
+    caplog.clear()
+    base_calls.clear(), domain_calls.clear()
+    fast = run(comfy, monkeypatch, qwen_edit(null)[0], fast=True)["out"]
+
+    refs = 0 if null == "plain" else 1
+    steps = 1 if on_gpu else STEPS
+    assert domain_calls == [{"rows": 1, "refs": refs, "guidance": None}] * steps
+    if refs:  # the negative's row is u: one call of c and n, both with the reference, recorded
+        assert base_calls == [{"rows": 2, "refs": 1, "guidance": None}] * steps
+        assert path_lines(caplog, on_gpu) == ["domain 'domain_model': fast path (recorded)",
+                                              "base model (2 rows): fast path (recorded)"]
+    else:  # c and n with the reference in one call, u without in another, as the host makes them
+        assert base_calls == [{"rows": 2, "refs": 1, "guidance": None}, {"rows": 1, "refs": 0, "guidance": None}] * STEPS
+        assert path_lines(caplog, on_gpu) == [
+            "domain 'domain_model': fast path (recorded)",
+            "base model (3 rows): straightforward path (the host's call was not one model call on all rows (2 calls))"]
+    assert fast.ndim == 5 and fast.shape[1] == 16
+    assert torch.equal(fast, slow["out"]) if not on_gpu else close(fast, slow["out"])
+    assert close(slow["out"], slow["formula"], rel=rel_tolerance("qwen_image", on_gpu, 1e-5))
+
+
+def test_qwen_image_edit_weight_zero_is_the_stock_ksampler_with_the_reference(comfy, monkeypatch, edit_images):
+    """Domain weight 0 with the edit conditioning is the host's KSampler bit for bit; the reference counts."""
+    prompt, _ = qwen_edit("image_loaded_twice", weight=0.0)
+    stock = {**prompt, "sample": {**prompt["sample"], "class_type": "KSampler", "inputs": {
+        k: v for k, v in prompt["sample"]["inputs"].items() if k in ("model", "seed", "steps", "cfg", "sampler_name",
+                                                                       "scheduler", "positive", "negative", "latent_image",
+                                                                       "denoise")}}}
+    ref = run(comfy, monkeypatch, stock)["out"]
+    assert torch.equal(run(comfy, monkeypatch, prompt)["out"], ref)
+    other = qwen_edit("image_loaded_twice", weight=0.0, extra={"image": {"class_type": "EmptyImage", "inputs": {
+        "width": 64, "height": 64, "batch_size": 1, "color": 0x20C040}}})[0]
+    assert not close(run(comfy, monkeypatch, other)["out"], ref, rel=1e-4)
