@@ -8,7 +8,8 @@ Here, with tiny random-weight models of the host's own classes (tests/support/ti
 - Flux.2 dev: its guidance embedding (every row at the prompt's FluxGuidance) and reference images
   (ReferenceLatent, as the host's Flux.2 template puts them on the prompt);
 - Qwen-Image Edit: reference latents from the host's TextEncodeQwenImageEdit on the prompt, the negative
-  and (as the user wires it) the empty prompt; 5-D latents.
+  and (as the user wires it) the empty prompt; 5-D latents;
+- Chroma: no guidance embedding in the checkpoint (every row at the host's default 0).
 
 Reference images, one rule for every family, the host's: a conditioning carries the references the user
 put on it (ReferenceLatent and TextEncodeQwenImageEdit append them to the conditioning they are given; the
@@ -216,3 +217,27 @@ def test_qwen_image_edit_weight_zero_is_the_stock_ksampler_with_the_reference(co
     other = qwen_edit("image_loaded_twice", weight=0.0, extra={"image": {"class_type": "EmptyImage", "inputs": {
         "width": 64, "height": 64, "batch_size": 1, "color": 0x20C040}}})[0]
     assert not close(run(comfy, monkeypatch, other)["out"], ref, rel=1e-4)
+
+
+# -- Chroma: no guidance embedding in the checkpoint ------------------------------------------------------
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "straightforward"])
+def test_chroma_every_row_at_the_hosts_default_guidance(comfy, monkeypatch, on_gpu, fast):
+    """Chroma's approximator reads a guidance value the host sets to 0 where the conditioning has none. As its
+    template runs it (cfg 3.5, a real negative, no FluxGuidance), c, n, u and d are all at 0, also when the
+    empty prompt carries a FluxGuidance of its own (here 3.5, e.g. reused from a Flux.1 graph): the domain
+    term is measured at the prompt's guidance. The samples are the formula's with the empty prompt at 0."""
+    base, domain = fam.family_model("chroma", 0), fam.family_model("chroma", 1)
+    base_calls, domain_calls = [], []
+    record_calls(monkeypatch, base, base_calls)
+    record_calls(monkeypatch, domain, domain_calls)
+    prompt = graph("chroma", cfg=3.5, guidance={"null": 3.5}, domain=("dom", 0), domain_scale=1.2)
+    out = run(comfy, monkeypatch, prompt, fast=fast)["out"]
+    steps = 1 if fast and on_gpu else STEPS
+    assert domain_calls == [{"rows": 1, "refs": 0, "guidance": [0.0]}] * steps
+    assert base_calls == [{"rows": 3, "refs": 0, "guidance": [0.0]}] * steps
+    oracle = run(comfy, monkeypatch, {**prompt, **custom_sampling(formula_guider(1.2, cfg=3.5, null=("null_0", 0)), "formula"),
+                                      "null_0": cond("chroma", "")})["formula"]
+    assert close(out, oracle, rel=rel_tolerance("chroma", on_gpu, 1e-5))
+    at_3_5 = run(comfy, monkeypatch, {**prompt, **custom_sampling(formula_guider(1.2, cfg=3.5), "formula")})["formula"]
+    assert not close(at_3_5, oracle, rel=1e-4)  # the empty prompt's own 3.5 would have counted
