@@ -9,7 +9,8 @@ Here, with tiny random-weight models of the host's own classes (tests/support/ti
   (ReferenceLatent, as the host's Flux.2 template puts them on the prompt);
 - Qwen-Image Edit: reference latents from the host's TextEncodeQwenImageEdit on the prompt, the negative
   and (as the user wires it) the empty prompt; 5-D latents;
-- Chroma: no guidance embedding in the checkpoint (every row at the host's default 0).
+- Chroma: no guidance embedding in the checkpoint (every row at the host's default 0);
+- HunyuanImage 2.1: a prompt that quotes text (ByT5 glyph features on the prompt's row only).
 
 Reference images, one rule for every family, the host's: a conditioning carries the references the user
 put on it (ReferenceLatent and TextEncodeQwenImageEdit append them to the conditioning they are given; the
@@ -41,17 +42,21 @@ def info_logs(caplog):
     caplog.set_level(logging.INFO)
 
 
-def record_calls(monkeypatch, patcher, calls: list):
-    """Record, for every call of this model's transformer: its rows (batch size), the reference
-    latents per row (their count), and the guidance values it receives."""
+def rows_refs_guidance(x, kwargs) -> dict:
+    """A transformer call's rows (batch size), reference latents per row (their count), guidance values."""
+    refs, g = kwargs.get("ref_latents"), kwargs.get("guidance")
+    assert refs is None or all(r.shape[0] == x.shape[0] for r in refs)  # one reference set per row
+    return {"rows": x.shape[0], "refs": 0 if refs is None else len(refs),
+            "guidance": None if g is None else sorted({round(float(v), 4) for v in g.flatten()})}
+
+
+def record_calls(monkeypatch, patcher, calls: list, read=rows_refs_guidance):
+    """Record read(x, keyword arguments) for every call of this model's transformer."""
     module = patcher.model.diffusion_model
     forward = module.forward
 
     def recording(x, *args, **kwargs):
-        refs, g = kwargs.get("ref_latents"), kwargs.get("guidance")
-        assert refs is None or all(r.shape[0] == x.shape[0] for r in refs)  # one reference set per row
-        calls.append({"rows": x.shape[0], "refs": 0 if refs is None else len(refs),
-                      "guidance": None if g is None else sorted({round(float(v), 4) for v in g.flatten()})})
+        calls.append(read(x, kwargs))
         return forward(x, *args, **kwargs)
 
     monkeypatch.setattr(module, "forward", recording)
@@ -241,3 +246,30 @@ def test_chroma_every_row_at_the_hosts_default_guidance(comfy, monkeypatch, on_g
     assert close(out, oracle, rel=rel_tolerance("chroma", on_gpu, 1e-5))
     at_3_5 = run(comfy, monkeypatch, {**prompt, **custom_sampling(formula_guider(1.2, cfg=3.5), "formula")})["formula"]
     assert not close(at_3_5, oracle, rel=1e-4)  # the empty prompt's own 3.5 would have counted
+
+
+# -- HunyuanImage 2.1: glyph features of quoted text ------------------------------------------------------
+
+def test_hunyuan_image_quoted_text_glyphs_reach_the_prompts_row_only(comfy, monkeypatch, caplog, on_gpu):
+    """A prompt quoting text gets ByT5 glyph features from HunyuanImage 2.1's encoder (the negative and the
+    empty prompt none): c is computed with them, n, u and d without, as each is wired; the samples are the
+    formula's, on the fast path as on the straightforward one."""
+    calls = {"base": [], "domain": []}
+    for name, seed in (("base", 0), ("domain", 1)):  # (rows, with glyph features) per call
+        record_calls(monkeypatch, fam.family_model("hunyuan_image", seed), calls[name],
+                     read=lambda x, kwargs: (x.shape[0], kwargs.get("txt_byt5") is not None))
+    prompt = graph("hunyuan_image", positive='a sign that says "open"', domain=("dom", 0), domain_scale=1.2)
+    slow = run(comfy, monkeypatch, {**prompt, **custom_sampling(formula_guider(1.2), "formula")}, fast=False)
+    caplog.clear()
+    calls["base"].clear(), calls["domain"].clear()
+    fast = run(comfy, monkeypatch, prompt, fast=True)["out"]
+    assert calls["domain"] == [(1, False)] * (1 if on_gpu else STEPS)
+    assert sorted(calls["base"]) == sorted([(1, True), (2, False)] * STEPS)  # c alone, n and u together, per step
+    assert path_lines(caplog, on_gpu) == [
+        "domain 'domain_model': fast path (recorded)",
+        "base model (3 rows): straightforward path (the host's call was not one model call on all rows (2 calls))"]
+    assert torch.equal(fast, slow["out"]) if not on_gpu else close(fast, slow["out"])
+    assert close(slow["out"], slow["formula"], rel=rel_tolerance("hunyuan_image", on_gpu, 1e-5))
+    plain = run(comfy, monkeypatch, graph("hunyuan_image", positive="a sign that says open", domain=("dom", 0),
+                                          domain_scale=1.2))["out"]
+    assert not close(plain, fast, rel=1e-4)  # (another prompt, and the glyphs: the check has teeth)

@@ -143,7 +143,8 @@ def _family_model(family: str, seed: int, weight_dtype: str = "default"):
 
 def conditioning(family: str, text: str, guidance: float | None = None, *, absent: bool = True) -> list:
     """A CONDITIONING for `text` (a seeded tensor of the family's context width, the same for the same
-    text) with the family's pooled output; `guidance` set unless None."""
+    text) with the family's pooled output (and ByT5 glyph features where the family reads them and the
+    text quotes some); `guidance` set unless None."""
     spec = SPECS[family]
     g = torch.Generator().manual_seed(zlib.crc32(f"{family}:{text}".encode()))
     tensor = torch.randn(1, 77, spec["context"], generator=g)
@@ -152,6 +153,8 @@ def conditioning(family: str, text: str, guidance: float | None = None, *, absen
         extra["pooled_output"] = torch.randn(1, spec["pooled"], generator=g)
     elif family in NEWER:  # their text encoders give none, which CLIPTextEncode passes on as None (Flux.2, Chroma read it)
         extra["pooled_output"] = None
+    if spec.get("glyphs") and '"' in text:  # (HunyuanImage 2.1's encoder: ByT5 features of the quoted text)
+        extra["conditioning_byt5small"] = torch.randn(1, 8, 1472, generator=g)
     if guidance is not None:
         extra["guidance"] = guidance
     return [[tensor, extra]]

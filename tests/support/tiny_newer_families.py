@@ -25,7 +25,8 @@ _WAN = dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), dim=64
             eps=1e-6)
 
 # family -> cls: the host's supported_models class; model_type: forced (None: the class's own); context: the
-# text-embedding width; pooled: the pooled output's width (None: none read); unet: the model config.
+# text-embedding width; pooled: the pooled output's width (None: none read); glyphs: a prompt that quotes text
+# gets ByT5 glyph features (conditioning_byt5small, 1472-d), as the family's encoder gives them; unet: the model config.
 NEWER = {
     # Flux.2 dev: patch 1 on 128 latent channels, global modulation, the guidance embedding, Mistral-Small's
     # 15360-d text features (three layers of 5120), reference images as extra tokens at index 10, 20, ...
@@ -47,7 +48,7 @@ NEWER = {
         in_dim=64, out_dim=64, hidden_dim=128, n_layers=1, txt_ids_dims=[], vec_in_dim=None)),
     # HunyuanImage 2.1: the HunyuanVideo DiT on 2-D latents (64 channels at 32x), patch 1x1, Qwen2.5-VL's
     # 3584-d text features through the token refiner, the ByT5 glyph mapper (used when a prompt quotes text).
-    "hunyuan_image": dict(cls="HunyuanImage21", model_type=None, context=3584, pooled=None, unet=dict(
+    "hunyuan_image": dict(cls="HunyuanImage21", model_type=None, context=3584, pooled=None, glyphs=True, unet=dict(
         image_model="hunyuan_video", in_channels=64, out_channels=64, patch_size=[1, 1], vec_in_dim=None,
         axes_dim=[16, 16], meanflow=False, context_in_dim=3584, hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=1,
         depth_single_blocks=1, theta=256, qkv_bias=True, byt5=True, guidance_embed=False,
