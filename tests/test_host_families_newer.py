@@ -10,7 +10,9 @@ Here, with tiny random-weight models of the host's own classes (tests/support/ti
 - Qwen-Image Edit: reference latents from the host's TextEncodeQwenImageEdit on the prompt, the negative
   and (as the user wires it) the empty prompt; 5-D latents;
 - Chroma: no guidance embedding in the checkpoint (every row at the host's default 0);
-- HunyuanImage 2.1: a prompt that quotes text (ByT5 glyph features on the prompt's row only).
+- HunyuanImage 2.1: a prompt that quotes text (ByT5 glyph features on the prompt's row only);
+- Wan 2.2: 5-D video latents with the TI2V 5B's start frame (per-frame timesteps from its noise mask), and
+  the A14B's two experts (high noise, then low noise) with one domain each, switched at the host's step.
 
 Reference images, one rule for every family, the host's: a conditioning carries the references the user
 put on it (ReferenceLatent and TextEncodeQwenImageEdit append them to the conditioning they are given; the
@@ -27,8 +29,8 @@ import pytest
 import torch
 
 from tests.support import tiny_families as fam
-from tests.support.family_graphs import (STEPS, cond, custom_sampling, formula_guider, graph, path_lines,
-                                         rel_tolerance, run)
+from tests.support.family_graphs import (EXPERT_STEPS, STEPS, SWITCH, cond, custom_sampling, formula_guider, graph,
+                                         path_lines, rel_tolerance, run, wan_experts)
 from tests.support.graphs import close
 
 
@@ -42,7 +44,7 @@ def info_logs(caplog):
     caplog.set_level(logging.INFO)
 
 
-def rows_refs_guidance(x, kwargs) -> dict:
+def rows_refs_guidance(x, args, kwargs) -> dict:
     """A transformer call's rows (batch size), reference latents per row (their count), guidance values."""
     refs, g = kwargs.get("ref_latents"), kwargs.get("guidance")
     assert refs is None or all(r.shape[0] == x.shape[0] for r in refs)  # one reference set per row
@@ -51,12 +53,12 @@ def rows_refs_guidance(x, kwargs) -> dict:
 
 
 def record_calls(monkeypatch, patcher, calls: list, read=rows_refs_guidance):
-    """Record read(x, keyword arguments) for every call of this model's transformer."""
+    """Record read(x, the other arguments, the keyword arguments) for every call of this model's transformer."""
     module = patcher.model.diffusion_model
     forward = module.forward
 
     def recording(x, *args, **kwargs):
-        calls.append(read(x, kwargs))
+        calls.append(read(x, args, kwargs))
         return forward(x, *args, **kwargs)
 
     monkeypatch.setattr(module, "forward", recording)
@@ -257,7 +259,7 @@ def test_hunyuan_image_quoted_text_glyphs_reach_the_prompts_row_only(comfy, monk
     calls = {"base": [], "domain": []}
     for name, seed in (("base", 0), ("domain", 1)):  # (rows, with glyph features) per call
         record_calls(monkeypatch, fam.family_model("hunyuan_image", seed), calls[name],
-                     read=lambda x, kwargs: (x.shape[0], kwargs.get("txt_byt5") is not None))
+                     read=lambda x, args, kwargs: (x.shape[0], kwargs.get("txt_byt5") is not None))
     prompt = graph("hunyuan_image", positive='a sign that says "open"', domain=("dom", 0), domain_scale=1.2)
     slow = run(comfy, monkeypatch, {**prompt, **custom_sampling(formula_guider(1.2), "formula")}, fast=False)
     caplog.clear()
@@ -273,3 +275,79 @@ def test_hunyuan_image_quoted_text_glyphs_reach_the_prompts_row_only(comfy, monk
     plain = run(comfy, monkeypatch, graph("hunyuan_image", positive="a sign that says open", domain=("dom", 0),
                                           domain_scale=1.2))["out"]
     assert not close(plain, fast, rel=1e-4)  # (another prompt, and the glyphs: the check has teeth)
+
+
+# -- Wan 2.2: video latents, the TI2V 5B's start frame, the A14B's two experts ----------------------------
+
+def first_timesteps(x, args, kwargs) -> tuple:
+    """A Wan call's rows and the timesteps of its first row (one per latent frame under a noise mask)."""
+    return x.shape[0], tuple(round(float(t), 3) for t in args[0][0].flatten())
+
+
+def test_wan22_5b_start_frame_every_row_at_the_masks_per_frame_timesteps(comfy, monkeypatch, caplog, on_gpu):
+    """Wan 2.2 TI2V 5B from a start image (the host's Wan22ImageToVideoLatent: the image's latent in frame 0
+    and a noise mask that keeps it): 5-D latents of 48 channels; c, n, u and d all get the mask's per-frame
+    timesteps (frame 0 at 0); the kept frame is the stock KSampler's; weight 0 is the stock KSampler bit for
+    bit; a full-copy domain's samples are the formula's, on the fast path as on the straightforward one."""
+    start = {**image_nodes("wan22_5b"),
+             "latent": {"class_type": "Wan22ImageToVideoLatent", "inputs": {
+                 "vae": ["vae", 0], "width": 64, "height": 64, "length": 5, "batch_size": 1, "start_image": ["image", 0]}}}
+    calls = {"base": [], "domain": []}
+    for name, seed in (("base", 0), ("domain", 1)):
+        record_calls(monkeypatch, fam.family_model("wan22_5b", seed), calls[name], read=first_timesteps)
+    stock = run(comfy, monkeypatch, graph("wan22_5b", sampler="KSampler", extra=start))["out"]
+    assert torch.equal(run(comfy, monkeypatch, graph("wan22_5b", domain=("dom", 0), domain_scale=0.0, extra=start))["out"],
+                       stock)
+    prompt = graph("wan22_5b", domain=("dom", 0), domain_scale=1.2, extra=start)
+    slow = run(comfy, monkeypatch, {**prompt, **custom_sampling(formula_guider(1.2), "formula")}, fast=False)
+    caplog.clear()
+    calls["base"].clear(), calls["domain"].clear()
+    fast = run(comfy, monkeypatch, prompt, fast=True)["out"]
+
+    assert fast.shape == (1, 48, 2, 4, 4)
+    steps = 1 if on_gpu else STEPS
+    assert [rows for rows, _ in calls["base"]] == [3] * steps and [rows for rows, _ in calls["domain"]] == [1] * steps
+    assert [t for _, t in calls["domain"]] == [t for _, t in calls["base"]]  # the same per-frame timesteps as the base
+    assert all(t[0] == 0.0 and t[1] > 0.0 for _, t in calls["base"])  # frame 0 kept, frame 1 denoised
+    assert path_lines(caplog, on_gpu) == ["domain 'domain_model': fast path (recorded)",
+                                          "base model (3 rows): fast path (recorded)"]
+    assert torch.equal(fast[:, :, 0], stock[:, :, 0]) and not close(fast[:, :, 1:], stock[:, :, 1:], rel=1e-3)
+    assert torch.equal(fast, slow["out"]) if not on_gpu else close(fast, slow["out"])
+    assert close(slow["out"], slow["formula"], rel=rel_tolerance("wan22_5b", on_gpu, 1e-5))
+
+
+def test_wan22_a14b_two_experts_one_domain_each_switched_at_the_hosts_step(comfy, monkeypatch, caplog, on_gpu):
+    """The A14B's two experts with the pack's nodes: SamplerCustomAdvanced + SplitSigmas + one Domain Guider
+    per expert, each with its own domain. Domain weight 0 (domains wired) is the host's two-KSamplerAdvanced
+    template bit for bit (as the same chain with CFGGuider is); at weight 1 the high-noise expert and its domain
+    run exactly the template's first two steps (its noise levels), the low-noise expert and its domain the
+    rest, and the samples are the formula's per expert (fast path and straightforward alike)."""
+    stock = run(comfy, monkeypatch, wan_experts("stock"))["out"]
+    assert stock.shape == (1, 16, 2, 8, 8)
+    assert torch.equal(run(comfy, monkeypatch, wan_experts("cfg"))["out"], stock)
+    assert torch.equal(run(comfy, monkeypatch, wan_experts("domain", weight=0.0))["out"], stock)
+
+    models = {"high": 0, "dom_high": 1, "low": 2, "dom_low": 3}
+    calls = {name: [] for name in models}
+    for name, seed in models.items():
+        record_calls(monkeypatch, fam.family_model("wan22_a14b", seed), calls[name], read=first_timesteps)
+    run(comfy, monkeypatch, wan_experts("stock"))
+    stock_steps = {name: sorted({t for _, t in c}, reverse=True) for name, c in calls.items() if c}
+    assert list(stock_steps) == ["high", "low"] and len(stock_steps["high"]) == SWITCH
+    assert len(stock_steps["low"]) == EXPERT_STEPS - SWITCH and min(stock_steps["high"]) > max(stock_steps["low"])
+
+    slow = run(comfy, monkeypatch, wan_experts("domain"), fast=False)["out"]
+    formula = run(comfy, monkeypatch, wan_experts("formula"))["out"]
+    for c in calls.values():
+        c.clear()
+    caplog.clear()
+    fast = run(comfy, monkeypatch, wan_experts("domain"), fast=True)["out"]
+    steps = {name: sorted({t for _, t in c}, reverse=True) for name, c in calls.items()}
+    if not on_gpu:  # (a CUDA graph replays later steps without entering Python)
+        assert steps == {"high": stock_steps["high"], "dom_high": stock_steps["high"],
+                         "low": stock_steps["low"], "dom_low": stock_steps["low"]}
+    assert path_lines(caplog, on_gpu) == ["domain 'domain_model': fast path (recorded)",
+                                          "base model (3 rows): fast path (recorded)"] * 2
+    assert torch.equal(fast, slow) if not on_gpu else close(fast, slow)
+    assert close(slow, formula, rel=rel_tolerance("wan22_a14b", on_gpu, 1e-5))
+    assert not close(slow, stock, rel=1e-3)  # the domains count

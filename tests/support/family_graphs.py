@@ -1,6 +1,6 @@
 """The prompts of the per-family sampling tests (tests/test_host_families*.py): a tiny family model ->
-conditioning -> (Domain) KSampler or SamplerCustomAdvanced with a guider -> captured latents, and how a
-run's fast-path log lines and tolerances are read."""
+conditioning -> (Domain) KSampler or SamplerCustomAdvanced with a guider -> captured latents (and Wan 2.2
+A14B's two-expert chain), and how a run's fast-path log lines and tolerances are read."""
 from __future__ import annotations
 
 import torch
@@ -73,6 +73,67 @@ def formula_guider(weight, cfg=4.0, model=("base", 0), domain=("dom", 0), positi
     return {"class_type": "TestFormulaGuider", "inputs": {
         "model": list(model), "domain_model": list(domain), "positive": list(positive), "negative": list(negative),
         "null_conditioning": list(null), "cfg": cfg, "weight": weight}}
+
+
+EXPERT_STEPS, SWITCH = 4, 2  # the template's 20 steps switching at 10, scaled down
+
+
+def wan_experts(guider: str, weight: float = 1.0) -> dict:
+    """The host's Wan 2.2 A14B text-to-video template, tiny: the high-noise and the low-noise expert (WAN21_T2V,
+    ModelSamplingSD3 shift 8 each), cfg 3.5, euler/simple. guider "stock": its two KSamplerAdvanced (steps 0-2
+    on the high-noise expert with leftover noise, then 2-end on the low-noise one without adding noise). Else
+    the same with the pack's nodes: SplitSigmas at step 2 of the high-noise model's schedule, two
+    SamplerCustomAdvanced (RandomNoise, then DisableNoise), each with a guider of its expert: "cfg" (CFGGuider),
+    "domain" (Domain Guider with its own domain: seed 1 for the high-noise expert, 3 for the low-noise one) or
+    "formula" (TestFormulaGuider, the oracle)."""
+    family = "wan22_a14b"
+    p = {
+        "high_raw": {"class_type": "TestFamilyModel", "inputs": {"family": family, "seed": 0}},
+        "low_raw": {"class_type": "TestFamilyModel", "inputs": {"family": family, "seed": 2}},
+        "high": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["high_raw", 0], "shift": 8.0}},
+        "low": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["low_raw", 0], "shift": 8.0}},
+        "dom_high": {"class_type": "TestFamilyModel", "inputs": {"family": family, "seed": 1}},
+        "dom_low": {"class_type": "TestFamilyModel", "inputs": {"family": family, "seed": 3}},
+        "pos": cond(family, "a cat walking"), "neg": cond(family, "static, blurry"), "null": cond(family, ""),
+        "latent": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": 64, "height": 64, "length": 5,
+                                                                       "batch_size": 1}},
+        "cap": {"class_type": "TestCapture", "inputs": {"value": ["second", 0], "label": "out"}},
+    }
+    if guider == "stock":
+        common = {"steps": EXPERT_STEPS, "cfg": 3.5, "sampler_name": "euler", "scheduler": "simple",
+                  "positive": ["pos", 0], "negative": ["neg", 0]}
+        p["first"] = {"class_type": "KSamplerAdvanced", "inputs": {
+            **common, "model": ["high", 0], "add_noise": "enable", "noise_seed": 7, "latent_image": ["latent", 0],
+            "start_at_step": 0, "end_at_step": SWITCH, "return_with_leftover_noise": "enable"}}
+        p["second"] = {"class_type": "KSamplerAdvanced", "inputs": {
+            **common, "model": ["low", 0], "add_noise": "disable", "noise_seed": 0, "latent_image": ["first", 0],
+            "start_at_step": SWITCH, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+        return p
+
+    def make(expert, domain):
+        if guider == "cfg":
+            return {"class_type": "CFGGuider", "inputs": {"model": [expert, 0], "positive": ["pos", 0],
+                                                          "negative": ["neg", 0], "cfg": 3.5}}
+        if guider == "formula":
+            return formula_guider(weight, cfg=3.5, model=(expert, 0), domain=(domain, 0))
+        return domain_guider(domain=(domain, 0), weight=weight, cfg=3.5, model=(expert, 0))
+
+    p.update({
+        "sigmas": {"class_type": "BasicScheduler", "inputs": {"model": ["high", 0], "scheduler": "simple",
+                                                              "steps": EXPERT_STEPS, "denoise": 1.0}},
+        "split": {"class_type": "SplitSigmas", "inputs": {"sigmas": ["sigmas", 0], "step": SWITCH}},
+        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
+        "no_noise": {"class_type": "DisableNoise", "inputs": {}},
+        "ksel": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+        "g_high": make("high", "dom_high"), "g_low": make("low", "dom_low"),
+        "first": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["noise", 0], "guider": ["g_high", 0], "sampler": ["ksel", 0], "sigmas": ["split", 0],
+            "latent_image": ["latent", 0]}},
+        "second": {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["no_noise", 0], "guider": ["g_low", 0], "sampler": ["ksel", 0], "sigmas": ["split", 1],
+            "latent_image": ["first", 0]}},
+    })
+    return p
 
 
 def run(comfy, monkeypatch, prompt, fast=True) -> dict:
