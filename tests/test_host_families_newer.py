@@ -75,7 +75,7 @@ def image_nodes(family: str) -> dict:
 
 def flux2_edit(null_reference: bool, null_guidance: float | None, weight: float = 1.2, extra=None) -> dict:
     """The host's Flux.2 template with domain guidance: the image VAE-encoded, ReferenceLatent on the prompt,
-    FluxGuidance 4 on it; cfg 1 (its BasicGuider), Domain Guider's KSampler twin. The empty prompt with the
+    FluxGuidance 4 on it; cfg 1 (as its BasicGuider), through KSampler (Domain Guidance). The empty prompt with the
     same reference (null_reference) or plain; FluxGuidance null_guidance on it (None: none)."""
     nodes = {
         **image_nodes("flux2"),
