@@ -1,9 +1,13 @@
-"""Sampling with domain guidance for today's model families, in the real host (issue 17, item 1).
+"""Sampling with domain guidance for today's model families, in the real host (issue 17 and issue 32, item 1).
 
 Each family is a tiny random-weight model of the host's own class (tests/support/tiny_families.py): SD2.x
-v-prediction, SDXL, SD3 (MMDiT, flow), Flux.1 dev (guidance-distilled), Flux.1 schnell and Z-Image.
+v-prediction, SDXL, SD3 (MMDiT, flow), Flux.1 dev (guidance-distilled), Flux.1 schnell and Z-Image; and the
+families users run now (tests/support/tiny_newer_families.py): Flux.2 dev, Qwen-Image, Chroma, HunyuanImage
+2.1, Wan 2.2 TI2V 5B and the Wan 2.2 A14B experts' class, whose additions (reference images, guidance,
+video latents, the two experts) tests/test_host_families_newer.py checks.
 Conditioning is built directly with the family's widths (pooled output, Flux's guidance), no text
-encoder. For every family, through KSampler (Domain Guidance) and Domain Guider:
+encoder; the latent comes from the host's own empty-latent node of the family (5-D for Qwen-Image and
+Wan). For every family, through KSampler (Domain Guidance) and Domain Guider:
 
 (a) domain_scale 0 is the stock KSampler (and Domain Guider the stock CFGGuider) bit for bit;
 (b) the base MODEL wired in as the domain is the stock KSampler bit for bit;
@@ -32,11 +36,12 @@ import torch
 
 from tests.support import tiny_families as fam
 from tests.support import tiny_nodes as tiny
+from tests.support.family_graphs import (STEPS, cond, custom_sampling, domain_guider, formula_guider, graph,
+                                         path_lines, rel_tolerance, run)
 from tests.support.graphs import close
+from tests.support.tiny_newer_families import LATENT_SHAPES
 
-FAMILIES = list(fam.FAMILIES)
-STEPS = 2  # the fast path records on the first step and calls the record directly from the second
-RECORDED = {False: "(direct", True: "(graph"}  # how the device makes a recorded call, by the `graphs` fixture
+FAMILIES = list(fam.SPECS)  # the six of issue 17, then the families users run now (issue 32)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,87 +62,20 @@ def lora_files(comfy):
             for f in FAMILIES}
 
 
-def cond(family, text, guidance=None):
-    return {"class_type": "TestFamilyConditioning",
-            "inputs": {"family": family, "text": text, "guidance": -1.0 if guidance is None else guidance}}
+class _Stock(dict):
+    def __init__(self, comfy):
+        super().__init__()
+        self.comfy = comfy
 
-
-def graph(family, *, sampler="InDomainKSampler", model=("base", 0), positive="a photo of a cat", negative="blurry",
-          null="", guidance=None, cfg=4.0, domain=None, domain_scale=1.0, batch=1, extra=None):
-    """Tiny family model -> conditioning -> (Domain) KSampler -> capture. guidance: {"pos"|"neg"|"null": value}."""
-    guidance = guidance or {}
-    p = {
-        "base": {"class_type": "TestFamilyModel", "inputs": {"family": family, "seed": 0}},
-        "dom": {"class_type": "TestFamilyModel", "inputs": {"family": family, "seed": 1}},
-        "pos": cond(family, positive, guidance.get("pos")),
-        "neg": cond(family, negative, guidance.get("neg")),
-        "null": cond(family, null, guidance.get("null")),
-        "latent": {"class_type": "EmptyLatentImage" if fam.LATENT_CHANNELS[family] == 4 else "EmptySD3LatentImage",
-                   "inputs": {"width": 64, "height": 64, "batch_size": batch}},  # the host's, as users' graphs have
-        "cap": {"class_type": "TestCapture", "inputs": {"value": ["sample", 0], "label": "out"}},
-    }
-    inputs = {"model": list(model), "seed": 7, "steps": STEPS, "cfg": cfg, "sampler_name": "euler",
-              "scheduler": "simple", "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
-              "denoise": 1.0}
-    if sampler == "InDomainKSampler":
-        inputs.update({"null_conditioning": ["null", 0], "domain_scale": domain_scale, "domain_start": 0.0,
-                       "domain_end": 1.0, "control_in_domain": False})
-        if domain is not None:
-            inputs["domain_model"] = list(domain)
-    p["sample"] = {"class_type": sampler, "inputs": inputs}
-    p.update(extra or {})
-    return p
-
-
-def custom_sampling(guider_node: dict, label: str) -> dict:
-    """SamplerCustomAdvanced with `guider_node`, the KSampler node's noise, sampler and sigmas."""
-    return {
-        f"{label}_guider": guider_node,
-        "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}},
-        "ksel": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
-        "sigmas": {"class_type": "BasicScheduler", "inputs": {"model": ["base", 0], "scheduler": "simple",
-                                                              "steps": STEPS, "denoise": 1.0}},
-        f"{label}_adv": {"class_type": "SamplerCustomAdvanced", "inputs": {
-            "noise": ["noise", 0], "guider": [f"{label}_guider", 0], "sampler": ["ksel", 0], "sigmas": ["sigmas", 0],
-            "latent_image": ["latent", 0]}},
-        f"{label}_cap": {"class_type": "TestCapture", "inputs": {"value": [f"{label}_adv", 0], "label": label}},
-    }
-
-
-def domain_guider(domain=("dom", 0), weight=1.0, cfg=4.0) -> dict:
-    return {"class_type": "InDomainGuider", "inputs": {
-        "model": ["base", 0], "positive": ["pos", 0], "negative": ["neg", 0], "null_conditioning": ["null", 0],
-        "cfg": cfg, "domain_model": list(domain), "domain_scale": weight, "domain_start": 0.0, "domain_end": 1.0,
-        "control_in_domain": False}}
-
-
-def run(comfy, monkeypatch, prompt, fast=True) -> dict:
-    """Every captured LATENT's samples, the fast path on (default) or off (INDOMAIN_FAST_DOMAIN=0)."""
-    monkeypatch.setenv("INDOMAIN_FAST_DOMAIN", "1" if fast else "0")
-    return {k: v["samples"] for k, v in comfy.run(prompt)["captured"].items()}
-
-
-def rel_tolerance(family: str, on_gpu: bool, cpu: float) -> float:
-    """`cpu` on the CPU (float32); on a GPU, the precision the host runs the family's weights in
-    (bf16 for Flux and Z-Image, fp16 for the others on an H200) sets it: the same maths in another
-    order of rounding (rows batched or one by one, LoRA merged or as x down up) differs by about
-    that much after a few layers (measured on the H200: fp16 up to 1.2e-3, bf16 up to 9.3e-3)."""
-    if not on_gpu:
-        return cpu
-    dtype = fam.family_model(family).model.get_dtype()
-    return {torch.float16: 3e-3, torch.bfloat16: 2e-2}.get(dtype, 1e-3)
-
-
-def path_lines(caplog, on_gpu) -> list[str]:
-    lines = [r.getMessage() for r in caplog.records
-             if "fast path" in r.getMessage() or "straightforward path" in r.getMessage()]
-    return [line.replace(RECORDED[on_gpu], "(recorded") for line in lines]
+    def __missing__(self, family):
+        self[family] = self.comfy.run(graph(family, sampler="KSampler"))["captured"]["out"]["samples"]
+        return self[family]
 
 
 @pytest.fixture(scope="module")
 def stock(comfy):
-    """The stock KSampler's latent per family (the default graph)."""
-    return {f: comfy.run(graph(f, sampler="KSampler"))["captured"]["out"]["samples"] for f in FAMILIES}
+    """The stock KSampler's latent per family (the default graph), made when a test first asks for it."""
+    return _Stock(comfy)
 
 
 # family -> (the host's model config class, its BaseModel class, prediction type, shift of its model_sampling)
@@ -148,6 +86,12 @@ HOST_CLASSES = {
     "flux_dev": ("Flux", "Flux", "FLUX", 1.15),
     "flux_schnell": ("FluxSchnell", "Flux", "FLOW", 1.0),
     "zimage": ("ZImage", "Lumina2", "FLOW", 3.0),
+    "flux2": ("Flux2", "Flux2", "FLUX", 2.02),
+    "qwen_image": ("QwenImage", "QwenImage", "FLUX", 1.15),
+    "chroma": ("Chroma", "Chroma", "FLUX", 1.15),
+    "hunyuan_image": ("HunyuanImage21", "HunyuanImage21", "FLOW", 5.0),
+    "wan22_5b": ("WAN22_T2V", "WAN22", "FLOW", 8.0),
+    "wan22_a14b": ("WAN21_T2V", "WAN21", "FLOW", 8.0),
 }
 
 
@@ -157,14 +101,14 @@ def test_the_tiny_models_are_the_hosts_own_classes(comfy, family):
     config_cls, model_cls, model_type, shift = HOST_CLASSES[family]
     assert (type(model.model_config).__name__, type(model).__name__, model.model_type.name) == (config_cls, model_cls, model_type)
     assert getattr(model.model_sampling, "shift", None) == shift
-    assert model.latent_format.latent_channels == fam.LATENT_CHANNELS[family]
+    assert model.latent_format.latent_channels == LATENT_SHAPES[family][0]
     assert fam.family_model(family, 1) is not fam.family_model(family) and fam.family_model(family, 0) is fam.family_model(family)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_weight_zero_and_domain_equal_to_base_are_stock_bit_for_bit(comfy, monkeypatch, stock, family):
     ref = stock[family]
-    assert ref.shape[1] == fam.LATENT_CHANNELS[family] and torch.isfinite(ref).all() and ref.abs().max() > 0
+    assert (ref.shape[1], ref.ndim) == LATENT_SHAPES[family] and torch.isfinite(ref).all() and ref.abs().max() > 0
     # (a) weight 0 with a full-copy domain wired in: KSampler (Domain Guidance) and Domain Guider.
     extra = {**custom_sampling(domain_guider(weight=0.0), "guided"),
              **custom_sampling({"class_type": "CFGGuider", "inputs": {"model": ["base", 0], "positive": ["pos", 0],
@@ -191,10 +135,7 @@ def test_cfg_zero_empty_negative_domain_one_is_the_domain_model_alone(comfy, mon
 def test_full_copy_domain_fast_equals_straightforward_equals_the_formula(comfy, monkeypatch, caplog, on_gpu, stock,
                                                                          family):
     w = 0.8
-    oracle = {"class_type": "TestFormulaGuider", "inputs": {
-        "model": ["base", 0], "domain_model": ["dom", 0], "positive": ["pos", 0], "negative": ["neg", 0],
-        "null_conditioning": ["null", 0], "cfg": 4.0, "weight": w}}
-    extra = {**custom_sampling(domain_guider(weight=w), "guided"), **custom_sampling(oracle, "formula")}
+    extra = {**custom_sampling(domain_guider(weight=w), "guided"), **custom_sampling(formula_guider(w), "formula")}
     slow = run(comfy, monkeypatch, graph(family, domain=("dom", 0), domain_scale=w, extra=extra), fast=False)
     assert path_lines(caplog, on_gpu) == []
     caplog.clear()
@@ -281,10 +222,7 @@ def test_flux_dev_as_users_run_it_cfg_one_guidance_on_the_prompt_only(comfy, mon
     """cfg 1, FluxGuidance 2.5 on the prompt only: c + w (d - u), u and d at 2.5 (the formula with the empty
     prompt given 2.5 itself), on the fast path."""
     w = 1.2
-    oracle = {"class_type": "TestFormulaGuider", "inputs": {
-        "model": ["base", 0], "domain_model": ["dom", 0], "positive": ["pos", 0], "negative": ["neg", 0],
-        "null_conditioning": ["null_g", 0], "cfg": 1.0, "weight": w}}
-    extra = {"null_g": cond("flux_dev", "", 2.5), **custom_sampling(oracle, "formula")}
+    extra = {"null_g": cond("flux_dev", "", 2.5), **custom_sampling(formula_guider(w, cfg=1.0, null=("null_g", 0)), "formula")}
     prompt = graph("flux_dev", guidance={"pos": 2.5}, cfg=1.0, domain=("dom", 0), domain_scale=w, extra=extra)
     slow = run(comfy, monkeypatch, prompt, fast=False)
     caplog.clear()

@@ -1,7 +1,8 @@
 """The host CONDITIONING the guider reads, checks and builds for its rows.
 
 - checks of the user's inputs: check_text_width (a prompt encoded with another model's CLIP),
-  same_conditioning (the negative is the empty prompt, so one row serves n and u);
+  same_conditioning (the negative is the empty prompt, so one row serves n and u; by value, with
+  fastpath.difference);
 - the empty prompt of the domain rows: with_prompt_guidance (a guidance-distilled model's guidance
   value taken from the positive), with_values (entries set on every row), positive_control (the
   positive's ControlNet, for control_in_domain);
@@ -13,32 +14,22 @@ from __future__ import annotations
 import logging
 import uuid
 
-import torch
-
 import comfy.hooks
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+from .fastpath import difference
 
 log = logging.getLogger(__name__)
 
 
 def same_conditioning(a, b) -> bool:
-    """True when two CONDITIONING lists are the same prompt (so one model row serves both)."""
+    """True when two CONDITIONING lists are the same prompt (so one model row serves both): equal
+    tensors and entries, compared by value inside lists and dicts too (an edit model's
+    reference_latents: the same picture loaded twice gives equal lists of other tensors)."""
     if a is b:
         return True
-    if len(a) != len(b):
-        return False
-    for (ta, da), (tb, db) in zip(a, b):
-        if ta.shape != tb.shape or not torch.equal(ta, tb) or da.keys() != db.keys():
-            return False
-        for k in da:
-            va, vb = da[k], db[k]
-            if isinstance(va, torch.Tensor) or isinstance(vb, torch.Tensor):
-                if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)
-                        and va.shape == vb.shape and torch.equal(va, vb)):
-                    return False
-            elif va is not vb and va != vb:
-                return False
-    return True
+    return len(a) == len(b) and all(difference(ta, tb) is None and difference(da, db) is None
+                                    for (ta, da), (tb, db) in zip(a, b))
 
 
 def check_text_width(base, conditioning, input_name: str) -> None:

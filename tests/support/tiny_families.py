@@ -1,7 +1,8 @@
 """Tiny random-weight models of today's model families, built from config with the host's own classes.
 
 Each family is the host's supported_models class (SD20 with v prediction, SDXL, SD3, Flux, FluxSchnell,
-ZImage), instantiated with a UNet/DiT config that keeps what the class and its BaseModel read at run
+ZImage here; Flux2, QwenImage, Chroma, HunyuanImage21, WAN22_T2V, WAN21_T2V in tiny_newer_families.py),
+instantiated with a UNet/DiT config that keeps what the class and its BaseModel read at run
 time (latent channels, text-embedding width, pooled-output width, SDXL's size-conditioning ADM width,
 guidance embedding, rope axes that add up to the head width) but has one or two blocks and a small
 hidden size, so a sampling step takes milliseconds on the CPU. The model is the host's own
@@ -26,7 +27,8 @@ The test nodes (register()):
   conditioning(family, text). (The real encoders are full width: CLIP-G, T5-XXL, Qwen3 cost seconds to build.)
 - TestFamilyCheckpoint(family) -> MODEL, CLIP, VAE: stands in for Load Checkpoint of a family (SDXL): the
   family's MODEL, TestFamilyCLIP and a tiny TAESD of its latent channels.
-Latents come from the host's EmptyLatentImage (4 channels) and EmptySD3LatentImage (16).
+- TestFamilyVAE(family): a stand-in VAE for the host's image-encoding nodes (tiny_newer_families.FamilyVAE).
+Latents come from the host's own empty-latent node of each family (tiny_newer_families.latent_nodes).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ import zlib
 import torch
 
 from tests.support.host import pack_module
+from tests.support.tiny_newer_families import NEWER, TestFamilyVAE
 from tests.support.tiny_nodes import plain_weights, randomize_
 
 _SD_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1], channel_mult=[1],
@@ -79,6 +82,8 @@ FAMILIES = {
                              z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32)),
 }
 LATENT_CHANNELS = {"sd2_v": 4, "sdxl": 4, "sd3": 16, "flux_dev": 16, "flux_schnell": 16, "zimage": 16}
+# every family the test nodes build: the six above, then the families users run now (tiny_newer_families.py)
+SPECS = {**FAMILIES, **NEWER}
 
 
 def family_config(family: str):
@@ -88,7 +93,7 @@ def family_config(family: str):
     import comfy.model_management as mm
     import comfy.supported_models
 
-    spec = FAMILIES[family]
+    spec = SPECS[family]
     config = getattr(comfy.supported_models, spec["cls"])(spec["unet"])
     if spec["model_type"] is not None:
         model_type = getattr(comfy.model_base.ModelType, spec["model_type"])
@@ -124,7 +129,7 @@ def _family_model(family: str, seed: int, weight_dtype: str = "default"):
         return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
     with plain_weights():
         model = family_config(family).get_model({}, "")
-    seed = 1000 * (list(FAMILIES).index(family) + 1) + seed
+    seed = 1000 * (list(SPECS).index(family) + 1) + seed
     randomize_(model.diffusion_model, seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # buffers a checkpoint holds (SD3's pos_embed), allocated uninitialised by the host
@@ -138,13 +143,18 @@ def _family_model(family: str, seed: int, weight_dtype: str = "default"):
 
 def conditioning(family: str, text: str, guidance: float | None = None, *, absent: bool = True) -> list:
     """A CONDITIONING for `text` (a seeded tensor of the family's context width, the same for the same
-    text) with the family's pooled output; `guidance` set unless None."""
-    spec = FAMILIES[family]
+    text) with the family's pooled output (and ByT5 glyph features where the family reads them and the
+    text quotes some); `guidance` set unless None."""
+    spec = SPECS[family]
     g = torch.Generator().manual_seed(zlib.crc32(f"{family}:{text}".encode()))
     tensor = torch.randn(1, 77, spec["context"], generator=g)
     extra = {}
     if spec["pooled"] is not None:
         extra["pooled_output"] = torch.randn(1, spec["pooled"], generator=g)
+    elif family in NEWER:  # their text encoders give none, which CLIPTextEncode passes on as None (Flux.2, Chroma read it)
+        extra["pooled_output"] = None
+    if spec.get("glyphs") and '"' in text:  # (HunyuanImage 2.1's encoder: ByT5 features of the quoted text)
+        extra["conditioning_byt5small"] = torch.randn(1, 8, 1472, generator=g)
     if guidance is not None:
         extra["guidance"] = guidance
     return [[tensor, extra]]
@@ -176,7 +186,7 @@ class TestFamilyModel:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"family": (list(FAMILIES),), "seed": ("INT", {"default": 0, "min": 0, "max": 1000})},
+        return {"required": {"family": (list(SPECS),), "seed": ("INT", {"default": 0, "min": 0, "max": 1000})},
                 "optional": {"weight_dtype": (["default", "float8_e4m3fn"],)}}
 
     RETURN_TYPES = ("MODEL",)
@@ -192,7 +202,7 @@ class TestFamilyConditioning:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"family": (list(FAMILIES),), "text": ("STRING", {"default": ""}),
+        return {"required": {"family": (list(SPECS),), "text": ("STRING", {"default": ""}),
                              "guidance": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 100.0, "step": 0.1})}}
 
     RETURN_TYPES = ("CONDITIONING",)
@@ -275,7 +285,7 @@ class TestFamilyCLIP:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"family": (list(FAMILIES),)}}
+        return {"required": {"family": (list(SPECS),)}}
 
     RETURN_TYPES = ("CLIP",)
     FUNCTION = "load"
@@ -311,3 +321,4 @@ def register() -> None:
     nodes.NODE_CLASS_MAPPINGS["TestFormulaGuider"] = TestFormulaGuider
     nodes.NODE_CLASS_MAPPINGS["TestFamilyCLIP"] = TestFamilyCLIP
     nodes.NODE_CLASS_MAPPINGS["TestFamilyCheckpoint"] = TestFamilyCheckpoint
+    nodes.NODE_CLASS_MAPPINGS["TestFamilyVAE"] = TestFamilyVAE
