@@ -1,11 +1,12 @@
-"""training/lora.py: adapters on the targeted layers, ComfyUI's file format, ComfyUI's merge."""
+"""lora/: trainable adapters on the targeted layers (training), under autocast with one cast of a
+shared input and the up-projection inside its matmul; ComfyUI's file format and merge."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tests.support.standins import CONTEXT, OpsLinear, tiny_unet
-from training.lora import DEFAULT_TARGETS, inject_lora, load_lora, lora_state_dict, merged_weight
+from lora import DEFAULT_TARGETS, LoRAAdapter, inject_lora, load_lora, lora_state_dict, merged_weight
 
 x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 t = torch.tensor([10.0, 900.0])
@@ -21,6 +22,8 @@ def _randomise_up(network, seed=0):
         for a in network.adapters:
             a.lora_up.weight.copy_(torch.randn(a.lora_up.weight.shape, generator=g) * 0.1)
 
+
+# --- trainable adapters (training) -------------------------------------------------------------------
 
 def test_default_targets_adapt_attention_projections_and_feed_forward():
     unet = tiny_unet()
@@ -138,8 +141,6 @@ def test_under_autocast_an_adapter_makes_no_copy_of_its_input_and_no_pass_over_i
     full): under autocast it feeds the input to its first matmul as it is (no float32 copy first)
     and scales the rank-r tensor, so the only layer-sized tensor it makes is the second matmul's."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from training.lora import LoRAAdapter
 
     made = []
 
