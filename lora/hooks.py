@@ -1,8 +1,11 @@
-"""The branch up(down(x)) and the forward hooks that add it to a layer's output, for trainable
-adapters for a run (training: SharedCast and adapter_hook). The package docstring tells the mechanism."""
+"""The branch up(down(x)) and the forward hooks that add it to a layer's output: for a fixed LoRA
+within one call (sampling: lora_applied, with its `rows`), for trainable adapters for a run
+(training: SharedCast and adapter_hook). The package docstring tells the mechanism."""
 from __future__ import annotations
 
+import contextlib
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,51 @@ def branch(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, conv: nn.Modul
     if inner_scale is not None:
         h = h * inner_scale
     return F.conv2d(h, up) if up.ndim == 4 else F.linear(h, up)
+
+
+@dataclass(frozen=True)
+class LoraBranch:
+    """A fixed LoRA on one Linear or Conv2d: scale * up(down(x)) added to `module`'s output."""
+
+    module: nn.Module
+    down: torch.Tensor  # [rank, in] or [rank, in, kh, kw]
+    up: torch.Tensor  # [out, rank] or [out, rank, 1, 1]
+    scale: float  # strength * alpha / rank
+
+    def __call__(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
+        """up(down(x)) (unscaled), with down and up cast to x's device and dtype once per `cache`."""
+        key = (id(self), x.device, x.dtype)
+        if key not in cache:
+            cache[key] = (self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype))
+        down, up = cache[key]
+        return branch(x, down, up, self.module)
+
+
+class RowsMismatch(RuntimeError):
+    """A module saw another batch than the call's: its rows are not the call's rows (lora_applied)."""
+
+
+@contextlib.contextmanager
+def lora_applied(branches: list[LoraBranch] | None, cache: dict, rows: tuple[int, int] | None = None, batch: int = 0):
+    """Forward hooks adding each branch to its module's output, removed on exit. `rows` = (start,
+    count): only to those rows of a call on `batch` rows (a LoRA domain's rows in the base's call,
+    nodes/sampling/lora_rows_in_base_call.py); a module whose input has another batch raises RowsMismatch."""
+    def add(module, args, output, b):
+        if rows is None:
+            return torch.add(output, b(args[0], cache), alpha=b.scale)
+        if args[0].shape[0] != batch or output.shape[0] != batch:
+            raise RowsMismatch(f"{type(module).__name__} saw a batch of {args[0].shape[0]}, the call has {batch} rows")
+        output.narrow(0, rows[0], rows[1]).add_(b(args[0].narrow(0, rows[0], rows[1]), cache), alpha=b.scale)
+        return output
+
+    handles = []
+    try:
+        for b in branches or ():
+            handles.append(b.module.register_forward_hook(lambda module, args, output, b=b: add(module, args, output, b)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class SharedCast:
