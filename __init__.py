@@ -1,6 +1,6 @@
 """In-Domain Guidance for ComfyUI: the ComfyUI entry point.
 
-The pure packages `guidance/`, `training/`, `cudagraph/` and `lora/` import anywhere; the node
+The pure packages `guidance/`, `training/`, `cudagraph/` and `lora_hooks/` import anywhere; the node
 classes are imported only when the ComfyUI host is present (this file is then loaded by its
 custom-node loader).
 """

@@ -244,9 +244,9 @@ def test_control_in_domain_takes_the_straightforward_path(comfy, files, monkeypa
 
 
 def test_lora_branches_refuse_what_is_not_a_plain_lora(comfy):
-    """The host's weight patches read as lora/'s branches (lora/ adds them: tests/test_lora.py)."""
+    """The host's weight patches read as lora_hooks/' branches (lora_hooks/ adds them: tests/test_lora_hooks.py)."""
     adapters = comfy.pack("nodes.sampling.lora_adapters")
-    lora = comfy.pack("lora")
+    lora_hooks = comfy.pack("lora_hooks")
     from comfy.weight_adapter.lora import LoRAAdapter
 
     lin = torch.nn.Linear(8, 6)
@@ -257,7 +257,7 @@ def test_lora_branches_refuse_what_is_not_a_plain_lora(comfy):
     [b] = adapters.lora_branches(model, {"lin.weight": [plain]})
     assert b.module is lin and b.scale == 2.0  # strength * alpha / rank
     x = torch.randn(3, 8)
-    with lora.lora_applied([b], {}):
+    with lora_hooks.lora_applied([b], {}):
         y = lin(x)
     assert torch.allclose(y, x @ (lin.weight + 2.0 * up @ down).T + lin.bias, atol=1e-5)
     dora = (1.0, LoRAAdapter(set(), (up, down, None, None, torch.ones(6, 1), None)), 1.0, None, None)

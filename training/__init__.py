@@ -6,7 +6,7 @@ with the ordinary denoising loss.
 Host independent: torch, numpy, safetensors, the standard library, and Pillow (only in
 data.py, to read image files; ComfyUI ships it). Nothing here imports ComfyUI; graphed.py takes
 its graph capture from the sibling package cudagraph/, trainable.py its LoRA adapters (forward
-hooks, ComfyUI's LoRA file format) from the sibling package lora/.
+hooks, ComfyUI's LoRA file format) from the sibling package lora_hooks/.
 
 The modules, in the order of a run:
 

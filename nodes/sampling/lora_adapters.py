@@ -2,7 +2,7 @@
 
 A LoRA domain (a clone of the base with LoRA patches) runs on the base's modules, its LoRA added
 per module as scale * up(down(x)) by forward hooks that exist only inside the domain's call
-(lora.lora_applied, the pack's one LoRA mechanism): no second copy of the weights and no weight
+(lora_hooks.lora_applied, the pack's one LoRA mechanism): no second copy of the weights and no weight
 swap per step. Here the host's weight patches become those branches (lora_branches). Patches
 other than plain LoRA (LoHa, LoKr, DoRA, ...) keep the host's weight-hook path (lora_branches
 gives None). A compiled UNet keeps it too: torch.compile does not see forward hooks added after
@@ -14,7 +14,7 @@ import torch
 
 import comfy.utils
 
-from ...lora import LoraBranch
+from ...lora_hooks import LoraBranch
 
 
 def lora_branches(model: torch.nn.Module, extra_patches: dict) -> list[LoraBranch] | None:

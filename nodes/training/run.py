@@ -21,7 +21,7 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ...lora import DEFAULT_TARGETS
+from ...lora_hooks import DEFAULT_TARGETS
 from ...training import TrainConfig, data, save_model_file, train
 from ...training.checkpoint import deliverable, fingerprint
 from ...training.config import cuda_graph_reason

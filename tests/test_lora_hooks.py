@@ -1,4 +1,4 @@
-"""lora/: the one LoRA mechanism of both runtimes. A fixed LoRA added within a call (sampling), to
+"""lora_hooks/: the one LoRA mechanism of both runtimes. A fixed LoRA added within a call (sampling), to
 some rows only; trainable adapters on the targeted layers (training), under autocast with one cast
 of a shared input and the up-projection inside its matmul; ComfyUI's file format and merge."""
 import pytest
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.support.standins import CONTEXT, OpsLinear, tiny_unet
-from lora import (DEFAULT_TARGETS, LoRAAdapter, LoraBranch, RowsMismatch, inject_lora, load_lora, lora_applied,
+from lora_hooks import (DEFAULT_TARGETS, LoRAAdapter, LoraBranch, RowsMismatch, inject_lora, load_lora, lora_applied,
                   lora_state_dict, merged_weight)
 
 x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))

@@ -30,7 +30,9 @@ back as it was. The two runtimes add it two ways:
   would cast it, and its gradient back, once per matmul; and a Linear adapter's up-projection
   adds onto the layer's output inside its matmul (addmm), not as a separate pass over it.
 
-Pure torch: nothing here imports ComfyUI, training/ or nodes/.
+Pure torch: nothing here imports ComfyUI, training/ or nodes/. Named lora_hooks, not lora: in a
+process running the host, ComfyUI's nodes.py puts comfy/ on sys.path, where comfy/lora.py is a
+top-level `lora` (tests, tools and experiments import this package by its top-level name).
 """
 from .adapters import DEFAULT_TARGETS, LoRAAdapter, LoRANetwork, inject_lora, matches_target
 from .files import KEY_PREFIX, load_lora, lora_state_dict, merged_weight
