@@ -1,7 +1,8 @@
 """In-Domain Guidance for ComfyUI: the ComfyUI entry point.
 
-The pure packages `guidance/` and `training/` import anywhere; the node classes are imported
-only when the ComfyUI host is present (this file is then loaded by its custom-node loader).
+The pure packages `guidance/`, `training/`, `cudagraph/` and `lora_hooks/` import anywhere; the node
+classes are imported only when the ComfyUI host is present (this file is then loaded by its
+custom-node loader).
 """
 import logging
 

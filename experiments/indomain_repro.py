@@ -47,7 +47,8 @@ from torch import nn
 
 from guidance import (GuidanceTerm, TermInterval, add_domain_differences, decoupled_guidance, is_active,
                       recompute_domain)
-from training import TrainConfig, denoising_loss, merged_weight, prediction_target, q_sample, train
+from lora_hooks import merged_weight
+from training import TrainConfig, denoising_loss, prediction_target, q_sample, train
 
 from .shapes import BASE_STYLE, CLASSES, DOMAIN_STYLE, make_set
 from .unet import SmallUNet
@@ -271,7 +272,7 @@ def train_text_free_copy(base: nn.Module, domain_images: torch.Tensor, cfg: "Con
 
     mode "full": all parameters (the paper's naive fine-tune == its text-free domain model);
     mode "lora": a LoRA of the base (cfg.lora_rank, on cfg.lora_targets, lr cfg.lora_lr), merged into
-    the copy the way the host's LoraLoader merges it (training.merged_weight): a style LoRA.
+    the copy the way the host's LoraLoader merges it (lora_hooks.merged_weight): a style LoRA.
     snapshot_at = k: also return the EMA weights after step k (the weak model of AutoGuidance), as
     (model, snapshot); the checkpoint that gives them does not change the training run.
     """

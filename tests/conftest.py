@@ -23,7 +23,7 @@ import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
-sys.path.append(REPO)  # `guidance`, `training` and `tests.support` as top-level packages; after the host's `nodes`
+sys.path.append(REPO)  # `guidance`, `training`, `lora_hooks`, ... and `tests.support` as top-level packages; after the host's `nodes`
 
 from tests.support import host as host_module  # noqa: E402
 

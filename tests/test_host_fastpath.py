@@ -244,7 +244,9 @@ def test_control_in_domain_takes_the_straightforward_path(comfy, files, monkeypa
 
 
 def test_lora_branches_refuse_what_is_not_a_plain_lora(comfy):
-    fastpath = comfy.pack("nodes.sampling.lora_adapters")
+    """The host's weight patches read as lora_hooks/' branches (lora_hooks/ adds them: tests/test_lora_hooks.py)."""
+    adapters = comfy.pack("nodes.sampling.lora_adapters")
+    lora_hooks = comfy.pack("lora_hooks")
     from comfy.weight_adapter.lora import LoRAAdapter
 
     lin = torch.nn.Linear(8, 6)
@@ -252,28 +254,19 @@ def test_lora_branches_refuse_what_is_not_a_plain_lora(comfy):
     model.lin = lin
     up, down = torch.randn(6, 2), torch.randn(2, 8)
     plain = (1.0, LoRAAdapter(set(), (up, down, torch.tensor(4.0), None, None, None)), 1.0, None, None)
-    [b] = fastpath.lora_branches(model, {"lin.weight": [plain]})
+    [b] = adapters.lora_branches(model, {"lin.weight": [plain]})
     assert b.module is lin and b.scale == 2.0  # strength * alpha / rank
     x = torch.randn(3, 8)
-    with fastpath.lora_applied([b], {}):
+    with lora_hooks.lora_applied([b], {}):
         y = lin(x)
     assert torch.allclose(y, x @ (lin.weight + 2.0 * up @ down).T + lin.bias, atol=1e-5)
-    assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))  # hooks removed on exit
     dora = (1.0, LoRAAdapter(set(), (up, down, None, None, torch.ones(6, 1), None)), 1.0, None, None)
     offset = (1.0, plain[1], 1.0, (0, 0, 3), None)
     weak_model = (1.0, plain[1], 0.5, None, None)
     for bad in (dora, offset, weak_model):
-        assert fastpath.lora_branches(model, {"lin.weight": [bad]}) is None
-    assert fastpath.lora_branches(model, {"lin.bias": [plain]}) is None
-    assert fastpath.lora_branches(model, {"missing.weight": [plain]}) is None
-    # In the base's call (nodes/sampling/lora_rows_in_base_call.py) the LoRA acts on the domain's rows only,
-    # and a module that sees another batch than the call's stops the LoRA rows riding in it.
-    with fastpath.lora_applied([b], {}, rows=(2, 1), batch=3):
-        y = lin(x)
-        with pytest.raises(fastpath.RowsMismatch, match="batch of 2, the call has 3 rows"):
-            lin(x[:2])
-    assert torch.equal(y[:2], torch.nn.functional.linear(x[:2], lin.weight, lin.bias))
-    assert torch.allclose(y[2:], x[2:] @ (lin.weight + 2.0 * up @ down).T + lin.bias, atol=1e-5)
+        assert adapters.lora_branches(model, {"lin.weight": [bad]}) is None
+    assert adapters.lora_branches(model, {"lin.bias": [plain]}) is None
+    assert adapters.lora_branches(model, {"missing.weight": [plain]}) is None
 
 
 @pytest.mark.parametrize("mode", ["1", "eager", "domain"])
@@ -380,24 +373,24 @@ def test_a_compiled_module_is_seen_whichever_way_it_was_compiled(comfy):
     swapped for torch.compile's wrapper, or the host's compile wrapper on the MODEL."""
     from comfy_api.torch_helpers import set_torch_compile_wrapper
 
-    fastpath = comfy.pack("nodes.sampling.lora_adapters")
+    adapters = comfy.pack("nodes.sampling.lora_adapters")
     patcher = tiny.load_unet(tiny.unet_state_dict(0))
     unet = patcher.model.diffusion_model
-    assert fastpath.compiled_reason(patcher) is None
+    assert adapters.compiled_reason(patcher) is None
     unet.compile()
-    assert fastpath.compiled_reason(patcher) == "a module of the model is compiled"
+    assert adapters.compiled_reason(patcher) == "a module of the model is compiled"
     unet._compiled_call_impl = None
     block = unet.output_blocks[0]
     unet.output_blocks[0] = torch.compile(block)
-    assert fastpath.compiled_reason(patcher) == "a module of the model is compiled"
+    assert adapters.compiled_reason(patcher) == "a module of the model is compiled"
     unet.output_blocks[0] = block
-    assert fastpath.compiled_reason(patcher) is None
+    assert adapters.compiled_reason(patcher) is None
     clone = patcher.clone()
     set_torch_compile_wrapper(clone, backend="eager")
-    assert fastpath.compiled_reason(patcher, clone) == "the model is compiled (torch.compile wrapper)"
+    assert adapters.compiled_reason(patcher, clone) == "the model is compiled (torch.compile wrapper)"
     del clone.model_options["torch_compile_kwargs"]  # the wrapper alone is seen too
-    assert fastpath.compiled_reason(patcher, clone) == "the model is compiled (torch.compile wrapper)"
-    assert fastpath.compiled_reason(patcher) is None  # the clone's options only
+    assert adapters.compiled_reason(patcher, clone) == "the model is compiled (torch.compile wrapper)"
+    assert adapters.compiled_reason(patcher) is None  # the clone's options only
     # The host's compile wrapper (inductor, no CUDA graphs of its own) does not keep the recorded
     # call from being a CUDA graph (on the CPU the device does); its CUDA-graph backend and any
     # other model wrapper do.

@@ -110,10 +110,10 @@ def test_the_ignore_file_uses_only_the_pattern_forms_emulated_here():
 def test_the_published_archive_holds_what_runs_and_nothing_else():
     files = shipped()
     top = {p.split("/")[0] for p in files}
-    assert top <= {"__init__.py", "nodes", "guidance", "training", "cudagraph", "web", "example_workflows", "tools",
+    assert top <= {"__init__.py", "nodes", "guidance", "training", "cudagraph", "lora_hooks", "web", "example_workflows", "tools",
                    "requirements.txt", "pyproject.toml", "LICENSE", "README.md", "CHANGELOG.md"}, top
     assert {"__init__.py", "requirements.txt", "pyproject.toml", "LICENSE", "tools/train_domain.py"} <= set(files)
-    assert {"nodes", "guidance", "training", "cudagraph"} <= top
+    assert {"nodes", "guidance", "training", "cudagraph", "lora_hooks"} <= top
     size = sum((REPO / p).stat().st_size for p in files)
     # (nine templates with their thumbnails are about 170 KB of it: SD1.5's five, SDXL's and Flux's two each;
     # README and CHANGELOG about 55 KB; the code the rest: 570 KB with cudagraph/. The bound is there
@@ -124,7 +124,7 @@ def test_the_published_archive_holds_what_runs_and_nothing_else():
 
 def test_every_declared_dependency_is_imported_by_the_pack():
     """A requirement nothing imports is a needless install (einops was one)."""
-    sources = "\n".join(p.read_text() for d in ("nodes", "guidance", "training", "cudagraph", "tools") for p in (REPO / d).rglob("*.py"))
+    sources = "\n".join(p.read_text() for d in ("nodes", "guidance", "training", "cudagraph", "lora_hooks", "tools") for p in (REPO / d).rglob("*.py"))
     modules = {"pillow": "PIL"}
     for name in requirement_names(PROJECT["dependencies"]):
         module = modules.get(name, name)

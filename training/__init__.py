@@ -5,7 +5,8 @@ with the ordinary denoising loss.
 
 Host independent: torch, numpy, safetensors, the standard library, and Pillow (only in
 data.py, to read image files; ComfyUI ships it). Nothing here imports ComfyUI; graphed.py takes
-its graph capture from the sibling package cudagraph/.
+its graph capture from the sibling package cudagraph/, trainable.py its LoRA adapters (forward
+hooks, ComfyUI's LoRA file format) from the sibling package lora_hooks/.
 
 The modules, in the order of a run:
 
@@ -16,7 +17,6 @@ The modules, in the order of a run:
     plan.py         the batch plan: which images each step trains on, its flips, timesteps and noise
     noise.py        the objective: the denoising loss for the base's schedule (eps, v, flow)
     trainable.py    what the optimizer trains (a full copy or LoRA adapters), gradient checkpointing, EMA
-    lora.py         LoRA adapters as forward hooks, in ComfyUI's LoRA file format
     optimizer.py    AdamW (fused, sharded or 8-bit) and the learning rate of each update
     graphed.py      a step's forward and backward replayed as CUDA graphs (opt-in)
     checkpoint.py   the files: the training state, the deliverable model file, safe paths, atomic writes
@@ -83,18 +83,15 @@ distributed.report_stop logs a stop once for all ranks (distributed.py, loop.py)
 from .checkpoint import ResumeMismatch, atomic_save, read_state_header, safe_join, save_model_file
 from .data import ImageSet, make_buckets, nearest_bucket
 from .latents import cache_latents
-from .lora import DEFAULT_TARGETS, LoRANetwork, inject_lora, load_lora, lora_state_dict, merged_weight
 from .config import TrainConfig
 from .loop import Progress, TrainingDiverged, TrainResult, train
 from .noise import DiscreteSchedule, FlowSchedule, denoising_loss, flow_sample, flow_target, prediction_target, q_sample, v_target
 from .optimizer import learning_rate
 
 __all__ = [
-    "DEFAULT_TARGETS",
     "DiscreteSchedule",
     "FlowSchedule",
     "ImageSet",
-    "LoRANetwork",
     "Progress",
     "ResumeMismatch",
     "TrainConfig",
@@ -105,12 +102,8 @@ __all__ = [
     "denoising_loss",
     "flow_sample",
     "flow_target",
-    "inject_lora",
     "learning_rate",
-    "load_lora",
-    "lora_state_dict",
     "make_buckets",
-    "merged_weight",
     "nearest_bucket",
     "prediction_target",
     "q_sample",

@@ -21,9 +21,13 @@ from torch import nn
 
 from .distributed import ranks
 from .latents import LatentSet
-from .lora import DEFAULT_TARGETS
 from .noise import DiscreteSchedule, FlowSchedule
 from .trainable import MODES
+
+try:  # inside the pack (ComfyUI imports it as a package)
+    from ..lora_hooks import DEFAULT_TARGETS
+except ImportError:  # `training` imported as a top-level package (tools/, tests/: the repo root on sys.path)
+    from lora_hooks import DEFAULT_TARGETS
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the node offers them in this order
 LR_SCHEDULES = ("constant", "cosine")

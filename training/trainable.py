@@ -19,7 +19,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .graphed import cuda_malloc_async
-from .lora import DEFAULT_TARGETS, inject_lora, lora_state_dict
+
+try:  # inside the pack (ComfyUI imports it as a package)
+    from ..lora_hooks import DEFAULT_TARGETS, inject_lora, lora_state_dict
+except ImportError:  # `training` imported as a top-level package (tools/, tests/: the repo root on sys.path)
+    from lora_hooks import DEFAULT_TARGETS, inject_lora, lora_state_dict
 
 MODES = ("full", "lora")
 _NONE = object()  # a module without an instance attribute of that name

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import comfy.model_patcher
 
-from ..domain_files import check_compatible
 from ...guidance import TermInterval, check_percent_interval
-from .lora_adapters import LoraBranch
+from ...lora_hooks import LoraBranch
+from ..domain_files import check_compatible
 
 DOMAIN_TERMS = "INDOMAIN_TERMS"  # the node type of a list[DomainTerm]
 
@@ -35,7 +35,7 @@ class DomainKind(enum.Enum):
 
     OFF = "off"  # weight 0: not evaluated at all (not even loaded); the term is zero
     SAME = "same"  # the base's own weights: d = u, the term is zero
-    ADAPTER = "adapter"  # a plain LoRA of the base: adapters on the base's own modules (lora_adapters.py)
+    ADAPTER = "adapter"  # a plain LoRA of the base: adapters on the base's own modules (lora_hooks/, lora_adapters.py)
     HOOK = "hook"  # another patch of the base: a weight hook in the base's batched call
     MODEL = "model"  # a separately loaded model (a full-copy domain UNet), in a call of its own
 

@@ -18,7 +18,8 @@ Every later step with the same rows:
   keeps a bounded amount between runs, and lets go when the host needs the memory;
 - for the domain rows (DomainForward), is launched before the base rows.
 
-A LoRA domain runs on the base's own modules with its LoRA as adapters (lora_adapters.py).
+A LoRA domain runs on the base's own modules with its LoRA as adapters: forward hooks of
+lora_hooks/ (lora_applied), its branches read from the host's patches by lora_adapters.py.
 
 Whatever the recording cannot reproduce exactly falls back to the host's call every step, and no
 CUDA graph is made where the call may act differently per step or the weights are not at fixed
@@ -42,9 +43,9 @@ import torch
 import comfy.samplers
 
 from ...cudagraph import OWNER, Graph, capture_stream, is_interrupt, peak_memory, weight_addresses
+from ...lora_hooks import LoraBranch, lora_applied
 from .. import dynamic_vram
 from .fastpath_rules import graph_reason, host_state_reason, plain_cond
-from .lora_adapters import LoraBranch, lora_applied
 
 log = logging.getLogger(__name__)
 

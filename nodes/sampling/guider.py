@@ -18,7 +18,8 @@ How each domain model is evaluated:
 - weight 0: not at all (not even loaded), the term is zero;
 - the same weights as the base (the base MODEL wired in twice): d_k = u, the term is zero;
 - a clone of the base with extra weight patches (a LoRA domain): plain LoRA patches run as
-  adapters on the base's own modules (lora_adapters.py; no second model in memory);
+  adapters on the base's own modules (the host's patches read in lora_adapters.py, added by
+  lora_hooks/' forward hooks; no second model in memory);
   other patch types ride in the base's batched call as a weight hook, the host's per-row
   mechanism (conditioning.hook_group);
 - a separate model (a full-copy domain UNet): it is loaded together with the base as an

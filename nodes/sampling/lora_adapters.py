@@ -1,40 +1,20 @@
-"""A LoRA domain as per-module adapters on the base's own modules.
+"""A LoRA domain as per-module adapters on the base's own modules: the host's side.
 
 A LoRA domain (a clone of the base with LoRA patches) runs on the base's modules, its LoRA added
-per module as scale * up(down(x)) by forward hooks that exist only inside the domain's call: no
-second copy of the weights and no weight swap per step. Patches other than plain LoRA (LoHa, LoKr,
-DoRA, ...) keep the host's weight-hook path (lora_branches gives None). A compiled UNet keeps it
-too: torch.compile does not see forward hooks added after it traced a module (compiled_reason).
+per module as scale * up(down(x)) by forward hooks that exist only inside the domain's call
+(lora_hooks.lora_applied, the pack's one LoRA mechanism): no second copy of the weights and no weight
+swap per step. Here the host's weight patches become those branches (lora_branches). Patches
+other than plain LoRA (LoHa, LoKr, DoRA, ...) keep the host's weight-hook path (lora_branches
+gives None). A compiled UNet keeps it too: torch.compile does not see forward hooks added after
+it traced a module (compiled_reason).
 """
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 
 import comfy.utils
 
-
-@dataclass(frozen=True)
-class LoraBranch:
-    """scale * up(down(x)) added to one Linear or Conv2d's output."""
-
-    module: torch.nn.Module
-    down: torch.Tensor  # [rank, in] or [rank, in, kh, kw]
-    up: torch.Tensor  # [out, rank] or [out, rank, 1, 1]
-    scale: float  # strength * alpha / rank
-
-    def __call__(self, x: torch.Tensor, cache: dict) -> torch.Tensor:
-        key = (id(self), x.device, x.dtype)
-        if key not in cache:
-            cache[key] = (self.down.to(x.device, x.dtype), self.up.to(x.device, x.dtype))
-        down, up = cache[key]
-        if down.ndim == 4:
-            m = self.module
-            return F.conv2d(F.conv2d(x, down, None, m.stride, m.padding, m.dilation), up)
-        return F.linear(F.linear(x, down), up)
+from ...lora_hooks import LoraBranch
 
 
 def lora_branches(model: torch.nn.Module, extra_patches: dict) -> list[LoraBranch] | None:
@@ -67,33 +47,6 @@ def lora_branches(model: torch.nn.Module, extra_patches: dict) -> list[LoraBranc
             scale = float(strength) * (float(alpha) / rank if alpha is not None else 1.0)
             branches.append(LoraBranch(module, down, up, scale))
     return branches or None
-
-
-class RowsMismatch(RuntimeError):
-    """A module saw another batch than the call's: its rows are not the call's rows (lora_applied)."""
-
-
-@contextlib.contextmanager
-def lora_applied(branches: list[LoraBranch] | None, cache: dict, rows: tuple[int, int] | None = None, batch: int = 0):
-    """Forward hooks adding each branch to its module's output, removed on exit. `rows` = (start,
-    count): only to those rows of a call on `batch` rows (the domain's rows in the base's call,
-    lora_rows_in_base_call.py); a module whose input has another batch raises RowsMismatch."""
-    def add(module, args, output, b):
-        if rows is None:
-            return torch.add(output, b(args[0], cache), alpha=b.scale)
-        if args[0].shape[0] != batch or output.shape[0] != batch:
-            raise RowsMismatch(f"{type(module).__name__} saw a batch of {args[0].shape[0]}, the call has {batch} rows")
-        output.narrow(0, rows[0], rows[1]).add_(b(args[0].narrow(0, rows[0], rows[1]), cache), alpha=b.scale)
-        return output
-
-    handles = []
-    try:
-        for b in branches or ():
-            handles.append(b.module.register_forward_hook(lambda module, args, output, b=b: add(module, args, output, b)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # The host's TorchCompileModel (comfy_api.torch_helpers.set_torch_compile_wrapper): an

@@ -4,7 +4,7 @@ Without CUDA graphs (INDOMAIN_FAST_DOMAIN=eager, ComfyUI's --disable-cuda-graphs
 each recorded call costs its kernel launches and the host's per-layer work on the CPU, which is
 the bound at batch 1: a LoRA domain's own call was a second UNet call per step. A LoRA domain
 runs on the base's modules, so its rows can ride in the base's call: the two records' inputs
-concatenated along the batch, the LoRA added to the domain rows only (lora_applied's `rows`).
+concatenated along the batch, the LoRA added to the domain rows only (lora_hooks.lora_applied's `rows`).
 Made only where both records are direct calls of the same model with conditioning that
 concatenates (same keys, tensors of the same shape past the batch); otherwise, or if a layer
 sees another batch than the call's, the separate calls, for the rest of the run.
@@ -16,8 +16,8 @@ import logging
 
 import torch
 
+from ...lora_hooks import RowsMismatch, lora_applied
 from .fastpath import RecordedCall, apply_recorded, difference, split_rows
-from .lora_adapters import RowsMismatch, lora_applied
 
 log = logging.getLogger(__name__)
 

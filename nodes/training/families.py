@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ...training import DEFAULT_TARGETS
+from ...lora_hooks import DEFAULT_TARGETS
 
 
 def _numbered(module: torch.nn.Module, *lists: str) -> tuple[str, ...]:

@@ -22,7 +22,8 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
-from ...training import DEFAULT_TARGETS, TrainConfig, data, save_model_file, train
+from ...lora_hooks import DEFAULT_TARGETS
+from ...training import TrainConfig, data, save_model_file, train
 from ...training.checkpoint import deliverable, fingerprint
 from ...training.config import cuda_graph_reason
 from ...training.distributed import ranks

@@ -1,11 +1,14 @@
-"""training/lora.py: adapters on the targeted layers, ComfyUI's file format, ComfyUI's merge."""
+"""lora_hooks/: the one LoRA mechanism of both runtimes. A fixed LoRA added within a call (sampling), to
+some rows only; trainable adapters on the targeted layers (training), under autocast with one cast
+of a shared input and the up-projection inside its matmul; ComfyUI's file format and merge."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tests.support.standins import CONTEXT, OpsLinear, tiny_unet
-from training.lora import DEFAULT_TARGETS, inject_lora, load_lora, lora_state_dict, merged_weight
+from lora_hooks import (DEFAULT_TARGETS, LoRAAdapter, LoraBranch, RowsMismatch, inject_lora, load_lora, lora_applied,
+                  lora_state_dict, merged_weight)
 
 x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
 t = torch.tensor([10.0, 900.0])
@@ -21,6 +24,58 @@ def _randomise_up(network, seed=0):
         for a in network.adapters:
             a.lora_up.weight.copy_(torch.randn(a.lora_up.weight.shape, generator=g) * 0.1)
 
+
+# --- a fixed LoRA within one call (sampling: a LoRA domain on the base's own modules) ---------------
+
+def test_a_fixed_lora_is_added_inside_the_call_only():
+    lin = nn.Linear(8, 6)
+    up, down = torch.randn(6, 2), torch.randn(2, 8)
+    b = LoraBranch(lin, down, up, 2.0)
+    inp = torch.randn(3, 8)
+    with lora_applied([b], {}):
+        y = lin(inp)
+    assert torch.allclose(y, F.linear(inp, merged_weight(lin.weight, down, up, 4.0), lin.bias), atol=1e-5)  # scale = alpha / rank
+    assert torch.equal(lin(inp), F.linear(inp, lin.weight, lin.bias))  # hooks removed on exit
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(6, 10, 1), nn.Conv2d(6, 10, 3, padding=1), nn.Conv2d(6, 10, 3, stride=2, padding=2, dilation=2)],
+                         ids=["conv1x1", "conv3x3", "conv3x3-stride2-dilation2"])
+def test_a_fixed_conv_lora_takes_the_base_geometry_and_is_its_merged_weight(conv):
+    down, up = torch.randn(3, 6, *conv.kernel_size), torch.randn(10, 3, 1, 1)
+    inp = torch.randn(2, 6, 9, 9)
+    with lora_applied([LoraBranch(conv, down, up, 0.5)], {}):
+        y = conv(inp)
+    assert torch.allclose(y, conv._conv_forward(inp, merged_weight(conv.weight, down, up, 1.5), conv.bias), atol=1e-5)
+
+
+def test_a_fixed_lora_is_cast_to_the_input_once_per_device_and_dtype():
+    lin = nn.Linear(8, 6)
+    b = LoraBranch(lin, torch.randn(2, 8).half(), torch.randn(6, 2).half(), 1.0)
+    cache = {}
+    with lora_applied([b], cache):
+        y = lin(torch.ones(3, 8))
+        lin(torch.ones(3, 8))
+    assert list(cache) == [(id(b), torch.device("cpu"), torch.float32)] and y.dtype == torch.float32
+    down, up = cache[(id(b), torch.device("cpu"), torch.float32)]
+    assert down.dtype == up.dtype == torch.float32 and torch.equal(down, b.down.float())
+
+
+def test_in_a_batched_call_a_fixed_lora_acts_on_its_rows_only():
+    """A LoRA domain's rows riding in the base's call (nodes/sampling/lora_rows_in_base_call.py): the
+    LoRA acts on those rows only, and a module that sees another batch than the call's raises
+    RowsMismatch (the caller then makes the calls separately)."""
+    lin = nn.Linear(8, 6)
+    up, down = torch.randn(6, 2), torch.randn(2, 8)
+    inp = torch.randn(3, 8)
+    with lora_applied([LoraBranch(lin, down, up, 2.0)], {}, rows=(2, 1), batch=3):
+        y = lin(inp)
+        with pytest.raises(RowsMismatch, match="batch of 2, the call has 3 rows"):
+            lin(inp[:2])
+    assert torch.equal(y[:2], F.linear(inp[:2], lin.weight, lin.bias))
+    assert torch.allclose(y[2:], F.linear(inp[2:], merged_weight(lin.weight, down, up, 4.0), lin.bias), atol=1e-5)
+
+
+# --- trainable adapters (training) -------------------------------------------------------------------
 
 def test_default_targets_adapt_attention_projections_and_feed_forward():
     unet = tiny_unet()
@@ -138,8 +193,6 @@ def test_under_autocast_an_adapter_makes_no_copy_of_its_input_and_no_pass_over_i
     full): under autocast it feeds the input to its first matmul as it is (no float32 copy first)
     and scales the rank-r tensor, so the only layer-sized tensor it makes is the second matmul's."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from training.lora import LoRAAdapter
 
     made = []
 
