@@ -149,6 +149,19 @@ def test_a_base_of_a_family_the_trainer_does_not_know_is_refused_listing_the_sup
     assert all(name in message for name in ("SD1.x", "SDXL", "SD3", "Flux.1", "Z-Image"))
 
 
+def test_flux2_is_not_taken_for_flux1_though_the_host_builds_both_on_one_class(comfy):
+    """Flux.2's diffusion model is the host's Flux.1 class with other parameters (image_model "flux2"):
+    Flux.1's row (its LoRA targets, its guidance input) is not Flux.2's, so training refuses it,
+    naming it, until Flux.2 has a row of its own."""
+    family_of = comfy.pack("nodes.training.families").family_of
+    flux1, flux2 = fam.family_model("flux_dev"), fam.family_model("flux2")
+    assert type(flux2.model.diffusion_model) is type(flux1.model.diffusion_model)
+    assert family_of(flux1).name.startswith("Flux.1")
+    with pytest.raises(ValueError) as e:
+        family_of(flux2)
+    assert "Flux2" in str(e.value) and str(e.value).startswith("model: training supports")
+
+
 def test_a_lora_trained_on_another_family_is_refused_naming_the_file(comfy):
     from tests.support.host import HostError
 

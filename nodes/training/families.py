@@ -43,6 +43,9 @@ class Family:
     blocks: Callable[[torch.nn.Module], tuple[str, ...]]  # what gradient checkpointing recomputes
     conds: dict[str, str]  # host extra_conds key -> the diffusion model's keyword argument
     adds_in_place: bool = False  # its blocks update tensors autograd saved (differentiable._OutOfPlaceAdds)
+    # the host's model config's "image_model" this row is for, where the host builds several families
+    # on one class (Flux.1 and Flux.2 both on comfy.ldm.flux.model.Flux); None: any
+    image_model: str | None = None
 
 
 FAMILIES = (
@@ -55,7 +58,7 @@ FAMILIES = (
            ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
             "txt_mlp.0", "txt_mlp.2", "linear1", "linear2"),
            lambda m: _numbered(m, "double_blocks", "single_blocks"),
-           {"c_crossattn": "context", "y": "y", "guidance": "guidance"}, adds_in_place=True),
+           {"c_crossattn": "context", "y": "y", "guidance": "guidance"}, adds_in_place=True, image_model="flux"),
     Family("Z-Image (Lumina 2 DiT)", "comfy.ldm.lumina.model:NextDiT",
            ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
            lambda m: _numbered(m, "noise_refiner", "context_refiner", "layers"),
@@ -72,11 +75,14 @@ def _host_class(path: str):
 
 
 def family_of(model) -> Family:
-    """The row of the MODEL's diffusion model; ValueError naming it and the supported families."""
+    """The row of the MODEL's diffusion model, told by its class and, where the host builds several
+    families on one class, by its model config's "image_model"; ValueError naming it and the
+    supported families."""
     dm = model.model.diffusion_model
+    image_model = (getattr(model.model.model_config, "unet_config", None) or {}).get("image_model")
     for family in FAMILIES:
         cls = _host_class(family.module)
-        if cls is not None and isinstance(dm, cls):
+        if cls is not None and isinstance(dm, cls) and family.image_model in (None, image_model):
             return family
     raise ValueError(
         f"model: training supports {', '.join(f.name for f in FAMILIES)}; this model "
