@@ -59,6 +59,13 @@ FAMILIES = (
             "txt_mlp.0", "txt_mlp.2", "linear1", "linear2"),
            lambda m: _numbered(m, "double_blocks", "single_blocks"),
            {"c_crossattn": "context", "y": "y", "guidance": "guidance"}, adds_in_place=True, image_model="flux"),
+    # Flux.2 dev: the host's Flux class again (SiLU-gated MLPs without bias, modulation shared across
+    # blocks: none of them adapted), its layers named as Flux.1's: the same targets, blocks and inputs
+    Family("Flux.2 (dev)", "comfy.ldm.flux.model:Flux",
+           ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
+            "txt_mlp.0", "txt_mlp.2", "linear1", "linear2"),
+           lambda m: _numbered(m, "double_blocks", "single_blocks"),
+           {"c_crossattn": "context", "guidance": "guidance"}, adds_in_place=True, image_model="flux2"),
     Family("Z-Image (Lumina 2 DiT)", "comfy.ldm.lumina.model:NextDiT",
            ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
            lambda m: _numbered(m, "noise_refiner", "context_refiner", "layers"),

@@ -253,7 +253,10 @@ class TestTinyTAESD:
 
         with plain_weights():
             module = randomize_(TAESD(latent_channels=latent_channels), seed=5, scale=1.0)
-        return (comfy.sd.VAE(sd={k: v.contiguous() for k, v in module.state_dict().items()}),)
+        # (the channel count as the host's loader passes it for a TAESD file: newer hosts build Flux.2's
+        # 128-channel TAESD on 32 channels and a 2x2 patch, and read 32 from its weights otherwise)
+        return (comfy.sd.VAE(sd={k: v.contiguous() for k, v in module.state_dict().items()},
+                             metadata={"tae_latent_channels": latent_channels}),)
 
 
 class TestConditioning:
