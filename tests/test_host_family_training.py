@@ -19,7 +19,7 @@ from tests.support import tiny_nodes as tiny
 from tests.support.graphs import TRAIN_DEFAULTS, reproducible_dtype, saved
 from tests.support.tiny_nodes import domain_images
 
-FAMILIES = [*fam.FAMILIES, "flux2"]  # (Flux.2: tests/support/tiny_newer_families.py)
+FAMILIES = [*fam.FAMILIES, "flux2", "chroma"]  # (Flux.2, Chroma: tests/support/tiny_newer_families.py)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,7 +56,7 @@ def test_a_lora_is_written_with_the_familys_prediction_type_and_the_hosts_lora_l
     path = model_file(comfy, family)
     with safe_open(path, "pt") as f:
         meta = f.metadata()
-    assert meta["indomain.prediction_type"] == ("flow" if family in ("sd3", "flux_dev", "flux_schnell", "zimage", "flux2")
+    assert meta["indomain.prediction_type"] == ("flow" if family in ("sd3", "flux_dev", "flux_schnell", "zimage", "flux2", "chroma")
                                                 else "v" if family == "sd2_v" else "eps")
     weights = load_file(path)
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
@@ -69,7 +69,7 @@ def test_a_lora_is_written_with_the_familys_prediction_type_and_the_hosts_lora_l
     assert set(lora.patches) <= set(base.model.state_dict())
 
 
-@pytest.mark.parametrize("family", ["flux_dev", "zimage", "flux2"])
+@pytest.mark.parametrize("family", ["flux_dev", "zimage", "flux2", "chroma"])
 def test_lora_training_runs_on_a_base_stored_in_fp8(comfy, family):
     """The large families fit a 24 GiB card for LoRA training only with their weights stored in fp8
     (UNETLoader's weight_dtype fp8_e4m3fn; the host casts each layer to the compute dtype). Training
@@ -90,7 +90,7 @@ def test_lora_training_runs_on_a_base_stored_in_fp8(comfy, family):
     assert len(lora.patches) >= 4
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux_dev", "zimage", "flux2"])  # (SD2-v and SDXL: test_host_training.py)
+@pytest.mark.parametrize("family", ["sd3", "flux_dev", "zimage", "flux2", "chroma"])  # (SD2-v and SDXL: test_host_training.py)
 def test_the_loss_falls_in_full_mode(comfy, family):
     comfy.run(train_graph(family, mode="full", steps=30, batch_size=2, learning_rate=1e-3, checkpoint_every=0,
                           resume=False, save_name=f"fam_loss_{family}"))
@@ -112,7 +112,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(comfy, fami
     assert all(torch.equal(whole[k], split[k]) for k in whole)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux_dev", "zimage", "flux2"])
+@pytest.mark.parametrize("family", ["sd3", "flux_dev", "zimage", "flux2", "chroma"])
 def test_full_mode_gives_a_model_of_the_bases_family(comfy, family):
     comfy.run(train_graph(family, mode="full", steps=2, checkpoint_every=0, resume=False, save_name=f"fam_full_{family}"))
     domain, base = comfy.captured["trained"], fam.family_model(family)
@@ -124,7 +124,7 @@ def test_full_mode_gives_a_model_of_the_bases_family(comfy, family):
     assert any(not torch.equal(trained[k].float(), v.float().cpu()) for k, v in base.model.diffusion_model.state_dict().items())
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux_dev", "zimage", "flux2"])
+@pytest.mark.parametrize("family", ["sd3", "flux_dev", "zimage", "flux2", "chroma"])
 def test_gradient_checkpointing_of_the_familys_blocks_trains_the_same_weights(comfy, family):
     """The family's blocks (joint, double/single, refiner and main layers) recomputed in backward:
     the same LoRA weights as without checkpointing."""

@@ -66,6 +66,13 @@ FAMILIES = (
             "txt_mlp.0", "txt_mlp.2", "linear1", "linear2"),
            lambda m: _numbered(m, "double_blocks", "single_blocks"),
            {"c_crossattn": "context", "guidance": "guidance"}, adds_in_place=True, image_model="flux2"),
+    # Chroma: Flux's blocks (their modulation from a shared approximator: not adapted), no pooled input,
+    # guidance an input the host sets to 0; Chroma Radiance (pixel space, the same class) is not this row
+    Family("Chroma", "comfy.ldm.chroma.model:Chroma",
+           ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
+            "txt_mlp.0", "txt_mlp.2", "linear1", "linear2"),
+           lambda m: _numbered(m, "double_blocks", "single_blocks"),
+           {"c_crossattn": "context", "guidance": "guidance"}, adds_in_place=True, image_model="chroma"),
     Family("Z-Image (Lumina 2 DiT)", "comfy.ldm.lumina.model:NextDiT",
            ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
            lambda m: _numbered(m, "noise_refiner", "context_refiner", "layers"),
