@@ -159,6 +159,18 @@ def test_flux2_is_not_taken_for_flux1_though_the_host_builds_both_on_one_class(c
     assert "y" in family_of(flux1).conds and "y" not in family_of(flux2).conds
 
 
+def test_chroma_radiance_on_chromas_class_is_not_taken_for_chroma(comfy):
+    """Chroma Radiance denoises pixels on the host's Chroma class (image_model "chroma_radiance"):
+    Chroma's row, which trains on VAE latents, refuses it."""
+    family_of = comfy.pack("nodes.training.families").family_of
+    chroma = fam.family_model("chroma")
+    radiance = type("Model", (), {"diffusion_model": chroma.model.diffusion_model,
+                                  "model_config": type("ChromaRadiance", (), {"unet_config": {"image_model": "chroma_radiance"}})()})()
+    assert family_of(chroma).name == "Chroma"
+    with pytest.raises(ValueError, match="ChromaRadiance"):
+        family_of(type("Patcher", (), {"model": radiance})())
+
+
 def test_a_lora_trained_on_another_family_is_refused_naming_the_file(comfy):
     from tests.support.host import HostError
 
