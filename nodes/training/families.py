@@ -48,30 +48,30 @@ class Family:
     image_model: str | None = None
 
 
+# Flux's double- and single-stream blocks (comfy.ldm.flux.layers), which Flux.1, Flux.2 and Chroma share
+_FLUX_TARGETS = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
+                 "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")
+
+
+def _flux_blocks(m: torch.nn.Module) -> tuple[str, ...]:
+    return _numbered(m, "double_blocks", "single_blocks")
+
+
 FAMILIES = (
     Family("UNet (SD1.x, SD2.x, SDXL)", "comfy.ldm.modules.diffusionmodules.openaimodel:UNetModel",
            DEFAULT_TARGETS, unet_blocks, {"c_crossattn": "context", "y": "y"}),
     Family("MMDiT (SD3, SD3.5)", "comfy.ldm.modules.diffusionmodules.mmdit:OpenAISignatureMMDITWrapper",
            ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"), lambda m: _numbered(m, "joint_blocks"),
            {"c_crossattn": "context", "y": "y"}),
-    Family("Flux.1 (dev, schnell)", "comfy.ldm.flux.model:Flux",
-           ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
-            "txt_mlp.0", "txt_mlp.2", "linear1", "linear2"),
-           lambda m: _numbered(m, "double_blocks", "single_blocks"),
+    Family("Flux.1 (dev, schnell)", "comfy.ldm.flux.model:Flux", _FLUX_TARGETS, _flux_blocks,
            {"c_crossattn": "context", "y": "y", "guidance": "guidance"}, adds_in_place=True, image_model="flux"),
     # Flux.2 dev: the host's Flux class again (SiLU-gated MLPs without bias, modulation shared across
-    # blocks: none of them adapted), its layers named as Flux.1's: the same targets, blocks and inputs
-    Family("Flux.2 (dev)", "comfy.ldm.flux.model:Flux",
-           ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
-            "txt_mlp.0", "txt_mlp.2", "linear1", "linear2"),
-           lambda m: _numbered(m, "double_blocks", "single_blocks"),
+    # blocks: none of them adapted), its layers named as Flux.1's; no pooled input
+    Family("Flux.2 (dev)", "comfy.ldm.flux.model:Flux", _FLUX_TARGETS, _flux_blocks,
            {"c_crossattn": "context", "guidance": "guidance"}, adds_in_place=True, image_model="flux2"),
     # Chroma: Flux's blocks (their modulation from a shared approximator: not adapted), no pooled input,
     # guidance an input the host sets to 0; Chroma Radiance (pixel space, the same class) is not this row
-    Family("Chroma", "comfy.ldm.chroma.model:Chroma",
-           ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
-            "txt_mlp.0", "txt_mlp.2", "linear1", "linear2"),
-           lambda m: _numbered(m, "double_blocks", "single_blocks"),
+    Family("Chroma", "comfy.ldm.chroma.model:Chroma", _FLUX_TARGETS, _flux_blocks,
            {"c_crossattn": "context", "guidance": "guidance"}, adds_in_place=True, image_model="chroma"),
     Family("Z-Image (Lumina 2 DiT)", "comfy.ldm.lumina.model:NextDiT",
            ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
