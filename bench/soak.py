@@ -142,6 +142,31 @@ class Soak:
                 "held_after_gib": round(owner.held() / 2**30, 3)}
 
 
+def latent_sha(out: torch.Tensor) -> str:
+    return hashlib.sha256(out.cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+def repeat_check(soak: Soak, models: dict, draw: dict, times: int, out_dir: str) -> int:
+    """One draw, `times` runs per path, in this order: the stock KSampler (the domain off), the
+    straightforward guider (INDOMAIN_FAST_DOMAIN=0), the fast path without graphs (eager), with graphs
+    (graph; the later runs reuse the first's graphs); then the straightforward guider again. Which
+    path's first run differs from its later ones, and whether the paths agree, tell where a repeat
+    that is not bit-identical comes from."""
+    rows = []
+    for path, on, env in (("stock", False, "0"), ("straightforward", True, "0"), ("eager", True, "eager"),
+                          ("graph", True, "1"), ("straightforward again", True, "0")):
+        os.environ["INDOMAIN_FAST_DOMAIN"] = env
+        for k in range(times):
+            row, out = soak.run(models, {**draw, "on": on}, None)
+            row.update(path=path, repeat=k, latent_sha=latent_sha(out) if out is not None else None)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    os.environ.pop("INDOMAIN_FAST_DOMAIN", None)
+    with open(os.path.join(out_dir, "repeat_check.json"), "w") as f:
+        json.dump({"draw": draw, "runs": rows}, f, indent=1)
+    return 0
+
+
 def memory(cudagraph) -> dict:
     if not torch.cuda.is_available():  # (--quick on the CPU: nothing to measure)
         return {"graph_used_gib": 0.0, "free_gib": 0.0, "reserved_gib": 0.0}
@@ -160,6 +185,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models", default="sd15,sdxl")
     ap.add_argument("--quick", action="store_true", help="tiny models (checks the script)")
+    ap.add_argument("--repeat-check", default=None, metavar="JSON",
+                    help='instead of the soak: one draw (e.g. {"model":"sdxl","batch":4,"px":640,"domain":"lora",'
+                         '"on":true,"hooked":true,"seed":537958267}) run --repeat-times times under each path '
+                         '(stock: domain off; INDOMAIN_FAST_DOMAIN=0, eager, graph) in a fresh process; the latent '
+                         'hash of each run')
+    ap.add_argument("--repeat-times", type=int, default=3)
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="draw no new run after this long (the unload and the summary still come); the summary says how many ran")
     args = ap.parse_args(argv)
@@ -178,6 +209,8 @@ def main(argv=None) -> int:
     soak = Soak(host, bench, args.steps, args.quick)
     comfy.utils.set_progress_bar_global_hook(soak.progress_hook)
     models = {name: bench.build(name) for name in args.models.split(",")}
+    if args.repeat_check:
+        return repeat_check(soak, models, json.loads(args.repeat_check), args.repeat_times, args.out)
     rng = random.Random(args.seed)
     random.seed(args.seed)
     result = {"meta": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": mm.get_torch_device_name(mm.get_torch_device()),
@@ -214,7 +247,7 @@ def main(argv=None) -> int:
         draws.append(draw)
         if out is not None:
             outputs[i] = out
-            row["latent_sha"] = hashlib.sha256(out.cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+            row["latent_sha"] = latent_sha(out)
             if repeat_of is not None and repeat_of in outputs:
                 row["bit_identical"] = bool(torch.equal(out, outputs[repeat_of]))
                 repeats.append(row["bit_identical"])
