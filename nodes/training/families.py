@@ -57,6 +57,14 @@ def _flux_blocks(m: torch.nn.Module) -> tuple[str, ...]:
     return _numbered(m, "double_blocks", "single_blocks")
 
 
+# Qwen-Image's MMDiT blocks (comfy.ldm.qwen_image.model): the attention projections of the image stream
+# (to_q/k/v, to_out.0) and the text stream (add_q/k/v_proj, to_add_out) and both GELU MLPs, the layers
+# musubi-tuner and ai-toolkit adapt (every Linear of a block but its img_mod/txt_mod modulation)
+_QWEN_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                 "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+                 "txt_mlp.net.2")
+
+
 FAMILIES = (
     Family("UNet (SD1.x, SD2.x, SDXL)", "comfy.ldm.modules.diffusionmodules.openaimodel:UNetModel",
            DEFAULT_TARGETS, unet_blocks, {"c_crossattn": "context", "y": "y"}),
@@ -77,6 +85,13 @@ FAMILIES = (
            ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
            lambda m: _numbered(m, "noise_refiner", "context_refiner", "layers"),
            {"c_crossattn": "context", "num_tokens": "num_tokens", "attention_mask": "attention_mask"}),
+    # Qwen-Image and Qwen-Image Edit (one class and config): trained on the empty prompt alone, so no
+    # reference latents (an Edit model's reference belongs to the prompt's rows, at sampling); the
+    # encoder's attention_mask where it gives one (0.33's extra_conds passes it on). Its latents are
+    # video-shaped (Wan 2.1's VAE): each image is one frame (inputs.one_frame).
+    Family("Qwen-Image (and Edit)", "comfy.ldm.qwen_image.model:QwenImageTransformer2DModel", _QWEN_TARGETS,
+           lambda m: _numbered(m, "transformer_blocks"), {"c_crossattn": "context", "attention_mask": "attention_mask"},
+           image_model="qwen_image"),
 )
 
 
