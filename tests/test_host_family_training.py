@@ -19,10 +19,10 @@ from tests.support import tiny_nodes as tiny
 from tests.support.graphs import TRAIN_DEFAULTS, reproducible_dtype, saved
 from tests.support.tiny_nodes import domain_images
 
-# (Flux.2, Chroma, Qwen-Image: tests/support/tiny_newer_families.py)
-FAMILIES = [*fam.FAMILIES, "flux2", "chroma", "qwen_image"]
-FLOW = ("sd3", "flux_dev", "flux_schnell", "zimage", "flux2", "chroma", "qwen_image")
-DITS = ["sd3", "flux_dev", "zimage", "flux2", "chroma", "qwen_image"]  # (SD2-v, SDXL: test_host_training.py)
+# (Flux.2, Chroma, Qwen-Image, HunyuanImage 2.1: tests/support/tiny_newer_families.py)
+FAMILIES = [*fam.FAMILIES, "flux2", "chroma", "qwen_image", "hunyuan_image"]
+FLOW = ("sd3", "flux_dev", "flux_schnell", "zimage", "flux2", "chroma", "qwen_image", "hunyuan_image")
+DITS = ["sd3", "flux_dev", "zimage", "flux2", "chroma", "qwen_image", "hunyuan_image"]  # (SD2-v, SDXL: test_host_training.py)
 
 
 def vae_node(family) -> dict:
@@ -79,7 +79,7 @@ def test_a_lora_is_written_with_the_familys_prediction_type_and_the_hosts_lora_l
     assert set(lora.patches) <= set(base.model.state_dict())
 
 
-@pytest.mark.parametrize("family", ["flux_dev", "zimage", "flux2", "chroma", "qwen_image"])
+@pytest.mark.parametrize("family", ["flux_dev", "zimage", "flux2", "chroma", "qwen_image", "hunyuan_image"])
 def test_lora_training_runs_on_a_base_stored_in_fp8(comfy, family):
     """The large families fit a 24 GiB card for LoRA training only with their weights stored in fp8
     (UNETLoader's weight_dtype fp8_e4m3fn; the host casts each layer to the compute dtype). Training
@@ -179,6 +179,21 @@ def test_chroma_radiance_on_chromas_class_is_not_taken_for_chroma(comfy):
     assert family_of(chroma).name == "Chroma"
     with pytest.raises(ValueError, match="ChromaRadiance"):
         family_of(type("Patcher", (), {"model": radiance})())
+
+
+def test_hunyuanimage21s_row_takes_neither_hunyuanvideo_nor_the_distilled_checkpoint(comfy):
+    """The host builds HunyuanVideo (and its 1.5, and HunyuanImage 2.1's refiner) on HunyuanImage 2.1's
+    class with the same image_model ("hunyuan_video"), on 3-D patches; the distilled HunyuanImage 2.1
+    (meanflow) embeds the sampler's next sigma too. HunyuanImage 2.1's row refuses both, naming them."""
+    family_of = comfy.pack("nodes.training.families").family_of
+    image = fam.family_model("hunyuan_image")
+    assert family_of(image).name.startswith("HunyuanImage 2.1")
+    config = image.model.model_config.unet_config
+    for name, changed in (("HunyuanVideo", {"patch_size": [1, 2, 2]}), ("HunyuanImage21", {"meanflow": True})):
+        other = type("Model", (), {"diffusion_model": image.model.diffusion_model,
+                                   "model_config": type(name, (), {"unet_config": {**config, **changed}})()})()
+        with pytest.raises(ValueError, match=f"this model \\({name}, a HunyuanVideo\\) is none of them"):
+            family_of(type("Patcher", (), {"model": other})())
 
 
 @pytest.mark.parametrize("family, vae, message", [

@@ -82,7 +82,8 @@ FAMILIES = {
                              axes_lens=[1536, 512, 512], rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0,
                              z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32)),
 }
-LATENT_CHANNELS = {"sd2_v": 4, "sdxl": 4, "sd3": 16, "flux_dev": 16, "flux_schnell": 16, "zimage": 16, "flux2": 128, "chroma": 16}
+LATENT_CHANNELS = {"sd2_v": 4, "sdxl": 4, "sd3": 16, "flux_dev": 16, "flux_schnell": 16, "zimage": 16, "flux2": 128, "chroma": 16,
+                   "hunyuan_image": 64}
 # every family the test nodes build: the six above, then the families users run now (tiny_newer_families.py)
 SPECS = {**FAMILIES, **NEWER}
 
