@@ -19,7 +19,18 @@ from tests.support import tiny_nodes as tiny
 from tests.support.graphs import TRAIN_DEFAULTS, reproducible_dtype, saved
 from tests.support.tiny_nodes import domain_images
 
-FAMILIES = [*fam.FAMILIES, "flux2", "chroma"]  # (Flux.2, Chroma: tests/support/tiny_newer_families.py)
+# (Flux.2, Chroma, Qwen-Image, HunyuanImage 2.1: tests/support/tiny_newer_families.py)
+FAMILIES = [*fam.FAMILIES, "flux2", "chroma", "qwen_image", "hunyuan_image"]
+FLOW = ("sd3", "flux_dev", "flux_schnell", "zimage", "flux2", "chroma", "qwen_image", "hunyuan_image")
+DITS = ["sd3", "flux_dev", "zimage", "flux2", "chroma", "qwen_image", "hunyuan_image"]  # (SD2-v, SDXL: test_host_training.py)
+
+
+def vae_node(family) -> dict:
+    """A tiny VAE of the family's latents: the host's Wan 2.1 VAE for Qwen-Image (video-shaped latents,
+    one frame per image), else the host's TAESD of the family's channel count."""
+    if family == "qwen_image":
+        return {"class_type": "TestTinyWan21VAE", "inputs": {}}
+    return {"class_type": "TestTinyTAESD", "inputs": {"latent_channels": fam.LATENT_CHANNELS[family]}}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,7 +46,7 @@ def train_graph(family, **options) -> dict:
               "model": ["base", 0], "vae": ["vae", 0], "null_conditioning": ["null", 0]}
     return {
         "base": {"class_type": "TestFamilyModel", "inputs": {"family": family, "seed": 0}},
-        "vae": {"class_type": "TestTinyTAESD", "inputs": {"latent_channels": fam.LATENT_CHANNELS[family]}},
+        "vae": vae_node(family),
         "null": {"class_type": "TestFamilyConditioning", "inputs": {"family": family, "text": "", "guidance": -1.0}},
         "train": {"class_type": "InDomainTrainUNet", "inputs": inputs},
         "cap_model": {"class_type": "TestCapture", "inputs": {"value": ["train", 0], "label": "trained"}},
@@ -56,8 +67,7 @@ def test_a_lora_is_written_with_the_familys_prediction_type_and_the_hosts_lora_l
     path = model_file(comfy, family)
     with safe_open(path, "pt") as f:
         meta = f.metadata()
-    assert meta["indomain.prediction_type"] == ("flow" if family in ("sd3", "flux_dev", "flux_schnell", "zimage", "flux2", "chroma")
-                                                else "v" if family == "sd2_v" else "eps")
+    assert meta["indomain.prediction_type"] == ("flow" if family in FLOW else "v" if family == "sd2_v" else "eps")
     weights = load_file(path)
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
     adapted = {k[:-len(".lora_down.weight")] for k in weights if k.endswith(".lora_down.weight")}
@@ -69,7 +79,7 @@ def test_a_lora_is_written_with_the_familys_prediction_type_and_the_hosts_lora_l
     assert set(lora.patches) <= set(base.model.state_dict())
 
 
-@pytest.mark.parametrize("family", ["flux_dev", "zimage", "flux2", "chroma"])
+@pytest.mark.parametrize("family", ["flux_dev", "zimage", "flux2", "chroma", "qwen_image", "hunyuan_image"])
 def test_lora_training_runs_on_a_base_stored_in_fp8(comfy, family):
     """The large families fit a 24 GiB card for LoRA training only with their weights stored in fp8
     (UNETLoader's weight_dtype fp8_e4m3fn; the host casts each layer to the compute dtype). Training
@@ -90,7 +100,7 @@ def test_lora_training_runs_on_a_base_stored_in_fp8(comfy, family):
     assert len(lora.patches) >= 4
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux_dev", "zimage", "flux2", "chroma"])  # (SD2-v and SDXL: test_host_training.py)
+@pytest.mark.parametrize("family", DITS)
 def test_the_loss_falls_in_full_mode(comfy, family):
     comfy.run(train_graph(family, mode="full", steps=30, batch_size=2, learning_rate=1e-3, checkpoint_every=0,
                           resume=False, save_name=f"fam_loss_{family}"))
@@ -112,7 +122,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(comfy, fami
     assert all(torch.equal(whole[k], split[k]) for k in whole)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux_dev", "zimage", "flux2", "chroma"])
+@pytest.mark.parametrize("family", DITS)
 def test_full_mode_gives_a_model_of_the_bases_family(comfy, family):
     comfy.run(train_graph(family, mode="full", steps=2, checkpoint_every=0, resume=False, save_name=f"fam_full_{family}"))
     domain, base = comfy.captured["trained"], fam.family_model(family)
@@ -124,7 +134,7 @@ def test_full_mode_gives_a_model_of_the_bases_family(comfy, family):
     assert any(not torch.equal(trained[k].float(), v.float().cpu()) for k, v in base.model.diffusion_model.state_dict().items())
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux_dev", "zimage", "flux2", "chroma"])
+@pytest.mark.parametrize("family", DITS)
 def test_gradient_checkpointing_of_the_familys_blocks_trains_the_same_weights(comfy, family):
     """The family's blocks (joint, double/single, refiner and main layers) recomputed in backward:
     the same LoRA weights as without checkpointing."""
@@ -169,6 +179,55 @@ def test_chroma_radiance_on_chromas_class_is_not_taken_for_chroma(comfy):
     assert family_of(chroma).name == "Chroma"
     with pytest.raises(ValueError, match="ChromaRadiance"):
         family_of(type("Patcher", (), {"model": radiance})())
+
+
+def test_hunyuanimage21s_row_takes_neither_hunyuanvideo_nor_the_distilled_checkpoint(comfy):
+    """The host builds HunyuanVideo (and its 1.5, and HunyuanImage 2.1's refiner) on HunyuanImage 2.1's
+    class with the same image_model ("hunyuan_video"), on 3-D patches; the distilled HunyuanImage 2.1
+    (meanflow) embeds the sampler's next sigma too. HunyuanImage 2.1's row refuses both, naming them."""
+    family_of = comfy.pack("nodes.training.families").family_of
+    image = fam.family_model("hunyuan_image")
+    assert family_of(image).name.startswith("HunyuanImage 2.1")
+    config = image.model.model_config.unet_config
+    for name, changed in (("HunyuanVideo", {"patch_size": [1, 2, 2]}), ("HunyuanImage21", {"meanflow": True})):
+        other = type("Model", (), {"diffusion_model": image.model.diffusion_model,
+                                   "model_config": type(name, (), {"unet_config": {**config, **changed}})()})()
+        with pytest.raises(ValueError, match=f"this model \\({name}, a HunyuanVideo\\) is none of them"):
+            family_of(type("Patcher", (), {"model": other})())
+
+
+@pytest.mark.parametrize("family, vae, message", [
+    ("qwen_image", {"class_type": "TestTinyTAESD", "inputs": {"latent_channels": 16}},
+     "16-channel image latents, but the model (QwenImage) denoises 16-channel video-shaped latents"),
+    ("flux_dev", {"class_type": "TestTinyWan21VAE", "inputs": {}},
+     "16-channel video-shaped latents, but the model (Flux) denoises 16-channel image latents"),
+])
+def test_a_vae_of_the_right_channels_but_the_other_latent_shape_is_refused(comfy, family, vae, message):
+    """Qwen-Image denoises Wan 2.1's video-shaped latents (an image one frame), Flux.1 image latents,
+    both of 16 channels: each refuses the other's VAE before training, saying which latents it takes."""
+    from tests.support.host import HostError
+
+    graph = train_graph(family, steps=2, checkpoint_every=0, resume=False, save_name=f"fam_vae_{family}")
+    graph["vae"] = vae
+    with pytest.raises(HostError) as e:
+        comfy.run(graph)
+    assert message in e.value.exception_message
+    assert not os.path.exists(model_file(comfy, family, f"fam_vae_{family}"))
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_previews_of_a_family_of_video_shaped_latents_are_sampled_and_decoded_by_the_host(comfy, mode):
+    """Qwen-Image's previews: the host samples the domain model on a one-frame latent and its Wan 2.1 VAE
+    decodes it (whose downscale ratio is per axis), a picture of the training resolution per preview."""
+    import folder_paths
+    from PIL import Image
+
+    name = f"fam_preview_qwen_{mode}"
+    comfy.run(train_graph("qwen_image", mode=mode, steps=2, checkpoint_every=0, resume=False, preview_every=1, save_name=name))
+    folder = os.path.join(folder_paths.get_output_directory(), "indomain_previews", name)
+    assert sorted(os.listdir(folder)) == ["step_000001.png", "step_000002.png"]
+    sizes = [Image.open(os.path.join(folder, f)).size for f in sorted(os.listdir(folder))]
+    assert sizes == [(TRAIN_DEFAULTS["resolution"],) * 2] * 2
 
 
 def test_a_lora_trained_on_another_family_is_refused_naming_the_file(comfy):

@@ -9,7 +9,7 @@ which keyword. How a family is noised and what it predicts comes from the host's
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -46,6 +46,9 @@ class Family:
     # the host's model config's "image_model" this row is for, where the host builds several families
     # on one class (Flux.1 and Flux.2 both on comfy.ldm.flux.model.Flux); None: any
     image_model: str | None = None
+    # further entries of the model config's unet_config this row is for, where image_model is shared too
+    # (HunyuanImage 2.1 and HunyuanVideo: "hunyuan_video")
+    unet_config: dict = field(default_factory=dict)
 
 
 # Flux's double- and single-stream blocks (comfy.ldm.flux.layers), which Flux.1, Flux.2 and Chroma share
@@ -55,6 +58,14 @@ _FLUX_TARGETS = ("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj
 
 def _flux_blocks(m: torch.nn.Module) -> tuple[str, ...]:
     return _numbered(m, "double_blocks", "single_blocks")
+
+
+# Qwen-Image's MMDiT blocks (comfy.ldm.qwen_image.model): the attention projections of the image stream
+# (to_q/k/v, to_out.0) and the text stream (add_q/k/v_proj, to_add_out) and both GELU MLPs, the layers
+# musubi-tuner and ai-toolkit adapt (every Linear of a block but its img_mod/txt_mod modulation)
+_QWEN_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                 "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
+                 "txt_mlp.net.2")
 
 
 FAMILIES = (
@@ -77,6 +88,22 @@ FAMILIES = (
            ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
            lambda m: _numbered(m, "noise_refiner", "context_refiner", "layers"),
            {"c_crossattn": "context", "num_tokens": "num_tokens", "attention_mask": "attention_mask"}),
+    # Qwen-Image and Qwen-Image Edit (one class and config): trained on the empty prompt alone, so no
+    # reference latents (an Edit model's reference belongs to the prompt's rows, at sampling); the
+    # encoder's attention_mask where it gives one (0.33's extra_conds passes it on). Its latents are
+    # video-shaped (Wan 2.1's VAE): each image is one frame (inputs.one_frame).
+    Family("Qwen-Image (and Edit)", "comfy.ldm.qwen_image.model:QwenImageTransformer2DModel", _QWEN_TARGETS,
+           lambda m: _numbered(m, "transformer_blocks"), {"c_crossattn": "context", "attention_mask": "attention_mask"},
+           image_model="qwen_image"),
+    # HunyuanImage 2.1: the host's HunyuanVideo class on 2-D patches with Flux's double/single blocks (their
+    # modulation not adapted, as musubi-tuner's HunyuanVideo LoRA leaves it; nor the token refiner or the
+    # glyph mapper). HunyuanVideo, its 1.5 and the 2.1 refiner share class and image_model on 3-D patches;
+    # the distilled checkpoint (meanflow) also embeds the sampler's next sigma, which a training step has
+    # not. Inputs: context, the encoder's mask where it masks, guidance (the host's 6.0, which the base does
+    # not embed); no ByT5 glyph features: they come from quoted text, and the empty prompt quotes none.
+    Family("HunyuanImage 2.1 (not distilled)", "comfy.ldm.hunyuan_video.model:HunyuanVideo", _FLUX_TARGETS,
+           _flux_blocks, {"c_crossattn": "context", "attention_mask": "attention_mask", "guidance": "guidance"},
+           adds_in_place=True, image_model="hunyuan_video", unet_config={"patch_size": [1, 1], "meanflow": False}),
 )
 
 
@@ -90,13 +117,14 @@ def _host_class(path: str):
 
 def family_of(model) -> Family:
     """The row of the MODEL's diffusion model, told by its class and, where the host builds several
-    families on one class, by its model config's "image_model"; ValueError naming it and the
-    supported families."""
+    families on one class, by its model config's "image_model" (and the row's other unet_config
+    entries); ValueError naming it and the supported families."""
     dm = model.model.diffusion_model
-    image_model = (getattr(model.model.model_config, "unet_config", None) or {}).get("image_model")
+    config = getattr(model.model.model_config, "unet_config", None) or {}
     for family in FAMILIES:
         cls = _host_class(family.module)
-        if cls is not None and isinstance(dm, cls) and family.image_model in (None, image_model):
+        if cls is not None and isinstance(dm, cls) and family.image_model in (None, config.get("image_model")) \
+                and all(config.get(k) == v for k, v in family.unet_config.items()):
             return family
     raise ValueError(
         f"model: training supports {', '.join(f.name for f in FAMILIES)}; this model "

@@ -11,6 +11,8 @@ usable by autograd in differentiable.py).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +23,8 @@ import comfy.model_sampling
 from ...training import FlowSchedule
 from .differentiable import load_for_training
 from .families import Family, family_of
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,6 +41,7 @@ class HostModel:
     flow: FlowSchedule | None  # flow: its schedule; None for eps and v
     checkpointed_blocks: tuple[str, ...]  # what gradient checkpointing recomputes: the family's blocks of this model
     latent_channels: int  # what the VAE must make
+    latent_dimensions: int  # the latent format's: 2, images [B, C, h, w]; 3, video-shaped [B, C, T, h, w] (Qwen-Image)
     latent_format: str  # the latent format's class name (in the latent cache's key)
     process_latent_in: Callable[[torch.Tensor], torch.Tensor]  # VAE latents -> the model's (the latent scaling)
     extra_conds: Callable[..., dict]  # the base's model_base.extra_conds: its conditioning inputs at a size
@@ -56,7 +61,8 @@ def read_host_model(model) -> HostModel:
         alphas_cumprod=None if kind == "flow" else discrete_schedule(ms),
         flow=flow_schedule(ms) if kind == "flow" else None,
         checkpointed_blocks=family.blocks(base.diffusion_model),
-        latent_channels=base.latent_format.latent_channels, latent_format=type(base.latent_format).__name__,
+        latent_channels=base.latent_format.latent_channels,
+        latent_dimensions=getattr(base.latent_format, "latent_dimensions", 2), latent_format=type(base.latent_format).__name__,
         process_latent_in=base.process_latent_in, extra_conds=base.extra_conds, storage=base.get_dtype(),
         sampling_patch=getattr(model, "object_patches", {}).get("model_sampling"))
 
@@ -147,6 +153,9 @@ def cond_function(host: HostModel, cross_attn: torch.Tensor, extras: dict):
     token count), named as the family's row says (families.py)."""
     keys = host.family.conds
     passed = {k: extras[k] for k in ("guidance", "attention_mask") if extras.get(k) is not None}
+    if extras.get("reference_latents") is not None:  # (ReferenceLatent, TextEncodeQwenImageEdit with an image)
+        log.info("null_conditioning: its reference latents are left out of training: the domain model learns the "
+                 "domain's images from the empty prompt alone")
 
     def cond_for(height: int, width: int) -> dict:
         conds = host.extra_conds(cross_attn=cross_attn, pooled_output=extras.get("pooled_output"),
@@ -166,12 +175,15 @@ def cond_function(host: HostModel, cross_attn: torch.Tensor, extras: dict):
 
 
 def check_vae(vae, host: HostModel) -> None:
-    """The VAE must make the latents the model denoises: same channel count, image (not video) latents."""
-    want = host.latent_channels
-    got = getattr(vae, "latent_channels", None)
-    if got != want or getattr(vae, "latent_dim", 2) != 2:
-        raise ValueError(f"vae: it makes {got}-channel latents, but the model ({host.architecture}) "
-                         f"denoises {want}-channel image latents; use the VAE of the base checkpoint")
+    """The VAE must make the latents the model denoises: same channel count, and image latents, or
+    video-shaped ones where the model takes those (Qwen-Image: Wan 2.1's VAE, an image one frame)."""
+    want, want_dims = host.latent_channels, host.latent_dimensions
+    got, got_dims = getattr(vae, "latent_channels", None), getattr(vae, "latent_dim", 2)
+    if got != want or got_dims != want_dims:
+        shape = {2: "image", 3: "video-shaped"}
+        raise ValueError(f"vae: it makes {got}-channel {shape.get(got_dims, f'{got_dims}-D')} latents, but the model "
+                         f"({host.architecture}) denoises {want}-channel {shape.get(want_dims, f'{want_dims}-D')} latents; "
+                         "use the VAE of the base checkpoint")
 
 
 def encode_function(vae, host: HostModel, trainer):
@@ -183,5 +195,37 @@ def encode_function(vae, host: HostModel, trainer):
         with torch.inference_mode():
             latent = host.process_latent_in(vae.encode(pixels)).float()
         load_for_training(trainer)
+        if host.latent_dimensions == 3:  # [1, C, 1, h, w]: the image's one frame; the loop's latents have none
+            latent = latent.squeeze(2)
         return latent.clone()  # outside inference mode: an ordinary tensor
     return encode
+
+
+@contextlib.contextmanager
+def one_frame(unet: torch.nn.Module, host: HostModel):
+    """Within the block, a model of video-shaped latents (Qwen-Image's [B, C, T, h, w]) called with the
+    loop's image latents [B, C, h, w] gets them as one frame, and gives its prediction back without
+    the frame axis; video-shaped inputs (the host's, sampling a preview) pass as they are. Forward
+    hooks on `unet`, so a full copy made of it within the block has them too; removed on exit."""
+    if host.latent_dimensions != 3:
+        yield
+        return
+    added = []  # per call, innermost last: whether its input got the frame axis
+
+    def before(module, args, kwargs):
+        x = args[0] if args else kwargs["x"]
+        added.append(x.dim() == 4)
+        if not added[-1]:
+            return None
+        return ((x.unsqueeze(2), *args[1:]), kwargs) if args else (args, {**kwargs, "x": x.unsqueeze(2)})
+
+    def after(module, args, kwargs, output):
+        return output.squeeze(2) if added.pop() else None
+
+    handles = [unet.register_forward_pre_hook(before, with_kwargs=True),
+               unet.register_forward_hook(after, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

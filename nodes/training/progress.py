@@ -27,11 +27,13 @@ def preview_function(model, host: HostModel, vae, cross_attn, extras, config: Tr
     `model`: the MODEL being trained (the host samples it); `host`: what was read of it."""
     null = [[cross_attn, extras]]
     folder = os.path.join(folder_paths.get_output_directory(), "indomain_previews", save_name)
-    side = config.resolution // getattr(vae, "downscale_ratio", 8)
+    ratio = vae.spacial_compression_encode() if hasattr(vae, "spacial_compression_encode") else getattr(vae, "downscale_ratio", 8)
+    side = config.resolution // ratio  # (a video VAE's downscale_ratio is per axis: the method gives the spatial one)
 
     @torch.inference_mode()  # the host's mode, in which it loads and moves models
     def preview(step: int, module: torch.nn.Module) -> None:
-        latent = torch.zeros([1, host.latent_channels, side, side])
+        # the latent the host samples the model on: one frame where its latents are video-shaped (Qwen-Image)
+        latent = torch.zeros([1, host.latent_channels] + [1] * (host.latent_dimensions - 2) + [side, side])
         noise = comfy.sample.prepare_noise(latent, config.seed)
         sampled = model
         if config.mode == "full":  # the trained copy stands in for the base's UNet inside each model call

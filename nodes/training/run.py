@@ -32,7 +32,7 @@ from ..dynamic_vram import release
 from ..host_memory import host_flag_reason
 from .differentiable import for_training, host_in_training, mixed_dtypes, weights_cast_to_input, weights_for_autograd
 from .files import kept_message, cache_folder, file_metadata, output_paths
-from .inputs import HostModel, check_vae, cond_function, empty_prompt, encode_function, read_host_model
+from .inputs import HostModel, check_vae, cond_function, empty_prompt, encode_function, one_frame, read_host_model
 from .progress import preview_function, progress_reporter
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
         # LoRA in fp32 runs the host's UNet without autocast: its fp16/bf16 weights (a GPU's) are cast
         # to the fp32 activations layer by layer.
         casting = config.mode == "lora" and config.precision == "fp32" and mixed_dtypes(unet, torch.float32)
-        with failures_explained(state_path, host), weights_cast_to_input(unet, casting), \
+        with failures_explained(state_path, host), weights_cast_to_input(unet, casting), one_frame(unet, host), \
                 host_in_training(host.family, checkpointing=bool(config.gradient_checkpointing)):
             result = train(
                 unet, sources if len(sources) > 1 else sources[0],

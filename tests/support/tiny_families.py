@@ -28,6 +28,7 @@ The test nodes (register()):
 - TestFamilyCheckpoint(family) -> MODEL, CLIP, VAE: stands in for Load Checkpoint of a family (SDXL): the
   family's MODEL, TestFamilyCLIP and a tiny TAESD of its latent channels.
 - TestFamilyVAE(family): a stand-in VAE for the host's image-encoding nodes (tiny_newer_families.FamilyVAE).
+- TestTinyWan21VAE: the host's Wan 2.1 VAE at width 8 (Qwen-Image's latents; tiny_newer_families.py).
 Latents come from the host's own empty-latent node of each family (tiny_newer_families.latent_nodes).
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ import zlib
 import torch
 
 from tests.support.host import pack_module
-from tests.support.tiny_newer_families import NEWER, TestFamilyVAE
+from tests.support.tiny_newer_families import NEWER, TestFamilyVAE, TestTinyWan21VAE
 from tests.support.tiny_nodes import plain_weights, randomize_
 
 _SD_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1], channel_mult=[1],
@@ -81,7 +82,8 @@ FAMILIES = {
                              axes_lens=[1536, 512, 512], rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0,
                              z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32)),
 }
-LATENT_CHANNELS = {"sd2_v": 4, "sdxl": 4, "sd3": 16, "flux_dev": 16, "flux_schnell": 16, "zimage": 16, "flux2": 128, "chroma": 16}
+LATENT_CHANNELS = {"sd2_v": 4, "sdxl": 4, "sd3": 16, "flux_dev": 16, "flux_schnell": 16, "zimage": 16, "flux2": 128, "chroma": 16,
+                   "hunyuan_image": 64}
 # every family the test nodes build: the six above, then the families users run now (tiny_newer_families.py)
 SPECS = {**FAMILIES, **NEWER}
 
@@ -322,3 +324,4 @@ def register() -> None:
     nodes.NODE_CLASS_MAPPINGS["TestFamilyCLIP"] = TestFamilyCLIP
     nodes.NODE_CLASS_MAPPINGS["TestFamilyCheckpoint"] = TestFamilyCheckpoint
     nodes.NODE_CLASS_MAPPINGS["TestFamilyVAE"] = TestFamilyVAE
+    nodes.NODE_CLASS_MAPPINGS["TestTinyWan21VAE"] = TestTinyWan21VAE

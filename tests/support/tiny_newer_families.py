@@ -106,6 +106,30 @@ class FamilyVAE:
         return torch.randn(shape, generator=g)
 
 
+class TestTinyWan21VAE:
+    """The host's Wan 2.1 VAE (Qwen-Image's: 16 channels, video-shaped latents [B, C, T, h, w], 8x) at
+    width 8 instead of 96, random weights, built by the host's loader from its state dict as from a
+    file: what training encodes a Qwen-Image domain with (FamilyVAE has only the encode of a VAE)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self):
+        import comfy.sd
+        from comfy.ldm.wan.vae import WanVAE
+        from tests.support.tiny_nodes import plain_weights, randomize_
+
+        with plain_weights():
+            module = randomize_(WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                       temperal_downsample=[False, True, True], dropout=0.0), seed=5, scale=1.0)
+        return (comfy.sd.VAE(sd={k: v.contiguous() for k, v in module.state_dict().items()}),)
+
+
 class TestFamilyVAE:
     """Stands in for a family's VAE loader (see FamilyVAE)."""
 
