@@ -196,6 +196,19 @@ def test_hunyuanimage21s_row_takes_neither_hunyuanvideo_nor_the_distilled_checkp
             family_of(type("Patcher", (), {"model": other})())
 
 
+def test_qwen_image_layered_on_qwen_images_class_and_config_is_not_taken_for_qwen_image(comfy):
+    """The host detects Qwen-Image Layered (a stack of RGBA layers per image) as Qwen-Image's class and
+    image_model with use_additional_t_cond set: Qwen-Image's row refuses it, naming it."""
+    family_of = comfy.pack("nodes.training.families").family_of
+    image = fam.family_model("qwen_image")
+    assert family_of(image).name.startswith("Qwen-Image")
+    config = {**image.model.model_config.unet_config, "use_additional_t_cond": True}
+    layered = type("Model", (), {"diffusion_model": image.model.diffusion_model,
+                                 "model_config": type("QwenImage", (), {"unet_config": config})()})()
+    with pytest.raises(ValueError, match="this model \\(QwenImage, a QwenImageTransformer2DModel\\) is none of them"):
+        family_of(type("Patcher", (), {"model": layered})())
+
+
 @pytest.mark.parametrize("family, vae, message", [
     ("qwen_image", {"class_type": "TestTinyTAESD", "inputs": {"latent_channels": 16}},
      "16-channel image latents, but the model (QwenImage) denoises 16-channel video-shaped latents"),

@@ -47,7 +47,7 @@ class Family:
     # on one class (Flux.1 and Flux.2 both on comfy.ldm.flux.model.Flux); None: any
     image_model: str | None = None
     # further entries of the model config's unet_config this row is for, where image_model is shared too
-    # (HunyuanImage 2.1 and HunyuanVideo: "hunyuan_video")
+    # (HunyuanImage 2.1 and HunyuanVideo: "hunyuan_video"); None: the entry absent
     unet_config: dict = field(default_factory=dict)
 
 
@@ -94,7 +94,8 @@ FAMILIES = (
     # video-shaped (Wan 2.1's VAE): each image is one frame (inputs.one_frame).
     Family("Qwen-Image (and Edit)", "comfy.ldm.qwen_image.model:QwenImageTransformer2DModel", _QWEN_TARGETS,
            lambda m: _numbered(m, "transformer_blocks"), {"c_crossattn": "context", "attention_mask": "attention_mask"},
-           image_model="qwen_image"),
+           # Qwen-Image Layered (use_additional_t_cond: an RGBA layer stack per image, in the same config) is not this row
+           image_model="qwen_image", unet_config={"use_additional_t_cond": None}),
     # HunyuanImage 2.1: the host's HunyuanVideo class on 2-D patches with Flux's double/single blocks (their
     # modulation not adapted, as musubi-tuner's HunyuanVideo LoRA leaves it; nor the token refiner or the
     # glyph mapper). HunyuanVideo, its 1.5 and the 2.1 refiner share class and image_model on 3-D patches;
