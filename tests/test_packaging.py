@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib.util
+import io
 import json
 import logging
 import re
@@ -115,10 +116,11 @@ def test_the_published_archive_holds_what_runs_and_nothing_else():
     assert {"__init__.py", "requirements.txt", "pyproject.toml", "LICENSE", "tools/train_domain.py"} <= set(files)
     assert {"nodes", "guidance", "training", "cudagraph", "lora_hooks"} <= top
     size = sum((REPO / p).stat().st_size for p in files)
-    # (nine templates with their thumbnails are about 170 KB of it: SD1.5's five, SDXL's and Flux's two each;
-    # README and CHANGELOG about 55 KB; the code the rest: 570 KB with cudagraph/. The bound is there
-    # to catch a stray large file, e.g. an evidence image or a model, not the code's growth.)
-    assert size < 650_000, f"{len(files)} files, {size} bytes"
+    # (thirteen templates with their thumbnails are about 275 KB of it: SD1.5's five, SDXL's and Flux's two
+    # each, Qwen-Image's, its Edit's, Flux.2's and Wan 2.2's one each; README and CHANGELOG about 35 KB; the
+    # code the rest. The bound is there to catch a stray large file, e.g. an evidence image or a model,
+    # not the code's growth.)
+    assert size < 750_000, f"{len(files)} files, {size} bytes"
     log.info("the archive would hold %d files, %d bytes:\n%s", len(files), size, "\n".join(files))
 
 
@@ -157,5 +159,9 @@ def test_every_template_has_a_small_thumbnail_of_its_current_graph():
         with Image.open(thumbnail) as image:
             assert image.format == "JPEG" and image.size == tool.SIZE
             stored = np.asarray(image.convert("RGB"), dtype=np.int16)
-        fresh = np.asarray(tool.render(json.loads(path.read_text()), path.stem), dtype=np.int16)
-        assert np.abs(fresh - stored).mean() < 2.0, f"{thumbnail.name} is not the current graph: run tools/make_thumbnails.py"
+        # the current graph drawn and stored as the tool stores it (a JPEG of its quality): a busy graph's
+        # JPEG differs from its drawing by about 2 levels on average, from this by 0; one node moved: 1.4
+        buffer = io.BytesIO()
+        tool.render(json.loads(path.read_text()), path.stem).save(buffer, "JPEG", quality=tool.QUALITY, optimize=True)
+        fresh = np.asarray(Image.open(buffer).convert("RGB"), dtype=np.int16)
+        assert np.abs(fresh - stored).mean() < 0.5, f"{thumbnail.name} is not the current graph: run tools/make_thumbnails.py"

@@ -21,14 +21,21 @@ SIZE = (400, 300)
 QUALITY = 80
 BACKGROUND, NODE, TITLE_BAR, TEXT, OURS = (32, 32, 36), (53, 53, 58), (70, 70, 78), (230, 230, 230), (46, 110, 140)
 LINK_COLOURS = {"MODEL": (180, 160, 255), "CLIP": (255, 210, 80), "VAE": (255, 110, 110), "CONDITIONING": (255, 170, 80),
-                "LATENT": (255, 150, 200), "IMAGE": (100, 180, 255), "CONTROL_NET": (0, 200, 150)}
+                "LATENT": (255, 150, 200), "IMAGE": (100, 180, 255), "CONTROL_NET": (0, 200, 150),
+                "GUIDER": (110, 200, 230), "SIGMAS": (200, 200, 120), "NOISE": (170, 170, 170), "SAMPLER": (200, 140, 230)}
 TITLES = {"CheckpointLoaderSimple": "Load Checkpoint", "CLIPTextEncode": "CLIP Text Encode", "EmptyLatentImage": "Empty Latent",
           "InDomainKSampler": "KSampler (Domain)", "InDomainUNetLoader": "Load Domain UNet", "InDomainTrainUNet": "Train Domain UNet",
           "InDomainGuider": "Domain Guider", "InDomainTerm": "Domain Term", "VAEDecode": "VAE Decode", "VAEEncode": "VAE Encode",
           "SaveImage": "Save Image", "PreviewImage": "Preview Image", "LoadImage": "Load Image",
           "ControlNetLoader": "Load ControlNet", "ControlNetApplyAdvanced": "Apply ControlNet",
           "UNETLoader": "Diffusion Model", "DualCLIPLoader": "DualCLIPLoader", "VAELoader": "Load VAE",
-          "EmptySD3LatentImage": "Empty SD3 Latent", "FluxGuidance": "FluxGuidance", "ConditioningZeroOut": "Zero Out"}
+          "EmptySD3LatentImage": "Empty SD3 Latent", "FluxGuidance": "FluxGuidance", "ConditioningZeroOut": "Zero Out",
+          "CLIPLoader": "Load CLIP", "ModelSamplingAuraFlow": "Shift (AuraFlow)", "ModelSamplingSD3": "Shift (SD3)",
+          "TextEncodeQwenImageEdit": "Qwen Edit Encode", "EmptyFlux2LatentImage": "Empty Flux.2 Latent",
+          "Flux2Scheduler": "Flux2Scheduler", "RandomNoise": "RandomNoise", "DisableNoise": "DisableNoise",
+          "KSamplerSelect": "KSamplerSelect", "BasicScheduler": "BasicScheduler", "SplitSigmas": "SplitSigmas",
+          "SamplerCustomAdvanced": "SamplerCustomAdv.", "EmptyHunyuanLatentVideo": "Empty Video Latent",
+          "SaveWEBM": "Save WEBM"}
 log = logging.getLogger("indomain.thumbnails")
 
 

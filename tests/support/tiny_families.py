@@ -29,6 +29,7 @@ The test nodes (register()):
   family's MODEL, TestFamilyCLIP and a tiny TAESD of its latent channels.
 - TestFamilyVAE(family): a stand-in VAE for the host's image-encoding nodes (tiny_newer_families.FamilyVAE).
 - TestTinyWan21VAE: the host's Wan 2.1 VAE at width 8 (Qwen-Image's latents; tiny_newer_families.py).
+- TestHostVAE(kind): the host's own VAE of Qwen-Image and Wan 2.2 A14B (Wan 2.1's, tiny) or of Flux.2 (tiny_newer_families.py).
 Latents come from the host's own empty-latent node of each family (tiny_newer_families.latent_nodes).
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ import zlib
 import torch
 
 from tests.support.host import pack_module
-from tests.support.tiny_newer_families import NEWER, TestFamilyVAE, TestTinyWan21VAE
+from tests.support.tiny_newer_families import NEWER, TestFamilyVAE, TestHostVAE, TestTinyWan21VAE
 from tests.support.tiny_nodes import plain_weights, randomize_
 
 _SD_UNET = dict(image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1], channel_mult=[1],
@@ -325,3 +326,4 @@ def register() -> None:
     nodes.NODE_CLASS_MAPPINGS["TestFamilyCheckpoint"] = TestFamilyCheckpoint
     nodes.NODE_CLASS_MAPPINGS["TestFamilyVAE"] = TestFamilyVAE
     nodes.NODE_CLASS_MAPPINGS["TestTinyWan21VAE"] = TestTinyWan21VAE
+    nodes.NODE_CLASS_MAPPINGS["TestHostVAE"] = TestHostVAE

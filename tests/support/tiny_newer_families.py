@@ -14,7 +14,9 @@ Both hosts (ComfyUI 0.8.0 and 0.33) build these classes from the same configs.
 
 Latents come from the host's own empty-latent node of each family (LATENTS). FamilyVAE stands in for the
 VAE where the host's nodes encode an image (VAEEncode before ReferenceLatent, TextEncodeQwenImageEdit,
-Wan22ImageToVideoLatent's start image): the real VAEs are hundreds of MB.
+Wan22ImageToVideoLatent's start image): the real VAEs are hundreds of MB. TestHostVAE is the host's own VAE
+class of Qwen-Image and Wan 2.2 A14B (Wan 2.1's, at a tiny width) or of Flux.2, for the templates, which
+decode (tests/test_host_workflows.py).
 """
 from __future__ import annotations
 
@@ -143,3 +145,44 @@ class TestFamilyVAE:
 
     def load(self, family):
         return (FamilyVAE(family),)
+
+
+class TestHostVAE:
+    """Stands in for a newer family's VAE loader with the host's own VAE class, random weights, built from a
+    state dict as the host's loader builds one from a file:
+    - "wan2.1" (wan_2.1_vae, qwen_image_vae: one architecture): comfy.ldm.wan.vae.WanVAE, 16 latent channels,
+      8x in space and 4x in time, 5-D latents (one frame for an image), at width 4 (the host reads the width
+      from the weights). Encoding a megapixel (TextEncodeQwenImageEdit's reference) takes seconds on a CPU.
+    - "flux2" (flux2-vae): the Flux.1 autoencoder with Flux.2's 2x2 patch and latent batch norm, 128 latent
+      channels at 16x; full width (the host fixes it): 84M parameters, seconds to build on a CPU."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"kind": (["wan2.1", "flux2"],)}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, kind):
+        return (host_vae(kind),)
+
+
+def host_vae(kind: str, seed: int = 5):
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    from comfy.ldm.wan.vae import WanVAE
+
+    from tests.support.tiny_nodes import plain_weights, randomize_
+
+    with plain_weights():
+        if kind == "wan2.1":  # the host's layout (num_res_blocks 2, dim_mult [1, 2, 4, 4]) at width 4
+            module = WanVAE(dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                            temperal_downsample=[False, True, True])
+        else:  # the host's Flux.2 configuration (comfy/sd.py: a Flux.1 VAE file with bn.running_mean)
+            module = AutoencoderKL(embed_dim=32, ddconfig={
+                "double_z": True, "z_channels": 32, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+                "batch_norm_latent": True})
+        randomize_(module, seed=seed, scale=1.0)
+    return comfy.sd.VAE(sd={k: v.contiguous() for k, v in module.state_dict().items()})
