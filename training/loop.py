@@ -313,7 +313,10 @@ def _loss_and_gradients(run: _Run, step: int, batch: Batch, stop: BaseException 
         if i:
             stop = stop or pending_interrupt(run.check_interrupt, r)
         micro = batch.part(i, k).part(r.rank, r.world)
-        with run.ddp.no_sync() if run.ddp is not None and i < k - 1 else contextlib.nullcontext():
+        # DDP with static_graph records the graph in its first backward, which must exchange the
+        # gradients (under no_sync torch's reducer fails an internal assert): this process's first step syncs each.
+        sync = run.ddp is None or i == k - 1 or step == run.start + 1
+        with contextlib.nullcontext() if sync else run.ddp.no_sync():
             losses.append(_micro_step(run, step, micro, k))
     loss_value = losses[0] if k == 1 else math.fsum(losses) / k
     stop = stop or pending_interrupt(run.check_interrupt, r)  # before the update: an interrupt never leaves a half-applied step
