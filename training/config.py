@@ -6,8 +6,11 @@ written; cuda_graph_reason says why this process cannot have the CUDA-graph opti
 
 A state file records the run's config (`run_config`): the options that change the math, the
 images, the VAE, the base's shapes, the schedule and how batches are drawn (SAMPLER, plan.py).
-A resumed run must agree with it, except for RESUMABLE_CHANGES (speed and bookkeeping) and
-ADJUSTABLE_ON_RESUME (e.g. a lower lr or another precision after a NaN loss; the change is logged).
+A resumed run must agree with it, except for RESUMABLE_CHANGES (speed and bookkeeping, and
+gradient_accumulation: how a step's batch is split, not what it is) and ADJUSTABLE_ON_RESUME (e.g. a
+lower lr or another precision after a NaN loss; the change is logged). Options added since a state
+file format began (optimizer, validation_share) are recorded only when not at their default, so
+older state files resume as they were.
 """
 from __future__ import annotations
 
