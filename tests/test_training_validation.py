@@ -167,3 +167,25 @@ def test_held_out_images_of_a_bucket_without_training_images_are_measured_in_it(
                    config=TrainConfig(steps=2, resolution=128, precision="fp32", batch_size=1, validation_share=0.5))
     assert [s for s, _ in result.validation] == [0, 2] and all(np.isfinite(v) for _, v in result.validation)
     assert len(set(seen)) == 2
+
+
+def test_a_flow_model_accumulates_and_validates_as_a_discrete_one_does(tmp_path):
+    """Rectified flow (its own timestep draws and target): two micro-batches train what one batch
+    does, and the validation loss at step 0 is the same for both and for another seed."""
+    from training import FlowSchedule, TrainConfig, train
+
+    images(tmp_path)
+    flow = FlowSchedule(sigma=lambda u: u.float(), timestep=lambda sigma: sigma * 1000, name="flow shift=1")
+
+    def trained(**options):
+        config = TrainConfig(**{**dict(steps=4, mode="full", lr=3e-3, resolution=64, precision="fp32", batch_size=4,
+                                       validation_share=0.25), **options})
+        return train(tiny_unet(), os.fspath(tmp_path / "images"), encode=FakeVAE(), vae_id="v", cond_for=lambda h, w: {"context": CONTEXT},
+                     alphas_cumprod=None, prediction_type="flow", flow=flow, config=config, cache_dir=os.fspath(tmp_path / "cache"))
+
+    one, parts, other_seed = trained(), trained(gradient_accumulation=2), trained(seed=5)
+    assert np.allclose(parts.losses, one.losses, rtol=1e-6)
+    assert all(float((parts.weights[k] - one.weights[k]).norm()) <= 1e-5 * float(one.weights[k].norm())
+               for k in one.weights if not k.endswith("to_k.bias"))
+    assert [s for s, _ in one.validation] == [0, 4] and one.validation[1][1] < one.validation[0][1]
+    assert parts.validation[0] == one.validation[0] and other_seed.validation[0][1] == pytest.approx(one.validation[0][1], rel=1e-7)
