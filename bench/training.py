@@ -187,7 +187,7 @@ def run_family_case(host, name: str, weight_dtype: str, batch: int, px: int, ste
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t_begin = time.perf_counter()
-    _, losses, _, _ = run_training(model=model, vae=vae, null_conditioning=null, images=pixels, config=config,
+    _, losses, *_ = run_training(model=model, vae=vae, null_conditioning=null, images=pixels, config=config,
                                    save_name=f"bench_{name}_{weight_dtype}_b{batch}", resume=False,
                                    on_progress=lambda p: stamps.append(time.perf_counter()) if p.stage == "train" else None)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")

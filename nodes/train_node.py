@@ -6,7 +6,7 @@ from comfy_api.latest import io
 from ..training import TrainConfig
 from ..training.config import OPTIMIZERS, PRECISIONS
 from .host_schema import CATEGORY, advanced, schema
-from .training.plot import loss_curve_image
+from .training.plot import loss_curve_image, validation_text
 from .training.run import image_folder_fingerprint, run_training
 
 
@@ -21,7 +21,9 @@ def trainer_inputs() -> list:
                                "cuda_graphs on for its speed). full: the paper's text-free copy of the whole UNet (the "
                                "most memory: the weights, their gradients and AdamW's states). Figures: docs/BENCHMARKS.md."),
         io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Total optimizer steps (a resumed run continues up to this)."),
-        io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Images per step (all from one aspect-ratio bucket)."),
+        io.Int.Input("batch_size", default=4, min=1, max=256,
+                     tooltip="Images per optimizer step (all from one aspect-ratio bucket). With gradient_accumulation "
+                             "this is the whole step's batch, computed in parts."),
         io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6, round=1e-7,
                        tooltip="Peak learning rate (AdamW). About 1e-4 for lora, 1e-5 to 2e-5 for full."),
         io.Combo.Input("lr_schedule", options=["constant", "cosine"], default="constant",
@@ -75,8 +77,25 @@ def trainer_inputs() -> list:
                          tooltip="Replay each step's forward and backward as a CUDA graph: the same training with "
                                  "far fewer kernel launches, faster where the CPU is the bound (LoRA mode most), for a "
                                  "little more memory (figures: docs/BENCHMARKS.md). Needs one GPU, bf16 or fp32, "
-                                 "torch_compile off, and not ComfyUI's --disable-cuda-graphs; otherwise trains "
-                                 "without them and says why in the log.", **advanced()),
+                                 "torch_compile off, gradient_accumulation 1, and not ComfyUI's "
+                                 "--disable-cuda-graphs; otherwise trains without them and says why in the log.", **advanced()),
+        io.Int.Input("gradient_accumulation", default=1, min=1, max=256, optional=True,
+                     tooltip="Compute each step's batch_size images in this many parts (micro-batches of batch_size / "
+                             "gradient_accumulation images, their gradients added up): a batch larger than fits in "
+                             "memory, the same training as one batch, slower. batch_size must be a multiple of it. "
+                             "(kohya's train_batch_size x gradient_accumulation_steps is batch_size here.) May change "
+                             "on resume. 1 = off.", **advanced()),
+        io.Float.Input("validation_share", default=0.0, min=0.0, max=0.5, step=0.01, round=0.01, optional=True,
+                       tooltip="Hold this share of the images out of training (at least one image; the same images "
+                               "whatever the seed or settings) and measure their loss at the start, at every checkpoint "
+                               "and at the end, with fixed noise and timesteps so the numbers compare across checkpoints "
+                               "and runs. Shown on loss_curve (orange) and the validation output. 0 = off; cannot "
+                               "change on resume.", **advanced()),
+        io.Boolean.Input("tensorboard", default=False, optional=True,
+                         tooltip="Write TensorBoard logs (loss, learning rate, images/s, validation loss) to "
+                                 "output/indomain_logs/<save_name>/; view them with tensorboard --logdir "
+                                 "output/indomain_logs. Needs the tensorboard package (pip install tensorboard).",
+                         **advanced()),
     ]
 
 
@@ -95,7 +114,11 @@ class DomainTrainer(io.ComfyNode):
             inputs=trainer_inputs(),
             outputs=[
                 io.Model.Output(display_name="domain_model", tooltip="The trained domain UNet, for KSampler (Domain Guidance)."),
-                io.Image.Output(display_name="loss_curve", tooltip="The training loss per step of this run."),
+                io.Image.Output(display_name="loss_curve", tooltip="The training loss per step of this run, and the "
+                                "validation loss (orange) where validation_share is on."),
+                io.String.Output(display_name="validation", tooltip="The validation loss at each step it was measured "
+                                 "(\"step N: loss\", one per line, earlier runs of a resumed training included); "
+                                 "empty when validation_share is 0."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -110,15 +133,17 @@ class DomainTrainer(io.ComfyNode):
     def execute(cls, model, vae, mode, steps, batch_size, learning_rate, lr_schedule, warmup_steps, seed, resolution,
                 flip, training_dtype, gradient_checkpointing, ema_decay, lora_rank, lora_alpha, save_name,
                 checkpoint_every, preview_every, resume, null_conditioning=None, clip=None, images=None, image_folder="",
-                torch_compile=False, optimizer="adamw", cuda_graphs=False) -> io.NodeOutput:
+                torch_compile=False, optimizer="adamw", cuda_graphs=False, gradient_accumulation=1, validation_share=0.0,
+                tensorboard=False) -> io.NodeOutput:
         config = TrainConfig(
             steps=steps, mode=mode, lora_rank=lora_rank, lora_alpha=lora_alpha, lr=learning_rate, lr_schedule=lr_schedule,
             warmup_steps=warmup_steps, batch_size=batch_size, resolution=resolution, flip=flip, seed=seed,
             precision=training_dtype, ema_decay=ema_decay, checkpoint_every=checkpoint_every, preview_every=preview_every,
             gradient_checkpointing=("all",) if gradient_checkpointing else (), compile=torch_compile, optimizer=optimizer,
+            gradient_accumulation=gradient_accumulation, validation_share=validation_share,
         )
-        domain, losses, start, _ = run_training(model=model, vae=vae, null_conditioning=null_conditioning, clip=clip,
-                                                images=images, image_folder=image_folder, config=config,
-                                                save_name=save_name, resume=resume, node_id=cls.hidden.unique_id,
-                                                cuda_graphs=cuda_graphs)
-        return io.NodeOutput(domain, loss_curve_image(losses, start))
+        done = run_training(model=model, vae=vae, null_conditioning=null_conditioning, clip=clip, images=images,
+                            image_folder=image_folder, config=config, save_name=save_name, resume=resume,
+                            node_id=cls.hidden.unique_id, cuda_graphs=cuda_graphs, tensorboard=tensorboard)
+        return io.NodeOutput(done.domain, loss_curve_image(done.losses, done.start, done.validation),
+                             validation_text(done.validation))

@@ -13,6 +13,8 @@ fi
 "$host/.venv/bin/pip" install -q -r requirements.txt "pytest>=7.3"
 # Optional at run time (the training's adamw8bit optimizer names it when missing); the tests use it.
 "$host/.venv/bin/pip" install -q bitsandbytes || echo "bitsandbytes could not be installed: the 8-bit optimizer's tests are skipped" >&2
+# Optional at run time too (Train Domain UNet's tensorboard input names it when missing); its tests read the logs with it.
+"$host/.venv/bin/pip" install -q tensorboard || echo "tensorboard could not be installed: the TensorBoard log tests are skipped" >&2
 # Newer hosts (0.33) import torchaudio at start-up; ../shared/comfyui-host.sh leaves it out, and the
 # registry has it only for older torch builds: take a matching set (about 90 s).
 if grep -qs "^import comfy.ldm.lightricks.vae.audio_vae" "$host/comfy/sd.py" \

@@ -70,7 +70,8 @@ def run_job(job: dict) -> None:
     if r.main:
         save_file({k: v.detach().cpu().contiguous() for k, v in result.weights.items()}, job["out"] + ".safetensors")
         with open(job["out"] + ".json", "w") as f:
-            json.dump({"losses": result.losses, "start_step": result.start_step, "step": result.step}, f)
+            json.dump({"losses": result.losses, "start_step": result.start_step, "step": result.step,
+                       "validation": result.validation}, f)
 
 
 def main() -> int:

@@ -35,13 +35,15 @@ def base_dir(comfy, tmp_path_factory):
     return base
 
 
-def run_tool(base, *extra, gpu=False, launcher=(sys.executable,)):
-    """The tool on the CPU, or (gpu) on the GPU as the host picks it; `launcher` e.g. torchrun."""
+def run_tool(base, *extra, gpu=False, launcher=(sys.executable,), env=None):
+    """The tool on the CPU, or (gpu) on the GPU as the host picks it; `launcher` e.g. torchrun; `env`
+    added to the environment."""
     cmd = [*launcher, TOOL, "--comfyui", find_host(), "--base-directory", str(base), *([] if gpu else ["--cpu"]),
            "--unet", "tiny_unet.safetensors", "--vae", "tiny_taesd.safetensors", "--clip", "tiny_clip_l.safetensors",
            "--images", str(base / "images"), "--resolution", "64", "--batch-size", "2", "--training-dtype", "fp32",
            "--no-gradient-checkpointing", "--log-every", "1", *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def test_trains_writes_the_file_and_resumes(base_dir, on_gpu):
@@ -97,6 +99,38 @@ def test_torchrun_trains_on_two_gpus_with_nccl_and_resumes_on_one(base_dir, mode
     folder = "loras" if mode == "lora" else "diffusion_models"
     with safe_open(str(base_dir / "models" / folder / f"{name}.safetensors"), framework="pt") as f:
         assert f.metadata()["indomain.steps"] == "3"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed (scripts/setup.sh installs it)")
+def test_accumulation_validation_and_tensorboard_from_the_command_line(base_dir):
+    """--gradient-accumulation, --validation-share and --tensorboard: the log says how the step is
+    split and what is held out, logs the validation loss, and the event files in
+    output/indomain_logs/<save-name> hold the steps' losses and the validation losses."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = run_tool(base_dir, "--save-name", "cli_logged", "--steps", "2", "--checkpoint-every", "1",
+                   "--gradient-accumulation", "2", "--validation-share", "0.34", "--tensorboard")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 micro-batches of 1 images per step, 2 images held out for validation" in out.stderr
+    shown = [line.split("validation loss ")[1] for line in out.stderr.splitlines() if "validation loss " in line]
+    assert [s.split()[-1] for s in shown] == ["0", "1", "2"]
+    logs = base_dir / "output" / "indomain_logs" / "cli_logged"
+    acc = EventAccumulator(str(logs))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+    assert [round(e.value, 4) for e in acc.Scalars("validation/loss")] == [float(s.split()[0]) for s in shown]
+
+
+def test_tensorboard_without_the_package_stops_before_the_models_load_naming_it(base_dir, tmp_path):
+    """A tensorboard package that cannot be imported (simulated: one that raises, first on the path)."""
+    fake = tmp_path / "site" / "tensorboard"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('simulated: no tensorboard')\n")
+    out = run_tool(base_dir, "--save-name", "cli_no_board", "--steps", "1", "--tensorboard",
+                   env={"PYTHONPATH": str(tmp_path / "site")})
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "pip install tensorboard" in out.stderr and "simulated: no tensorboard" in out.stderr
+    assert "Latents" not in out.stderr and not (base_dir / "models" / "loras" / "cli_no_board.safetensors").exists()
 
 
 def test_refuses_pickled_model_files_by_name(base_dir):

@@ -785,3 +785,106 @@ def test_full_mode_builds_its_model_from_the_base_config_not_by_detecting_the_we
         "class_type": "InDomainUNetLoader", "inputs": {"unet_name": "undetected.safetensors", "lora_strength": 1.0,
                                                        "base_model": ["ckpt", 0]}}}))
     assert close(trained, comfy.captured["out"]["samples"], 1e-4)
+
+
+# --- gradient accumulation, validation, TensorBoard (issue 33) ---------------------------------
+
+def train_with_validation_output(comfy, **options):
+    """train_graph with the node's third output (the validation text) captured as well."""
+    prompt = train_graph(**options)
+    prompt["cap_validation"] = {"class_type": "TestCapture", "inputs": {"value": ["train", 2], "label": "validation"}}
+    comfy.run(prompt)
+    return comfy.captured["trained"], comfy.captured["trained_loss"], comfy.captured["validation"]
+
+
+def orange_pixels(comfy, curve: torch.Tensor) -> int:
+    """Pixels of the loss curve in the validation series' colour."""
+    colour = torch.tensor(comfy.pack("nodes.training.plot").VALIDATION, dtype=torch.float32) / 255
+    return int(((curve[0] - colour).abs().max(-1).values < 0.02).sum())
+
+
+def test_accumulation_and_validation_in_the_node(comfy, folders):
+    """batch_size 2 in 2 micro-batches, 2 of the 6 images held out: the node shows and returns the
+    validation loss at the start, each checkpoint and the end, records it in the state file, and
+    draws it on loss_curve; a run without validation returns "" and draws no orange."""
+    _, curve, text = train_with_validation_output(comfy, save_name="acc_val", steps=4, batch_size=2,
+                                                   gradient_accumulation=2, validation_share=0.34, checkpoint_every=2)
+    lines = text.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["step 0", "step 2", "step 4"], text
+    shown = [t for t in comfy.server.progress_texts("train") if t.startswith("validation loss")]
+    assert [t.split()[-1] for t in shown] == ["0", "2", "4"]
+    state = comfy.pack("training.checkpoint").read_state_header(saved("acc_val.indomain-state"))
+    assert [s for s, _ in state.validation] == [0, 2, 4] and state.config["validation_share"] == 0.34
+    assert [f"step {s}: {v:.6g}" for s, v in state.validation] == lines
+    assert len(shown_losses(comfy)) == 4 and orange_pixels(comfy, curve) > 20
+    _, plain_curve, plain_text = train_with_validation_output(comfy, save_name="no_val", steps=2, checkpoint_every=0)
+    assert plain_text == "" and orange_pixels(comfy, plain_curve) == 0
+
+
+def test_cuda_graphs_with_accumulation_train_without_them_and_say_why(comfy, caplog):
+    run = comfy.pack("nodes.training.run")
+    config = comfy.pack("training").TrainConfig(batch_size=4, gradient_accumulation=2)
+    with caplog.at_level(logging.WARNING):
+        assert run.with_cuda_graphs(config) is config
+    assert "cuda_graphs: training without CUDA graphs: gradient_accumulation is 2" in caplog.text
+
+
+def scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of the TensorBoard event files in `folder`, as TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed (scripts/setup.sh installs it)")
+def test_tensorboard_logs_what_the_node_shows_and_a_resumed_run_continues_them(comfy, folders, monkeypatch):
+    """output/indomain_logs/<save_name>: the per-step loss the node shows, the learning rate of each
+    step, images/s and the validation loss, read back with TensorBoard's own reader; a run stopped
+    after its checkpoint at step 2 and resumed to step 5 reads as one run of steps 1..5 (the stopped
+    run's step 3 purged)."""
+    import folder_paths
+
+    mm, utils = importlib.import_module("comfy.model_management"), importlib.import_module("comfy.utils")
+    logs = Path(folder_paths.get_output_directory()) / "indomain_logs" / "board"
+    settings = dict(save_name="board", steps=5, checkpoint_every=2, warmup_steps=2, learning_rate=1e-3,
+                    validation_share=0.34, tensorboard=True, resume=False)
+    update = utils.ProgressBar.update_absolute
+
+    def cancel_after_step_3(self, value, total=None, preview=None):
+        update(self, value, total, preview)
+        if value == 3:
+            mm.interrupt_current_processing(True)
+
+    monkeypatch.setattr(utils.ProgressBar, "update_absolute", cancel_after_step_3)
+    with pytest.raises(HostError):
+        comfy.run(train_graph(**settings))
+    monkeypatch.setattr(utils.ProgressBar, "update_absolute", update)
+    first = scalars(logs)
+    assert [s for s, _ in first["train/loss"]] == [1, 2, 3]
+    train(comfy, **{**settings, "resume": True})
+    shown = shown_losses(comfy)  # steps 3..5 of the resumed run
+    got = scalars(logs)
+    assert [s for s, _ in got["train/loss"]] == [1, 2, 3, 4, 5]
+    assert [v for _, v in got["train/loss"][2:]] == pytest.approx(shown, rel=1e-3, abs=1e-4)  # the text shows 4 decimals
+    assert [v for _, v in got["train/learning_rate"]] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3, 1e-3])
+    assert all(v > 0 for _, v in got["train/images_per_s"])
+    state = comfy.pack("training.checkpoint").read_state_header(saved("board.indomain-state"))
+    assert [(s, pytest.approx(v, rel=1e-6)) for s, v in got["validation/loss"]] == list(state.validation)
+    assert [s for s, _ in got["validation/loss"]] == [0, 2, 4, 5]
+    assert len(list(logs.glob("events.out.tfevents.*"))) == 2
+
+
+def test_tensorboard_without_the_package_is_an_error_naming_it_before_anything_is_written(comfy, folders, monkeypatch):
+    """With TensorBoard's writer not importable (simulated), the node says what to install and
+    writes nothing."""
+    import sys
+
+    import folder_paths
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # `import` of it raises ImportError
+    msg = error_of(comfy, save_name="no_board", steps=2, tensorboard=True)
+    assert "tensorboard" in msg and "pip install tensorboard" in msg
+    assert written("no_board") == []
+    assert not (Path(folder_paths.get_output_directory()) / "indomain_logs" / "no_board").exists()

@@ -27,6 +27,9 @@ WORKER = ["-m", "tests.dist_worker"]  # run from REPO
 CONFIG = dict(steps=4, mode="full", lr=3e-3, resolution=128, precision="fp32", batch_size=4, ema_decay=0.9,
               checkpoint_every=2, warmup_steps=1)
 LORA = dict(CONFIG, mode="lora", lora_rank=4, lr=3e-2)
+# Two micro-batches of 2 images: 1 image per process in each (2 processes x 1 x 2 = the global batch of 4);
+# 2 of the 8 images held out, their loss measured at steps 0, 2 and 4.
+ACCUMULATED = dict(CONFIG, gradient_accumulation=2, validation_share=0.25)
 
 
 def images(root) -> str:
@@ -84,22 +87,25 @@ def close(a: dict, b: dict, tol=1e-4) -> bool:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One launch of two processes running four jobs (full, LoRA, full with a sharded optimizer,
-    and a resume of a one-process state at step 2), and the one-process references."""
+    """One launch of two processes running five jobs (full, LoRA, full with a sharded optimizer,
+    a resume of a one-process state at step 2, full with gradient accumulation and validation),
+    and the one-process references."""
     tmp = tmp_path_factory.mktemp("distributed")
     folder, cache = images(tmp), os.fspath(tmp / "cache")
     torch.set_num_threads(1)
     ref = {"full": single(tmp / "ref_full", CONFIG, os.fspath(tmp / "ref_full.state")),
-           "lora": single(tmp / "ref_lora", LORA)}
+           "lora": single(tmp / "ref_lora", LORA),
+           "validated": single(tmp / "ref_validated", {**CONFIG, "validation_share": 0.25}),
+           "accumulated": single(tmp / "ref_accumulated", ACCUMULATED)}
     single(tmp / "one", {**CONFIG, "steps": 2}, os.fspath(tmp / "resumed.state"))  # stopped at step 2 on one process
     job = lambda name, config, state=None: dict(images=folder, cache=cache, config=config, out=os.fspath(tmp / name),  # noqa: E731
                                                 state=None if state is None else os.fspath(tmp / state))
     procs = launch(tmp, [job("full", CONFIG, "full.state"), job("lora", LORA),
                          job("sharded", {**CONFIG, "shard_optimizer": True}, "sharded.state"),
-                         job("resumed", CONFIG, "resumed.state")])
+                         job("resumed", CONFIG, "resumed.state"), job("accumulated", ACCUMULATED, "accumulated.state")])
     assert [p.returncode for p in procs] == [0, 0], "\n".join(p.stderr[-3000:] for p in procs)
     got = {name: (load_file(tmp / f"{name}.safetensors"), json.loads((tmp / f"{name}.json").read_text()))
-           for name in ("full", "lora", "sharded", "resumed")}
+           for name in ("full", "lora", "sharded", "resumed", "accumulated")}
     return tmp, ref, got, procs
 
 
@@ -111,6 +117,23 @@ def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(
     assert np.allclose(info["losses"], ref[mode].losses, rtol=1e-5)
     assert close(weights, ref[mode].weights)
     assert not close(weights, tiny_unet().state_dict() if mode == "full" else {k: 0 * v for k, v in weights.items()}, tol=1e-3)
+
+
+def test_the_same_global_batch_trains_the_same_weights_at_one_and_two_processes_with_accumulation(runs):
+    """batch_size 4 as 2 micro-batches of 2, each split over 2 processes (1 image each), trains what
+    one process with one batch of 4 trains, and what one process with the same 2 micro-batches
+    trains; the held-out images' losses are the one process's."""
+    tmp, ref, got, procs = runs
+    weights, info = got["accumulated"]
+    assert "2 processes of 1 images each, 2 micro-batches of 2 images per step, 2 images held out" in procs[0].stderr
+    assert np.allclose(info["losses"], ref["validated"].losses, rtol=1e-5)
+    assert np.allclose(info["losses"], ref["accumulated"].losses, rtol=1e-5)
+    assert close(weights, ref["validated"].weights) and close(weights, ref["accumulated"].weights)
+    steps, losses = zip(*info["validation"])
+    assert list(steps) == [0, 2, 4] == [s for s, _ in ref["accumulated"].validation]
+    assert np.allclose(losses, [v for _, v in ref["accumulated"].validation], rtol=1e-5)
+    assert losses[-1] != losses[0]  # it measured the weights being trained
+    assert [list(v) for v in read_state_header(tmp / "accumulated.state").validation] == info["validation"]
 
 
 def test_rank_0_alone_reports_progress_and_writes_one_state_file(runs):

@@ -363,7 +363,7 @@ SIZES = {
     "CheckpointLoaderSimple": (320, 100), "ControlNetLoader": (320, 60), "LoadImage": (320, 320),
     "InDomainUNetLoader": (340, 84), "CLIPTextEncode": (340, 140), "EmptyLatentImage": (340, 108),
     "VAEEncode": (340, 48), "ControlNetApplyAdvanced": (340, 190), "InDomainKSampler": (340, 420),
-    "InDomainTrainUNet": (340, 630), "PreviewImage": (340, 300), "VAEDecode": (340, 48), "SaveImage": (340, 340),
+    "InDomainTrainUNet": (340, 720), "PreviewImage": (340, 300), "VAEDecode": (340, 48), "SaveImage": (340, 340),
     "UNETLoader": (320, 84), "DualCLIPLoader": (320, 130), "VAELoader": (320, 60), "EmptySD3LatentImage": (340, 108),
     "FluxGuidance": (340, 60), "ConditioningZeroOut": (340, 30), "Note": (320, 330),
     "CLIPLoader": (320, 108), "ModelSamplingAuraFlow": (340, 60), "ModelSamplingSD3": (340, 60),

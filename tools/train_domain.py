@@ -17,7 +17,9 @@ On several GPUs, the same command under torchrun (one process per GPU, Distribut
     torchrun --nproc-per-node 2 custom_nodes/comfyui-indomain/tools/train_domain.py ... (the same options)
 
 --batch-size is the global batch (each GPU takes batch-size / N images per step), so the learning
-rate and step count mean what they mean on one GPU; --shard-optimizer keeps 1/N of AdamW's state
+rate and step count mean what they mean on one GPU; with --gradient-accumulation K each step is
+computed in K micro-batches (GPUs x micro-batch x K = batch-size), the same global batch at every
+GPU count; --shard-optimizer keeps 1/N of AdamW's state
 per GPU (ZeroRedundancyOptimizer, for full mode on large models). Rank 0 writes the files and the
 progress; a run resumes on another number of GPUs that divides the batch size.
 """
@@ -60,7 +62,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save-name", required=True, help="file name in models/loras (lora) or models/diffusion_models (full); the same name resumes")
     p.add_argument("--mode", choices=["lora", "full"], default="lora")
     p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=4, help="images per optimizer step: the global batch (over every GPU "
+                   "and micro-batch)")
+    p.add_argument("--gradient-accumulation", type=int, default=1,
+                   help="compute each step in this many micro-batches of batch-size / K images (their gradients added "
+                        "up): a batch larger than fits, the same training; may change on resume")
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     p.add_argument("--warmup-steps", type=int, default=0)
@@ -80,6 +86,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-every", type=int, default=0, help="save a preview sample to output/indomain_previews every N steps")
     p.add_argument("--restart", action="store_true", help="start over instead of resuming save-name's checkpoint")
     p.add_argument("--log-every", type=int, default=10, help="log progress every N steps")
+    p.add_argument("--validation-share", type=float, default=0.0,
+                   help="hold this share of the images out of training and log their loss (fixed noise and timesteps) "
+                        "at the start, every checkpoint and the end; 0: off")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="write TensorBoard logs to output/indomain_logs/<save-name>/ (pip install tensorboard)")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
                    help="adamw8bit: bitsandbytes' 8-bit AdamW, the paper's recipe (2 bytes of state per trained parameter "
                         "instead of 8; pip install bitsandbytes)")
@@ -237,6 +248,12 @@ def train(args, rank: int, world: int) -> int:
 
     if world > 1:
         stop_on_signals()
+    if args.tensorboard:  # before the models load
+        from comfyui_indomain.nodes.training.logs import require_tensorboard
+        try:
+            require_tensorboard()
+        except ImportError as e:
+            return report_stop(ranks(), e, log)
 
     model, vae, clip = load_models(args)
     config = TrainConfig(
@@ -245,23 +262,26 @@ def train(args, rank: int, world: int) -> int:
         resolution=args.resolution, flip=not args.no_flip, seed=args.seed, precision=args.training_dtype,
         ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, preview_every=args.preview_every,
         gradient_checkpointing=() if args.no_gradient_checkpointing else ("all",), compile=args.compile,
-        shard_optimizer=args.shard_optimizer, optimizer=args.optimizer,
+        shard_optimizer=args.shard_optimizer, optimizer=args.optimizer, gradient_accumulation=args.gradient_accumulation,
+        validation_share=args.validation_share,
     )
     last_cache_log = [0.0]
 
     def log_progress(p) -> None:  # rank 0 only: the loop reports progress there
         if p.stage == "train" and (p.step % args.log_every == 0 or p.step == p.total):
             log.info("step %d/%d  loss %.4f  %.1f img/s  ETA %.0f s", p.step, p.total, p.loss, p.images_per_s, p.eta_s)
+        elif p.stage == "validation":
+            log.info("validation loss %.4f at step %d", p.loss, p.step)
         elif p.stage == "cache" and (time.monotonic() - last_cache_log[0] >= 10 or p.step == p.total):
             last_cache_log[0] = time.monotonic()
             log.info("latents %d/%d  %.1f img/s  ETA %.0f s", p.step, p.total, p.images_per_s, p.eta_s)
 
     try:
-        _, losses, start, path = training_node.run_training(
+        _, losses, start, path, _ = training_node.run_training(
             model=model, vae=vae, clip=clip, image_folder=os.path.abspath(args.images), config=config,
             save_name=args.save_name, resume=not args.restart, on_progress=log_progress, image_folder_anywhere=True,
-            cuda_graphs=args.cuda_graphs)
-    except (KeyboardInterrupt, ValueError, RuntimeError, mm.InterruptProcessingException) as e:
+            cuda_graphs=args.cuda_graphs, tensorboard=args.tensorboard)
+    except (KeyboardInterrupt, ValueError, RuntimeError, ImportError, mm.InterruptProcessingException) as e:
         if isinstance(e, mm.InterruptProcessingException):
             e = KeyboardInterrupt()
         try:

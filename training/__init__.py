@@ -15,6 +15,7 @@ The modules, in the order of a run:
     data.py         the training images: a folder or an IMAGE batch, each image fitted to a bucket
     latents.py      the latent cache: each image VAE-encoded once, read from disk per batch
     plan.py         the batch plan: which images each step trains on, its flips, timesteps and noise
+    validation.py   the held-out images (validation_share) and their loss at fixed draws
     noise.py        the objective: the denoising loss for the base's schedule (eps, v, flow)
     trainable.py    what the optimizer trains (a full copy or LoRA adapters), gradient checkpointing, EMA
     optimizer.py    AdamW (fused, sharded or 8-bit) and the learning rate of each update
@@ -43,11 +44,12 @@ The host interface: `train(unet, images, *, ...)` (loop.py) takes
     prediction_type  "eps", "v" or "flow" (rectified flow: SD3, Flux, Z-Image; noise.py).
     flow             for "flow": FlowSchedule(sigma=u -> sigma, timestep=sigma -> the model's timestep
                      input, name=what a resumed run must agree on): the base's own shift (noise.py).
-    config           TrainConfig (mode, lora rank/alpha/targets, lr, schedule, warm-up, batch size,
-                     resolution, flip, seed, precision, EMA decay (warmed up: trainable.ema_decay_at),
+    config           TrainConfig (mode, lora rank/alpha/targets, lr, schedule, warm-up, batch size (the
+                     global batch of an update) and its gradient accumulation (micro-batches of
+                     batch_size / k), resolution, flip, seed, precision, EMA decay (warmed up: trainable.ema_decay_at),
                      checkpoint/preview periods, gradient-checkpointed submodules, the optimizer
                      (AdamW, or bitsandbytes' 8-bit AdamW), torch.compile or CUDA graphs of the
-                     steps (graphed.py)).
+                     steps (graphed.py), the validation share (validation.py)).
     cache_dir        folder for the latent cache (`<sha256>.latent` files, reused across runs).
     state_path       the training-state file (one safetensors file, any extension): saved every
                      config.checkpoint_every steps and at the end; if it exists, training resumes
@@ -55,8 +57,9 @@ The host interface: `train(unet, images, *, ...)` (loop.py) takes
                      lr_schedule, warmup_steps and precision may change, and the change is logged).
     check_interrupt  () -> None; raises the host's interrupt exception. Called at the start of each
                      step, once more before each optimizer update, and before each image is encoded.
-    on_progress      Progress(stage, step, total, loss, images_per_s, eta_s) -> None: after each
-                     encoded image (stage "cache") and each step (stage "train").
+    on_progress      Progress(stage, step, total, loss, images_per_s, eta_s, lr) -> None: after each
+                     encoded image (stage "cache"), each step (stage "train", with its learning rate)
+                     and each validation loss (stage "validation": step 0, checkpoints, the end).
     on_preview       (step, module) -> None every config.preview_every steps; module is what is
                      being trained (the full copy, or the host's UNet with the adapters on).
     on_checkpoint    (step, weights) -> None after each state save: the deliverable as of that step (the
@@ -65,7 +68,7 @@ The host interface: `train(unet, images, *, ...)` (loop.py) takes
     release_base     () -> None, full mode: called once the copy is made; the host may take the base's
                      weights off the device (the run does not read them again).
 
-and returns TrainResult(weights, ema_weights, losses, step, start_step): `weights` is what to save
+and returns TrainResult(weights, ema_weights, losses, step, start_step, validation): `weights` is what to save
 with `save_model_file(safe_join(folder, name), weights, metadata)`: the UNet's state dict (its own
 keys, no prefix) in "full" mode, or ComfyUI LoRA tensors (diffusion_model.<path>.lora_up.weight,
 .lora_down.weight, .alpha) in "lora" mode.

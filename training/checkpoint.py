@@ -15,7 +15,9 @@ A training state holds (tensor keys):
     scaler.scale              fp16 loss scale                         (only with fp16)
     scaler.growth_tracker
     step                      optimizer updates done (int64 scalar)
-and metadata (str -> str): format, step, params (JSON list), config (JSON: what must match to resume).
+and metadata (str -> str): format, step, params (JSON list), config (JSON: what must match to resume),
+and with validation (validation.py) `validation`: JSON [[step, loss or null], ...], every
+measurement up to this state's step (states without it read as []).
 """
 from __future__ import annotations
 
@@ -144,6 +146,7 @@ class StateHeader:
     step: int
     config: dict
     params: list[str]
+    validation: tuple = ()  # ((step, validation loss or None), ...) up to `step`
 
 
 def save_state(
@@ -155,11 +158,13 @@ def save_state(
     ema: Mapping[str, torch.Tensor] | None,
     optimizer: torch.optim.Optimizer | Mapping[int, Mapping[str, torch.Tensor]],
     scaler: torch.amp.GradScaler | None,
+    validation: list[tuple[int, float | None]] | None = None,
 ) -> None:
     """Write the whole training state as one safetensors file, atomically.
 
     optimizer: the optimizer, or its per-parameter state by the parameter's place in `params`
-    (optimizer_state: a sharded optimizer's, gathered on rank 0)."""
+    (optimizer_state: a sharded optimizer's, gathered on rank 0). validation: the (step, loss)
+    history to record (None or empty: none)."""
     names = list(params)
     tensors = {f"param.{n}": p for n, p in params.items()}
     tensors.update({f"ema.{n}": e for n, e in (ema or {}).items()})
@@ -177,6 +182,8 @@ def save_state(
         tensors["scaler.growth_tracker"] = torch.tensor(scaler.state_dict()["_growth_tracker"], dtype=torch.int64)
     tensors["step"] = torch.tensor(step, dtype=torch.int64)
     metadata = {"format": STATE_FORMAT, "step": str(step), "params": json.dumps(names), "config": json.dumps(config, sort_keys=True)}
+    if validation:
+        metadata["validation"] = json.dumps([[int(s), v] for s, v in validation])
     atomic_save(path, tensors, metadata)
     log.info("Saved training state at step %d to %s", step, os.fspath(path))
 
@@ -189,7 +196,8 @@ def read_state_header(path: str | os.PathLike) -> StateHeader:
             meta = f.metadata() or {}
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"format is {meta.get('format')!r}, expected {STATE_FORMAT!r}")
-        return StateHeader(path, int(meta["step"]), json.loads(meta["config"]), json.loads(meta["params"]))
+        validation = tuple((int(s), None if v is None else float(v)) for s, v in json.loads(meta.get("validation", "[]")))
+        return StateHeader(path, int(meta["step"]), json.loads(meta["config"]), json.loads(meta["params"]), validation)
     except Exception as e:  # safetensors, JSON and key errors all mean: not a usable state file
         raise ValueError(
             f"training state {path!r} is not a readable training state ({type(e).__name__}: {e}); "

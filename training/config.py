@@ -6,8 +6,11 @@ written; cuda_graph_reason says why this process cannot have the CUDA-graph opti
 
 A state file records the run's config (`run_config`): the options that change the math, the
 images, the VAE, the base's shapes, the schedule and how batches are drawn (SAMPLER, plan.py).
-A resumed run must agree with it, except for RESUMABLE_CHANGES (speed and bookkeeping) and
-ADJUSTABLE_ON_RESUME (e.g. a lower lr or another precision after a NaN loss; the change is logged).
+A resumed run must agree with it, except for RESUMABLE_CHANGES (speed and bookkeeping, and
+gradient_accumulation: how a step's batch is split, not what it is) and ADJUSTABLE_ON_RESUME (e.g. a
+lower lr or another precision after a NaN loss; the change is logged). Options added since a state
+file format began (optimizer, validation_share) are recorded only when not at their default, so
+older state files resume as they were.
 """
 from __future__ import annotations
 
@@ -33,8 +36,10 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adamw", "adamw8bit")
 # Options that change speed or bookkeeping, not the math: a run may be resumed with other values.
+# gradient_accumulation splits each step's global batch into micro-batches: the same images, noise
+# and mean loss (the gradient up to float rounding), as another number of processes does.
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "preview_every", "gradient_checkpointing", "compile", "shard_optimizer",
-                     "cuda_graph")
+                     "cuda_graph", "gradient_accumulation")
 # Options that change the math of the steps still to run but may change on resume (e.g. a lower lr or
 # another precision after a NaN loss): recorded in the state, a change is logged.
 ADJUSTABLE_ON_RESUME = ("lr", "lr_schedule", "warmup_steps", "precision")
@@ -52,7 +57,8 @@ class TrainConfig:
     weight_decay: float = 1e-2
     lr_schedule: str = "constant"  # or "cosine" (to zero at the end)
     warmup_steps: int = 0  # linear warm-up from lr / warmup_steps to lr
-    batch_size: int = 1
+    batch_size: int = 1  # the global batch: images per optimizer update (over every process and micro-batch)
+    gradient_accumulation: int = 1  # micro-batches per update, each of batch_size / gradient_accumulation images
     resolution: int = 512  # bucket area <= resolution^2
     flip: bool = True  # horizontal-flip augmentation
     seed: int = 0
@@ -65,6 +71,7 @@ class TrainConfig:
     shard_optimizer: bool = False  # under torchrun: ZeroRedundancyOptimizer (each rank keeps 1/N of AdamW's state)
     optimizer: str = "adamw"  # or "adamw8bit": bitsandbytes' AdamW8bit (the paper's recipe), optional dependency
     cuda_graph: bool = False  # the steps' forward and backward replayed as CUDA graphs (graphed.py); CUDA, bf16/fp32
+    validation_share: float = 0.0  # images held out of training, their loss measured at each checkpoint (validation.py)
 
     def validate(self) -> None:
         """ValueError naming the first bad field and what it should be."""
@@ -81,12 +88,21 @@ class TrainConfig:
         need(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {LR_SCHEDULES}")
         need(self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
         need(self.batch_size >= 1, "batch_size", "an integer >= 1")
+        need(self.gradient_accumulation >= 1, "gradient_accumulation", "an integer >= 1 (1: one micro-batch per step)")
+        need(self.batch_size % self.gradient_accumulation == 0, "batch_size",
+             f"a multiple of gradient_accumulation={self.gradient_accumulation} (batch_size is the global batch: each "
+             f"step accumulates {self.gradient_accumulation} micro-batches of batch_size / {self.gradient_accumulation} images)")
+        need(0.0 <= self.validation_share < 1.0, "validation_share", "a share in [0, 1) of the images (0 = no validation)")
         need(self.resolution >= 64 and self.resolution % 64 == 0, "resolution", "a multiple of 64 (e.g. 512 or 1024)")
         need(self.precision in PRECISIONS, "precision", f"one of {tuple(PRECISIONS)}")
         need(0.0 <= self.ema_decay < 1.0, "ema_decay", "a number in [0, 1) (0 = no EMA)")
         need(self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0")
         need(self.preview_every >= 0, "preview_every", "an integer >= 0")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")
+        if self.cuda_graph and self.gradient_accumulation > 1:
+            raise ValueError(f"cuda_graph=True with gradient_accumulation={self.gradient_accumulation}: use one or the other "
+                             "(a recorded step zeroes the gradients it computes; set gradient_accumulation 1, or a "
+                             "batch_size that fits, for the graphs)")
         if self.cuda_graph and (self.precision == "fp16" or self.compile):
             raise ValueError(f"cuda_graph=True with {'precision fp16 (its loss scaling)' if self.precision == 'fp16' else 'compile'}: "
                              "use one or the other (cuda_graph works with bf16 or fp32, not compiled)")
@@ -112,6 +128,8 @@ def run_config(config: TrainConfig, data: LatentSet, vae_id: str, prediction_typ
     cfg = {k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_CHANGES}
     if cfg["optimizer"] == "adamw":  # as state files from before the option record it: not at all
         del cfg["optimizer"]
+    if not cfg["validation_share"]:  # likewise: without validation, as before the option
+        del cfg["validation_share"]
     shapes = hashlib.sha256("".join(f"{k}:{list(v.shape)};" for k, v in unet.state_dict().items()).encode())
     return {
         **cfg,

@@ -188,14 +188,16 @@ def step_failure(r: Ranks, error: BaseException, step: int) -> BaseException:
     return mark_own(r, error)
 
 
-def save_agreed(r: Ranks, state_path: str, step: int, config: dict, params, ema, optimizer, scaler, after) -> None:
-    """Rank 0 writes the state (and `after()`: the host's model file); every rank learns whether it
-    succeeded, so a failed write stops every rank."""
+def save_agreed(r: Ranks, state_path: str, step: int, config: dict, params, ema, optimizer, scaler, after,
+                validation=None) -> None:
+    """Rank 0 writes the state (with the `validation` history; and `after()`: the host's model file);
+    every rank learns whether it succeeded, so a failed write stops every rank."""
     by_index = optimizer_state(optimizer, list(params.values()))  # a collective for a sharded optimizer
     failure = None
     if r.main:
         try:
-            save_state(state_path, step=step, config=config, params=params, ema=ema, optimizer=by_index, scaler=scaler)
+            save_state(state_path, step=step, config=config, params=params, ema=ema, optimizer=by_index, scaler=scaler,
+                       validation=validation)
             if after is not None:
                 after()
         except BaseException as e:

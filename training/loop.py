@@ -4,15 +4,26 @@
     -> the trainable (a full copy or LoRA adapters: trainable.py), its optimizer (optimizer.py),
        the fp16 loss scaler, the EMA; a state file's content restored (checkpoint.py)
     -> the steps: check_interrupt, the step's batch (plan.py), noise it, the loss under autocast,
-       backward, refuse a non-finite loss, optimizer step, EMA, progress, checkpoint, preview
-    -> the result: the deliverable weights (and their EMA), the losses.
+       backward (once per micro-batch with gradient accumulation), refuse a non-finite loss,
+       optimizer step, EMA, progress, validation and checkpoint, preview
+    -> the result: the deliverable weights (and their EMA), the losses, the validation losses.
 
-Under torchrun (a process group, distributed.py) batch_size, lr and steps mean what they mean on
-one GPU: each rank trains on its slice of the global batch, and a run resumes on any number of
-ranks that divides batch_size. Rank 0 alone writes the state file and reports progress.
+batch_size is the global batch: the images of one optimizer update. With gradient_accumulation k
+each update accumulates the gradients of k micro-batches of batch_size / k images (each micro-batch's
+loss divided by k: the mean over the global batch); the step's images, flips, timesteps and noise
+are those of one batch of batch_size, so k changes memory, not the math (up to float rounding), and
+may change on resume. Under torchrun (a process group, distributed.py) batch_size, lr and steps
+likewise mean what they mean on one GPU: each rank trains on its slice of each micro-batch
+(processes x micro-batch x gradient_accumulation = batch_size; the gradients are exchanged once
+per update), and a run resumes on any number of ranks that divides batch_size / k. Rank 0 alone
+writes the state file and reports progress.
+
+With validation_share a share of the images is held out (validation.py); their loss is measured
+at step 0, at each checkpoint step and at the end, recorded in the state file and returned.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -34,18 +45,21 @@ from .noise import DiscreteSchedule, FlowSchedule, check_schedule
 from .optimizer import learning_rate, make_optimizer
 from .plan import Batch, bucket_members, sample_batch
 from .trainable import Trainable, ema_decay_at, ema_init, ema_update, enable_gradient_checkpointing, full_copy, lora_adapters
+from .validation import finite_or_none, split, validation_loss
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Progress:
-    stage: str  # "cache" (encoding latents: step = images done) or "train" (step = updates done)
+    stage: str  # "cache" (encoding latents: step = images done), "train" (step = updates done) or
+    #             "validation" (loss: the held-out images' loss after `step` updates; speed and eta 0)
     step: int
     total: int
-    loss: float | None  # this step's loss (train only)
+    loss: float | None  # this step's loss (train: the mean over the global batch), or the validation loss
     images_per_s: float
     eta_s: float
+    lr: float | None = None  # train: the learning rate of this update
 
 
 @dataclass
@@ -55,6 +69,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # one per step run in this call
     step: int = 0  # updates done in total
     start_step: int = 0  # where this call started (the resumed state's step, else 0)
+    validation: list[tuple[int, float | None]] = field(default_factory=list)  # (step, loss), resumed runs' too
 
 
 class TrainingDiverged(RuntimeError):
@@ -80,12 +95,15 @@ class _Run:
     cond_for: Callable[[int, int], Mapping[str, torch.Tensor]]
     on_preview: Callable[[int, nn.Module], None] | None
     on_checkpoint: Callable[[int, dict[str, torch.Tensor]], None] | None
-    data: LatentSet | None = None
+    data: LatentSet | None = None  # the training images (without the held-out ones)
+    held_out: list = field(default_factory=list)  # validation.split's held-out images
+    validation: list[tuple[int, float | None]] = field(default_factory=list)  # (step, validation loss) so far
     current: dict | None = None  # run_config: what the state file records
     trainable: Trainable | None = None
     undo_checkpointing: Callable[[], None] = lambda: None
     model: nn.Module | None = None  # what on_preview gets
     forward: nn.Module | None = None  # what the steps call (under DDP, compiled)
+    ddp: nn.Module | None = None  # under torchrun: the DistributedDataParallel module (its no_sync)
     params: dict[str, nn.Parameter] | None = None
     optimizer: torch.optim.Optimizer | None = None
     scaler: torch.amp.GradScaler | None = None
@@ -93,7 +111,7 @@ class _Run:
     graphed: GraphedSteps | None = None
     start: int = 0  # the step the run starts after (the resumed state's)
     saved_step: int | None = None  # the step of the last state written (or resumed)
-    conds: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)  # by bucket
+    conds: dict[tuple, dict[str, torch.Tensor]] = field(default_factory=dict)  # by bucket and batch size
     losses: list[float] = field(default_factory=list)
     t0: float = 0.0
 
@@ -143,9 +161,11 @@ def train(
                check_interrupt, on_progress or (lambda info: None), cond_for, on_preview, on_checkpoint)
     _check_processes(run)
 
-    # 1. Data: every image fitted to its bucket and encoded once (cached on disk; sharded across ranks).
+    # 1. Data: every image fitted to its bucket and encoded once (cached on disk; sharded across ranks);
+    #    the held-out share split off.
     run.data = _prepare_data(run, images, encode, vae_id, cache_dir)
     run.current = run_config(config, run.data, vae_id, prediction_type, unet, schedule)
+    run.data, run.held_out = split(run.data, config.validation_share)
     header = _resume_header(run)
 
     # 2. The trainable (a full copy, or LoRA adapters), AdamW, the fp16 loss scaler, the EMA.
@@ -162,11 +182,14 @@ def train(
 
 
 def _check_processes(run: _Run) -> None:
-    """ValueError unless the global batch divides among the processes and CUDA graphs can run here."""
+    """ValueError unless the global batch divides among the processes and micro-batches and CUDA graphs can run here."""
     config, r = run.config, run.r
-    if config.batch_size % r.world:
+    k = config.gradient_accumulation
+    if config.batch_size % (r.world * k):
+        each = f"batch_size / {r.world}" if k == 1 else f"batch_size / ({r.world} x {k}) in each of {k} micro-batches"
         raise ValueError(f"batch_size={config.batch_size} is the global batch and must be divisible by the {r.world} "
-                         f"processes (each trains on batch_size / {r.world}); use a multiple of {r.world}")
+                         f"processes{f' x gradient_accumulation {k}' if k > 1 else ''} (each trains on {each}); "
+                         f"use a multiple of {r.world * k}")
     if config.cuda_graph and (reason := cuda_graph_reason(run.device)):
         raise ValueError(f"cuda_graph=True: {reason}")
 
@@ -233,7 +256,8 @@ def _prepare_training(run: _Run, header: StateHeader | None) -> None:
     run.undo_checkpointing = enable_gradient_checkpointing(run.trainable.module, config.gradient_checkpointing,
                                                            preserve_rng_state=not config.cuda_graph)
     model, params = run.trainable.module, run.trainable.params
-    forward = data_parallel(run.trainable, device) if r.active else model  # what the steps call
+    run.ddp = data_parallel(run.trainable, device) if r.active else None
+    forward = run.ddp if r.active else model  # what the steps call
     if config.compile:
         forward = torch.compile(forward)
         model = forward if not r.active else model
@@ -247,11 +271,17 @@ def _prepare_training(run: _Run, header: StateHeader | None) -> None:
         restore_state(header, params=params, ema=run.ema, optimizer=run.optimizer, scaler=run.scaler)
         run.info("Resuming %s at step %d of %d", run.state_path, run.start, config.steps)
     run.saved_step = header.step if header is not None else None
-    run.t0 = time.monotonic()
+    run.validation = [tuple(v) for v in header.validation] if header is not None else []
+    k = config.gradient_accumulation
     if run.start < config.steps:
-        run.info("Training (%s) on %d images in %d buckets, steps %d..%d%s", config.mode, len(run.data.images),
+        run.info("Training (%s) on %d images in %d buckets, steps %d..%d%s%s%s", config.mode, len(run.data.images),
                  len(bucket_members(run.data)), run.start + 1, config.steps,
-                 f", {r.world} processes of {config.batch_size // r.world} images each" if r.active else "")
+                 f", {r.world} processes of {config.batch_size // (r.world * k)} images each" if r.active else "",
+                 f", {k} micro-batches of {config.batch_size // k} images per step" if k > 1 else "",
+                 f", {len(run.held_out)} images held out for validation" if run.held_out else "")
+        if run.held_out and run.start == 0:  # the base's validation loss: where the curve starts
+            _validate(run, 0)
+    run.t0 = time.monotonic()
 
 
 def _step(run: _Run, step: int) -> None:
@@ -259,36 +289,57 @@ def _step(run: _Run, step: int) -> None:
     the optimizer step and the EMA; then progress, the checkpoint and the preview when due."""
     r = run.r
     stop = pending_interrupt(run.check_interrupt, r)
-    batch = sample_batch(run.data, step, run.config, run.schedule).part(r.rank, r.world)
+    batch = sample_batch(run.data, step, run.config, run.schedule)
     try:
         loss_value, stop, status = _loss_and_gradients(run, step, batch, stop)
     except BaseException as e:
         raise step_failure(r, e, step) from None
     if status is not None:
         loss_value = _agreed_loss(run, step, status, stop)
-    _update(run, step)
+    lr = _update(run, step)
     run.losses.append(loss_value)
-    _after_update(run, step, loss_value)
+    _after_update(run, step, loss_value, lr)
 
 
 def _loss_and_gradients(run: _Run, step: int, batch: Batch, stop: BaseException | None):
-    """(loss, the pending interrupt, the ranks' agreed status or None alone) of one batch, its
-    gradients computed; alone, a non-finite loss raises TrainingDiverged."""
+    """(loss, the pending interrupt, the ranks' agreed status or None alone) of one global batch, its
+    gradients computed: this rank's slice of each of the gradient_accumulation micro-batches, each
+    micro-batch's loss divided by their number (under torchrun the gradients are exchanged at the
+    last one only); the loss is the micro-batches' mean. Alone, a non-finite loss raises
+    TrainingDiverged; an interrupt between micro-batches is held until the step's end (torchrun)."""
+    r, k = run.r, run.config.gradient_accumulation
+    losses = []
+    for i in range(k):
+        if i:
+            stop = stop or pending_interrupt(run.check_interrupt, r)
+        micro = batch.part(i, k).part(r.rank, r.world)
+        # DDP with static_graph records the graph in its first backward, which must exchange the
+        # gradients (under no_sync torch's reducer fails an internal assert): this process's first step syncs each.
+        sync = run.ddp is None or i == k - 1 or step == run.start + 1
+        with contextlib.nullcontext() if sync else run.ddp.no_sync():
+            losses.append(_micro_step(run, step, micro, k))
+    loss_value = losses[0] if k == 1 else math.fsum(losses) / k
+    stop = stop or pending_interrupt(run.check_interrupt, r)  # before the update: an interrupt never leaves a half-applied step
+    status = agree(r, loss_value, stop is not None) if r.active else None  # the same decision on every rank
+    return loss_value, stop, status
+
+
+def _micro_step(run: _Run, step: int, batch: Batch, k: int) -> float:
+    """One micro-batch's loss, its gradients (of loss / k) added to the parameters' .grad."""
     r, conds = run.r, run.conds
-    if batch.bucket not in conds:
-        conds[batch.bucket] = _batch_cond(run.cond_for(*batch.bucket), len(batch.t), run.device)
-    if run.graphed is not None:  # forward and backward in one replay; the weights are not touched yet
-        loss = run.graphed(*noised(batch, run.schedule, run.device), conds[batch.bucket])
+    key = (batch.bucket, len(batch.t))
+    if key not in conds:
+        conds[key] = _batch_cond(run.cond_for(*batch.bucket), len(batch.t), run.device)
+    if run.graphed is not None:  # forward and backward in one replay; the weights are not touched yet (k is 1)
+        loss = run.graphed(*noised(batch, run.schedule, run.device), conds[key])
     else:
-        loss = denoising_step(run.forward, batch, conds[batch.bucket], run.schedule, run.config.precision, run.device)
+        loss = denoising_step(run.forward, batch, conds[key], run.schedule, run.config.precision, run.device)
     loss_value = loss.item()
     if not r.active and not math.isfinite(loss_value):
         raise TrainingDiverged(step, f"the loss is {loss_value}", run.state_path, run.saved_step)
     if run.graphed is None:
-        run.scaler.scale(loss).backward()
-    stop = stop or pending_interrupt(run.check_interrupt, r)  # before the update: an interrupt never leaves a half-applied step
-    status = agree(r, loss_value, stop is not None) if r.active else None  # the same decision on every rank
-    return loss_value, stop, status
+        run.scaler.scale(loss / k if k > 1 else loss).backward()
+    return loss_value
 
 
 def _agreed_loss(run: _Run, step: int, status, stop: BaseException | None) -> float:
@@ -303,10 +354,11 @@ def _agreed_loss(run: _Run, step: int, status, stop: BaseException | None) -> fl
     return status.loss
 
 
-def _update(run: _Run, step: int) -> None:
-    """The optimizer step at this step's learning rate, then the EMA."""
+def _update(run: _Run, step: int) -> float:
+    """The optimizer step at this step's learning rate (returned), then the EMA."""
+    lr = learning_rate(step, run.config)
     for group in run.optimizer.param_groups:
-        group["lr"] = learning_rate(step, run.config)
+        group["lr"] = lr
     try:
         run.scaler.step(run.optimizer)  # a sharded optimizer broadcasts its parameters: a collective
     except BaseException as e:
@@ -316,26 +368,53 @@ def _update(run: _Run, step: int) -> None:
         run.optimizer.zero_grad(set_to_none=True)
     if run.ema is not None:
         ema_update(run.ema, run.params, ema_decay_at(step, run.config.ema_decay))
+    return lr
 
 
-def _after_update(run: _Run, step: int, loss_value: float) -> None:
-    """Progress; the state file (and the host's model file) when a checkpoint is due; the preview."""
+def _after_update(run: _Run, step: int, loss_value: float, lr: float) -> None:
+    """Progress; at a checkpoint step the validation loss, the state file (and the host's model
+    file); the preview."""
     config, r, params, ema = run.config, run.r, run.params, run.ema
     elapsed, done = time.monotonic() - run.t0, step - run.start
     if r.main:
         run.report(Progress("train", step, config.steps, loss_value, done * config.batch_size / max(elapsed, 1e-9),
-                            elapsed / done * (config.steps - step)))
-    if run.state_path is not None and (step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)):
+                            elapsed / done * (config.steps - step), lr))
+    due = step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
+    if due and run.held_out:
+        _validate(run, step)
+    if run.state_path is not None and due:
         _check_finite(params, step, run.state_path, run.saved_step)  # the same weights on every rank: the same outcome
         on_checkpoint, export = run.on_checkpoint, run.trainable.export
         try:
             save_agreed(r, run.state_path, step, run.current, params, ema, run.optimizer, run.scaler,
-                  lambda: on_checkpoint(step, export(ema if ema is not None else params)) if on_checkpoint else None)
+                        lambda: on_checkpoint(step, export(ema if ema is not None else params)) if on_checkpoint else None,
+                        validation=run.validation)
         except BaseException as e:
             raise step_failure(r, e, step) from None
         run.saved_step = step
     if r.main and run.on_preview is not None and config.preview_every and step % config.preview_every == 0:
         run.on_preview(step, run.model)
+
+
+def _validate(run: _Run, step: int) -> None:
+    """The held-out images' loss after `step` updates (validation.py), recorded and reported."""
+    config, r = run.config, run.r
+    chunk = config.batch_size // (config.gradient_accumulation * r.world)  # the micro-batch: it fits
+
+    def cond(bucket: tuple[int, int], n: int) -> dict[str, torch.Tensor]:
+        if (bucket, n) not in run.conds:
+            run.conds[(bucket, n)] = _batch_cond(run.cond_for(*bucket), n, run.device)
+        return run.conds[(bucket, n)]
+
+    try:
+        loss = validation_loss(run.trainable.module, run.held_out, run.schedule, cond, autocast_dtype(config.precision),
+                               run.device, chunk, r)
+    except BaseException as e:
+        raise step_failure(r, e, step) from None
+    run.validation.append((step, finite_or_none(loss)))
+    run.info("Validation loss at step %d: %.6g (%d held-out images)", step, loss, len(run.held_out))
+    if r.main:
+        run.report(Progress("validation", step, config.steps, loss, 0.0, 0.0))
 
 
 def _result(run: _Run) -> TrainResult:
@@ -349,6 +428,7 @@ def _result(run: _Run) -> TrainResult:
         losses=losses,
         step=max(run.start, config.steps),
         start_step=run.start,
+        validation=list(run.validation),
     )
 
 

@@ -71,13 +71,16 @@ def standing_in(base_model, module: torch.nn.Module):
 
 
 def progress_reporter(bar, node_id, steps: int):
-    """Progress(stage, ...) -> the host's progress bar, and a text line (step, loss, images/s, ETA)."""
+    """Progress(stage, ...) -> the host's progress bar, and a text line (step, loss, images/s, ETA; or
+    the validation loss at a checkpoint)."""
     server = getattr(sys.modules.get("server"), "PromptServer", None)  # the running ComfyUI server, if any
     send_text = getattr(getattr(server, "instance", None), "send_progress_text", None)
 
     def report(p) -> None:
         if p.stage == "cache":
             text = f"encoding images {p.step}/{p.total}"
+        elif p.stage == "validation":
+            text = f"validation loss {p.loss:.4f} at step {p.step}"
         else:
             bar.update_absolute(p.step, steps)
             text = f"step {p.step}/{p.total}  loss {p.loss:.4f}  {p.images_per_s:.1f} img/s  ETA {p.eta_s:.0f} s"

@@ -4,8 +4,8 @@ MODEL, shared by the node and the headless trainer (tools/train_domain.py).
 What training needs to know of the host's MODEL is read once (inputs.read_host_model) and handed
 on; host objects become the loop's callables (inputs.py), the loop runs (training.train) with the
 host's progress bar, interrupt and previews (progress.py), and each checkpoint's weights are
-written as the model file (files.py). Out-of-memory and a full disk are reported with what
-was kept.
+written as the model file (files.py); with `tensorboard`, the progress also goes to TensorBoard
+event files (logs.py). Out-of-memory and a full disk are reported with what was kept.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -33,6 +34,7 @@ from ..host_memory import host_flag_reason
 from .differentiable import for_training, host_in_training, mixed_dtypes, weights_cast_to_input, weights_for_autograd
 from .files import kept_message, cache_folder, file_metadata, output_paths
 from .inputs import HostModel, check_vae, cond_function, empty_prompt, encode_function, one_frame, read_host_model
+from .logs import TensorBoardLog, log_folder, require_tensorboard
 from .progress import preview_function, progress_reporter
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,8 @@ def with_cuda_graphs(config: TrainConfig) -> TrainConfig:
     them: the CPU, torchrun, fp16, torch_compile, ComfyUI started with --disable-cuda-graphs."""
     reason = ("training_dtype fp16 (its loss scaling)" if config.precision == "fp16" else
               "torch_compile is on" if config.compile else
+              f"gradient_accumulation is {config.gradient_accumulation} (the graphs record whole steps)"
+              if config.gradient_accumulation > 1 else
               cuda_graph_reason(comfy.model_management.get_torch_device()) or host_flag_reason())
     if reason:
         log.warning("cuda_graphs: training without CUDA graphs: %s", reason)
@@ -60,16 +64,29 @@ def with_cuda_graphs(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(config, cuda_graph=True)
 
 
+class TrainingRun(NamedTuple):
+    """What run_training returns."""
+    domain: object  # the domain MODEL
+    losses: list[float]  # one per step run in this call
+    start: int  # the step this call started after
+    model_path: str  # the model file written
+    validation: list[tuple[int, float | None]]  # (step, validation loss), resumed runs' too; [] without validation
+
+
 def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, image_folder="", config: TrainConfig,
                  save_name: str, resume: bool = True, node_id=None, on_progress=None, image_folder_anywhere: bool = False,
-                 cuda_graphs: bool = False):
-    """Train, write the domain UNet file, and return (domain MODEL, losses, start step, model file path).
+                 cuda_graphs: bool = False, tensorboard: bool = False) -> TrainingRun:
+    """Train, write the domain UNet file, and return a TrainingRun.
 
     image_folder: a folder inside ComfyUI's input directory (relative to it, or an absolute path
     inside it); image_folder_anywhere=True (the headless trainer) accepts any folder.
     cuda_graphs: the steps as CUDA graphs where this process allows them (training/graphed.py),
-    else the eager steps and a warning naming why."""
+    else the eager steps and a warning naming why. tensorboard: TensorBoard event files in
+    output/indomain_logs/<save_name>/ (logs.py; ImportError naming the package when it is missing)."""
     config = with_cuda_graphs(config) if cuda_graphs else config
+    if tensorboard:
+        require_tensorboard()  # before anything is read or written
+    config.validate()
     sources = image_sources(images, image_folder, anywhere=image_folder_anywhere)
     model_path, state_path = output_paths(save_name, config.mode)
     host = read_host_model(model)  # all that training asks of the model, asked once; refuses one it cannot train
@@ -86,6 +103,9 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
     with contextlib.ExitStack() as copy, torch.inference_mode(False), weights_for_autograd(trainer) as unet:
         if trainer is not model:
             copy.callback(release, trainer)
+        board = TensorBoardLog(log_folder(save_name), config) if tensorboard and main else None
+        if board is not None:
+            copy.callback(board.close)
         base_fp = fingerprint(unet)
         counted = {}
 
@@ -97,6 +117,8 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
             if p.stage == "cache":
                 counted["images"] = p.step
             report(p)
+            if board is not None:
+                board(p)
             if on_progress is not None:
                 on_progress(p)
 
@@ -124,7 +146,8 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
         if main:
             write(result.step, final)
 
-    return trained_model(model, host, final, config, model_path), result.losses, result.start_step, model_path
+    return TrainingRun(trained_model(model, host, final, config, model_path), result.losses, result.start_step, model_path,
+                       result.validation)
 
 
 def image_sources(images, image_folder: str, *, anywhere: bool = False) -> list:
