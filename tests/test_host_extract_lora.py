@@ -18,6 +18,9 @@ from tests.support.host import HostError, find_host
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DECAY = 0.9  # the spectrum domain's singular values per layer: DECAY ** i
 FULL = 4096  # above every layer's smaller side: full rank
+# Sampled latents of the LoRA and of the full copy: float32 on the CPU; on a GPU the host keeps fp16 weights
+# and computes in fp16, where the adapters and the merged weights round differently (not yet run on a GPU).
+SAME = {False: 1e-5, True: 2e-3}
 log = logging.getLogger(__name__)
 
 
@@ -128,7 +131,7 @@ def files_under(root: str) -> set[str]:
     return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
 
 
-def test_at_full_rank_the_lora_is_the_full_copy(comfy, files):
+def test_at_full_rank_the_lora_is_the_full_copy(comfy, files, on_gpu):
     graph = extract(files["spectrum"], FULL, "xl_full_rank")  # and the node's domain_model output sampled
     out = comfy.run(text_to_image(domain=["ext", 0], domain_scale=2.0, label="node", extra=graph))["captured"]
     path = os.path.join(loras_dir(comfy), "xl_full_rank.safetensors")
@@ -153,13 +156,13 @@ def test_at_full_rank_the_lora_is_the_full_copy(comfy, files):
     full = host_lora_sample(comfy, full_copy=files["spectrum"])
     log.info("full rank, sampled latents vs the full copy's: Load Domain UNet %r; the node's output %r; the host's "
              "LoraLoader %r", close(got["file"], got["full"]), close(node, got["full"]), close(host, full))
-    assert close(got["file"], got["full"], rel=1e-5)
-    assert close(node, got["full"], rel=1e-5)
-    assert close(host, full, rel=1e-5)
+    assert close(got["file"], got["full"], rel=SAME[on_gpu])
+    assert close(node, got["full"], rel=SAME[on_gpu])
+    assert close(host, full, rel=SAME[on_gpu])
     assert not close(host, comfy.run(text_to_image(sampler="KSampler"))["captured"]["out"]["samples"], rel=1e-3)
 
 
-def test_the_error_falls_as_the_rank_grows_as_the_truncated_svd_says(comfy, files):
+def test_the_error_falls_as_the_rank_grows_as_the_truncated_svd_says(comfy, files, on_gpu):
     domain, base = spectrum_domain(), tiny.unet_state_dict(0)
     totals, sampled = {}, {}
     full = samples(comfy, {"full": loader(files["spectrum"])})["full"]
@@ -183,10 +186,10 @@ def test_the_error_falls_as_the_rank_grows_as_the_truncated_svd_says(comfy, file
     ranks = sorted(totals)
     assert all(totals[a] > totals[b] for a, b in zip(ranks, ranks[1:]))  # falls with every step up
     assert totals[1] > 0.8 and totals[64] < 0.01
-    assert close(sampled[64], full, rel=1e-3) and not close(sampled[1], full, rel=1e-3)
+    assert close(sampled[64], full, rel=1e-3 + SAME[on_gpu]) and not close(sampled[1], full, rel=1e-2)
 
 
-def test_biases_and_norms_are_left_out_and_counted_or_stored_whole(comfy, files):
+def test_biases_and_norms_are_left_out_and_counted_or_stored_whole(comfy, files, on_gpu):
     """The tiny domain_state_dict moves every tensor: off (and fp16, the default dtype), the biases and norms
     are the whole error at full rank; on, the file is the full copy (its domain runs as a weight hook)."""
     off = comfy.run(extract(files["all"], FULL, "xl_no_biases", save_dtype="fp16"))["captured"]
@@ -206,8 +209,9 @@ def test_biases_and_norms_are_left_out_and_counted_or_stored_whole(comfy, files)
     domain, weights = tiny.domain_state_dict(), merged(path)
     assert max((weights[k] - domain[k]).abs().max().item() / domain[k].abs().max().item() for k in domain) < 1e-5
     got = samples(comfy, {"file": loader("xl_with_biases.safetensors"), "full": loader(files["all"])})
-    assert close(got["file"], got["full"], rel=1e-5)
-    assert close(host_lora_sample(comfy, lora_name="xl_with_biases.safetensors"), host_lora_sample(comfy, full_copy=files["all"]), rel=1e-5)
+    assert close(got["file"], got["full"], rel=SAME[on_gpu])
+    assert close(host_lora_sample(comfy, lora_name="xl_with_biases.safetensors"), host_lora_sample(comfy, full_copy=files["all"]),
+                 rel=SAME[on_gpu])
 
 
 def other_family(files):

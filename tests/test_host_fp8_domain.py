@@ -11,11 +11,14 @@ from tests.support.graphs import close, loader, text_to_image
 from tests.support.host import HostError
 
 FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-# Measured on the CPU (ComfyUI 0.8.0, the tiny SD1 UNet, 4 Euler steps, cfg 5, domain_scale 2): max
+# Measured on the CPU (ComfyUI 0.8.0 and 0.33 alike, the tiny SD1 UNet, 4 Euler steps, cfg 5, domain_scale 2): max
 # |fp8 - fp32| / max |fp32| of the sampled latent 0.0055 (e4m3fn, _fast the same on the CPU: no fp8
 # matmuls there) and 0.0093 (e5m2); a domain stored in fp16: 2.7e-5. The bounds: about 3x those.
 FP8_TOLERANCE = {"fp8_e4m3fn": 0.02, "fp8_e4m3fn_fast": 0.02, "fp8_e5m2": 0.03}
 FP16_TOLERANCE = 1e-4
+# The same weights computed the same way: float32 on the CPU; on a GPU, fp16 compute from fp8 or fp16
+# weights may take other kernels (not yet run on a GPU).
+SAME = {False: 1e-5, True: 1e-3}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +94,7 @@ def test_without_the_input_a_saved_workflow_loads_as_before(comfy, files, on_gpu
 
 
 @pytest.mark.parametrize("option", list(FP8))
-def test_an_fp8_domain_samples_as_its_rounded_weights_and_near_the_full_precision_domain(comfy, files, reference, option):
+def test_an_fp8_domain_samples_as_its_rounded_weights_and_near_the_full_precision_domain(comfy, files, reference, option, on_gpu):
     full, fp16 = reference["full"], reference["fp16"]
     fp8 = sample(comfy, files["full"], option)
     rounded = sample(comfy, files[f"rounded_{option}"])  # its weights rounded to fp8, kept in float32
@@ -99,7 +102,7 @@ def test_an_fp8_domain_samples_as_its_rounded_weights_and_near_the_full_precisio
         "%s: sampled latent vs the fp32 domain's %r (the domain term itself moves it %r); fp16 domain vs fp32 %r",
         option, close(fp8, full), close(reference["no_domain"], full), close(fp16, full))
     assert torch.isfinite(fp8).all()
-    assert close(fp8, rounded, rel=1e-5)  # the host computes with exactly the fp8 values
+    assert close(fp8, rounded, rel=SAME[on_gpu])  # the host computes with exactly the fp8 values
     assert not close(fp8, full, rel=1e-4)  # fp8 was applied
     assert close(fp8, full, rel=FP8_TOLERANCE[option])
     assert close(fp16, full, rel=FP16_TOLERANCE)
@@ -125,12 +128,12 @@ def test_a_reloaded_input_reloads_the_model_in_that_dtype(comfy, files):
     assert weight_dtypes(second) == {torch.float8_e5m2} and weight_dtypes(first) != weight_dtypes(second)
 
 
-def test_a_lora_domain_ignores_the_weight_dtype_and_says_so(comfy, files, caplog):
+def test_a_lora_domain_ignores_the_weight_dtype_and_says_so(comfy, files, caplog, on_gpu):
     with caplog.at_level(logging.INFO):
         lora = loaded(comfy, files["lora"], "fp8_e4m3fn")
     assert "is a LoRA: weight_dtype" in caplog.text and "does not apply" in caplog.text
     assert lora.patches and weight_dtypes(lora) == weight_dtypes(tiny.tiny_model())  # the base's own weights
-    assert torch.equal(sample(comfy, files["lora"], "fp8_e4m3fn"), sample(comfy, files["lora"]))
+    assert close(sample(comfy, files["lora"], "fp8_e4m3fn"), sample(comfy, files["lora"]), rel=SAME[on_gpu] / 10)
 
 
 def test_a_null_text_unet_of_the_papers_code_loads_in_fp8_too(comfy):
