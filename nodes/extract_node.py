@@ -112,7 +112,7 @@ def extract_to_file(base, domain, rank: int, save_name: str, save_dtype: str = "
     }
     save_model_file(path, result.tensors, metadata)
     text = report(path, rank, result)
-    log.info("Extract Domain LoRA: %s", "\n".join(text.splitlines()[: 7 if result.left_out else 6]))
+    log.info("Extract Domain LoRA: %s", text.split("\nper layer")[0])  # the summary; each layer at debug level
     for layer, error in sorted(result.layer_errors.items()):
         log.debug("  %s relative error %.4g (rank %d)", layer, error, result.ranks[layer])
     return path, result, text
