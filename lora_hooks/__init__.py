@@ -8,7 +8,8 @@ down: x @ down.T for a Linear; for a Conv2d the base's own convolution (its stri
 padding mode and dilation) with down's kernel. up: x @ up.T, or a 1x1 convolution. It is the layer
 with weight  W + scale * (up.flatten(1) @ down.flatten(1)).reshape(W.shape),  which is how
 ComfyUI's LoraLoader merges `<key>.lora_up.weight`, `<key>.lora_down.weight` and `<key>.alpha`
-(files.py: the file format and that merge).
+(files.py: the file format and that merge; extract.py: such a file from the difference of a
+full copy and its base, by truncated SVD).
 
 The base layer is never replaced nor its weight changed: it stays in place with its class,
 attributes and state-dict keys (ComfyUI's ops classes subclass nn.Linear / nn.Conv2d and carry
@@ -35,11 +36,13 @@ process running the host, ComfyUI's nodes.py puts comfy/ on sys.path, where comf
 top-level `lora` (tests, tools and experiments import this package by its top-level name).
 """
 from .adapters import DEFAULT_TARGETS, LoRAAdapter, LoRANetwork, inject_lora, matches_target
+from .extract import Extraction, extract_lora, low_rank
 from .files import KEY_PREFIX, load_lora, lora_state_dict, merged_weight
 from .hooks import LoraBranch, RowsMismatch, SharedCast, adapter_hook, branch, lora_applied
 
 __all__ = [
     "DEFAULT_TARGETS",
+    "Extraction",
     "KEY_PREFIX",
     "LoRAAdapter",
     "LoRANetwork",
@@ -48,10 +51,12 @@ __all__ = [
     "SharedCast",
     "adapter_hook",
     "branch",
+    "extract_lora",
     "inject_lora",
     "load_lora",
     "lora_applied",
     "lora_state_dict",
+    "low_rank",
     "matches_target",
     "merged_weight",
 ]

@@ -12,6 +12,7 @@ import safetensors
 import torch
 
 import comfy.lora
+import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
 
@@ -21,6 +22,24 @@ from .dynamic_vram import settle_lazy_dtypes
 log = logging.getLogger(__name__)
 
 LORA_MARKERS = (".lora_up.", ".lora_down.", ".lora_A.", ".lora_B.", ".lora.up.", ".lora.down.", ".hada_w1_a", ".lokr_w1", ".alpha")
+
+
+# The weight dtypes of the host's Load Diffusion Model (UNETLoader), as the model_options it gives
+# the host's loader: the weights stored in 8 bits (half of fp16's memory), computed in the dtype the
+# host picks for the device; "_fast" also lets the host use fp8 matrix multiplies where the device has them.
+WEIGHT_DTYPES: dict[str, dict] = {
+    "default": {},
+    "fp8_e4m3fn": {"dtype": torch.float8_e4m3fn},
+    "fp8_e4m3fn_fast": {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True},
+    "fp8_e5m2": {"dtype": torch.float8_e5m2},
+}
+
+
+def weight_dtype_options(weight_dtype: str) -> dict:
+    """The host loader's model_options for a weight_dtype name (WEIGHT_DTYPES)."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise DomainModelError(f"weight_dtype {weight_dtype!r} is not one of {list(WEIGHT_DTYPES)}")
+    return dict(WEIGHT_DTYPES[weight_dtype])
 
 
 class DomainModelError(ValueError):
@@ -113,11 +132,19 @@ def base_config_copy(base):
     return config
 
 
-def model_from_base_config(base, tensors, name: str):
+def model_from_base_config(base, tensors, name: str, model_options: dict | None = None):
     """A MODEL of a full UNet state dict of the base's architecture, built from the base's own model
     config as the host builds a loaded model (no detection: it works where the host could not
-    recognise the weights on their own)."""
+    recognise the weights on their own). model_options' dtype and fp8_optimizations (WEIGHT_DTYPES)
+    store the weights in that dtype, as the host's loader does."""
     config = base_config_copy(base)
+    options = model_options or {}
+    if options.get("dtype") is not None:
+        dtype = options["dtype"]
+        config.set_inference_dtype(dtype, comfy.model_management.unet_manual_cast(
+            dtype, base.load_device, config.supported_inference_dtypes))
+    if options.get("fp8_optimizations"):
+        config.optimizations["fp8"] = True
     model = config.get_model(tensors, "").to(base.offload_device)
     missing = sorted(set(model.diffusion_model.state_dict()) - set(tensors))
     if missing:
@@ -146,19 +173,25 @@ def apply_lora(base, tensors, name: str, strength: float = 1.0):
 
 
 def load_domain_unet(path: str, base=None, strength: float = 1.0, model_options: dict | None = None):
-    """Load a domain UNet file; a LoRA needs `base`. With `base`, check compatibility."""
+    """Load a domain UNet file; a LoRA needs `base`. With `base`, check compatibility.
+
+    model_options (the host loader's: weight_dtype_options) apply to a full copy; a LoRA rides on
+    the base's weights in the base's dtype, so a weight dtype is ignored for it, with a note in the log."""
     name = os.path.basename(path)
     tensors, metadata = read_safetensors(path)
     if is_lora(tensors):
         if base is None:
             raise DomainModelError(f"'{name}' is a LoRA: connect the base MODEL it was trained on to base_model")
+        if (model_options or {}).get("dtype") is not None:
+            log.info("'%s' is a LoRA: weight_dtype %s does not apply (a LoRA domain runs on the base's weights, "
+                     "in the base's dtype: set that on the base's loader)", name, model_options["dtype"])
         return apply_lora(base, tensors, name, strength)
     if paper_format.is_paper_format(tensors):  # the authors' null-text UNet (paper_format.py)
         if base is None:
             raise DomainModelError(f"'{name}' is a null-text domain UNet of the paper's code (diffusers layout, no "
                                    "cross-attention): connect the base MODEL it was trained from to base_model")
         try:
-            return model_from_base_config(base, paper_format.to_host_unet(tensors, base, name), name)
+            return model_from_base_config(base, paper_format.to_host_unet(tensors, base, name), name, model_options)
         except ValueError as e:
             raise DomainModelError(str(e)) from e
     domain = load_full(tensors, metadata, name, model_options)

@@ -6,9 +6,9 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from .domain_files import load_domain_unet
+from .domain_files import WEIGHT_DTYPES, load_domain_unet, weight_dtype_options
 from .folders import FOLDER
-from .host_schema import CATEGORY, schema
+from .host_schema import CATEGORY, advanced, schema
 
 
 class DomainUNetLoader(io.ComfyNode):
@@ -30,6 +30,13 @@ class DomainUNetLoader(io.ComfyNode):
                                tooltip="The base MODEL. Required for a LoRA file; for a full UNet it enables the compatibility check."),
                 io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Strength of a LoRA domain file (ignored for a full UNet)."),
+                # last, and optional: a workflow saved before it loads with its widget values in place, at "default"
+                io.Combo.Input("weight_dtype", options=list(WEIGHT_DTYPES), default="default", optional=True,
+                               tooltip="How a full-copy domain keeps its weights, as Load Diffusion Model does: default (the "
+                                       "host's choice for the device), or fp8 (half of fp16's memory, at some loss of "
+                                       "precision; _fast also uses fp8 matrix multiplies where the GPU has them). "
+                                       "Does not apply to a LoRA domain, which runs on the base's weights (noted in the log).",
+                               **advanced()),
             ],
             outputs=[io.Model.Output(display_name="domain_model",
                                            tooltip="The domain UNet, for the domain_model input of KSampler (Domain Guidance), Domain Guider or Domain Term.")],
@@ -47,6 +54,7 @@ class DomainUNetLoader(io.ComfyNode):
         return f"{path}|{st.st_size}|{st.st_mtime_ns}"
 
     @classmethod
-    def execute(cls, unet_name, lora_strength, base_model=None) -> io.NodeOutput:
+    def execute(cls, unet_name, lora_strength, base_model=None, weight_dtype="default") -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise(FOLDER, unet_name)
-        return io.NodeOutput(load_domain_unet(path, base=base_model, strength=lora_strength))
+        return io.NodeOutput(load_domain_unet(path, base=base_model, strength=lora_strength,
+                                              model_options=weight_dtype_options(weight_dtype)))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-PACK_NODES = ["InDomainUNetLoader", "InDomainKSampler", "InDomainGuider", "InDomainTerm", "InDomainTrainUNet"]
+PACK_NODES = ["InDomainUNetLoader", "InDomainKSampler", "InDomainGuider", "InDomainTerm", "InDomainTrainUNet",
+              "InDomainExtractLoRA"]
 ADVANCED_TRAINING_INPUTS = {"lr_schedule", "warmup_steps", "seed", "flip", "training_dtype", "gradient_checkpointing",
                             "ema_decay", "lora_rank", "lora_alpha", "checkpoint_every", "preview_every", "torch_compile",
                             "optimizer", "cuda_graphs"}

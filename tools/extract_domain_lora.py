@@ -1,0 +1,105 @@
+"""Extract Domain LoRA from the command line: a full-copy domain's difference from its base as a LoRA.
+
+Runs the same code as the node (nodes/extract_node.py -> lora_hooks/extract.py), with the host's
+own loaders. From the pack's folder (ComfyUI/custom_nodes/<pack>):
+
+    $COMFYUI_PATH/.venv/bin/python -m tools.extract_domain_lora \\
+        --checkpoint v1-5-pruned-emaonly.safetensors --domain porcelain.safetensors \\
+        --rank 64 --save-name porcelain_lora
+
+The base is a checkpoint (--checkpoint) or a diffusion model (--unet), named as in ComfyUI's
+checkpoints / diffusion_models folders or as a path; the domain (--domain) is a full-copy domain file
+in the folders Load Domain UNet lists (models/diffusion_models, models/domain_unets) or a path. Only
+safetensors are read. The LoRA is written to models/loras/<save-name>.safetensors, its error (per
+layer, and over the whole difference) logged and kept in the file's metadata.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+try:  # python -m tools.extract_domain_lora (from the pack's folder)
+    from tools.train_domain import model_file, start_host
+except ImportError:  # python tools/extract_domain_lora.py
+    from train_domain import model_file, start_host
+
+log = logging.getLogger("indomain.extract")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = p.add_argument_group("the base (one of)")
+    src.add_argument("--checkpoint", help="base checkpoint (name in models/checkpoints, or a path)")
+    src.add_argument("--unet", help="base diffusion model (name in models/diffusion_models, or a path)")
+    p.add_argument("--domain", required=True, help="the full-copy domain (name in models/diffusion_models or models/domain_unets, or a path)")
+    p.add_argument("--rank", type=int, default=64, help="the LoRA's rank per layer (1 or more)")
+    p.add_argument("--save-name", required=True, help="file name in models/loras (subfolders allowed, no '..')")
+    p.add_argument("--save-dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of the file's tensors")
+    p.add_argument("--biases-and-norms", action="store_true",
+                   help="also store the differences of biases and norm weights whole (the domain then runs as a weight hook)")
+    p.add_argument("--comfyui", help="the ComfyUI folder (default: COMFYUI_PATH, else two folders above this pack)")
+    p.add_argument("--base-directory", help="ComfyUI's --base-directory (models/ lives there)")
+    p.add_argument("--extra-model-paths", help="an extra_model_paths.yaml to read")
+    p.add_argument("--cpu", action="store_true", help="compute on the CPU")
+    p.add_argument("--verbose", action="store_true", help="log each layer's error")
+    p.set_defaults(lowvram=False)  # what train_domain.start_host reads
+    return p
+
+
+# The node's input names in its errors, as this tool's options.
+OPTION_NAMES = {"domain_model": "--domain", "base_model": "the base", "save_name": "--save-name", "save name": "--save-name"}
+
+
+def as_options(message: str) -> str:
+    for name, option in OPTION_NAMES.items():
+        message = message.replace(name, option)
+    return message
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Before anything loads: one base, a rank of 1 or more, safetensors names only."""
+    if bool(args.checkpoint) == bool(args.unet):
+        p.error("give the base as one of --checkpoint or --unet")
+    if args.rank < 1:
+        p.error(f"--rank {args.rank}: the rank must be 1 or more")
+    for what in ("checkpoint", "unet", "domain"):
+        name = getattr(args, what)
+        if name and not name.lower().endswith((".safetensors", ".sft")):
+            p.error(f"--{what} {name!r}: only .safetensors files are read (pickled files can run code when opened)")
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for name in ("PIL", "filelock", "urllib3"):  # their own debug lines are not this tool's
+        logging.getLogger(name).setLevel(logging.WARNING)
+    start_host(args)  # ComfyUI's folders and device (args.cpu), this pack as comfyui_indomain
+    import comfy.sd
+    from comfyui_indomain.nodes.domain_files import DomainModelError, load_domain_unet
+    from comfyui_indomain.nodes.extract_node import extract_to_file, lora_path
+    from comfyui_indomain.nodes.folders import FOLDER
+
+    try:
+        lora_path(args.save_name)  # a bad save name stops before anything loads
+        if args.checkpoint:
+            base = comfy.sd.load_checkpoint_guess_config(model_file("checkpoints", args.checkpoint, "checkpoint"),
+                                                         output_vae=False, output_clip=False)[0]
+        else:
+            base = comfy.sd.load_diffusion_model(model_file("diffusion_models", args.unet, "unet"))
+        domain_path = model_file(FOLDER, args.domain, "domain")
+        domain = load_domain_unet(domain_path, base=base)
+        path, result, _ = extract_to_file(base, domain, args.rank, args.save_name, args.save_dtype,
+                                          args.biases_and_norms, domain_name=os.path.basename(domain_path))
+    except (ValueError, DomainModelError) as e:
+        log.error("%s", as_options(str(e)))
+        return 2
+    log.info("wrote %s: relative error %.4g over %d layers", path, result.total_error, len(result.layer_errors))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
