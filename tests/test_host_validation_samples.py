@@ -243,6 +243,40 @@ def test_after_the_samples_the_domain_is_unloaded_its_graphs_let_go_and_the_trai
         assert base_loaded and hooks > 0  # the adapters' hooks are on the module (the run was still training)
 
 
+def test_the_samples_see_the_host_as_it_was_and_out_of_memory_says_what_to_lower(comfy, folders, monkeypatch):
+    """While the grid is sampled, training's changes to the host are undone (here: cuDNN attention,
+    which a run with gradient checkpointing turns off, is on; ComfyUI 0.33's in_training is off) and
+    come back after; out of memory while sampling names the inputs to lower and the kept checkpoint."""
+    samples, mm = comfy.pack("nodes.training.samples"), importlib.import_module("comfy.model_management")
+    seen, real = [], samples.ValidationSamples._image
+
+    def image(self, *args):
+        seen.append((torch.backends.cuda.cudnn_sdp_enabled(), getattr(mm, "in_training", False)))
+        return real(self, *args)
+
+    monkeypatch.setattr(samples.ValidationSamples, "_image", image)
+    loop, steps = comfy.pack("training.loop"), []
+    real_step = loop.denoising_step
+    monkeypatch.setattr(loop, "denoising_step", lambda *a, **k: steps.append(
+        (torch.backends.cuda.cudnn_sdp_enabled(), getattr(mm, "in_training", True))) or real_step(*a, **k))
+    train_with_samples(comfy, save_name="val_host", steps=2, checkpoint_every=1, gradient_checkpointing=True,
+                       resume=False, **VALIDATION)
+    assert len(seen) == 6 and all(s == (True, False) for s in seen), seen  # (step 2: scale 0 from step 1's)
+    assert len(steps) == 2 and all(s == (False, True) for s in steps), steps
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+
+    def out_of_memory(self, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(samples.ValidationSamples, "_image", out_of_memory)
+    with pytest.raises(HostError) as e:
+        train_with_samples(comfy, save_name="val_oom", steps=2, checkpoint_every=1, resume=False, **VALIDATION)
+    message = e.value.exception_message
+    assert "validation samples of step 1" in message and "validation_prompts" in message and "is kept" in message
+    assert comfy.pack("training.checkpoint").read_state_header(
+        os.path.splitext(saved_file("val_oom"))[0] + ".indomain-state").step == 1
+
+
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed (scripts/setup.sh installs it)")
 def test_tensorboard_shows_each_checkpoints_grid(comfy, folders):
     import io
