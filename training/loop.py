@@ -180,8 +180,9 @@ def train(
     run.trainable = _make_trainable(unet, config, release_base)
     try:
         _prepare_training(run, header)
-        if header is not None:  # the resumed checkpoint's samples (the host makes them if they are missing)
+        if header is not None and run.on_samples is not None:  # the resumed checkpoint's (the host makes them if missing)
             _samples(run, run.start, resumed=True)
+            run.t0 = time.monotonic()  # (the speed and ETA of the steps to come leave them out)
         # 3. The steps.
         for step in range(run.start + 1, config.steps + 1):
             _step(run, step)
