@@ -145,13 +145,12 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
         casting = config.mode == "lora" and config.precision == "fp32" and mixed_dtypes(unet, torch.float32)
         changes = HostChanges(lambda: weights_cast_to_input(unet, casting), lambda: one_frame(unet, host),
                               lambda: host_in_training(host.family, checkpointing=bool(config.gradient_checkpointing)))
-        on_samples = None
+        def take_samples(step: int, weights: dict, resumed: bool) -> None:  # the loop's on_samples (rank 0)
+            with changes.suspended(), validation_failures_explained(state_path, step):
+                samples(step, weights, resumed)
+
         if samples is not None and main:
             samples.start(trainer=trainer, base_fingerprint=base_fp, bar=bar, say=text_sender(node_id), board=board)
-
-            def on_samples(step: int, weights: dict, resumed: bool) -> None:
-                with changes.suspended(), validation_failures_explained(state_path, step):
-                    samples(step, weights, resumed)
 
         with failures_explained(state_path, host), changes:
             result = train(
@@ -165,7 +164,7 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
                 on_progress=count_images, on_checkpoint=write, on_preview=preview,
                 device=comfy.model_management.get_torch_device(),
                 release_base=(lambda: release(trainer)) if config.mode == "full" else None,
-                on_samples=on_samples,
+                on_samples=take_samples if samples is not None and main else None,
             )
         final = result.ema_weights if result.ema_weights is not None else result.weights
         if main:
