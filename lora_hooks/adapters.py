@@ -2,6 +2,7 @@
 docstring): one LoRAAdapter per targeted layer, hooked onto it by a LoRANetwork."""
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 from typing import Sequence
@@ -61,6 +62,7 @@ class LoRANetwork(nn.Module):
         super().__init__()
         self.paths = paths
         self.adapters = nn.ModuleList(adapters)
+        self.enabled = True  # False within suspended(): the hooks pass every call through unchanged
         self._handles: list = []
         self._frozen: list[tuple[nn.Parameter, bool]] = []
 
@@ -71,8 +73,26 @@ class LoRANetwork(nn.Module):
         modules = dict(unet.named_modules())
         shared = SharedCast()
         for path, adapter in zip(self.paths, self.adapters):
-            self._handles.append(modules[path].register_forward_pre_hook(shared))
-            self._handles.append(modules[path].register_forward_hook(adapter_hook(adapter)))
+            self._handles.append(modules[path].register_forward_pre_hook(self._gated(shared)))
+            self._handles.append(modules[path].register_forward_hook(self._gated(adapter_hook(adapter))))
+
+    def _gated(self, hook):
+        """`hook` while the network is enabled; nothing (the call unchanged) within suspended()."""
+        def gated(*args):
+            return hook(*args) if self.enabled else None
+        return gated
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """Within the block the UNet computes without the adapters (the base's layers alone, as
+        before attach), e.g. to sample the base beside a file of the adapters' weights; the
+        adapters, their hooks and the UNet's requires_grad flags stay as they are. A flag, not
+        hooks removed and added again: a compiled forward keeps its graph (a guard on the flag)."""
+        before, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = before
 
     def remove(self) -> None:
         """Take the adapters off the UNet and restore its requires_grad flags: it is as before."""

@@ -134,17 +134,21 @@ class DomainKSampler(io.ComfyNode):
         return io.NodeOutput(sample_like_ksampler(guider, seed, steps, sampler_name, scheduler, latent_image, denoise))
 
 
-def sample_like_ksampler(guider, seed, steps, sampler_name, scheduler, latent, denoise):
-    """What KSampler does around its guider: noise from the seed, sigmas from steps/denoise, masks."""
+def sample_like_ksampler(guider, seed, steps, sampler_name, scheduler, latent, denoise, callback=None, disable_pbar=None):
+    """What KSampler does around its guider: noise from the seed, sigmas from steps/denoise, masks.
+    callback(step, x0, x, total_steps) and disable_pbar, where given, stand for KSampler's latent
+    previews and console bar (Train Domain UNet's validation samples report on the node instead)."""
     model = guider.model_patcher
     latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     schedule = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
                                        scheduler=scheduler, denoise=denoise, model_options=model.model_options)
-    callback = latent_preview.prepare_callback(model, steps)
+    if callback is None:
+        callback = latent_preview.prepare_callback(model, steps)
+    if disable_pbar is None:
+        disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
     samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), schedule.sigmas,
-                            denoise_mask=latent.get("noise_mask"), callback=callback,
-                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+                            denoise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=disable_pbar, seed=seed)
     out = latent.copy()
     out["samples"] = samples.to(comfy.model_management.intermediate_device())
     return out

@@ -8,6 +8,7 @@ from ..training.config import OPTIMIZERS, PRECISIONS
 from .host_schema import CATEGORY, advanced, schema
 from .training.plot import loss_curve_image, validation_text
 from .training.run import image_folder_fingerprint, run_training
+from .training.samples import DEFAULT_SCALES, DEFAULT_STEPS, no_samples_image, validation_settings
 
 
 def trainer_inputs() -> list:
@@ -57,7 +58,8 @@ def trainer_inputs() -> list:
                          tooltip="On: continue from save_name's last checkpoint if there is one. Off: start over and replace it."),
         io.Conditioning.Input("null_conditioning", optional=True,
                               tooltip="CLIP Text Encode of an empty string (the condition of every training sample). Or connect clip."),
-        io.Clip.Input("clip", optional=True, tooltip="Used to encode the empty prompt when null_conditioning is not connected."),
+        io.Clip.Input("clip", optional=True, tooltip="Encodes the empty prompt when null_conditioning is not connected, "
+                                                    "and the validation_prompts."),
         io.Image.Input("images", optional=True, tooltip="Domain images as an IMAGE batch (e.g. Load Image). Can be combined with image_folder."),
         io.String.Input("image_folder", default="", optional=True,
                         tooltip="A folder of domain images (png, jpg, webp, bmp) inside ComfyUI's input folder, e.g. "
@@ -96,6 +98,29 @@ def trainer_inputs() -> list:
                                  "output/indomain_logs/<save_name>/; view them with tensorboard --logdir "
                                  "output/indomain_logs. Needs the tensorboard package (pip install tensorboard).",
                          **advanced()),
+        # (appended: a saved workflow's widget values keep their inputs)
+        io.String.Input("validation_prompts", default="", multiline=True, optional=True,
+                        tooltip="Prompts to sample at every checkpoint and at the end, one per line, with the domain "
+                                "being trained: each prompt (a row) at each of validation_domain_scales (a column), "
+                                "as Load Domain UNet + KSampler (Domain Guidance) sample the checkpoint's file, the "
+                                "empty prompt as negative. One grid per checkpoint in "
+                                "output/indomain_previews/<save_name>/validation_step_N.png and on validation_samples. "
+                                "Needs clip (to encode them). Empty = off."),
+        io.String.Input("validation_domain_scales", default=DEFAULT_SCALES, optional=True,
+                        tooltip="The domain_scale of each column of the validation grid, separated by commas. 0 is the "
+                                "base alone (KSampler exactly; sampled once per run); the others show the domain's pull "
+                                "at the weights you would sample with.", **advanced()),
+        io.Int.Input("validation_seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=False,
+                     optional=True, tooltip="The seed of every validation sample: the same noise at every checkpoint, "
+                                            "so the grids differ only by the weights.", **advanced()),
+        io.Int.Input("validation_steps", default=DEFAULT_STEPS, min=1, max=200, optional=True,
+                     tooltip="Sampling steps of each validation sample (euler; scheduler normal, or simple for "
+                             "rectified-flow models such as SD3, Flux and Qwen-Image).", **advanced()),
+        io.Float.Input("validation_cfg", default=0.0, min=0.0, max=100.0, step=0.1, round=0.01, optional=True,
+                       tooltip="Text guidance of the validation samples. 0 = the model family's usual: 7 for "
+                               "SD1.x/SD2.x/SDXL, 4.5 for SD3, 1 for Flux.1, Flux.2 and Z-Image Turbo "
+                               "(guidance-distilled), 4 for Chroma and Qwen-Image, 3.5 for HunyuanImage.",
+                       **advanced()),
     ]
 
 
@@ -119,6 +144,9 @@ class DomainTrainer(io.ComfyNode):
                 io.String.Output(display_name="validation", tooltip="The validation loss at each step it was measured "
                                  "(\"step N: loss\", one per line, earlier runs of a resumed training included); "
                                  "empty when validation_share is 0."),
+                io.Image.Output(display_name="validation_samples", tooltip="The last grid of validation samples (rows: "
+                                "validation_prompts; columns: validation_domain_scales), as saved beside the previews; "
+                                "a note when validation_prompts is empty."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -134,7 +162,8 @@ class DomainTrainer(io.ComfyNode):
                 flip, training_dtype, gradient_checkpointing, ema_decay, lora_rank, lora_alpha, save_name,
                 checkpoint_every, preview_every, resume, null_conditioning=None, clip=None, images=None, image_folder="",
                 torch_compile=False, optimizer="adamw", cuda_graphs=False, gradient_accumulation=1, validation_share=0.0,
-                tensorboard=False) -> io.NodeOutput:
+                tensorboard=False, validation_prompts="", validation_domain_scales=DEFAULT_SCALES, validation_seed=0,
+                validation_steps=DEFAULT_STEPS, validation_cfg=0.0) -> io.NodeOutput:
         config = TrainConfig(
             steps=steps, mode=mode, lora_rank=lora_rank, lora_alpha=lora_alpha, lr=learning_rate, lr_schedule=lr_schedule,
             warmup_steps=warmup_steps, batch_size=batch_size, resolution=resolution, flip=flip, seed=seed,
@@ -142,8 +171,12 @@ class DomainTrainer(io.ComfyNode):
             gradient_checkpointing=("all",) if gradient_checkpointing else (), compile=torch_compile, optimizer=optimizer,
             gradient_accumulation=gradient_accumulation, validation_share=validation_share,
         )
+        validation = validation_settings(validation_prompts, validation_domain_scales, validation_seed, validation_steps,
+                                         validation_cfg)
         done = run_training(model=model, vae=vae, null_conditioning=null_conditioning, clip=clip, images=images,
                             image_folder=image_folder, config=config, save_name=save_name, resume=resume,
-                            node_id=cls.hidden.unique_id, cuda_graphs=cuda_graphs, tensorboard=tensorboard)
+                            node_id=cls.hidden.unique_id, cuda_graphs=cuda_graphs, tensorboard=tensorboard,
+                            validation=validation)
         return io.NodeOutput(done.domain, loss_curve_image(done.losses, done.start, done.validation),
-                             validation_text(done.validation))
+                             validation_text(done.validation),
+                             done.samples if done.samples is not None else no_samples_image())

@@ -67,6 +67,26 @@ def test_trains_writes_the_file_and_resumes(base_dir, on_gpu):
         assert f.metadata()["indomain.steps"] == "3"
 
 
+def test_validation_prompts_from_a_file_give_a_grid_per_checkpoint_also_under_torchrun(base_dir):
+    """--validation-prompts: rank 0 samples the grid of each checkpoint while the other rank waits;
+    the run goes on and ends as without them."""
+    prompts = base_dir / "prompts.txt"
+    prompts.write_text("a photo of a cat\n\na red house\n", encoding="utf-8")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    out = run_tool(base_dir, "--save-name", "cli_samples", "--steps", "2", "--checkpoint-every", "1",
+                   "--validation-prompts", str(prompts), "--validation-steps", "2", "--validation-domain-scales", "0 1.5",
+                   launcher=launcher)
+    assert out.returncode == 0, out.stderr[-3000:]
+    folder = base_dir / "output" / "indomain_previews" / "cli_samples"
+    assert sorted(os.listdir(folder)) == ["validation_step_000001.png", "validation_step_000002.png"]
+    from PIL import Image
+    with Image.open(folder / "validation_step_000002.png") as image:
+        assert '"prompts": ["a photo of a cat", "a red house"]' in image.text["indomain.validation"]
+    missing = run_tool(base_dir, "--save-name", "cli_samples_missing", "--steps", "1",
+                       "--validation-prompts", str(base_dir / "no_such_file.txt"))
+    assert missing.returncode != 0 and "--validation-prompts" in missing.stderr
+
+
 def test_torchrun_trains_on_two_processes_and_rank_0_writes_the_files(base_dir):
     """The same command under torchrun (2 CPU processes, gloo): each takes half of the global
     batch; rank 0 alone logs progress and writes the state and model files."""

@@ -243,6 +243,32 @@ def test_previews_of_a_family_of_video_shaped_latents_are_sampled_and_decoded_by
     assert sizes == [(TRAIN_DEFAULTS["resolution"],) * 2] * 2
 
 
+@pytest.mark.parametrize("family, cfg", [("qwen_image", 4.0), ("flux_dev", 1.0)])
+def test_validation_samples_of_a_flow_family_at_its_usual_cfg(comfy, family, cfg):
+    """The validation grid of rectified-flow families (Qwen-Image's video-shaped latents decoded by its
+    Wan 2.1 VAE; Flux.1 dev, guidance-distilled): sampled at the family's usual cfg with scheduler
+    simple, each image of the training resolution."""
+    import json
+
+    import folder_paths
+    from PIL import Image
+
+    name = f"fam_samples_{family}"
+    graph = train_graph(family, steps=1, checkpoint_every=0, resume=False, save_name=name,
+                        validation_prompts="a teapot\na house", validation_steps=2)
+    graph["clip"] = {"class_type": "TestFamilyCLIP", "inputs": {"family": family}}
+    graph["train"]["inputs"]["clip"] = ["clip", 0]
+    comfy.run(graph)
+    path = os.path.join(folder_paths.get_output_directory(), "indomain_previews", name, "validation_step_000001.png")
+    with Image.open(path) as image:
+        record = json.loads(image.text["indomain.validation"])
+        size = image.size
+    assert (record["cfg"], record["scheduler"], record["domain_scales"]) == (cfg, "simple", [0.0, 1.0, 2.0])
+    side = TRAIN_DEFAULTS["resolution"]
+    layout = comfy.pack("nodes.training.samples").GridLayout(2, 3, side, side)
+    assert size == layout.size
+
+
 def test_a_lora_trained_on_another_family_is_refused_naming_the_file(comfy):
     from tests.support.host import HostError
 

@@ -8,7 +8,8 @@ PACK_NODES = ["InDomainUNetLoader", "InDomainKSampler", "InDomainGuider", "InDom
               "InDomainExtractLoRA"]
 ADVANCED_TRAINING_INPUTS = {"lr_schedule", "warmup_steps", "seed", "flip", "training_dtype", "gradient_checkpointing",
                             "ema_decay", "lora_rank", "lora_alpha", "checkpoint_every", "preview_every", "torch_compile",
-                            "optimizer", "cuda_graphs"}
+                            "optimizer", "cuda_graphs", "gradient_accumulation", "validation_share", "tensorboard",
+                            "validation_domain_scales", "validation_seed", "validation_steps", "validation_cfg"}
 
 
 def host_version() -> tuple[int, ...]:
@@ -54,7 +55,8 @@ def test_rarely_changed_training_inputs_are_folded_as_advanced_where_the_host_fo
     folded = {name for name, o in options.items() if o.get("advanced")}
     if comfy.pack("nodes.host_schema").HAS_ADVANCED_INPUTS:
         assert folded == ADVANCED_TRAINING_INPUTS
-        assert {"model", "vae", "mode", "steps", "learning_rate", "save_name", "image_folder"}.isdisjoint(folded)
+        assert {"model", "vae", "mode", "steps", "learning_rate", "save_name", "image_folder",
+                "validation_prompts"}.isdisjoint(folded)
     else:
         assert folded == set()
     assert ADVANCED_TRAINING_INPUTS <= set(options)  # every one of them is still an input

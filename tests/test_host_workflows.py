@@ -163,6 +163,12 @@ def test_workflow_executes_and_saves_an_image(comfy, substitutes, path):
             preview = os.path.join(folder_paths.get_output_directory(), "indomain_previews", node["inputs"]["save_name"],
                                    "step_000003.png")
             assert Image.open(preview).size == (64, 64)
+        if node["class_type"] == "InDomainTrainUNet" and node["inputs"].get("validation_prompts"):  # and its grid
+            grid = os.path.join(folder_paths.get_output_directory(), "indomain_previews", node["inputs"]["save_name"],
+                                "validation_step_000003.png")
+            rows, cols = len(node["inputs"]["validation_prompts"].splitlines()), 3
+            layout = comfy.pack("nodes.training.samples").GridLayout(rows, cols, 64, 64)
+            assert Image.open(grid).size == layout.size
 
 
 # The newer families' templates but Qwen-Image Edit's, whose KSampler (Domain Guidance) at 0 is KSampler with

@@ -116,6 +116,28 @@ def test_remove_gives_the_unet_back_as_it_was():
     assert all(p.requires_grad for p in unet.parameters())
 
 
+def test_suspended_adapters_leave_the_base_alone_and_come_back_as_they_were():
+    """Within suspended() the UNet computes exactly as without the adapters, also under autocast (no
+    shared cast either); after it, also after an error, the adapters act again and nothing else changed."""
+    unet = tiny_unet().requires_grad_(False)  # frozen as attach freezes it (the CPU's kernels differ by the flag)
+    before = _out(unet)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before_autocast = _out(unet)
+    network = inject_lora(unet, rank=4, alpha=4.0)
+    _randomise_up(network)
+    adapted = _out(unet)
+    flags = [p.requires_grad for p in unet.parameters()]
+    with pytest.raises(RuntimeError, match="inside"):
+        with network.suspended():
+            assert torch.equal(_out(unet), before)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert torch.equal(_out(unet), before_autocast)
+            raise RuntimeError("inside the block")
+    assert torch.equal(_out(unet), adapted) and network.enabled
+    assert [p.requires_grad for p in unet.parameters()] == flags
+    assert all(p.requires_grad for p in network.parameters())
+
+
 def test_export_keys_are_comfyuis_lora_format():
     unet = tiny_unet()
     network = inject_lora(unet, rank=4, alpha=2.0)

@@ -116,11 +116,11 @@ def test_the_published_archive_holds_what_runs_and_nothing_else():
     assert {"__init__.py", "requirements.txt", "pyproject.toml", "LICENSE", "tools/train_domain.py"} <= set(files)
     assert {"nodes", "guidance", "training", "cudagraph", "lora_hooks"} <= top
     size = sum((REPO / p).stat().st_size for p in files)
-    # (thirteen templates with their thumbnails are about 275 KB of it: SD1.5's five, SDXL's and Flux's two
-    # each, Qwen-Image's, its Edit's, Flux.2's and Wan 2.2's one each; README and CHANGELOG about 35 KB; the
+    # (thirteen templates with their thumbnails are about 280 KB of it: SD1.5's five, SDXL's and Flux's two
+    # each, Qwen-Image's, its Edit's, Flux.2's and Wan 2.2's one each; README and CHANGELOG about 40 KB; the
     # code the rest. The bound is there to catch a stray large file, e.g. an evidence image or a model,
-    # not the code's growth.)
-    assert size < 750_000, f"{len(files)} files, {size} bytes"
+    # not the code's growth: raised from 750 KB with the validation samples, at 763 KB.)
+    assert size < 850_000, f"{len(files)} files, {size} bytes"
     log.info("the archive would hold %d files, %d bytes:\n%s", len(files), size, "\n".join(files))
 
 

@@ -208,6 +208,36 @@ def test_progress_and_preview_are_reported(tmp_path):
     assert [s for s, _ in previews] == [2, 4] and all(isinstance(m, torch.nn.Module) for _, m in previews)
 
 
+@pytest.mark.parametrize("mode, ema", [("lora", 0.0), ("full", 0.9)])
+def test_the_hosts_samples_get_each_checkpoints_weights_with_the_module_as_before_training(tmp_path, mode, ema):
+    """on_samples gets, at each checkpoint and the end, the very weights on_checkpoint gets (the
+    EMA's with EMA), and the module being trained computes as the base does within the call (LoRA:
+    the adapters suspended); training is not changed by it. A resumed run calls it first with the
+    state's weights (resumed=True), then at its own checkpoints."""
+    unet = tiny_unet()
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500.0]), cond_for(64, 64)["context"]
+    base = unet(x, t, context=ctx).detach()
+    written, sampled = {}, []
+
+    def on_samples(step, weights, resumed):
+        sampled.append((step, resumed, {k: v.clone() for k, v in weights.items()}, torch.equal(unet(x, t, context=ctx), base)))
+
+    config = dict(steps=6, mode=mode, lora_rank=4, lr=3e-2 if mode == "lora" else 3e-3, checkpoint_every=4, ema_decay=ema)
+    result = run(tmp_path / "a", unet=unet, on_samples=on_samples,
+                 on_checkpoint=lambda step, weights: written.update({step: {k: v.clone() for k, v in weights.items()}}),
+                 **config)
+    assert [(s, r) for s, r, _, _ in sampled] == [(4, False), (6, False)]
+    assert all(_rel_close(w, written[s], tol=0) for s, _, w, _ in sampled)
+    assert all(same for *_, same in sampled)  # the host's module as before training, in every call
+    plain = run(tmp_path / "b", **config)
+    assert _rel_close(result.weights, plain.weights, tol=0)
+
+    sampled.clear()
+    run(tmp_path / "a", unet=unet, on_samples=on_samples, **{**config, "steps": 10})
+    assert [(s, r) for s, r, _, _ in sampled] == [(6, True), (8, False), (10, False)]
+    assert _rel_close(sampled[0][2], written[6], tol=0)
+
+
 def test_gradient_checkpointing_changes_memory_not_results(tmp_path):
     plain = run(tmp_path / "a", steps=3, state_name=None)
     checkpointed = run(tmp_path / "b", steps=3, gradient_checkpointing=("ff.net", "proj_out"), state_name=None)

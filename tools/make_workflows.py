@@ -54,9 +54,11 @@ SDXL = {
     2: ("InDomainUNetLoader", {"unet_name": "my_sdxl_domain.safetensors", "lora_strength": 1.0}, {"base_model": (1, 0)}, 1),
     6: ("EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, {}, 1),
 }
+# The training templates' validation prompts: sampled at every checkpoint (domain_scale 0, 1 and 2), a grid each
+VALIDATION_PROMPTS = "a teapot on a wooden table\na city street at night"
 SDXL_TRAIN = {"mode": "lora", "steps": 1000, "batch_size": 2, "learning_rate": 1e-4, "resolution": 1024,
               "gradient_checkpointing": True, "save_name": "my_sdxl_domain", "image_folder": "my_domain_images",
-              "checkpoint_every": 250, "preview_every": 250}
+              "checkpoint_every": 250, "preview_every": 250, "validation_prompts": VALIDATION_PROMPTS}
 
 # Flux.1 dev as the host's own Flux templates build it: Load Diffusion Model (flux1-dev), DualCLIPLoader
 # (CLIP-L and T5-XXL, type flux), the Flux VAE (ae), an empty SD3 latent (16 channels) of 1024x1024,
@@ -90,7 +92,8 @@ def flux_sampler(domain, column):
 
 FLUX_TRAIN = {"mode": "lora", "steps": 1000, "batch_size": 1, "learning_rate": 1e-4, "resolution": 1024,
               "gradient_checkpointing": True, "save_name": "my_flux_domain", "image_folder": "my_domain_images",
-              "checkpoint_every": 250, "preview_every": 250}
+              "checkpoint_every": 250, "preview_every": 250, "validation_prompts": VALIDATION_PROMPTS}
+VALIDATION_PREVIEW = ("PreviewImage", {"_title": "Validation samples"}, {"images": (20, 3)}, 3)
 
 NOTE = "Note"  # a text node of the front end (not a host node): what the template needs and why it is set so
 
@@ -111,6 +114,8 @@ Train an SDXL domain, then sample with it.
 
 Put the domain images (no captions) in ComfyUI/input/my_domain_images. Train Domain UNet learns a LoRA of the base at 1024 px (gradient checkpointing, bf16) and writes models/loras/my_sdxl_domain.safetensors every 250 steps; queued again, it resumes from there (or, with the same images and settings, the host reuses its result). Load Domain UNet reads the file later.
 
+At each checkpoint it samples its validation_prompts (one per line) at domain_scale 0, 1 and 2 as KSampler (Domain Guidance) would with that checkpoint: one grid each in output/indomain_previews/my_sdxl_domain/, the last one in Validation samples. Pick the checkpoint by eye.
+
 File: sd_xl_base_1.0.safetensors in models/checkpoints.
 """)
 FLUX_NOTE = note("""
@@ -125,6 +130,8 @@ Train a Flux.1 dev domain, then sample with it.
 
 Put the domain images (no captions) in ComfyUI/input/my_domain_images. Train Domain UNet learns a LoRA of flux1-dev at 1024 px (gradient checkpointing, bf16) on the empty prompt at guidance 3.5 (the host's default) and writes models/loras/my_flux_domain.safetensors every 250 steps; queued again, it resumes from there.
 
+At each checkpoint it samples its validation_prompts (one per line) at domain_scale 0, 1 and 2 (cfg 1, as Flux dev is run) as KSampler (Domain Guidance) would with that checkpoint: one grid each in output/indomain_previews/my_flux_domain/, the last one in Validation samples.
+
 Files: flux1-dev.safetensors in models/diffusion_models; clip_l.safetensors and t5xxl_fp16.safetensors in models/text_encoders; ae.safetensors in models/vae.
 """)
 
@@ -135,8 +142,8 @@ FAMILY_GRAPHS = {
     "sdxl_train_domain": {
         **{k: SDXL[k] for k in (1, 4, 5, 6, 9, 10)},
         3: ("CLIPTextEncode", {"text": "a teapot on a wooden table, in the domain's style"}, {"clip": (1, 1)}, 1),
-        20: ("InDomainTrainUNet", SDXL_TRAIN, {"model": (1, 0), "vae": (1, 2), "null_conditioning": (5, 0)}, 2),
-        21: ("PreviewImage", {}, {"images": (20, 1)}, 2),
+        20: ("InDomainTrainUNet", SDXL_TRAIN, {"model": (1, 0), "vae": (1, 2), "null_conditioning": (5, 0), "clip": (1, 1)}, 2),
+        21: ("PreviewImage", {}, {"images": (20, 1)}, 2), 22: VALIDATION_PREVIEW,
         7: ("InDomainKSampler", sampler()[1], {**sampler()[2], "domain_model": (20, 0)}, 3), 30: SDXL_TRAIN_NOTE},
     "flux_dev_text_to_image_domain": {
         **FLUX,
@@ -146,8 +153,8 @@ FAMILY_GRAPHS = {
     "flux_dev_train_domain": {
         **FLUX,
         **flux_prompt("a teapot on a wooden table, in the domain's style", 1),
-        20: ("InDomainTrainUNet", FLUX_TRAIN, {"model": (1, 0), "vae": (16, 0), "null_conditioning": (5, 0)}, 2),
-        21: ("PreviewImage", {}, {"images": (20, 1)}, 2),
+        20: ("InDomainTrainUNet", FLUX_TRAIN, {"model": (1, 0), "vae": (16, 0), "null_conditioning": (5, 0), "clip": (15, 0)}, 2),
+        21: ("PreviewImage", {}, {"images": (20, 1)}, 2), 22: VALIDATION_PREVIEW,
         7: flux_sampler((20, 0), 3), 30: FLUX_TRAIN_NOTE},
 }
 
@@ -346,9 +353,9 @@ GRAPHS = {
         3: ("CLIPTextEncode", {"text": "a teapot on a wooden table, in the domain's style"}, {"clip": (1, 1)}, 1),
         20: ("InDomainTrainUNet", {"mode": "lora", "steps": 1000, "batch_size": 4, "learning_rate": 1e-4,
                                    "save_name": "my_domain", "image_folder": "my_domain_images", "checkpoint_every": 250,
-                                   "preview_every": 250},
-             {"model": (1, 0), "vae": (1, 2), "null_conditioning": (5, 0)}, 2),
-        21: ("PreviewImage", {}, {"images": (20, 1)}, 2),
+                                   "preview_every": 250, "validation_prompts": VALIDATION_PROMPTS},
+             {"model": (1, 0), "vae": (1, 2), "null_conditioning": (5, 0), "clip": (1, 1)}, 2),
+        21: ("PreviewImage", {}, {"images": (20, 1)}, 2), 22: VALIDATION_PREVIEW,
         6: EMPTY,
         7: ("InDomainKSampler", sampler()[1], {**sampler()[2], "domain_model": (20, 0)}, 3)},
     **FAMILY_GRAPHS,
@@ -363,7 +370,7 @@ SIZES = {
     "CheckpointLoaderSimple": (320, 100), "ControlNetLoader": (320, 60), "LoadImage": (320, 320),
     "InDomainUNetLoader": (340, 84), "CLIPTextEncode": (340, 140), "EmptyLatentImage": (340, 108),
     "VAEEncode": (340, 48), "ControlNetApplyAdvanced": (340, 190), "InDomainKSampler": (340, 420),
-    "InDomainTrainUNet": (340, 720), "PreviewImage": (340, 300), "VAEDecode": (340, 48), "SaveImage": (340, 340),
+    "InDomainTrainUNet": (340, 940), "PreviewImage": (340, 300), "VAEDecode": (340, 48), "SaveImage": (340, 340),
     "UNETLoader": (320, 84), "DualCLIPLoader": (320, 130), "VAELoader": (320, 60), "EmptySD3LatentImage": (340, 108),
     "FluxGuidance": (340, 60), "ConditioningZeroOut": (340, 30), "Note": (320, 330),
     "CLIPLoader": (320, 108), "ModelSamplingAuraFlow": (340, 60), "ModelSamplingSD3": (340, 60),

@@ -11,6 +11,8 @@ text_encoders) like the loader nodes do; a path to a file works too. Only safete
 The result is written to models/loras/<save-name>.safetensors (--mode lora) or
 models/diffusion_models/<save-name>.safetensors (--mode full); running the same command
 again resumes from its checkpoint; Ctrl-C stops after keeping the last complete checkpoint.
+--validation-prompts FILE (one prompt per line) samples them with the domain at every checkpoint,
+as the node's validation_prompts do (a grid per checkpoint in output/indomain_previews/).
 
 On several GPUs, the same command under torchrun (one process per GPU, DistributedDataParallel):
 
@@ -89,6 +91,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-share", type=float, default=0.0,
                    help="hold this share of the images out of training and log their loss (fixed noise and timesteps) "
                         "at the start, every checkpoint and the end; 0: off")
+    p.add_argument("--validation-prompts", metavar="FILE",
+                   help="a text file of prompts, one per line, sampled at every checkpoint with the domain being "
+                        "trained (as Load Domain UNet + KSampler (Domain Guidance) sample it): one grid per checkpoint "
+                        "in output/indomain_previews/<save-name>/validation_step_N.png")
+    p.add_argument("--validation-domain-scales", default="0, 1, 2",
+                   help="the domain_scale of each column of the validation grid (0: the base alone)")
+    p.add_argument("--validation-seed", type=int, default=0, help="the seed of every validation sample")
+    p.add_argument("--validation-steps", type=int, default=20, help="sampling steps of each validation sample")
+    p.add_argument("--validation-cfg", type=float, default=0.0,
+                   help="cfg of the validation samples; 0: the model family's usual (7 for SD1.x/SDXL, 1 for Flux.1 dev ...)")
     p.add_argument("--tensorboard", action="store_true",
                    help="write TensorBoard logs to output/indomain_logs/<save-name>/ (pip install tensorboard)")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw",
@@ -243,6 +255,7 @@ def train(args, rank: int, world: int) -> int:
     training_node = start_host(args)
     import comfy.model_management as mm
     from comfyui_indomain.nodes.training.files import output_paths
+    from comfyui_indomain.nodes.training.samples import validation_settings
     from comfyui_indomain.training import TrainConfig
     from comfyui_indomain.training.distributed import ranks, report_stop
 
@@ -277,10 +290,13 @@ def train(args, rank: int, world: int) -> int:
             log.info("latents %d/%d  %.1f img/s  ETA %.0f s", p.step, p.total, p.images_per_s, p.eta_s)
 
     try:
-        _, losses, start, path, _ = training_node.run_training(
+        validation = validation_settings(read_prompts(args.validation_prompts), args.validation_domain_scales,
+                                         args.validation_seed, args.validation_steps, args.validation_cfg)
+        done = training_node.run_training(
             model=model, vae=vae, clip=clip, image_folder=os.path.abspath(args.images), config=config,
             save_name=args.save_name, resume=not args.restart, on_progress=log_progress, image_folder_anywhere=True,
-            cuda_graphs=args.cuda_graphs, tensorboard=args.tensorboard)
+            cuda_graphs=args.cuda_graphs, tensorboard=args.tensorboard, validation=validation)
+        losses, start, path = done.losses, done.start, done.model_path
     except (KeyboardInterrupt, ValueError, RuntimeError, ImportError, mm.InterruptProcessingException) as e:
         if isinstance(e, mm.InterruptProcessingException):
             e = KeyboardInterrupt()
@@ -292,6 +308,17 @@ def train(args, rank: int, world: int) -> int:
     if rank == 0:
         log.info("wrote %s (steps %d..%d)", path, start + 1, start + len(losses))
     return 0
+
+
+def read_prompts(path: str | None) -> str:
+    """The validation prompts file's text ("" without one); ValueError naming the option if unreadable."""
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"--validation-prompts: cannot read {path!r} ({e})") from e
 
 
 if __name__ == "__main__":

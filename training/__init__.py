@@ -64,6 +64,11 @@ The host interface: `train(unet, images, *, ...)` (loop.py) takes
                      being trained (the full copy, or the host's UNet with the adapters on).
     on_checkpoint    (step, weights) -> None after each state save: the deliverable as of that step (the
                      EMA weights when EMA is on), for the host to write its model file.
+    on_samples       (step, weights, resumed) -> None after each checkpoint (and at the end): the same
+                     deliverable, with the trainable suspended for the call (the host's module
+                     computes as before training: LoRA adapters off), for the host to sample its base
+                     beside those weights; also once at the start of a resumed run (resumed=True, the
+                     state's weights), so that the host can make what a stopped run left undone.
     device           where to train; default the device of unet's first parameter.
     release_base     () -> None, full mode: called once the copy is made; the host may take the base's
                      weights off the device (the run does not read them again).
@@ -80,7 +85,7 @@ Under torchrun (a torch.distributed process group initialized by the caller, e.g
 trainer) the same call on every rank trains one model: config.batch_size is the global batch, each
 rank takes its slice, DDP averages the gradients (config.shard_optimizer: ZeroRedundancyOptimizer),
 latents are encoded sharded across ranks, rank 0 alone writes the state file and calls on_progress,
-on_checkpoint and on_preview; a stop another rank caused raises distributed.StoppedByPeer, and
+on_checkpoint, on_samples and on_preview; a stop another rank caused raises distributed.StoppedByPeer, and
 distributed.report_stop logs a stop once for all ranks (distributed.py, loop.py).
 """
 from .checkpoint import ResumeMismatch, atomic_save, read_state_header, safe_join, save_model_file

@@ -273,8 +273,14 @@ def fingerprint(module: torch.nn.Module) -> str:
 
     Read in inference mode, without views: the host's weights may be inference tensors, or
     parameters that refuse a view ("Inference tensors do not track version counter")."""
+    return tensors_fingerprint(module.state_dict(keep_vars=True))
+
+
+@torch.inference_mode()
+def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """fingerprint() of a dict of tensors (e.g. a checkpoint's deliverable weights)."""
     h = hashlib.sha256()
-    for name, t in module.state_dict(keep_vars=True).items():
+    for name, t in tensors.items():
         picks = torch.arange(0, t.numel(), max(1, t.numel() // 256), device=t.device)[:256]
         source = t.float() if t.dtype.itemsize == 1 and t.is_floating_point() else t  # take has no fp8 kernel (CUDA)
         sample = torch.take(source, picks).float().cpu()  # no view of t: see nodes/training/differentiable.make_autograd_safe

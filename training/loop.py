@@ -5,7 +5,7 @@
        the fp16 loss scaler, the EMA; a state file's content restored (checkpoint.py)
     -> the steps: check_interrupt, the step's batch (plan.py), noise it, the loss under autocast,
        backward (once per micro-batch with gradient accumulation), refuse a non-finite loss,
-       optimizer step, EMA, progress, validation and checkpoint, preview
+       optimizer step, EMA, progress, validation and checkpoint, the host's samples, preview
     -> the result: the deliverable weights (and their EMA), the losses, the validation losses.
 
 batch_size is the global batch: the images of one optimizer update. With gradient_accumulation k
@@ -20,6 +20,12 @@ writes the state file and reports progress.
 
 With validation_share a share of the images is held out (validation.py); their loss is measured
 at step 0, at each checkpoint step and at the end, recorded in the state file and returned.
+
+on_samples, where the host gives it, is handed each checkpoint's deliverable weights (those of
+on_checkpoint; also at the end, and once at the start of a resumed run, with the state's weights)
+with the trainable suspended for the length of the call: the host's module computes as before
+training (LoRA: the adapters off), so the host can sample its base beside the weights being
+trained (the node's validation samples). Rank 0 alone calls it, as it does on_preview.
 """
 from __future__ import annotations
 
@@ -95,6 +101,7 @@ class _Run:
     cond_for: Callable[[int, int], Mapping[str, torch.Tensor]]
     on_preview: Callable[[int, nn.Module], None] | None
     on_checkpoint: Callable[[int, dict[str, torch.Tensor]], None] | None
+    on_samples: Callable[[int, dict[str, torch.Tensor], bool], None] | None = None
     data: LatentSet | None = None  # the training images (without the held-out ones)
     held_out: list = field(default_factory=list)  # validation.split's held-out images
     validation: list[tuple[int, float | None]] = field(default_factory=list)  # (step, validation loss) so far
@@ -146,6 +153,7 @@ def train(
     device: torch.device | str | None = None,
     flow: FlowSchedule | None = None,
     release_base: Callable[[], None] | None = None,
+    on_samples: Callable[[int, dict[str, torch.Tensor], bool], None] | None = None,
 ) -> TrainResult:
     """Train a domain UNet text-free on `images`; the package docstring describes every argument.
 
@@ -158,7 +166,7 @@ def train(
         alphas_cumprod.detach().to("cpu", torch.float64), prediction_type)
     device = torch.device(device) if device is not None else next(unet.parameters()).device
     run = _Run(config, ranks(), device, schedule, os.fspath(state_path) if state_path is not None else None,
-               check_interrupt, on_progress or (lambda info: None), cond_for, on_preview, on_checkpoint)
+               check_interrupt, on_progress or (lambda info: None), cond_for, on_preview, on_checkpoint, on_samples)
     _check_processes(run)
 
     # 1. Data: every image fitted to its bucket and encoded once (cached on disk; sharded across ranks);
@@ -172,6 +180,9 @@ def train(
     run.trainable = _make_trainable(unet, config, release_base)
     try:
         _prepare_training(run, header)
+        if header is not None and run.on_samples is not None:  # the resumed checkpoint's (the host makes them if missing)
+            _samples(run, run.start, resumed=True)
+            run.t0 = time.monotonic()  # (the speed and ETA of the steps to come leave them out)
         # 3. The steps.
         for step in range(run.start + 1, config.steps + 1):
             _step(run, step)
@@ -373,7 +384,7 @@ def _update(run: _Run, step: int) -> float:
 
 def _after_update(run: _Run, step: int, loss_value: float, lr: float) -> None:
     """Progress; at a checkpoint step the validation loss, the state file (and the host's model
-    file); the preview."""
+    file), the host's samples; the preview."""
     config, r, params, ema = run.config, run.r, run.params, run.ema
     elapsed, done = time.monotonic() - run.t0, step - run.start
     if r.main:
@@ -392,8 +403,20 @@ def _after_update(run: _Run, step: int, loss_value: float, lr: float) -> None:
         except BaseException as e:
             raise step_failure(r, e, step) from None
         run.saved_step = step
+    if due:
+        _samples(run, step)
     if r.main and run.on_preview is not None and config.preview_every and step % config.preview_every == 0:
         run.on_preview(step, run.model)
+
+
+def _samples(run: _Run, step: int, resumed: bool = False) -> None:
+    """on_samples (rank 0): the deliverable weights of `step` (those on_checkpoint writes: the EMA's
+    where EMA is on), the trainable suspended for the call (the host's module as before training)."""
+    if run.on_samples is None or not run.r.main:
+        return
+    weights = run.trainable.export(run.ema if run.ema is not None else run.params)
+    with run.trainable.suspended():
+        run.on_samples(step, weights, resumed)
 
 
 def _validate(run: _Run, step: int) -> None:

@@ -36,6 +36,9 @@ class Trainable:
     export: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]  # param values -> deliverable
     close: Callable[[], None]  # give the host's module back as it was
     owner: nn.Module | None = None  # a module holding `params` that `module` does not (LoRA: the adapters); for DDP
+    # () -> a context within which the host's module computes as it did before training (LoRA: the
+    # adapters suspended); "full" never modifies it
+    suspended: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 def full_copy(unet: nn.Module) -> Trainable:
@@ -55,7 +58,8 @@ def full_copy(unet: nn.Module) -> Trainable:
 def lora_adapters(unet: nn.Module, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0) -> Trainable:
     """LoRA adapters on the host's UNet (base frozen). Deliverable: a ComfyUI LoRA file's tensors."""
     network = inject_lora(unet, rank, alpha, targets, seed)
-    return Trainable(unet, network.named_params(), lambda values: lora_state_dict(network, values), network.remove, owner=network)
+    return Trainable(unet, network.named_params(), lambda values: lora_state_dict(network, values), network.remove, owner=network,
+                     suspended=network.suspended)
 
 
 def _function_modes() -> list:

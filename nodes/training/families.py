@@ -1,10 +1,11 @@
 """The model families Train Domain UNet trains: one row per family of the host's diffusion models.
 
 Each row says which layers take LoRA adapters (the attention and feed-forward projections, as the
-family's usual LoRA trainers choose them), which blocks gradient checkpointing recomputes, and
-which of the host's conditioning inputs (model_base.extra_conds) the diffusion model takes, under
-which keyword. How a family is noised and what it predicts comes from the host's model_sampling
-(read with the rest in inputs.read_host_model), not from this table.
+family's usual LoRA trainers choose them), which blocks gradient checkpointing recomputes, which
+of the host's conditioning inputs (model_base.extra_conds) the diffusion model takes, under which
+keyword, and the cfg its users sample it at (the validation samples' default). How a family is
+noised and what it predicts comes from the host's model_sampling (read with the rest in
+inputs.read_host_model), not from this table.
 """
 from __future__ import annotations
 
@@ -49,6 +50,9 @@ class Family:
     # further entries of the model config's unet_config this row is for, where image_model is shared too
     # (HunyuanImage 2.1 and HunyuanVideo: "hunyuan_video"); None: the entry absent
     unet_config: dict = field(default_factory=dict)
+    # the cfg the family is usually sampled at (its templates'; 1 for a guidance-distilled model, whose
+    # guidance embedding steers and whose negative is then not computed): the validation samples' default
+    cfg: float = 7.0
 
 
 # Flux's double- and single-stream blocks (comfy.ldm.flux.layers), which Flux.1, Flux.2 and Chroma share
@@ -73,21 +77,22 @@ FAMILIES = (
            DEFAULT_TARGETS, unet_blocks, {"c_crossattn": "context", "y": "y"}),
     Family("MMDiT (SD3, SD3.5)", "comfy.ldm.modules.diffusionmodules.mmdit:OpenAISignatureMMDITWrapper",
            ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"), lambda m: _numbered(m, "joint_blocks"),
-           {"c_crossattn": "context", "y": "y"}),
+           {"c_crossattn": "context", "y": "y"}, cfg=4.5),
     Family("Flux.1 (dev, schnell)", "comfy.ldm.flux.model:Flux", _FLUX_TARGETS, _flux_blocks,
-           {"c_crossattn": "context", "y": "y", "guidance": "guidance"}, adds_in_place=True, image_model="flux"),
+           {"c_crossattn": "context", "y": "y", "guidance": "guidance"}, adds_in_place=True, image_model="flux", cfg=1.0),
     # Flux.2 dev: the host's Flux class again (SiLU-gated MLPs without bias, modulation shared across
     # blocks: none of them adapted), its layers named as Flux.1's; no pooled input
     Family("Flux.2 (dev)", "comfy.ldm.flux.model:Flux", _FLUX_TARGETS, _flux_blocks,
-           {"c_crossattn": "context", "guidance": "guidance"}, adds_in_place=True, image_model="flux2"),
+           {"c_crossattn": "context", "guidance": "guidance"}, adds_in_place=True, image_model="flux2", cfg=1.0),
     # Chroma: Flux's blocks (their modulation from a shared approximator: not adapted), no pooled input,
     # guidance an input the host sets to 0; Chroma Radiance (pixel space, the same class) is not this row
     Family("Chroma", "comfy.ldm.chroma.model:Chroma", _FLUX_TARGETS, _flux_blocks,
-           {"c_crossattn": "context", "guidance": "guidance"}, adds_in_place=True, image_model="chroma"),
+           {"c_crossattn": "context", "guidance": "guidance"}, adds_in_place=True, image_model="chroma", cfg=4.0),
+    # (cfg 1: Z-Image Turbo, distilled, the one the host's templates sample)
     Family("Z-Image (Lumina 2 DiT)", "comfy.ldm.lumina.model:NextDiT",
            ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
            lambda m: _numbered(m, "noise_refiner", "context_refiner", "layers"),
-           {"c_crossattn": "context", "num_tokens": "num_tokens", "attention_mask": "attention_mask"}),
+           {"c_crossattn": "context", "num_tokens": "num_tokens", "attention_mask": "attention_mask"}, cfg=1.0),
     # Qwen-Image and Qwen-Image Edit (one class and config): trained on the empty prompt alone, so no
     # reference latents (an Edit model's reference belongs to the prompt's rows, at sampling); the
     # encoder's attention_mask where it gives one (0.33's extra_conds passes it on). Its latents are
@@ -95,7 +100,7 @@ FAMILIES = (
     Family("Qwen-Image (and Edit)", "comfy.ldm.qwen_image.model:QwenImageTransformer2DModel", _QWEN_TARGETS,
            lambda m: _numbered(m, "transformer_blocks"), {"c_crossattn": "context", "attention_mask": "attention_mask"},
            # Qwen-Image Layered (use_additional_t_cond: an RGBA layer stack per image, in the same config) is not this row
-           image_model="qwen_image", unet_config={"use_additional_t_cond": None}),
+           image_model="qwen_image", unet_config={"use_additional_t_cond": None}, cfg=4.0),
     # HunyuanImage 2.1: the host's HunyuanVideo class on 2-D patches with Flux's double/single blocks (their
     # modulation not adapted, as musubi-tuner's HunyuanVideo LoRA leaves it; nor the token refiner or the
     # glyph mapper). HunyuanVideo, its 1.5 and the 2.1 refiner share class and image_model on 3-D patches;
@@ -104,7 +109,8 @@ FAMILIES = (
     # not embed); no ByT5 glyph features: they come from quoted text, and the empty prompt quotes none.
     Family("HunyuanImage 2.1 (not distilled)", "comfy.ldm.hunyuan_video.model:HunyuanVideo", _FLUX_TARGETS,
            _flux_blocks, {"c_crossattn": "context", "attention_mask": "attention_mask", "guidance": "guidance"},
-           adds_in_place=True, image_model="hunyuan_video", unet_config={"patch_size": [1, 1], "meanflow": False}),
+           adds_in_place=True, image_model="hunyuan_video", unet_config={"patch_size": [1, 1], "meanflow": False},
+           cfg=3.5),
 )
 
 

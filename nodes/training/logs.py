@@ -7,9 +7,11 @@ list and are often shared or synced, and an ever-growing log does not belong the
 
 What (one point per optimizer step, its step number on the x axis): train/loss (the step's mean
 over the global batch), train/learning_rate, train/images_per_s; validation/loss at step 0 and each
-checkpoint with validation_share; the run's settings once, as text. A resumed run adds a new event
-file to the folder and purges what an interrupted run logged after its last checkpoint (the events
-from the resumed step on: SummaryWriter's purge_step), so the curves join without a repeated stretch.
+checkpoint with validation_share; validation/samples, the grid of validation samples of each
+checkpoint (samples.py), with validation_prompts; the run's settings once, as text. A resumed run
+adds a new event file to the folder and purges what an interrupted run logged after its last
+checkpoint (the events from the resumed step on: SummaryWriter's purge_step), so the curves join
+without a repeated stretch.
 
 TensorBoard's event files are appended as the run goes (not written atomically, as the state and
 model files are): a crash leaves a complete prefix, which TensorBoard reads. The tensorboard
@@ -56,18 +58,24 @@ class TensorBoardLog:
         require_tensorboard()
         self.folder, self.config, self.writer = folder, config, None
 
+    def _open(self, step: int, purge_step: int) -> None:
+        """The writer, made at the first thing logged (at `step`): what an earlier run logged here
+        from purge_step on is hidden."""
+        if self.writer is not None:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(self.folder, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=self.folder, purge_step=purge_step, flush_secs=30)
+        settings = json.dumps(dataclasses.asdict(self.config), indent=1, default=str)
+        self.writer.add_text("settings", "    " + settings.replace("\n", "\n    "), step)  # markdown code block
+        log.info("TensorBoard log: %s (tensorboard --logdir %s)", self.folder, os.path.dirname(self.folder))
+
     def __call__(self, p) -> None:
         if p.stage == "cache":
             return
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            os.makedirs(self.folder, exist_ok=True)
-            # a fresh run's first report is at step 0 (validation) or 1: it hides all an earlier run logged here
-            self.writer = SummaryWriter(log_dir=self.folder, purge_step=0 if p.step <= 1 else p.step, flush_secs=30)
-            settings = json.dumps(dataclasses.asdict(self.config), indent=1, default=str)
-            self.writer.add_text("settings", "    " + settings.replace("\n", "\n    "), p.step)  # markdown code block
-            log.info("TensorBoard log: %s (tensorboard --logdir %s)", self.folder, os.path.dirname(self.folder))
+        # a fresh run's first report is at step 0 (validation) or 1: it hides all an earlier run logged here
+        self._open(p.step, 0 if p.step <= 1 else p.step)
         if p.stage == "validation":
             if p.loss is not None:
                 self.writer.add_scalar("validation/loss", p.loss, p.step)
@@ -76,6 +84,13 @@ class TensorBoardLog:
         if p.lr is not None:
             self.writer.add_scalar("train/learning_rate", p.lr, p.step)
         self.writer.add_scalar("train/images_per_s", p.images_per_s, p.step)
+
+    def image(self, tag: str, pixels, step: int) -> None:
+        """A picture (uint8 [H, W, 3]) at `step`: the validation samples' grid of that checkpoint. Logged
+        before any training step (a resumed run's first grid, of the step it resumes from), it
+        hides what an earlier run logged after that step, as the first step's report would."""
+        self._open(step, step + 1)
+        self.writer.add_image(tag, pixels, step, dataformats="HWC")
 
     def close(self) -> None:
         if self.writer is not None:

@@ -1,5 +1,6 @@
 """What the user sees while Train Domain UNet runs: the progress bar and text (step, loss,
-images/s, ETA) and the previews (the domain model sampled on the empty prompt by the host).
+images/s, ETA) and the previews (the domain model sampled on the empty prompt by the host). The
+validation samples at each checkpoint are samples.py's.
 """
 from __future__ import annotations
 
@@ -70,11 +71,21 @@ def standing_in(base_model, module: torch.nn.Module):
     return wrapper
 
 
+def text_sender(node_id):
+    """text -> the node's progress text in the page (nothing without a running server or node)."""
+    server = getattr(sys.modules.get("server"), "PromptServer", None)  # the running ComfyUI server, if any
+    send_text = getattr(getattr(server, "instance", None), "send_progress_text", None)
+
+    def say(text: str) -> None:
+        if send_text is not None and node_id is not None:
+            send_text(text, node_id)
+    return say
+
+
 def progress_reporter(bar, node_id, steps: int):
     """Progress(stage, ...) -> the host's progress bar, and a text line (step, loss, images/s, ETA; or
     the validation loss at a checkpoint)."""
-    server = getattr(sys.modules.get("server"), "PromptServer", None)  # the running ComfyUI server, if any
-    send_text = getattr(getattr(server, "instance", None), "send_progress_text", None)
+    say = text_sender(node_id)
 
     def report(p) -> None:
         if p.stage == "cache":
@@ -84,8 +95,7 @@ def progress_reporter(bar, node_id, steps: int):
         else:
             bar.update_absolute(p.step, steps)
             text = f"step {p.step}/{p.total}  loss {p.loss:.4f}  {p.images_per_s:.1f} img/s  ETA {p.eta_s:.0f} s"
-        if send_text is not None and node_id is not None:
-            send_text(text, node_id)
+        say(text)
     return report
 
 

@@ -4,8 +4,10 @@ MODEL, shared by the node and the headless trainer (tools/train_domain.py).
 What training needs to know of the host's MODEL is read once (inputs.read_host_model) and handed
 on; host objects become the loop's callables (inputs.py), the loop runs (training.train) with the
 host's progress bar, interrupt and previews (progress.py), and each checkpoint's weights are
-written as the model file (files.py); with `tensorboard`, the progress also goes to TensorBoard
-event files (logs.py). Out-of-memory and a full disk are reported with what was kept.
+written as the model file (files.py); with validation prompts, each checkpoint's weights are
+sampled as the domain of the base (samples.py), the host's training changes undone meanwhile
+(HostChanges); with `tensorboard`, the progress also goes to TensorBoard event files (logs.py).
+Out-of-memory and a full disk are reported with what was kept.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ from .differentiable import for_training, host_in_training, mixed_dtypes, weight
 from .files import kept_message, cache_folder, file_metadata, output_paths
 from .inputs import HostModel, check_vae, cond_function, empty_prompt, encode_function, one_frame, read_host_model
 from .logs import TensorBoardLog, log_folder, require_tensorboard
-from .progress import preview_function, progress_reporter
+from .progress import preview_function, progress_reporter, text_sender
+from .samples import ValidationSamples, ValidationSettings, samples_folder
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +74,22 @@ class TrainingRun(NamedTuple):
     start: int  # the step this call started after
     model_path: str  # the model file written
     validation: list[tuple[int, float | None]]  # (step, validation loss), resumed runs' too; [] without validation
+    samples: torch.Tensor | None = None  # the last grid of validation samples, an IMAGE; None without validation prompts
 
 
 def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, image_folder="", config: TrainConfig,
                  save_name: str, resume: bool = True, node_id=None, on_progress=None, image_folder_anywhere: bool = False,
-                 cuda_graphs: bool = False, tensorboard: bool = False) -> TrainingRun:
+                 cuda_graphs: bool = False, tensorboard: bool = False,
+                 validation: ValidationSettings | None = None) -> TrainingRun:
     """Train, write the domain UNet file, and return a TrainingRun.
 
     image_folder: a folder inside ComfyUI's input directory (relative to it, or an absolute path
     inside it); image_folder_anywhere=True (the headless trainer) accepts any folder.
     cuda_graphs: the steps as CUDA graphs where this process allows them (training/graphed.py),
     else the eager steps and a warning naming why. tensorboard: TensorBoard event files in
-    output/indomain_logs/<save_name>/ (logs.py; ImportError naming the package when it is missing)."""
+    output/indomain_logs/<save_name>/ (logs.py; ImportError naming the package when it is missing).
+    validation: the prompts (encoded with `clip`) and settings of the validation samples taken at
+    each checkpoint (samples.py); None or no prompts: none."""
     config = with_cuda_graphs(config) if cuda_graphs else config
     if tensorboard:
         require_tensorboard()  # before anything is read or written
@@ -91,8 +98,16 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
     model_path, state_path = output_paths(save_name, config.mode)
     host = read_host_model(model)  # all that training asks of the model, asked once; refuses one it cannot train
     check_vae(vae, host)
+    if null_conditioning is None and clip is not None:  # (as CLIP Text Encode of "" gives it)
+        null_conditioning = clip.encode_from_tokens_scheduled(clip.tokenize(""))
     cross_attn, extras = empty_prompt(null_conditioning, clip)
     config = family_config(config, host)
+    stem = os.path.splitext(os.path.basename(model_path))[0]
+    samples = ValidationSamples(
+        model=model, host=host, vae=vae, clip=clip, null=null_conditioning, settings=validation, mode=config.mode,
+        resolution=config.resolution, total_steps=config.steps, folder=samples_folder(stem),
+        make_domain=lambda weights: trained_model(model, host, weights, config, model_path),
+    ) if validation is not None and validation.on else None  # (the prompts encoded: refused before anything is written)
     main = ranks().main  # under torchrun (the headless trainer) rank 0 alone writes files
     if not resume and os.path.exists(state_path) and main:
         log.info("resume is off: starting over, replacing %s", state_path)
@@ -124,12 +139,20 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
 
         bar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
         report = progress_reporter(bar, node_id, config.steps)
-        preview = preview_function(trainer, host, vae, cross_attn, extras, config, os.path.splitext(os.path.basename(model_path))[0], bar)
+        preview = preview_function(trainer, host, vae, cross_attn, extras, config, stem, bar)
         # LoRA in fp32 runs the host's UNet without autocast: its fp16/bf16 weights (a GPU's) are cast
         # to the fp32 activations layer by layer.
         casting = config.mode == "lora" and config.precision == "fp32" and mixed_dtypes(unet, torch.float32)
-        with failures_explained(state_path, host), weights_cast_to_input(unet, casting), one_frame(unet, host), \
-                host_in_training(host.family, checkpointing=bool(config.gradient_checkpointing)):
+        changes = HostChanges(lambda: weights_cast_to_input(unet, casting), lambda: one_frame(unet, host),
+                              lambda: host_in_training(host.family, checkpointing=bool(config.gradient_checkpointing)))
+        def take_samples(step: int, weights: dict, resumed: bool) -> None:  # the loop's on_samples (rank 0)
+            with changes.suspended(), validation_failures_explained(state_path, step):
+                samples(step, weights, resumed)
+
+        if samples is not None and main:
+            samples.start(trainer=trainer, base_fingerprint=base_fp, bar=bar, say=text_sender(node_id), board=board)
+
+        with failures_explained(state_path, host), changes:
             result = train(
                 unet, sources if len(sources) > 1 else sources[0],
                 encode=encode_function(vae, host, trainer),
@@ -141,13 +164,14 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
                 on_progress=count_images, on_checkpoint=write, on_preview=preview,
                 device=comfy.model_management.get_torch_device(),
                 release_base=(lambda: release(trainer)) if config.mode == "full" else None,
+                on_samples=take_samples if samples is not None and main else None,
             )
         final = result.ema_weights if result.ema_weights is not None else result.weights
         if main:
             write(result.step, final)
 
     return TrainingRun(trained_model(model, host, final, config, model_path), result.losses, result.start_step, model_path,
-                       result.validation)
+                       result.validation, samples.latest if samples is not None else None)
 
 
 def image_sources(images, image_folder: str, *, anywhere: bool = False) -> list:
@@ -169,6 +193,47 @@ def family_config(config: TrainConfig, host: HostModel) -> TrainConfig:
     if config.lora_targets == DEFAULT_TARGETS:  # the UNet's layer names: the family's own, for a DiT
         config = TrainConfig(**{**config.__dict__, "lora_targets": host.family.lora_targets})
     return config
+
+
+class HostChanges:
+    """What training changes in the host for the length of a run (each a context manager made by a
+    function), entered together, and left for a block within it (suspended(): the host as it was,
+    e.g. to sample as KSampler does) and entered again after, also after an error."""
+
+    def __init__(self, *makers):
+        self.makers, self.stack = makers, None
+
+    def __enter__(self):
+        stack = contextlib.ExitStack()
+        with stack:
+            for make in self.makers:
+                stack.enter_context(make())
+            self.stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc):
+        stack, self.stack = self.stack, None
+        return stack.__exit__(*exc) if stack is not None else False
+
+    @contextlib.contextmanager
+    def suspended(self):
+        self.__exit__(None, None, None)
+        try:
+            yield
+        finally:
+            self.__enter__()
+
+
+@contextlib.contextmanager
+def validation_failures_explained(state_path: str, step: int):
+    """Out of memory while taking the validation samples, as an error that says what to change and
+    that the checkpoint is kept (a resumed run takes that step's samples first)."""
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise RuntimeError(kept_message(state_path, f"out of memory while taking the validation samples of step {step} "
+                                             f"({e}). Give fewer validation_prompts or validation_domain_scales, a "
+                                             "lower resolution, or leave validation_prompts empty")) from e
 
 
 @contextlib.contextmanager

@@ -128,7 +128,7 @@ def run(tmp_path, unet=None, vae=None, state_name="state.train", **config):
     if not folder.exists():
         image_folder(tmp_path)
     defaults = dict(steps=10, mode="full", lr=1e-3, resolution=64, precision="fp32", batch_size=2)
-    kwargs = {k: config.pop(k) for k in ("check_interrupt", "on_progress", "on_preview", "on_checkpoint") if k in config}
+    kwargs = {k: config.pop(k) for k in ("check_interrupt", "on_progress", "on_preview", "on_checkpoint", "on_samples") if k in config}
     return train(
         unet if unet is not None else tiny_unet(),
         os.fspath(folder),
