@@ -139,16 +139,20 @@ class GraphOwner:
             return not g.alive or (keep and g.model is not None and (model is None or not keep_model(model)))
         return self.drop([k for k, (g, keep) in self.graphs.items() if gone(g, keep)], "their model was unloaded")
 
-    def settle(self, device: torch.device) -> int:
-        """After a run: releases the graphs not kept, then the least recently used until those on
-        `device` fit limit_bytes(device)."""
-        drop = [k for k, (g, keep) in self.graphs.items() if not keep]
-        held = sum(g.nbytes for k, (g, _) in self.graphs.items() if same_device(g.device, device) and k not in drop)
+    def settle(self, device: torch.device, kind: str = "sampling") -> int:
+        """After a run of `kind` (a key's first element): releases that kind's graphs not kept, then
+        the least recently used of those kept until those on `device` fit limit_bytes(device). Another
+        kind's run-only graphs are that run's (a training run whose validation samples settle here):
+        they stay, and are not counted against the bound."""
+        drop = [k for k, (g, keep) in self.graphs.items() if not keep and _kind(k) == kind]
+        kept = [k for k, (g, keep) in self.graphs.items() if keep]
+        held = sum(self.graphs[k][0].nbytes for k in kept if same_device(self.graphs[k][0].device, device))
         limit = limit_bytes(device)
-        for k, (g, _) in self.graphs.items():
+        for k in kept:
             if held <= limit:
                 break
-            if same_device(g.device, device) and k not in drop:
+            g = self.graphs[k][0]
+            if same_device(g.device, device):
                 drop.append(k)
                 held -= g.nbytes
         return self.drop(drop, f"over the {limit / 2**30:.2f} GiB kept between runs ({ENV})" if drop else "")
@@ -171,6 +175,11 @@ class GraphOwner:
                     trim_graph_memory(device)
         log.info("CUDA graphs: %d released (%.2f GiB)%s", len(keys), freed / 2**30, f": {why}" if why else "")
         return freed
+
+
+def _kind(key: Hashable):
+    """What captured a graph: its key's first element ("sampling", "training")."""
+    return key[0] if isinstance(key, tuple) and key else key
 
 
 def weight_addresses(module: torch.nn.Module) -> list[int]:

@@ -168,14 +168,27 @@ def test_after_a_run_the_owner_keeps_the_most_recent_graphs_within_its_bound(mon
     fit INDOMAIN_GRAPH_CACHE_GIB; 0 keeps none."""
     owner, model = cudagraph.GraphOwner(), Model()
     monkeypatch.setenv(cudagraph.ENV, str(250 / 2**30))  # 250 bytes
-    old, mid, new = (fake(owner, k, 100, model=model) for k in ("old", "mid", "new"))
-    run_only = fake(owner, "training", 100, model=model, keep=False)
-    owner.find("old")  # used again: now the most recent
+    old, mid, new = (fake(owner, ("sampling", k), 100, model=model) for k in ("old", "mid", "new"))
+    run_only = fake(owner, ("sampling", "run"), 100, model=model, keep=False)
+    owner.find(("sampling", "old"))  # used again: now the most recent
     assert owner.settle(torch.device("cuda", 0)) == 200
-    assert [k for k in owner.graphs] == ["new", "old"] and not mid.alive and not run_only.alive
+    assert [k[1] for k in owner.graphs] == ["new", "old"] and not mid.alive and not run_only.alive
     monkeypatch.setenv(cudagraph.ENV, "0")
     owner.settle(torch.device("cuda", 0))
     assert not owner.graphs and not old.alive and not new.alive and owner.held() == 0
+
+
+def test_a_sampling_run_inside_a_training_run_settles_its_own_graphs_not_the_trainings(monkeypatch):
+    """Train Domain UNet's validation samples run the sampling guider, which settles when it ends: the
+    training run's step graphs (run-only, still replayed after the samples) stay, outside the bound."""
+    owner, model = cudagraph.GraphOwner(), Model()
+    monkeypatch.setenv(cudagraph.ENV, str(100 / 2**30))  # 100 bytes
+    step = fake(owner, ("training", 1, (8, 4, 32, 32)), 500, model=model, keep=False)
+    kept = fake(owner, ("sampling", "a"), 100, model=model)
+    sampling_only = fake(owner, ("sampling", "b"), 100, model=model, keep=False)
+    assert owner.settle(torch.device("cuda", 0)) == 100
+    assert step.alive and kept.alive and not sampling_only.alive
+    assert owner.settle(torch.device("cuda", 0), kind="training") == 500 and not step.alive and kept.alive
 
 
 def test_the_owner_lets_go_of_a_device_and_of_unloaded_models_when_asked():
