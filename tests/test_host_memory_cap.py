@@ -20,6 +20,7 @@ from tests.support.graphs import close, loader, text_to_image
 from tests.test_host_fastpath import files  # noqa: F401  (the tiny domain files)
 
 STEPS = 3
+pytestmark = pytest.mark.cpu_tier  # the emulation takes the CPU for the device; on a GPU the host's own low VRAM is real
 
 
 @pytest.fixture
@@ -181,3 +182,23 @@ def test_the_base_stays_resident_where_the_host_splits_its_rows(comfy, files, mo
 def tiny_guider_module():
     from tests.support.host import pack_module
     return pack_module("nodes.sampling.guider")
+
+
+def test_no_cuda_graph_of_a_partially_loaded_model(comfy, capped):
+    """A model the host loaded in part copies its streamed layers inside every forward: the fast
+    path makes no CUDA graph of it (fastpath_rules.graph_reason), whatever else allows one."""
+    import comfy.model_management as mm
+
+    rules = comfy.pack("nodes.sampling.fastpath_rules")
+    patcher = tiny.load_unet(tiny.unet_state_dict(0))  # a model of its own
+    patcher.model.current_patcher = patcher
+    capped(3.0)
+    mm.load_models_gpu([patcher])  # fits: whole
+    assert patcher.loaded_size() == patcher.model_size()
+    assert not any(getattr(m, "comfy_cast_weights", False) for m in patcher.model.modules())
+    assert rules.graph_reason(patcher.model, {}) == "weights not on the GPU"  # (the CPU; on a GPU: None)
+    mm.unload_all_models()
+    capped(0.5)
+    mm.load_models_gpu([patcher])
+    assert 0 < patcher.loaded_size() < patcher.model_size()
+    assert rules.graph_reason(patcher.model, {}) == "weights cast or patched inside the forward"
