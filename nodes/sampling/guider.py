@@ -10,7 +10,8 @@ or outside every term's interval) is the host's own sampling_function: KSampler 
 model patch. A patch that batches the text rows itself (sampler_calc_cond_batch_function) gets
 exactly [c, n] as from the host; u and the LoRA-domain rows are then a call of their own.
 Before the run the guider asks the host's model management for room for the rows its estimate
-leaves out (u and the domain rows). domain_every = k > 1 (opt-in): the domain rows and u on every
+leaves out (u and the domain rows); where the base and a full-copy domain do not both fit, the base's
+weights are the ones kept on the device (residency.py). domain_every = k > 1 (opt-in): the domain rows and u on every
 k-th model evaluation only; in between, KSampler's two rows plus each term's last d_k - u
 (guidance.add_domain_differences; a term that was off, or a new latent shape, computes afresh).
 
@@ -60,6 +61,7 @@ from .conditioning import (check_text_width, hook_group, patch_difference, posit
                            with_prompt_guidance, with_values)
 from .domains import DomainKind, DomainState, DomainTerm, check_domain_model, kind_of
 from .lora_adapters import compiled_reason, lora_branches
+from .residency import base_first
 from .step_calls import StepCalls
 from ...guidance import (GuidanceTerm, TermInterval, add_domain_differences, add_domain_terms, check_domain_every,
                         covers_whole_run, is_active, recompute_domain)
@@ -160,6 +162,7 @@ class DomainGuider(comfy.samplers.CFGGuider):
         self.evaluation, self.differences = 0, {}
         prepared = []
         self._make_room_for_the_extra_rows(noise.shape, device)
+        base_first(self.model_patcher, [d.term.model for d in self.domains if d.kind is DomainKind.MODEL])
         try:
             for d in self.domains:
                 s, e = d.term.start_percent, d.term.end_percent
