@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support.standins import TinyUNet, one_cpu_thread, run  # noqa: F401
+from tests.support.standins import Interrupted, TinyUNet, one_cpu_thread, run, run_stopped_in_step  # noqa: F401
 from training import TrainingDiverged, read_state_header
 
 # to_k's bias has no gradient in exact arithmetic (softmax ignores a shift shared by every key): its
@@ -84,23 +84,11 @@ def test_the_fp16_loss_scale_applies_to_each_micro_batch_and_is_updated_once_per
     assert torch.equal(one["scaler.growth_tracker"], parts["scaler.growth_tracker"]) and int(parts["scaler.growth_tracker"]) == 3
 
 
-class Interrupted(Exception):
-    """Stands for the host's interrupt exception."""
-
-
 def test_a_run_with_accumulation_resumed_from_step_k_ends_bit_for_bit_where_an_uninterrupted_run_does(tmp_path):
     config = dict(steps=7, mode="full", lr=3e-3, batch_size=4, gradient_accumulation=2, checkpoint_every=3,
                   ema_decay=0.9, lr_schedule="cosine", warmup_steps=2)
     straight = run(tmp_path / "a", **config)
-    done = []
-
-    def stop_in_step_5():
-        if done and done[-1] >= 4:
-            raise Interrupted()
-
-    with pytest.raises(Interrupted):
-        run(tmp_path / "b", check_interrupt=stop_in_step_5,
-            on_progress=lambda p: done.append(p.step) if p.stage == "train" else None, **config)
+    run_stopped_in_step(tmp_path / "b", 5, **config)
     assert read_state_header(tmp_path / "b" / "state.train").step == 3
     resumed = run(tmp_path / "b", **config)
     assert resumed.start_step == 3 and resumed.losses == straight.losses[3:]

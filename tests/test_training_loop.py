@@ -13,14 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from tests.support import standins as support
-from tests.support.standins import FakeVAE, cond_for, image_folder, one_cpu_thread, run, sd_alphas_cumprod, tiny_unet, write_image  # noqa: F401
+from tests.support.standins import (FakeVAE, Interrupted, cond_for, image_folder, one_cpu_thread, run,  # noqa: F401
+                                     run_stopped_in_step, sd_alphas_cumprod, tiny_unet, write_image)
 from training import ResumeMismatch, TrainConfig, TrainingDiverged, learning_rate, read_state_header, train
 from training.latents import CachedImage, LatentSet
 from training.plan import sample_batch
-
-
-class Interrupted(Exception):
-    """Stands for the host's interrupt exception."""
 
 
 def _rel_close(a: dict, b: dict, tol=1e-6) -> bool:
@@ -45,13 +42,7 @@ def test_a_run_resumed_from_step_k_ends_where_an_uninterrupted_run_does(tmp_path
                   lr_schedule="cosine", warmup_steps=2)
     straight = run(tmp_path / "a", **config)
 
-    done = []
-    def stop_after_step_4():
-        if done and done[-1] >= 4:
-            raise Interrupted()
-    with pytest.raises(Interrupted):
-        run(tmp_path / "b", check_interrupt=stop_after_step_4,
-            on_progress=lambda info: done.append(info.step) if info.stage == "train" else None, **config)
+    run_stopped_in_step(tmp_path / "b", 5, **config)
     assert read_state_header(tmp_path / "b" / "state.train").step == 3
 
     resumed = run(tmp_path / "b", **config)

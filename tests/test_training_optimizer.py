@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.support.standins import TinyUNet, run
+from tests.support.standins import TinyUNet, run, run_stopped_in_step
 from training import read_state_header
 from training.checkpoint import ResumeMismatch
 
@@ -22,10 +22,6 @@ needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                reason="bitsandbytes is not installed (scripts/setup.sh installs it)")
 CONFIG = dict(steps=8, mode="full", lr=3e-3, batch_size=2, checkpoint_every=3, ema_decay=0.9, lr_schedule="cosine",
               warmup_steps=2)
-
-
-class Interrupted(Exception):
-    pass
 
 
 def wide_unet() -> TinyUNet:
@@ -36,15 +32,7 @@ def wide_unet() -> TinyUNet:
 @needs_bnb
 def test_8bit_adamw_stores_8bit_moments_and_a_resumed_run_ends_where_the_straight_one_does(tmp_path):
     straight = run(tmp_path / "a", unet=wide_unet(), optimizer="adamw8bit", **CONFIG)
-    done = []
-
-    def stop_after_step_4():
-        if done and done[-1] >= 4:
-            raise Interrupted()
-
-    with pytest.raises(Interrupted):
-        run(tmp_path / "b", unet=wide_unet(), optimizer="adamw8bit", check_interrupt=stop_after_step_4,
-            on_progress=lambda p: done.append(p.step) if p.stage == "train" else None, **CONFIG)
+    run_stopped_in_step(tmp_path / "b", 5, unet=wide_unet(), optimizer="adamw8bit", **CONFIG)
     state = tmp_path / "b" / "state.train"
     assert read_state_header(state).step == 3
     with safe_open(os.fspath(state), framework="pt") as f:

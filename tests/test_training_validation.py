@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support.standins import CONTEXT, FakeVAE, one_cpu_thread, run, sd_alphas_cumprod, tiny_unet, write_image  # noqa: F401
+from tests.support.standins import (CONTEXT, FakeVAE, one_cpu_thread, run, run_stopped_in_step,  # noqa: F401
+                                     sd_alphas_cumprod, tiny_unet, write_image)
 from training import ResumeMismatch, read_state_header
 from training.data import ImageSet
 from training.latents import CachedImage, LatentSet
@@ -108,24 +109,12 @@ def test_it_is_measured_at_the_start_every_checkpoint_and_the_end_and_recorded_i
     assert read_state_header(tmp_path / "state.train").config["validation_share"] == 0.25
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_a_resumed_run_records_the_numbers_an_uninterrupted_run_does(tmp_path):
     images(tmp_path / "a")
     images(tmp_path / "b")
     config = dict(steps=7, mode="full", lr=3e-3, batch_size=2, checkpoint_every=3, ema_decay=0.9, validation_share=0.25)
     straight = run(tmp_path / "a", **config)
-    done = []
-
-    def stop_in_step_5():
-        if done and done[-1] >= 4:
-            raise Interrupted()
-
-    with pytest.raises(Interrupted):
-        run(tmp_path / "b", check_interrupt=stop_in_step_5,
-            on_progress=lambda p: done.append(p.step) if p.stage == "train" else None, **config)
+    run_stopped_in_step(tmp_path / "b", 5, **config)
     assert [s for s, _ in read_state_header(tmp_path / "b" / "state.train").validation] == [0, 3]
     resumed = run(tmp_path / "b", **config)
     assert resumed.start_step == 3 and resumed.validation == straight.validation  # bit for bit

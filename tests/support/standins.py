@@ -122,6 +122,23 @@ def image_folder(root, n: int = 4, size: int = 64) -> str:
     return os.fspath(folder)
 
 
+class Interrupted(Exception):
+    """Stands for the host's interrupt exception."""
+
+
+def run_stopped_in_step(tmp_path, step: int, **config) -> None:
+    """run() stopped by an interrupt at the first check of `step` (once step - 1 updates are done)."""
+    done = []
+
+    def stop():
+        if done and done[-1] >= step - 1:
+            raise Interrupted()
+
+    with pytest.raises(Interrupted):
+        run(tmp_path, check_interrupt=stop, on_progress=lambda p: done.append(p.step) if p.stage == "train" else None,
+            **config)
+
+
 def run(tmp_path, unet=None, vae=None, state_name="state.train", **config):
     """train() with the stand-ins on a folder of 4 synthetic 64x64 images at resolution 64, fp32."""
     folder = tmp_path / "images"
