@@ -122,14 +122,7 @@ class TestTinyWan21VAE:
     CATEGORY = "testing"
 
     def load(self):
-        import comfy.sd
-        from comfy.ldm.wan.vae import WanVAE
-        from tests.support.tiny_nodes import plain_weights, randomize_
-
-        with plain_weights():
-            module = randomize_(WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                                       temperal_downsample=[False, True, True], dropout=0.0), seed=5, scale=1.0)
-        return (comfy.sd.VAE(sd={k: v.contiguous() for k, v in module.state_dict().items()}),)
+        return (host_vae("wan2.1", width=8),)
 
 
 class TestFamilyVAE:
@@ -168,7 +161,7 @@ class TestHostVAE:
         return (host_vae(kind),)
 
 
-def host_vae(kind: str, seed: int = 5):
+def host_vae(kind: str, seed: int = 5, width: int = 4):
     import comfy.sd
     from comfy.ldm.models.autoencoder import AutoencoderKL
     from comfy.ldm.wan.vae import WanVAE
@@ -176,8 +169,8 @@ def host_vae(kind: str, seed: int = 5):
     from tests.support.tiny_nodes import plain_weights, randomize_
 
     with plain_weights():
-        if kind == "wan2.1":  # the host's layout (num_res_blocks 2, dim_mult [1, 2, 4, 4]) at width 4
-            module = WanVAE(dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+        if kind == "wan2.1":  # the host's layout (num_res_blocks 2, dim_mult [1, 2, 4, 4]) at `width` (the host's: 96)
+            module = WanVAE(dim=width, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                             temperal_downsample=[False, True, True])
         else:  # the host's Flux.2 configuration (comfy/sd.py: a Flux.1 VAE file with bn.running_mean)
             module = AutoencoderKL(embed_dim=32, ddconfig={
