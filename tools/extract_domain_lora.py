@@ -21,9 +21,9 @@ import os
 import sys
 
 try:  # python -m tools.extract_domain_lora (from the pack's folder)
-    from tools.train_domain import model_file, start_host
+    from tools.train_domain import host_options, model_file, start_host
 except ImportError:  # python tools/extract_domain_lora.py
-    from train_domain import model_file, start_host
+    from train_domain import host_options, model_file, start_host
 
 log = logging.getLogger("indomain.extract")
 
@@ -39,12 +39,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save-dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of the file's tensors")
     p.add_argument("--biases-and-norms", action="store_true",
                    help="also store the differences of biases and norm weights whole (the domain then runs as a weight hook)")
-    p.add_argument("--comfyui", help="the ComfyUI folder (default: COMFYUI_PATH, else two folders above this pack)")
-    p.add_argument("--base-directory", help="ComfyUI's --base-directory (models/ lives there)")
-    p.add_argument("--extra-model-paths", help="an extra_model_paths.yaml to read")
-    p.add_argument("--cpu", action="store_true", help="compute on the CPU")
+    host_options(p, "compute on the CPU", "models/ lives there")
     p.add_argument("--verbose", action="store_true", help="log each layer's error")
-    p.set_defaults(lowvram=False)  # what train_domain.start_host reads
     return p
 
 

@@ -108,12 +108,18 @@ def parser() -> argparse.ArgumentParser:
                         "instead of 8; pip install bitsandbytes)")
     p.add_argument("--shard-optimizer", action="store_true",
                    help="under torchrun: each GPU keeps 1/N of AdamW's state (ZeroRedundancyOptimizer; full mode on large models)")
-    p.add_argument("--comfyui", help="the ComfyUI folder (default: COMFYUI_PATH, else two folders above this pack)")
-    p.add_argument("--base-directory", help="ComfyUI's --base-directory (models/, input/ live there)")
-    p.add_argument("--extra-model-paths", help="an extra_model_paths.yaml to read")
-    p.add_argument("--cpu", action="store_true", help="train on the CPU")
+    host_options(p, "train on the CPU", "models/, input/ live there")
     p.add_argument("--lowvram", action="store_true", help="the host's low-VRAM mode (the UNet loaded in parts, unloaded for the VAE)")
     return p
+
+
+def host_options(p: argparse.ArgumentParser, cpu_help: str, folders_help: str) -> None:
+    """The options start_host reads (--lowvram defaults to off where a tool does not offer it)."""
+    p.add_argument("--comfyui", help="the ComfyUI folder (default: COMFYUI_PATH, else two folders above this pack)")
+    p.add_argument("--base-directory", help=f"ComfyUI's --base-directory ({folders_help})")
+    p.add_argument("--extra-model-paths", help="an extra_model_paths.yaml to read")
+    p.add_argument("--cpu", action="store_true", help=cpu_help)
+    p.set_defaults(lowvram=False)
 
 
 def start_distributed(args):
