@@ -17,11 +17,14 @@ The modules, in the order of a run:
     plan.py         the batch plan: which images each step trains on, its flips, timesteps and noise
     validation.py   the held-out images (validation_share) and their loss at fixed draws
     noise.py        the objective: the denoising loss for the base's schedule (eps, v, flow)
+    denoise.py      one batch's loss: its conditioning expanded, x0 noised to x_t, the prediction under autocast
     trainable.py    what the optimizer trains (a full copy or LoRA adapters), gradient checkpointing, EMA
     optimizer.py    AdamW (fused, sharded or 8-bit) and the learning rate of each update
     graphed.py      a step's forward and backward replayed as CUDA graphs (opt-in)
+    hooks.py        after an update: progress; when due the validation loss, the state file, the samples, the preview
     checkpoint.py   the files: the training state, the deliverable model file, safe paths, atomic writes
     distributed.py  torchrun: ranks, the per-step agreement, stops and failures every rank agrees on
+    results.py      what train() reports and returns: Progress, TrainResult, TrainingDiverged
 
 The host interface: `train(unet, images, *, ...)` (loop.py) takes
 
@@ -92,7 +95,8 @@ from .checkpoint import ResumeMismatch, atomic_save, read_state_header, safe_joi
 from .data import ImageSet, make_buckets, nearest_bucket
 from .latents import cache_latents
 from .config import TrainConfig
-from .loop import Progress, TrainingDiverged, TrainResult, train
+from .loop import train
+from .results import Progress, TrainingDiverged, TrainResult
 from .noise import DiscreteSchedule, FlowSchedule, denoising_loss, flow_sample, flow_target, prediction_target, q_sample, v_target
 from .optimizer import learning_rate
 

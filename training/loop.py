@@ -43,49 +43,19 @@ from torch import nn
 from .checkpoint import StateHeader, check_resume_config, read_state_header, restore_state
 from .config import ADJUSTABLE_ON_RESUME, SAMPLER, TrainConfig, autocast_dtype, cuda_graph_reason, run_config
 from .data import ImageSet
-from .distributed import (Ranks, StoppedByPeer, agree, data_parallel, gather_objects, pending_interrupt, ranks, save_agreed,
-                          step_failure)
-from .graphed import GraphedSteps, predicted_loss
+from .denoise import _batch_cond, denoising_step, noised
+from .distributed import Ranks, StoppedByPeer, agree, data_parallel, gather_objects, pending_interrupt, ranks, step_failure
+from .graphed import GraphedSteps
+from .hooks import _after_update, _samples, _validate
 from .latents import FileIndex, LatentSet, cache_latents
 from .noise import DiscreteSchedule, FlowSchedule, check_schedule
 from .optimizer import learning_rate, make_optimizer
 from .plan import Batch, bucket_members, sample_batch
+from .results import Progress, TrainingDiverged, TrainResult
 from .trainable import Trainable, ema_decay_at, ema_init, ema_update, enable_gradient_checkpointing, full_copy, lora_adapters
-from .validation import finite_or_none, split, validation_loss
+from .validation import split
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Progress:
-    stage: str  # "cache" (encoding latents: step = images done), "train" (step = updates done) or
-    #             "validation" (loss: the held-out images' loss after `step` updates; speed and eta 0)
-    step: int
-    total: int
-    loss: float | None  # this step's loss (train: the mean over the global batch), or the validation loss
-    images_per_s: float
-    eta_s: float
-    lr: float | None = None  # train: the learning rate of this update
-
-
-@dataclass
-class TrainResult:
-    weights: dict[str, torch.Tensor]  # deliverable: full UNet state dict (UNet keys) or ComfyUI LoRA tensors
-    ema_weights: dict[str, torch.Tensor] | None  # the same for the EMA weights (None without EMA)
-    losses: list[float] = field(default_factory=list)  # one per step run in this call
-    step: int = 0  # updates done in total
-    start_step: int = 0  # where this call started (the resumed state's step, else 0)
-    validation: list[tuple[int, float | None]] = field(default_factory=list)  # (step, loss), resumed runs' too
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss (or a weight) became NaN or infinite; the state file keeps its last good content."""
-
-    def __init__(self, step: int, what: str, state_path: str | None, saved_step: int | None):
-        kept = (f"The state file {state_path!r} is unchanged (step {saved_step}); resume from it with a lower lr."
-                if saved_step is not None else "No state was saved; start again with a lower lr.")
-        super().__init__(f"training diverged at step {step}: {what}. {kept} fp32 or bf16 precision is more stable than fp16.")
-        self.step = step
 
 
 @dataclass
@@ -382,64 +352,6 @@ def _update(run: _Run, step: int) -> float:
     return lr
 
 
-def _after_update(run: _Run, step: int, loss_value: float, lr: float) -> None:
-    """Progress; at a checkpoint step the validation loss, the state file (and the host's model
-    file), the host's samples; the preview."""
-    config, r, params, ema = run.config, run.r, run.params, run.ema
-    elapsed, done = time.monotonic() - run.t0, step - run.start
-    if r.main:
-        run.report(Progress("train", step, config.steps, loss_value, done * config.batch_size / max(elapsed, 1e-9),
-                            elapsed / done * (config.steps - step), lr))
-    due = step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0)
-    if due and run.held_out:
-        _validate(run, step)
-    if run.state_path is not None and due:
-        _check_finite(params, step, run.state_path, run.saved_step)  # the same weights on every rank: the same outcome
-        on_checkpoint, export = run.on_checkpoint, run.trainable.export
-        try:
-            save_agreed(r, run.state_path, step, run.current, params, ema, run.optimizer, run.scaler,
-                        lambda: on_checkpoint(step, export(ema if ema is not None else params)) if on_checkpoint else None,
-                        validation=run.validation)
-        except BaseException as e:
-            raise step_failure(r, e, step) from None
-        run.saved_step = step
-    if due:
-        _samples(run, step)
-    if r.main and run.on_preview is not None and config.preview_every and step % config.preview_every == 0:
-        run.on_preview(step, run.model)
-
-
-def _samples(run: _Run, step: int, resumed: bool = False) -> None:
-    """on_samples (rank 0): the deliverable weights of `step` (those on_checkpoint writes: the EMA's
-    where EMA is on), the trainable suspended for the call (the host's module as before training)."""
-    if run.on_samples is None or not run.r.main:
-        return
-    weights = run.trainable.export(run.ema if run.ema is not None else run.params)
-    with run.trainable.suspended():
-        run.on_samples(step, weights, resumed)
-
-
-def _validate(run: _Run, step: int) -> None:
-    """The held-out images' loss after `step` updates (validation.py), recorded and reported."""
-    config, r = run.config, run.r
-    chunk = config.batch_size // (config.gradient_accumulation * r.world)  # the micro-batch: it fits
-
-    def cond(bucket: tuple[int, int], n: int) -> dict[str, torch.Tensor]:
-        if (bucket, n) not in run.conds:
-            run.conds[(bucket, n)] = _batch_cond(run.cond_for(*bucket), n, run.device)
-        return run.conds[(bucket, n)]
-
-    try:
-        loss = validation_loss(run.trainable.module, run.held_out, run.schedule, cond, autocast_dtype(config.precision),
-                               run.device, chunk, r)
-    except BaseException as e:
-        raise step_failure(r, e, step) from None
-    run.validation.append((step, finite_or_none(loss)))
-    run.info("Validation loss at step %d: %.6g (%d held-out images)", step, loss, len(run.held_out))
-    if r.main:
-        run.report(Progress("validation", step, config.steps, loss, 0.0, 0.0))
-
-
 def _result(run: _Run) -> TrainResult:
     """The trained weights and their EMA as the deliverable, the losses of this call."""
     config, export, losses = run.config, run.trainable.export, run.losses
@@ -453,38 +365,3 @@ def _result(run: _Run) -> TrainResult:
         start_step=run.start,
         validation=list(run.validation),
     )
-
-
-def _batch_cond(cond: Mapping[str, torch.Tensor], batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """The host's conditioning ([1, ...] or [B, ...] per key) expanded to the batch, on device;
-    plain numbers (e.g. a token count) passed as they are."""
-    out = {}
-    for k, v in cond.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = v
-            continue
-        if not isinstance(v, torch.Tensor) or v.shape[0] not in (1, batch_size):
-            got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"cond_for returned {k!r} = {got}; expected a tensor with batch size 1 or {batch_size}")
-        out[k] = v.detach().to(device).expand(batch_size, *v.shape[1:])
-    return out
-
-
-def _check_finite(params: Mapping[str, torch.Tensor], step: int, state_path, saved_step) -> None:
-    for name, p in params.items():
-        if not bool(torch.isfinite(p).all()):
-            raise TrainingDiverged(step, f"weight {name} is not finite", state_path, saved_step)
-
-
-def denoising_step(model: nn.Module, batch: Batch, cond: Mapping[str, torch.Tensor],
-                   schedule: DiscreteSchedule | FlowSchedule, precision: str, device: torch.device) -> torch.Tensor:
-    """The loss of one batch: noise x0 to x_t (DDPM eq. 4, or rectified flow's), predict under
-    autocast, MSE to the target (noise.py)."""
-    x_t, timestep, target = noised(batch, schedule, device)
-    return predicted_loss(model, x_t, timestep, target, cond, autocast_dtype(precision))
-
-
-def noised(batch: Batch, schedule: DiscreteSchedule | FlowSchedule, device: torch.device):
-    """(x_t, the model's timestep input, the target) of a batch, on the device."""
-    x0, eps = batch.x0.to(device), batch.eps.to(device)  # [B, C, h, w]
-    return schedule.noised(x0, eps, batch.t)
