@@ -12,7 +12,13 @@ from .training.samples import DEFAULT_SCALES, DEFAULT_STEPS, no_samples_image, v
 
 
 def trainer_inputs() -> list:
-    """The inputs of Train Domain UNet, in the order the node shows them."""
+    """The inputs of Train Domain UNet, in the order the node shows them (the widgets of a saved
+    workflow follow this order: a new input is appended)."""
+    return _recipe_inputs() + _output_inputs() + _data_inputs() + _speed_inputs() + _validation_inputs()
+
+
+def _recipe_inputs() -> list:
+    """The base model and the training recipe: mode, steps, batch, learning rate, resolution, precision, EMA, LoRA."""
     return [
         io.Model.Input("model", tooltip="The base MODEL (from Load Checkpoint). Its noise schedule and prediction type are used, "
                        "as the host samples it (a ModelSamplingDiscrete patch, e.g. v_prediction + zsnr, included)."),
@@ -46,6 +52,12 @@ def trainer_inputs() -> list:
                                "With warm-up: step t uses min(ema_decay, (1 + t) / (10 + t)), so the starting weights fade early.", **advanced()),
         io.Int.Input("lora_rank", default=16, min=1, max=1024, tooltip="LoRA rank (mode lora only).", **advanced()),
         io.Float.Input("lora_alpha", default=16.0, min=0.01, max=4096.0, step=0.5, tooltip="LoRA alpha; the update is scaled by alpha / rank (mode lora only).", **advanced()),
+    ]
+
+
+def _output_inputs() -> list:
+    """Where the run writes (save_name), how often, and whether it resumes."""
+    return [
         io.String.Input("save_name", default="my_domain",
                         tooltip="File name in models/loras (lora) or models/diffusion_models (full); subfolders allowed, no '..'. "
                                 "Running again with the same name resumes."),
@@ -56,6 +68,12 @@ def trainer_inputs() -> list:
                              "on the node and save it to output/indomain_previews/<save_name>/. 0 = off.", **advanced()),
         io.Boolean.Input("resume", default=True,
                          tooltip="On: continue from save_name's last checkpoint if there is one. Off: start over and replace it."),
+    ]
+
+
+def _data_inputs() -> list:
+    """The empty prompt (or the clip to encode it) and the domain images."""
+    return [
         io.Conditioning.Input("null_conditioning", optional=True,
                               tooltip="CLIP Text Encode of an empty string (the condition of every training sample). Or connect clip."),
         io.Clip.Input("clip", optional=True, tooltip="Encodes the empty prompt when null_conditioning is not connected, "
@@ -66,6 +84,12 @@ def trainer_inputs() -> list:
                                 "my_domain_images for input/my_domain_images (an absolute path must lie inside it too). "
                                 "Unreadable files are skipped with a warning. Adding, removing or changing an image "
                                 "makes the next queue train again."),
+    ]
+
+
+def _speed_inputs() -> list:
+    """Speed and memory: torch.compile, the optimizer, CUDA graphs, gradient accumulation."""
+    return [
         io.Boolean.Input("torch_compile", default=False, optional=True,
                          tooltip="Compile the trained UNet with torch.compile (needs a C++ compiler / Triton): the first step takes "
                                  "2-3 minutes, then about 1.4x faster at batch 32 with less memory (mode full, no gradient "
@@ -87,6 +111,12 @@ def trainer_inputs() -> list:
                              "memory, the same training as one batch, slower. batch_size must be a multiple of it. "
                              "(kohya's train_batch_size x gradient_accumulation_steps is batch_size here.) May change "
                              "on resume. 1 = off.", **advanced()),
+    ]
+
+
+def _validation_inputs() -> list:
+    """Watching the run: the held-out validation loss, TensorBoard, the validation samples."""
+    return [
         io.Float.Input("validation_share", default=0.0, min=0.0, max=0.5, step=0.01, round=0.01, optional=True,
                        tooltip="Hold this share of the images out of training (at least one image; the same images "
                                "whatever the seed or settings) and measure their loss at the start, at every checkpoint "
