@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from .config import autocast_dtype
-from .graphed import predicted_loss
-from .noise import DiscreteSchedule, FlowSchedule
+from .noise import DiscreteSchedule, FlowSchedule, predicted_loss
 from .plan import Batch
 
 

@@ -27,7 +27,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .noise import denoising_loss
+from .noise import predicted_loss
 
 try:  # inside the pack (ComfyUI imports it as a package)
     from ..cudagraph import OWNER, Graph, GraphOwner, cuda_malloc_async, is_interrupt, peak_memory, weight_addresses
@@ -35,18 +35,6 @@ except ImportError:  # `training` imported as a top-level package (tools/, tests
     from cudagraph import OWNER, Graph, GraphOwner, cuda_malloc_async, is_interrupt, peak_memory, weight_addresses
 
 log = logging.getLogger(__name__)
-
-
-def predicted_loss(model: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, target: torch.Tensor,
-                   cond: Mapping[str, torch.Tensor], dtype: torch.dtype | None, cache: bool = True) -> torch.Tensor:
-    """The model's prediction under autocast (dtype None: none) and its loss to the target. `cache`:
-    autocast's weight-cast cache, which a CUDA graph capture must not use."""
-    with torch.autocast(x_t.device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=cache):
-        prediction = model(x_t, timestep, **cond)
-    if prediction.shape != x_t.shape:
-        raise ValueError(f"the UNet returned {list(prediction.shape)} for input {list(x_t.shape)}; "
-                         f"expected the raw model output, shaped like x")
-    return denoising_loss(prediction, target)
 
 
 class GraphedSteps:
@@ -134,4 +122,4 @@ class GraphedSteps:
         return rec
 
 
-__all__ = ["GraphedSteps", "cuda_malloc_async", "predicted_loss"]
+__all__ = ["GraphedSteps", "cuda_malloc_async"]

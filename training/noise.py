@@ -21,10 +21,11 @@ are per sample: a_t and sigma have shape [B], x_0 and eps [B, ...].
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 PREDICTION_TYPES = ("eps", "v", "flow")
 
@@ -114,6 +115,25 @@ class FlowSchedule:
 def denoising_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error, computed in float32 whatever the autocast dtype of the prediction."""
     return F.mse_loss(prediction.float(), target.float())
+
+
+def prediction(model: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, cond: Mapping[str, torch.Tensor],
+               dtype: torch.dtype | None, cache: bool = True) -> torch.Tensor:
+    """The model's raw output for x_t under autocast (dtype None: none), refused unless shaped like
+    x_t. `cache`: autocast's weight-cast cache, which a CUDA graph capture must not use."""
+    with torch.autocast(x_t.device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=cache):
+        out = model(x_t, timestep, **cond)
+    if out.shape != x_t.shape:
+        raise ValueError(f"the UNet returned {list(out.shape)} for input {list(x_t.shape)}; "
+                         f"expected the raw model output, shaped like x")
+    return out
+
+
+def predicted_loss(model: nn.Module, x_t: torch.Tensor, timestep: torch.Tensor, target: torch.Tensor,
+                   cond: Mapping[str, torch.Tensor], dtype: torch.dtype | None, cache: bool = True) -> torch.Tensor:
+    """The model's prediction under autocast (dtype None: none) and its loss to the target. `cache`:
+    autocast's weight-cast cache, which a CUDA graph capture must not use."""
+    return denoising_loss(prediction(model, x_t, timestep, cond, dtype, cache), target)
 
 
 def check_schedule(alphas_cumprod: torch.Tensor, prediction_type: str, flow: FlowSchedule | None = None) -> None:

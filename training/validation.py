@@ -23,7 +23,7 @@ from torch import nn
 
 from .distributed import Ranks, collective_device
 from .latents import LatentSet
-from .noise import DiscreteSchedule, FlowSchedule
+from .noise import DiscreteSchedule, FlowSchedule, prediction
 from .plan import seeded_generator
 
 DRAWS = 4  # (timestep, noise) draws per held-out image
@@ -95,12 +95,7 @@ def validation_loss(model: nn.Module, images: list, schedule: DiscreteSchedule |
 
 def per_sample_loss(model: nn.Module, x_t, timestep, target, cond, dtype) -> torch.Tensor:
     """[B] float32: each sample's mean squared error (the loss of a batch is their mean)."""
-    with torch.autocast(x_t.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        prediction = model(x_t, timestep, **cond)
-    if prediction.shape != x_t.shape:
-        raise ValueError(f"the UNet returned {list(prediction.shape)} for input {list(x_t.shape)}; "
-                         f"expected the raw model output, shaped like x")
-    return (prediction.float() - target.float()).square().flatten(1).mean(1)
+    return (prediction(model, x_t, timestep, cond, dtype).float() - target.float()).square().flatten(1).mean(1)
 
 
 def finite_or_none(value: float) -> float | None:
