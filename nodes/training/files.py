@@ -23,7 +23,8 @@ import safetensors
 
 import folder_paths
 
-from ...training import TrainConfig, safe_join
+from ...training import TrainConfig, safe_join, save_model_file
+from ...training.checkpoint import deliverable
 from ..folders import FOLDER, is_inside, kind_folder, own_folders
 from .inputs import HostModel
 
@@ -113,6 +114,22 @@ def file_metadata(host: HostModel, config: TrainConfig, step: int, image_count: 
         "indomain.lora": json.dumps({"rank": config.lora_rank, "alpha": config.lora_alpha}) if config.mode == "lora" else "",
         "indomain.date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+class ModelFile:
+    """The loop's on_checkpoint: each checkpoint's weights written as the model file at `path`, its
+    metadata (file_metadata) counting the images the cache stage reported to count_images (an on_progress)."""
+
+    def __init__(self, path: str, host: HostModel, config: TrainConfig, base_fp: str):
+        self.path, self.host, self.config, self.base_fp, self.images = path, host, config, base_fp, 0
+
+    def count_images(self, p) -> None:
+        if p.stage == "cache":
+            self.images = p.step
+
+    def __call__(self, step: int, weights: dict) -> None:
+        save_model_file(self.path, deliverable(weights, self.config, self.host.storage),
+                        file_metadata(self.host, self.config, step, self.images, self.base_fp))
 
 
 def kept_message(state_path: str, message: str) -> str:

@@ -99,3 +99,11 @@ def progress_reporter(bar, node_id, steps: int):
     return report
 
 
+def each_of(*callbacks):
+    """One on_progress calling each of `callbacks` in turn (None: left out)."""
+    given = [c for c in callbacks if c is not None]
+
+    def report(p) -> None:
+        for callback in given:
+            callback(p)
+    return report

@@ -26,7 +26,7 @@ import comfy.utils
 import folder_paths
 
 from ...lora_hooks import DEFAULT_TARGETS
-from ...training import TrainConfig, data, save_model_file, train
+from ...training import TrainConfig, data, train
 from ...training.checkpoint import deliverable, fingerprint
 from ...training.config import cuda_graph_reason
 from ...training.distributed import ranks
@@ -34,10 +34,10 @@ from ..domain_files import apply_lora, model_from_base_config
 from ..dynamic_vram import release
 from ..host_memory import host_flag_reason
 from .differentiable import for_training, host_in_training, mixed_dtypes, weights_cast_to_input, weights_for_autograd
-from .files import kept_message, cache_folder, file_metadata, output_paths
+from .files import ModelFile, cache_folder, kept_message, output_paths
 from .inputs import HostModel, check_vae, cond_function, empty_prompt, encode_function, one_frame, read_host_model
 from .logs import TensorBoardLog, log_folder, require_tensorboard
-from .progress import preview_function, progress_reporter, text_sender
+from .progress import each_of, preview_function, progress_reporter, text_sender
 from .samples import ValidationSamples, ValidationSettings, samples_folder
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,7 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
     cross_attn, extras = empty_prompt(null_conditioning, clip)
     config = family_config(config, host)
     stem = os.path.splitext(os.path.basename(model_path))[0]
-    samples = ValidationSamples(
-        model=model, host=host, vae=vae, clip=clip, null=null_conditioning, settings=validation, mode=config.mode,
-        resolution=config.resolution, total_steps=config.steps, folder=samples_folder(stem),
-        make_domain=lambda weights: trained_model(model, host, weights, config, model_path),
-    ) if validation is not None and validation.on else None  # (the prompts encoded: refused before anything is written)
+    samples = validation_samples(validation, model, host, vae, clip, null_conditioning, config, model_path, stem)
     main = ranks().main  # under torchrun (the headless trainer) rank 0 alone writes files
     if not resume and os.path.exists(state_path) and main:
         log.info("resume is off: starting over, replacing %s", state_path)
@@ -122,29 +118,12 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
         if board is not None:
             copy.callback(board.close)
         base_fp = fingerprint(unet)
-        counted = {}
-
-        def write(step: int, weights: dict[str, torch.Tensor]) -> None:
-            save_model_file(model_path, deliverable(weights, config, host.storage),
-                            file_metadata(host, config, step, counted.get("images", 0), base_fp))
-
-        def count_images(p) -> None:
-            if p.stage == "cache":
-                counted["images"] = p.step
-            report(p)
-            if board is not None:
-                board(p)
-            if on_progress is not None:
-                on_progress(p)
-
+        write = ModelFile(model_path, host, config, base_fp)
         bar = comfy.utils.ProgressBar(config.steps, node_id=node_id)
-        report = progress_reporter(bar, node_id, config.steps)
+        progress = each_of(write.count_images, progress_reporter(bar, node_id, config.steps), board, on_progress)
         preview = preview_function(trainer, host, vae, cross_attn, extras, config, stem, bar)
-        # LoRA in fp32 runs the host's UNet without autocast: its fp16/bf16 weights (a GPU's) are cast
-        # to the fp32 activations layer by layer.
-        casting = config.mode == "lora" and config.precision == "fp32" and mixed_dtypes(unet, torch.float32)
-        changes = HostChanges(lambda: weights_cast_to_input(unet, casting), lambda: one_frame(unet, host),
-                              lambda: host_in_training(host.family, checkpointing=bool(config.gradient_checkpointing)))
+        changes = training_changes(unet, host, config)
+
         def take_samples(step: int, weights: dict, resumed: bool) -> None:  # the loop's on_samples (rank 0)
             with changes.suspended(), validation_failures_explained(state_path, step):
                 samples(step, weights, resumed)
@@ -154,15 +133,9 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
 
         with failures_explained(state_path, host), changes:
             result = train(
-                unet, sources if len(sources) > 1 else sources[0],
-                encode=encode_function(vae, host, trainer),
-                vae_id=f"{fingerprint(vae.first_stage_model)}|{host.latent_format}",
-                cond_for=cond_function(host, cross_attn, extras), alphas_cumprod=host.alphas_cumprod,
-                prediction_type=host.prediction_type, flow=host.flow, config=config,
-                cache_dir=cache_folder(), state_path=state_path,
-                check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
-                on_progress=count_images, on_checkpoint=write, on_preview=preview,
-                device=comfy.model_management.get_torch_device(),
+                unet, sources if len(sources) > 1 else sources[0], config=config, state_path=state_path,
+                **host_arguments(vae, host, trainer, cross_attn, extras),
+                on_progress=progress, on_checkpoint=write, on_preview=preview,
                 release_base=(lambda: release(trainer)) if config.mode == "full" else None,
                 on_samples=take_samples if samples is not None and main else None,
             )
@@ -172,6 +145,32 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
 
     return TrainingRun(trained_model(model, host, final, config, model_path), result.losses, result.start_step, model_path,
                        result.validation, samples.latest if samples is not None else None)
+
+
+def validation_samples(settings: ValidationSettings | None, model, host: HostModel, vae, clip, null, config: TrainConfig,
+                       model_path: str, stem: str) -> ValidationSamples | None:
+    """The run's validation samples (samples.py; in the folder of `stem`, the model file's name), or
+    None without prompts. Their prompts are encoded here: a refused one stops the run before anything is written."""
+    if settings is None or not settings.on:
+        return None
+    return ValidationSamples(
+        model=model, host=host, vae=vae, clip=clip, null=null, settings=settings, mode=config.mode,
+        resolution=config.resolution, total_steps=config.steps, folder=samples_folder(stem),
+        make_domain=lambda weights: trained_model(model, host, weights, config, model_path),
+    )
+
+
+def host_arguments(vae, host: HostModel, trainer, cross_attn, extras) -> dict:
+    """train()'s arguments that the host gives: the VAE's encode and its id, the empty prompt's
+    conditioning, the schedule, the latent cache's folder, the interrupt and the device."""
+    return dict(
+        encode=encode_function(vae, host, trainer),
+        vae_id=f"{fingerprint(vae.first_stage_model)}|{host.latent_format}",
+        cond_for=cond_function(host, cross_attn, extras), alphas_cumprod=host.alphas_cumprod,
+        prediction_type=host.prediction_type, flow=host.flow, cache_dir=cache_folder(),
+        check_interrupt=comfy.model_management.throw_exception_if_processing_interrupted,
+        device=comfy.model_management.get_torch_device(),
+    )
 
 
 def image_sources(images, image_folder: str, *, anywhere: bool = False) -> list:
@@ -193,6 +192,16 @@ def family_config(config: TrainConfig, host: HostModel) -> TrainConfig:
     if config.lora_targets == DEFAULT_TARGETS:  # the UNet's layer names: the family's own, for a DiT
         config = TrainConfig(**{**config.__dict__, "lora_targets": host.family.lora_targets})
     return config
+
+
+def training_changes(unet, host: HostModel, config: TrainConfig) -> HostChanges:
+    """What the run changes in the host (HostChanges): the weights cast to fp32 inputs (LoRA in fp32),
+    a video model's one-frame input, the host's ops made differentiable (host_in_training)."""
+    # LoRA in fp32 runs the host's UNet without autocast: its fp16/bf16 weights (a GPU's) are cast
+    # to the fp32 activations layer by layer.
+    casting = config.mode == "lora" and config.precision == "fp32" and mixed_dtypes(unet, torch.float32)
+    return HostChanges(lambda: weights_cast_to_input(unet, casting), lambda: one_frame(unet, host),
+                       lambda: host_in_training(host.family, checkpointing=bool(config.gradient_checkpointing)))
 
 
 class HostChanges:
