@@ -21,9 +21,9 @@ import os
 import sys
 
 try:  # python -m tools.extract_domain_lora (from the pack's folder)
-    from tools.train_domain import host_options, model_file, start_host
+    from tools.train_domain import host_options, model_file, pickled_file, start_host
 except ImportError:  # python tools/extract_domain_lora.py
-    from train_domain import host_options, model_file, start_host
+    from train_domain import host_options, model_file, pickled_file, start_host
 
 log = logging.getLogger("indomain.extract")
 
@@ -60,10 +60,8 @@ def check_args(p: argparse.ArgumentParser, args) -> None:
         p.error("give the base as one of --checkpoint or --unet")
     if args.rank < 1:
         p.error(f"--rank {args.rank}: the rank must be 1 or more")
-    for what in ("checkpoint", "unet", "domain"):
-        name = getattr(args, what)
-        if name and not name.lower().endswith((".safetensors", ".sft")):
-            p.error(f"--{what} {name!r}: only .safetensors files are read (pickled files can run code when opened)")
+    if (wrong := pickled_file(args, ("checkpoint", "unet", "domain"))) is not None:
+        p.error(wrong)
 
 
 def main(argv=None) -> int:

@@ -234,12 +234,20 @@ def load_models(args):
     return model, vae, clip
 
 
-def refuse_pickles(args) -> None:
-    """Before anything loads: every model file named must be safetensors."""
-    for what in ("checkpoint", "unet", "vae", "clip"):
+def pickled_file(args, options) -> str | None:
+    """What is wrong with the first of `options` (argument names) that names a model file other than
+    safetensors, or None: a file is only read as safetensors (a pickled one can run code when opened)."""
+    for what in options:
         name = getattr(args, what)
         if name and not name.lower().endswith((".safetensors", ".sft")):
-            sys.exit(f"--{what} {name!r}: only .safetensors files are read (pickled files can run code when opened)")
+            return f"--{what} {name!r}: only .safetensors files are read (pickled files can run code when opened)"
+    return None
+
+
+def refuse_pickles(args) -> None:
+    """Before anything loads: every model file named must be safetensors."""
+    if (wrong := pickled_file(args, ("checkpoint", "unet", "vae", "clip"))) is not None:
+        sys.exit(wrong)
 
 
 def main(argv=None) -> int:
