@@ -9,7 +9,8 @@ stand-ins of tests/support/standins.py (tiny UNet, fake VAE) on job["images"], o
 writes each job's result (weights, losses, start step) to job["out"]. A job's "fail" makes one
 rank's UNet fail at one of its calls: {"rank": 1, "call": 3, "kind": "oom" | "nan" | "interrupt"}
 ("interrupt": a Ctrl-C arrives on that rank during that call; the CLI's signal handler sets the host's
-interrupt flag, which check_interrupt then raises). A job's "model_file" is the path where each
+interrupt flag, which check_interrupt then raises). job["cache"] may name the rank ("cache{rank}": a
+folder per rank, as machines without a shared filesystem have). A job's "model_file" is the path where each
 checkpoint's deliverable weights are written (the loop's on_checkpoint, as the node writes its model
 file: training.checkpoint.save_model_file). The exit code
 and the log follow the headless trainer's (training.distributed.report_stop).
@@ -70,7 +71,7 @@ def run_job(job: dict) -> None:
     model_file = job.get("model_file")
     result = train(FailingUNet(job.get("fail")).to(device()), job["images"], encode=FakeVAE(), vae_id="fake-vae", cond_for=cond_for,
                    alphas_cumprod=sd_alphas_cumprod(), prediction_type="eps", config=TrainConfig(**job["config"]),
-                   cache_dir=job["cache"], state_path=job.get("state"), device=device(), check_interrupt=check_interrupt,
+                   cache_dir=job["cache"].format(rank=r.rank), state_path=job.get("state"), device=device(), check_interrupt=check_interrupt,
                    on_checkpoint=(lambda step, weights: save_model_file(model_file, weights)) if model_file else None)
     if r.main:
         save_file({k: v.detach().cpu().contiguous() for k, v in result.weights.items()}, job["out"] + ".safetensors")

@@ -49,9 +49,10 @@ SHARDS_SUFFIX = ".shards"  # <state>.shards/: the sharded checkpoints' folders
 # Why adamw8bit and fsdp do not go together (TrainConfig.validate raises it; tests/test_fsdp.py checks both halves).
 EIGHT_BIT_REFUSAL = (
     "optimizer='adamw8bit' with fsdp: use one or the other. bitsandbytes' 8-bit kernels take plain tensors: on "
-    "FSDP's sharded DTensor parameters they fail (NotImplementedError: Operator bitsandbytes.optimizer_update_32bit "
-    "has no sharding strategy registered), and its block-wise quantized states (one absmax per block of 256 values "
-    "of the whole flattened tensor) do not reshard when a run resumes on another number of processes. Use "
+    "FSDP's sharded DTensor parameters they fail (bitsandbytes 0.50, torch 2.14: 'optimizer_update_32bit ... does "
+    "not have a sharding strategy registered' for tensors under 4096 values, 'optimizer_update_8bit_blockwise got "
+    "mixed torch.Tensor and DTensor' for the others), and its block-wise quantized states (one absmax per block of "
+    "256 values of the whole flattened tensor) would not reshard when a run resumes on another number of processes. Use "
     "optimizer adamw with fsdp (cpu_offload keeps its states in CPU memory), or adamw8bit with DDP")
 
 
