@@ -224,7 +224,7 @@ def _resume_header(run: _Run) -> StateHeader | None:
 def _make_trainable(unet: nn.Module, config: TrainConfig, release_base: Callable[[], None] | None) -> Trainable:
     """A full copy of the UNet (the base released to the host), or LoRA adapters on it."""
     if config.mode == "full":
-        trainable = full_copy(unet)
+        trainable = full_copy(unet, torch.device("cpu") if config.fsdp else None)  # fsdp: sharded from the CPU
         if release_base is not None:  # the frozen base is not read again: its memory is the host's to use
             release_base()
         return trainable

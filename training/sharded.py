@@ -104,9 +104,9 @@ def shard_trainable(trainable: Trainable, units: Sequence[str], precision: str, 
 
     if not process_group_ready():
         raise ValueError("fsdp needs a process group: run the trainer under torchrun (--nproc-per-node 1 on one GPU)")
-    module = trainable.module
-    if device.type != "cpu" and not cpu_offload:
-        module.to(device)
+    module = trainable.module  # (on the CPU: fully_shard moves each unit's shards to the device, or keeps them offloaded)
+    names = list(trainable.params)
+    trainable.params.clear()  # the whole parameters, not kept past their unit's sharding
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     kwargs = fsdp_policies(precision, cpu_offload)
     modules = dict(module.named_modules())
@@ -114,8 +114,8 @@ def shard_trainable(trainable: Trainable, units: Sequence[str], precision: str, 
         fully_shard(modules[name], mesh=mesh, **kwargs)
     fully_shard(module, mesh=mesh, **kwargs)
     params = dict(module.named_parameters())
-    if list(params) != list(trainable.params):
-        raise RuntimeError(f"fsdp changed the parameters' names ({list(trainable.params)[:3]} -> {list(params)[:3]})")
+    if list(params) != names:
+        raise RuntimeError(f"fsdp changed the parameters' names ({names[:3]} -> {list(params)[:3]})")
     rank0 = torch.distributed.get_rank() == 0
 
     def export(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
