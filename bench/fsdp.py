@@ -124,10 +124,11 @@ def run_case(training, bt, mm, model, read, cond_for, channels: int, name: str, 
                                     alphas_cumprod=read.alphas_cumprod, prediction_type=read.prediction_type, flow=read.flow,
                                     config=config, cache_dir=cache, device=mm.get_torch_device(),
                                     on_progress=lambda p: stamps.append(time.perf_counter()) if p.stage == "train" else None)
-        timed = stamps[args.warmup:]
-        step_s = (timed[-1] - timed[0]) / (len(timed) - 1)
-        row.update(step_s=step_s, images_per_s=batch / step_s, images_per_s_per_gpu=batch / step_s / world,
-                   losses_finite=all(v == v for v in result.losses))
+        timed = stamps[args.warmup:]  # (rank 0's: the loop reports progress there; every step ends with a collective)
+        if len(timed) > 1:
+            step_s = (timed[-1] - timed[0]) / (len(timed) - 1)
+            row.update(step_s=step_s, images_per_s=batch / step_s, images_per_s_per_gpu=batch / step_s / world,
+                       losses_finite=all(v == v for v in result.losses))
         del result
     except torch.OutOfMemoryError as e:
         row["error"] = f"out of memory: {e}".splitlines()[0]

@@ -1,5 +1,6 @@
 """One process of the distributed training tests (tests/test_training_distributed.py), started as
-torchrun starts a worker: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment.
+torchrun starts a worker: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment (or by
+torchrun itself: tests/test_fsdp.py's two "machines").
 
     python tests/dist_worker.py JOBS.json
 
