@@ -96,8 +96,8 @@ def move_state(state, folder) -> str:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One process stops at step 2; two machines run three jobs (a straight run with its model file,
-    the one-process state resumed, MIXED); their state
+    """One process stops at step 2; two machines run four jobs (a straight run with its model file,
+    the one-process state resumed, MIXED, fp16); their state
     resumes on one process to step 6; and the one-process references without fsdp."""
     tmp = tmp_path_factory.mktemp("fsdp")
     folder, cache = images(tmp), os.fspath(tmp / "cache")
@@ -107,12 +107,13 @@ def runs(tmp_path_factory):
     job = lambda name, config, state=None, **more: dict(images=folder, cache=cache, config=config,  # noqa: E731
                                                         out=os.fspath(tmp / name), state=state, **more)
     procs = two_machines(tmp, [job("full", FSDP, os.fspath(tmp / "full.state"), model_file=os.fspath(tmp / "full.model")),
-                               job("resumed", FSDP, resumed), job("mixed", MIXED, os.fspath(tmp / "mixed.state"))])
+                               job("resumed", FSDP, resumed), job("mixed", MIXED, os.fspath(tmp / "mixed.state")),
+                               job("fp16", {**FSDP, "precision": "fp16"})])
     got = {name: (load_file(tmp / f"{name}.safetensors"), json.loads((tmp / f"{name}.json").read_text()))
-           for name in ("full", "resumed", "mixed") if os.path.exists(tmp / f"{name}.json")}
+           for name in ("full", "resumed", "mixed", "fp16") if os.path.exists(tmp / f"{name}.json")}
     back = alone(tmp / "back", {**FSDP, "steps": 6}, move_state(tmp / "full.state", tmp / "back"))
     ref = {"full": single(tmp / "ref", FSDP | {"fsdp": False}), "six": single(tmp / "six", {**CONFIG, "steps": 6}),
-           "mixed": single(tmp / "bf16", BF16)}
+           "mixed": single(tmp / "bf16", BF16), "fp16": single(tmp / "fp16", {**CONFIG, "precision": "fp16"})}
     return tmp, dict(one=one, back=back, ref=ref, got=got, procs=procs)
 
 
@@ -168,6 +169,12 @@ def test_a_run_saved_by_two_machines_resumes_on_one_process(runs):
     assert close(back.weights, six.weights) and close(back.ema_weights, six.ema_weights)
 
 
+def far(weights: dict, ref: dict) -> dict:
+    """Each tensor's distance to ref's, relative to its norm; to_k.bias left out (its exact gradient
+    is 0: tests/test_training_distributed.NOISE_ONLY; in half precision it moves by rounding alone)."""
+    return {k: float((weights[k] - ref[k]).norm() / ref[k].norm()) for k in weights if k != "to_k.bias"}
+
+
 def test_bf16_compute_offload_checkpointing_accumulation_and_validation_compose(runs):
     """MIXED against one process in bf16 without fsdp (autocast alone). Both run the matmuls on
     bf16 copies of the fp32 weights; FSDP also keeps each unsharded weight's gradient in bf16 before
@@ -180,10 +187,19 @@ def test_bf16_compute_offload_checkpointing_accumulation_and_validation_compose(
     weights, info = r["got"]["mixed"]
     ref = r["ref"]["mixed"]
     assert np.allclose(info["losses"], ref.losses, rtol=1e-3)
-    far = {k: float((weights[k] - ref.weights[k]).norm() / ref.weights[k].norm()) for k in weights if k != "to_k.bias"}
-    assert max(far.values()) <= 5e-3, far
+    assert max(far(weights, ref.weights).values()) <= 5e-3, far(weights, ref.weights)
     assert [s for s, _ in info["validation"]] == [0, 2, 4]
     assert np.allclose([v for _, v in info["validation"]], [v for _, v in ref.validation], rtol=1e-3)
+
+
+def test_fp16_with_its_loss_scaler_trains_what_one_process_does(runs):
+    """fp16 autocast and the loss scaler (torch's ShardedGradScaler: every rank skips the same
+    steps) against one process in fp16 without fsdp: the same losses to 1e-3, the weights as
+    MIXED's (half precision's rounding; to_k.bias left out)."""
+    _, r = runs
+    weights, info = r["got"]["fp16"]
+    assert np.allclose(info["losses"], r["ref"]["fp16"].losses, rtol=1e-3)
+    assert max(far(weights, r["ref"]["fp16"].weights).values()) <= 5e-3, far(weights, r["ref"]["fp16"].weights)
 
 
 def test_machines_without_a_shared_cache_folder_are_told_so(tmp_path):

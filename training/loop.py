@@ -52,7 +52,7 @@ from .noise import DiscreteSchedule, FlowSchedule, check_schedule
 from .optimizer import learning_rate, make_optimizer
 from .plan import Batch, bucket_members, sample_batch
 from .results import Progress, TrainingDiverged, TrainResult
-from .sharded import restore_sharded, shard_trainable, shard_units
+from .sharded import loss_scaler, restore_sharded, shard_trainable, shard_units
 from .trainable import Trainable, ema_decay_at, ema_init, ema_update, enable_gradient_checkpointing, full_copy, lora_adapters
 from .validation import split
 
@@ -248,7 +248,7 @@ def _prepare_training(run: _Run, header: StateHeader | None) -> None:
         model = forward if run.ddp is None else model
     run.model, run.forward, run.params = model, forward, params
     run.optimizer = make_optimizer(list(params.values()), config, device, sharded=r.active and config.shard_optimizer)
-    run.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    run.scaler = loss_scaler(device, config.precision == "fp16", config.fsdp)
     run.ema = ema_init(params) if config.ema_decay > 0 else None
     run.graphed = GraphedSteps(model, list(params.values()), autocast_dtype(config.precision)) if config.cuda_graph else None
     run.start = 0 if header is None else header.step

@@ -94,6 +94,16 @@ def fsdp_policies(precision: str, cpu_offload: bool) -> dict:
     return kwargs
 
 
+def loss_scaler(device: torch.device, enabled: bool, fsdp: bool) -> torch.amp.GradScaler:
+    """fp16's loss scaler; with fsdp torch's ShardedGradScaler, which all-reduces whether any rank's
+    gradient shards hold an inf or NaN, so every rank skips the same steps (each sees only its shards)."""
+    if fsdp:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type, enabled=enabled)
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
 def shard_trainable(trainable: Trainable, units: Sequence[str], precision: str, cpu_offload: bool,
                     device: torch.device) -> Trainable:
     """The full copy under FSDP2 (module doc), sharded over every process of the process group (1
