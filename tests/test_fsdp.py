@@ -253,3 +253,24 @@ def test_a_state_resumes_only_in_its_own_layout(runs, tmp_path):
 def test_fsdp_without_a_process_group_says_how_to_run_it(tmp_path):
     with pytest.raises(ValueError, match="fsdp needs a process group: run the trainer under torchrun"):
         single(tmp_path, FSDP)
+
+
+def test_the_command_line_makes_a_group_of_one_for_fsdp_without_torchrun(monkeypatch):
+    """`train_domain.py --fsdp` run plainly (one GPU, e.g. with --cpu-offload): a process group of
+    one process, rank 0 of 1; without --fsdp none."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_domain_cli", os.path.join(REPO, "tools", "train_domain.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    for name in ("WORLD_SIZE", "MASTER_ADDR", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    args = cli.parse_args(["--images", "x", "--save-name", "y", "--mode", "full", "--cpu", "--fsdp", "--cpu-offload"])
+    assert (args.fsdp, args.cpu_offload) == (True, True)
+    assert cli.start_distributed(cli.parse_args(["--images", "x", "--save-name", "y"])) == (0, 1)
+    assert not torch.distributed.is_initialized()
+    try:
+        assert cli.start_distributed(args) == (0, 1)
+        assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1
+    finally:
+        torch.distributed.destroy_process_group()
