@@ -1,5 +1,6 @@
 """One process of the distributed training tests (tests/test_training_distributed.py), started as
-torchrun starts a worker: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment.
+torchrun starts a worker: RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT in the environment (or by
+torchrun itself: tests/test_fsdp.py's two "machines").
 
     python tests/dist_worker.py JOBS.json
 
@@ -9,7 +10,10 @@ stand-ins of tests/support/standins.py (tiny UNet, fake VAE) on job["images"], o
 writes each job's result (weights, losses, start step) to job["out"]. A job's "fail" makes one
 rank's UNet fail at one of its calls: {"rank": 1, "call": 3, "kind": "oom" | "nan" | "interrupt"}
 ("interrupt": a Ctrl-C arrives on that rank during that call; the CLI's signal handler sets the host's
-interrupt flag, which check_interrupt then raises). The exit code
+interrupt flag, which check_interrupt then raises). job["cache"] may name the rank ("cache{rank}": a
+folder per rank, as machines without a shared filesystem have). A job's "model_file" is the path where each
+checkpoint's deliverable weights are written (the loop's on_checkpoint, as the node writes its model
+file: training.checkpoint.save_model_file). The exit code
 and the log follow the headless trainer's (training.distributed.report_stop).
 """
 import json
@@ -23,6 +27,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from tests.support.standins import FakeVAE, TinyUNet, cond_for, sd_alphas_cumprod  # noqa: E402
 from training import TrainConfig, train  # noqa: E402
+from training.checkpoint import save_model_file  # noqa: E402
 from training.distributed import leave, ranks, report_stop  # noqa: E402
 
 log = logging.getLogger("dist_worker")
@@ -64,9 +69,11 @@ def run_job(job: dict) -> None:
         if CTRL_C:
             raise KeyboardInterrupt
 
+    model_file = job.get("model_file")
     result = train(FailingUNet(job.get("fail")).to(device()), job["images"], encode=FakeVAE(), vae_id="fake-vae", cond_for=cond_for,
                    alphas_cumprod=sd_alphas_cumprod(), prediction_type="eps", config=TrainConfig(**job["config"]),
-                   cache_dir=job["cache"], state_path=job.get("state"), device=device(), check_interrupt=check_interrupt)
+                   cache_dir=job["cache"].format(rank=r.rank), state_path=job.get("state"), device=device(), check_interrupt=check_interrupt,
+                   on_checkpoint=(lambda step, weights: save_model_file(model_file, weights)) if model_file else None)
     if r.main:
         save_file({k: v.detach().cpu().contiguous() for k, v in result.weights.items()}, job["out"] + ".safetensors")
         with open(job["out"] + ".json", "w") as f:

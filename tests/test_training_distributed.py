@@ -87,9 +87,9 @@ def close(a: dict, b: dict, tol=1e-4) -> bool:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One launch of two processes running five jobs (full, LoRA, full with a sharded optimizer,
-    a resume of a one-process state at step 2, full with gradient accumulation and validation),
-    and the one-process references."""
+    """One launch of two processes running six jobs (full, LoRA, full with a sharded optimizer,
+    a resume of a one-process state at step 2, full with gradient accumulation and validation,
+    full sharded with FSDP2), and the one-process references."""
     tmp = tmp_path_factory.mktemp("distributed")
     folder, cache = images(tmp), os.fspath(tmp / "cache")
     torch.set_num_threads(1)
@@ -102,10 +102,11 @@ def runs(tmp_path_factory):
                                                 state=None if state is None else os.fspath(tmp / state))
     procs = launch(tmp, [job("full", CONFIG, "full.state"), job("lora", LORA),
                          job("sharded", {**CONFIG, "shard_optimizer": True}, "sharded.state"),
-                         job("resumed", CONFIG, "resumed.state"), job("accumulated", ACCUMULATED, "accumulated.state")])
+                         job("resumed", CONFIG, "resumed.state"), job("accumulated", ACCUMULATED, "accumulated.state"),
+                         job("fsdp", {**CONFIG, "fsdp": True}, "fsdp.state")])
     assert [p.returncode for p in procs] == [0, 0], "\n".join(p.stderr[-3000:] for p in procs)
     got = {name: (load_file(tmp / f"{name}.safetensors"), json.loads((tmp / f"{name}.json").read_text()))
-           for name in ("full", "lora", "sharded", "resumed", "accumulated")}
+           for name in ("full", "lora", "sharded", "resumed", "accumulated", "fsdp")}
     return tmp, ref, got, procs
 
 
@@ -155,6 +156,17 @@ def test_a_sharded_optimizer_trains_the_same_weights_and_saves_the_whole_state(r
     keys = [k for k in plain if not k.startswith(f"optim.{noise}.") and not k.endswith("to_k.bias")]
     assert all(torch.allclose(sharded[k].double(), plain[k].double(), rtol=1e-4, atol=1e-7) for k in keys)
     assert torch.equal(sharded[f"optim.{noise}.step"], plain[f"optim.{noise}.step"])
+
+
+def test_fsdp_trains_what_ddp_trains(runs):
+    """Full mode sharded with FSDP2 (tests/test_fsdp.py has the rest) against DDP, both on 2
+    processes: the same losses (to 1e-5) and weights (close: DDP all-reduces the whole gradient,
+    FSDP reduce-scatters each rank's shard of it; float32 sums of the same numbers, grouped
+    otherwise, that AdamW's normalized steps carry to about 3e-5 in 4 steps)."""
+    _, _, got, _ = runs
+    (weights, info), (ddp, ddp_info) = got["fsdp"], got["full"]
+    assert np.allclose(info["losses"], ddp_info["losses"], rtol=1e-5)
+    assert close(weights, ddp)
 
 
 def test_a_run_stopped_on_one_process_resumes_on_two_and_ends_where_the_straight_run_does(runs):

@@ -24,6 +24,21 @@ computed in K micro-batches (GPUs x micro-batch x K = batch-size), the same glob
 GPU count; --shard-optimizer keeps 1/N of AdamW's state
 per GPU (ZeroRedundancyOptimizer, for full mode on large models). Rank 0 writes the files and the
 progress; a run resumes on another number of GPUs that divides the batch size.
+
+--fsdp (full mode) shards the weights, gradients and AdamW states over the GPUs (FSDP2: training/
+sharded.py), for the models whose full copy does not fit one GPU (SDXL, Flux, SD3.5, Z-Image);
+--cpu-offload keeps them in CPU memory, so one GPU can train them too (without torchrun, or under
+torchrun --nproc-per-node 1). Its checkpoint is a folder of parts beside the state file, one per
+GPU, that resumes on any number of GPUs; the model file is gathered at each checkpoint.
+
+On several machines, torchrun's c10d rendezvous on each (the same command, one per machine):
+
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 \\
+        --rdzv-id porcelain custom_nodes/comfyui-indomain/tools/train_domain.py ... --fsdp
+
+The models folder (--base-directory), the images and the outputs must be on a filesystem every
+machine mounts at the same path: the ranks read each other's latent cache files and checkpoint
+parts, and global rank 0 (on whichever machine the rendezvous puts it) writes the files.
 """
 from __future__ import annotations
 
@@ -108,6 +123,12 @@ def parser() -> argparse.ArgumentParser:
                         "instead of 8; pip install bitsandbytes)")
     p.add_argument("--shard-optimizer", action="store_true",
                    help="under torchrun: each GPU keeps 1/N of AdamW's state (ZeroRedundancyOptimizer; full mode on large models)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="full mode: shard the weights, gradients and AdamW states over the GPUs (FSDP2), each GPU holding "
+                        "1/N; its checkpoint is a folder of parts that resumes on any number of GPUs")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="with --fsdp: keep the shards, gradients and AdamW states in CPU memory (a large model's full "
+                        "copy on one GPU; slower)")
     host_options(p, "train on the CPU", "models/, input/ live there")
     p.add_argument("--lowvram", action="store_true", help="the host's low-VRAM mode (the UNet loaded in parts, unloaded for the VAE)")
     return p
@@ -127,11 +148,16 @@ def start_distributed(args):
     host uses the current CUDA device) and the process group (NCCL on GPUs, gloo with --cpu).
     Returns training.distributed.Ranks-like (rank, world), (0, 1) without torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not args.fsdp:
         return 0, 1
     import datetime
 
     import torch
+
+    if world <= 1 and "MASTER_ADDR" not in os.environ:  # --fsdp in one process without torchrun: a group of one
+        torch.distributed.init_process_group("nccl" if not args.cpu and torch.cuda.is_available() else "gloo",
+                                             store=torch.distributed.HashStore(), rank=0, world_size=1)
+        return 0, 1
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
     gpu = not args.cpu and torch.cuda.is_available()
@@ -139,7 +165,7 @@ def start_distributed(args):
         torch.cuda.set_device(local)
     torch.distributed.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(minutes=30),
                                          **({"device_id": torch.device("cuda", local)} if gpu else {}))
-    return torch.distributed.get_rank(), world
+    return torch.distributed.get_rank(), world  # the global rank (of every machine's processes): rank 0 writes
 
 
 def stop_on_signals() -> None:
@@ -290,7 +316,7 @@ def train(args, rank: int, world: int) -> int:
         ema_decay=args.ema_decay, checkpoint_every=args.checkpoint_every, preview_every=args.preview_every,
         gradient_checkpointing=() if args.no_gradient_checkpointing else ("all",), compile=args.compile,
         shard_optimizer=args.shard_optimizer, optimizer=args.optimizer, gradient_accumulation=args.gradient_accumulation,
-        validation_share=args.validation_share,
+        validation_share=args.validation_share, fsdp=args.fsdp, cpu_offload=args.cpu_offload,
     )
     last_cache_log = [0.0]
 

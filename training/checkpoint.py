@@ -18,6 +18,10 @@ A training state holds (tensor keys):
 and metadata (str -> str): format, step, params (JSON list), config (JSON: what must match to resume),
 and with validation (validation.py) `validation`: JSON [[step, loss or null], ...], every
 measurement up to this state's step (states without it read as []).
+
+A sharded state (TrainConfig.fsdp, sharded.py) is the same file without the param, ema and optim
+tensors, with metadata `shards`: the folder (relative to the file's) where
+torch.distributed.checkpoint wrote every rank's part of them.
 """
 from __future__ import annotations
 
@@ -147,6 +151,7 @@ class StateHeader:
     config: dict
     params: list[str]
     validation: tuple = ()  # ((step, validation loss or None), ...) up to `step`
+    shards: str | None = None  # a sharded state's folder of tensors (relative to the file's folder), else None
 
 
 def save_state(
@@ -177,15 +182,33 @@ def save_state(
                 value = value.clone()                       # states (bitsandbytes' quantization maps)
             seen.add(value.data_ptr())
             tensors[f"optim.{i}.{field}"] = value
+    tensors.update(_step_and_scale(step, scaler))
+    atomic_save(path, tensors, _metadata(step, names, config, validation))
+    log.info("Saved training state at step %d to %s", step, os.fspath(path))
+
+
+def save_sharded_header(path: str | os.PathLike, *, step: int, config: dict, names: list[str], scaler, shards: str,
+                        validation: list[tuple[int, float | None]] | None = None) -> None:
+    """A sharded state's file (module doc): what save_state writes but the parameters', EMA's and
+    optimizer's tensors, which are in the folder `shards` (relative to the file's folder)."""
+    atomic_save(path, _step_and_scale(step, scaler), {**_metadata(step, names, config, validation), "shards": shards})
+    log.info("Saved training state at step %d to %s (its tensors in %s)", step, os.fspath(path), shards)
+
+
+def _step_and_scale(step: int, scaler: torch.amp.GradScaler | None) -> dict[str, torch.Tensor]:
+    tensors = {}
     if scaler is not None and scaler.is_enabled():
         tensors["scaler.scale"] = torch.tensor(scaler.get_scale(), dtype=torch.float64)
         tensors["scaler.growth_tracker"] = torch.tensor(scaler.state_dict()["_growth_tracker"], dtype=torch.int64)
     tensors["step"] = torch.tensor(step, dtype=torch.int64)
+    return tensors
+
+
+def _metadata(step: int, names: list[str], config: dict, validation) -> dict[str, str]:
     metadata = {"format": STATE_FORMAT, "step": str(step), "params": json.dumps(names), "config": json.dumps(config, sort_keys=True)}
     if validation:
         metadata["validation"] = json.dumps([[int(s), v] for s, v in validation])
-    atomic_save(path, tensors, metadata)
-    log.info("Saved training state at step %d to %s", step, os.fspath(path))
+    return metadata
 
 
 def read_state_header(path: str | os.PathLike) -> StateHeader:
@@ -197,7 +220,8 @@ def read_state_header(path: str | os.PathLike) -> StateHeader:
         if meta.get("format") != STATE_FORMAT:
             raise ValueError(f"format is {meta.get('format')!r}, expected {STATE_FORMAT!r}")
         validation = tuple((int(s), None if v is None else float(v)) for s, v in json.loads(meta.get("validation", "[]")))
-        return StateHeader(path, int(meta["step"]), json.loads(meta["config"]), json.loads(meta["params"]), validation)
+        return StateHeader(path, int(meta["step"]), json.loads(meta["config"]), json.loads(meta["params"]), validation,
+                           meta.get("shards"))
     except Exception as e:  # safetensors, JSON and key errors all mean: not a usable state file
         raise ValueError(
             f"training state {path!r} is not a readable training state ({type(e).__name__}: {e}); "
@@ -230,6 +254,10 @@ def restore_state(
     scaler: torch.amp.GradScaler | None,
 ) -> None:
     """Load a state file's tensors into the given parameters, EMA, optimizer and scaler (in place)."""
+    if header.shards is not None:
+        raise ResumeMismatch(f"cannot resume from {header.path!r} without fsdp: it was written by a sharded (fsdp) run, "
+                             f"its tensors in parts in the folder {header.shards!r}; resume it with fsdp (on any number "
+                             "of processes, 1 included), or delete it / choose another name to start over")
     if list(params) != header.params:
         missing = sorted(set(header.params) - set(params))[:5]
         extra = sorted(set(params) - set(header.params))[:5]
@@ -249,15 +277,24 @@ def restore_state(
             fields = {k.split(".")[2]: f.get_tensor(k) for k in keys if k.startswith(f"optim.{i}.")}
             if fields:
                 state[i] = fields
-        if scaler is not None and scaler.is_enabled() and "scaler.scale" not in keys:
-            log.info("%s has no fp16 loss scale (it was trained in another precision): starting from the initial scale",
-                     header.path)
-        elif scaler is not None and scaler.is_enabled():
-            sd = scaler.state_dict()
-            sd["scale"] = float(f.get_tensor("scaler.scale"))
-            sd["_growth_tracker"] = int(f.get_tensor("scaler.growth_tracker"))
-            scaler.load_state_dict(sd)
+        _restore_scaler(header.path, f, keys, scaler)
     load_optimizer_state(optimizer, list(params.values()), state)
+
+
+def restore_scaler(header: StateHeader, scaler: torch.amp.GradScaler | None) -> None:
+    """The fp16 loss scale of a state file (a sharded state's: sharded.restore_sharded)."""
+    with safe_open(header.path, framework="pt") as f:
+        _restore_scaler(header.path, f, set(f.keys()), scaler)
+
+
+def _restore_scaler(path: str, f, keys: set[str], scaler: torch.amp.GradScaler | None) -> None:
+    if scaler is not None and scaler.is_enabled() and "scaler.scale" not in keys:
+        log.info("%s has no fp16 loss scale (it was trained in another precision): starting from the initial scale", path)
+    elif scaler is not None and scaler.is_enabled():
+        sd = scaler.state_dict()
+        sd["scale"] = float(f.get_tensor("scaler.scale"))
+        sd["_growth_tracker"] = int(f.get_tensor("scaler.growth_tracker"))
+        scaler.load_state_dict(sd)
 
 
 def _copy_checked(path: str, key: str, value: torch.Tensor, into: torch.Tensor) -> None:

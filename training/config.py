@@ -38,8 +38,10 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 # Options that change speed or bookkeeping, not the math: a run may be resumed with other values.
 # gradient_accumulation splits each step's global batch into micro-batches: the same images, noise
 # and mean loss (the gradient up to float rounding), as another number of processes does.
+# fsdp and cpu_offload change where the weights live, not the math; a state written with fsdp is in
+# parts (sharded.py): it resumes with fsdp on any number of processes, and a state of one file without.
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "preview_every", "gradient_checkpointing", "compile", "shard_optimizer",
-                     "cuda_graph", "gradient_accumulation")
+                     "cuda_graph", "gradient_accumulation", "fsdp", "cpu_offload")
 # Options that change the math of the steps still to run but may change on resume (e.g. a lower lr or
 # another precision after a NaN loss): recorded in the state, a change is logged.
 ADJUSTABLE_ON_RESUME = ("lr", "lr_schedule", "warmup_steps", "precision")
@@ -72,6 +74,8 @@ class TrainConfig:
     optimizer: str = "adamw"  # or "adamw8bit": bitsandbytes' AdamW8bit (the paper's recipe), optional dependency
     cuda_graph: bool = False  # the steps' forward and backward replayed as CUDA graphs (graphed.py); CUDA, bf16/fp32
     validation_share: float = 0.0  # images held out of training, their loss measured at each checkpoint (validation.py)
+    fsdp: bool = False  # full mode: weights, gradients and AdamW states sharded over the processes (FSDP2, sharded.py)
+    cpu_offload: bool = False  # with fsdp: the shards, gradients and AdamW states in CPU memory (one GPU, large models)
 
     def validate(self) -> None:
         """ValueError naming the first bad field and what it should be."""
@@ -106,11 +110,37 @@ class TrainConfig:
         if self.cuda_graph and (self.precision == "fp16" or self.compile):
             raise ValueError(f"cuda_graph=True with {'precision fp16 (its loss scaling)' if self.precision == 'fp16' else 'compile'}: "
                              "use one or the other (cuda_graph works with bf16 or fp32, not compiled)")
+        self._validate_fsdp()
         if self.optimizer == "adamw8bit":
             bitsandbytes_available()  # before anything is read or written
             if self.shard_optimizer:
                 raise ValueError("optimizer='adamw8bit' with shard_optimizer: use one or the other (ZeroRedundancyOptimizer "
                                  "does not gather bitsandbytes' 8-bit states)")
+
+
+    def _validate_fsdp(self) -> None:
+        """The options fsdp does not go with, each refused with the reason (sharded.py)."""
+        from .sharded import EIGHT_BIT_REFUSAL
+
+        if self.cpu_offload and not self.fsdp:
+            raise ValueError("cpu_offload=True needs fsdp=True (it offloads FSDP's shards)")
+        if not self.fsdp:
+            return
+        refusals = [
+            (self.mode != "full", "mode='lora' with fsdp: fsdp shards a full copy; a LoRA's adapters are small and the "
+                                  "host's frozen base is not trained: use mode lora without fsdp (DDP)"),
+            (self.shard_optimizer, "shard_optimizer with fsdp: use one or the other (fsdp shards the optimizer's states "
+                                   "already, with the weights and gradients)"),
+            (self.optimizer == "adamw8bit", EIGHT_BIT_REFUSAL),
+            (self.cuda_graph, "cuda_graph=True with fsdp: use one or the other (FSDP's collectives run between the "
+                              "graphs' kernels; CUDA graphs are for one process)"),
+            (self.preview_every > 0, "preview_every with fsdp: the sharded model runs only on every rank together, a "
+                                     "preview samples on rank 0 alone; use validation prompts (they sample with the "
+                                     "gathered weights), or preview_every 0"),
+        ]
+        for refused, why in refusals:
+            if refused:
+                raise ValueError(why)
 
 
 def bitsandbytes_available() -> None:

@@ -11,6 +11,7 @@ from .config import autocast_dtype
 from .denoise import _batch_cond
 from .distributed import save_agreed, step_failure
 from .results import Progress, TrainingDiverged
+from .sharded import save_sharded
 from .validation import finite_or_none, validation_loss
 
 if TYPE_CHECKING:
@@ -32,9 +33,13 @@ def _after_update(run: _Run, step: int, loss_value: float, lr: float) -> None:
         _check_finite(params, step, run.state_path, run.saved_step)  # the same weights on every rank: the same outcome
         on_checkpoint, export = run.on_checkpoint, run.trainable.export
         try:
-            save_agreed(r, run.state_path, step, run.current, params, ema, run.optimizer, run.scaler,
-                        lambda: on_checkpoint(step, export(ema if ema is not None else params)) if on_checkpoint else None,
-                        validation=run.validation)
+            if config.fsdp:  # each rank writes its part; the model file's weights gathered by every rank, written by rank 0
+                save_sharded(r, run.state_path, step, run.current, run.trainable.module, params, ema, run.optimizer,
+                             run.scaler, lambda: export(ema if ema is not None else params), on_checkpoint, run.validation)
+            else:
+                save_agreed(r, run.state_path, step, run.current, params, ema, run.optimizer, run.scaler,
+                            lambda: on_checkpoint(step, export(ema if ema is not None else params)) if on_checkpoint else None,
+                            validation=run.validation)
         except BaseException as e:
             raise step_failure(r, e, step) from None
         run.saved_step = step
@@ -47,9 +52,11 @@ def _after_update(run: _Run, step: int, loss_value: float, lr: float) -> None:
 def _samples(run: _Run, step: int, resumed: bool = False) -> None:
     """on_samples (rank 0): the deliverable weights of `step` (those on_checkpoint writes: the EMA's
     where EMA is on), the trainable suspended for the call (the host's module as before training)."""
-    if run.on_samples is None or not run.r.main:
+    if run.on_samples is None:
         return
-    weights = run.trainable.export(run.ema if run.ema is not None else run.params)
+    weights = run.trainable.export(run.ema if run.ema is not None else run.params)  # with fsdp a collective
+    if not run.r.main:
+        return
     with run.trainable.suspended():
         run.on_samples(step, weights, resumed)
 
@@ -66,7 +73,7 @@ def _validate(run: _Run, step: int) -> None:
 
     try:
         loss = validation_loss(run.trainable.module, run.held_out, run.schedule, cond, autocast_dtype(config.precision),
-                               run.device, chunk, r)
+                               run.device, chunk, r, even=config.fsdp)
     except BaseException as e:
         raise step_failure(r, e, step) from None
     run.validation.append((step, finite_or_none(loss)))

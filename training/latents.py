@@ -192,6 +192,20 @@ def cached_latent(pixels: np.ndarray, encode: Callable[[torch.Tensor], torch.Ten
     return read_latent(path), encoded
 
 
+def check_shared(ranks: Ranks, cache_dir: str, others: list[str]) -> None:
+    """ValueError on every rank unless each rank sees a latent file of each other rank's: the ranks
+    read each other's cache files, so across machines the cache folder must be on a filesystem they
+    share (NFS, Lustre ...), as the images folder and the state's folder must."""
+    missing = [p for p in others if not os.path.exists(p)]
+    failed = agree_flag(ranks, bool(missing))
+    if failed:
+        seen = f"rank {ranks.rank} cannot read {missing[0]!r}" if missing else f"rank {failed[0]} cannot read another rank's files"
+        raise ValueError(f"the latent cache folder {cache_dir!r} is not shared by every process: {seen} (written by another "
+                         "machine). Under torchrun across machines, put ComfyUI's models folder (--base-directory; the "
+                         "cache is a hidden folder in domain_unets), the images and the outputs on a filesystem every "
+                         "machine mounts at the same path")
+
+
 def cache_latents(
     images: Iterable[BucketedImage],
     *,
@@ -242,6 +256,7 @@ def cache_latents(
         if failed:
             raise StoppedByPeer(f"stopped because rank {failed[0]} stopped while encoding latents (its message says why)")
         gathered = gather_objects(ranks, (records, encoded))
+        check_shared(ranks, cache_dir, [rec[4] for k, (recs, _) in enumerate(gathered) if k != ranks.rank for rec in recs[:1]])
         records = sorted((rec for recs, _ in gathered for rec in recs), key=lambda rec: rec[0])
         encoded = sum(n for _, n in gathered)
     digests = hashlib.sha256()

@@ -52,6 +52,7 @@ from .noise import DiscreteSchedule, FlowSchedule, check_schedule
 from .optimizer import learning_rate, make_optimizer
 from .plan import Batch, bucket_members, sample_batch
 from .results import Progress, TrainingDiverged, TrainResult
+from .sharded import loss_scaler, restore_sharded, shard_trainable, shard_units
 from .trainable import Trainable, ema_decay_at, ema_init, ema_update, enable_gradient_checkpointing, full_copy, lora_adapters
 from .validation import split
 
@@ -223,7 +224,7 @@ def _resume_header(run: _Run) -> StateHeader | None:
 def _make_trainable(unet: nn.Module, config: TrainConfig, release_base: Callable[[], None] | None) -> Trainable:
     """A full copy of the UNet (the base released to the host), or LoRA adapters on it."""
     if config.mode == "full":
-        trainable = full_copy(unet)
+        trainable = full_copy(unet, torch.device("cpu") if config.fsdp else None)  # fsdp: sharded from the CPU
         if release_base is not None:  # the frozen base is not read again: its memory is the host's to use
             release_base()
         return trainable
@@ -236,20 +237,26 @@ def _prepare_training(run: _Run, header: StateHeader | None) -> None:
     config, r, device = run.config, run.r, run.device
     run.undo_checkpointing = enable_gradient_checkpointing(run.trainable.module, config.gradient_checkpointing,
                                                            preserve_rng_state=not config.cuda_graph)
+    if config.fsdp:  # the full copy sharded over the processes (FSDP2, sharded.py): its params are the shards
+        run.trainable = shard_trainable(run.trainable, shard_units(run.trainable.module, config.gradient_checkpointing),
+                                        config.precision, config.cpu_offload, device)
     model, params = run.trainable.module, run.trainable.params
-    run.ddp = data_parallel(run.trainable, device) if r.active else None
-    forward = run.ddp if r.active else model  # what the steps call
+    run.ddp = data_parallel(run.trainable, device) if r.active and not config.fsdp else None
+    forward = run.ddp if run.ddp is not None else model  # what the steps call
     if config.compile:
         forward = torch.compile(forward)
-        model = forward if not r.active else model
+        model = forward if run.ddp is None else model
     run.model, run.forward, run.params = model, forward, params
     run.optimizer = make_optimizer(list(params.values()), config, device, sharded=r.active and config.shard_optimizer)
-    run.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    run.scaler = loss_scaler(device, config.precision == "fp16", config.fsdp)
     run.ema = ema_init(params) if config.ema_decay > 0 else None
     run.graphed = GraphedSteps(model, list(params.values()), autocast_dtype(config.precision)) if config.cuda_graph else None
     run.start = 0 if header is None else header.step
     if header is not None:
-        restore_state(header, params=params, ema=run.ema, optimizer=run.optimizer, scaler=run.scaler)
+        if config.fsdp:  # the parts of a sharded state, resharded for this number of processes
+            restore_sharded(header, run.trainable.module, params, run.ema, run.optimizer, run.scaler)
+        else:
+            restore_state(header, params=params, ema=run.ema, optimizer=run.optimizer, scaler=run.scaler)
         run.info("Resuming %s at step %d of %d", run.state_path, run.start, config.steps)
     run.saved_step = header.step if header is not None else None
     run.validation = [tuple(v) for v in header.validation] if header is not None else []

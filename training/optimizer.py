@@ -13,7 +13,8 @@ from .config import TrainConfig
 
 
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torch.device, sharded: bool = False) -> torch.optim.Optimizer:
-    """AdamW: fused kernels on CUDA, foreach elsewhere. sharded (under torchrun): a
+    """AdamW: fused kernels on CUDA, foreach elsewhere (and for fsdp's offloaded shards). With fsdp
+    `params` are the sharded parameters: each rank's AdamW keeps and updates the states of its shards. sharded (under torchrun): a
     ZeroRedundancyOptimizer, each rank keeping and updating 1/N of the parameters' AdamW state
     (then broadcasting its updated parameters): the same update, N times less optimizer memory.
 
@@ -25,7 +26,8 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torc
         import bitsandbytes
 
         return bitsandbytes.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
-    kind = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    # fused kernels need the parameters on the GPU: with fsdp's cpu_offload the shards (and the step) are in CPU memory
+    kind = {"fused": True} if device.type == "cuda" and not config.cpu_offload else {"foreach": True}
     if sharded:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 

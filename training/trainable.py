@@ -41,12 +41,19 @@ class Trainable:
     suspended: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
-def full_copy(unet: nn.Module) -> Trainable:
-    """A float32 deep copy of the UNet with every parameter trainable.
+def full_copy(unet: nn.Module, device: torch.device | None = None) -> Trainable:
+    """A float32 deep copy of the UNet with every parameter trainable; on `device` (None: where the
+    UNet is), each tensor copied there on its own (fsdp copies to the CPU: a model whose fp32 copy
+    does not fit the GPU beside its base, which fully_shard then moves there shard by shard).
 
     Deliverable: the copy's state dict (UNet keys, no prefix) with the given parameter values.
     """
-    model = copy.deepcopy(unet).float().requires_grad_(True)
+    memo = {}
+    if device is not None:  # deepcopy takes these for the tensors it meets (keyed by id), so none is copied on the GPU
+        memo.update({id(p): nn.Parameter(p.detach().to(device, torch.float32, copy=True)) for p in unet.parameters()})
+        memo.update({id(b): b.detach().to(device, torch.float32 if b.is_floating_point() else b.dtype, copy=True)
+                     for b in unet.buffers()})
+    model = copy.deepcopy(unet, memo).float().requires_grad_(True)
     params = dict(model.named_parameters())
 
     def export(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

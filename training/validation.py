@@ -65,16 +65,20 @@ def draws(image, schedule: DiscreteSchedule | FlowSchedule) -> tuple[torch.Tenso
 @torch.no_grad()
 def validation_loss(model: nn.Module, images: list, schedule: DiscreteSchedule | FlowSchedule,
                     cond_for: Callable[[tuple[int, int], int], Mapping[str, torch.Tensor]], dtype: torch.dtype | None,
-                    device: torch.device, chunk: int, r: Ranks = Ranks()) -> float:
+                    device: torch.device, chunk: int, r: Ranks = Ranks(), even: bool = False) -> float:
     """The mean loss of `model` over every held-out image and draw (module doc). cond_for(bucket, n):
     the conditioning for n samples of that bucket, on the device. `chunk`: samples per forward call
-    (the run's micro-batch). Under torchrun a collective: every rank must call it."""
+    (the run's micro-batch). Under torchrun a collective: every rank must call it. even: every rank
+    makes the same number of forward calls (a sharded model's forward is a collective: FSDP gathers
+    its weights), those with fewer repeating a call whose loss is not counted."""
     flat = [(j, d) for j in range(len(images)) for d in range(DRAWS)]
     by_bucket: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for k, (j, d) in enumerate(flat):
         if k % r.world == r.rank:  # this rank's share
             by_bucket.setdefault(images[j].bucket, []).append((j, d))
     total = torch.zeros((), dtype=torch.float64)
+    calls = sum(-(-len(m) // chunk) for m in by_bucket.values())
+    extra = _missing_calls(r, calls) if even else 0
     for bucket in sorted(by_bucket):
         members = by_bucket[bucket]
         for start in range(0, len(members), chunk):
@@ -86,11 +90,24 @@ def validation_loss(model: nn.Module, images: list, schedule: DiscreteSchedule |
             x_t, timestep, target = schedule.noised(x0, eps, t)
             losses = per_sample_loss(model, x_t, timestep, target, cond_for(bucket, len(part)), dtype)
             total += losses.double().sum().cpu()
+    for _ in range(extra):  # (a rank with no share repeats the first held-out image's first draw)
+        x0, t, eps = draws(images[0], schedule)
+        x_t, timestep, target = schedule.noised(x0[None].to(device), eps[:1].to(device), t[:1])
+        per_sample_loss(model, x_t, timestep, target, cond_for(images[0].bucket, 1), dtype)
     if r.active:
         total = total.to(collective_device())
         torch.distributed.all_reduce(total)
         total = total.cpu()
     return float(total) / len(flat)
+
+
+def _missing_calls(r: Ranks, calls: int) -> int:
+    """How many forward calls this rank makes fewer than the rank with the most."""
+    if not r.active:
+        return 0
+    most = torch.tensor(calls, dtype=torch.int64, device=collective_device())
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return int(most) - calls
 
 
 def per_sample_loss(model: nn.Module, x_t, timestep, target, cond, dtype) -> torch.Tensor:

@@ -30,6 +30,7 @@ from ...training import TrainConfig, data, train
 from ...training.checkpoint import deliverable, fingerprint
 from ...training.config import cuda_graph_reason
 from ...training.distributed import ranks
+from ...training.sharded import remove_sharded
 from ..domain_files import apply_lora, model_from_base_config
 from ..dynamic_vram import release
 from ..host_memory import host_flag_reason
@@ -69,7 +70,7 @@ def with_cuda_graphs(config: TrainConfig) -> TrainConfig:
 
 class TrainingRun(NamedTuple):
     """What run_training returns."""
-    domain: object  # the domain MODEL
+    domain: object  # the domain MODEL (None on the ranks but 0 of a run with fsdp: rank 0 alone holds its weights)
     losses: list[float]  # one per step run in this call
     start: int  # the step this call started after
     model_path: str  # the model file written
@@ -108,6 +109,7 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
     if not resume and os.path.exists(state_path) and main:
         log.info("resume is off: starting over, replacing %s", state_path)
         os.remove(state_path)
+        remove_sharded(state_path)  # a sharded state's parts (fsdp)
 
     # Under dynamic VRAM, the host's non-dynamic copy of the base; the outputs below refer to `model`.
     trainer = for_training(model)
@@ -137,13 +139,15 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
                 **host_arguments(vae, host, trainer, cross_attn, extras),
                 on_progress=progress, on_checkpoint=write, on_preview=preview,
                 release_base=(lambda: release(trainer)) if config.mode == "full" else None,
-                on_samples=take_samples if samples is not None and main else None,
+                # (with fsdp every rank gathers the weights rank 0 samples with: every rank passes it, rank 0 calls it)
+                on_samples=take_samples if samples is not None and (main or config.fsdp) else None,
             )
         final = result.ema_weights if result.ema_weights is not None else result.weights
         if main:
             write(result.step, final)
 
-    return TrainingRun(trained_model(model, host, final, config, model_path), result.losses, result.start_step, model_path,
+    domain = trained_model(model, host, final, config, model_path) if final or not config.fsdp else None  # fsdp: rank 0's
+    return TrainingRun(domain, result.losses, result.start_step, model_path,
                        result.validation, samples.latest if samples is not None else None)
 
 
