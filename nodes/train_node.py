@@ -24,8 +24,8 @@ def _recipe_inputs() -> list:
                        "as the host samples it (a ModelSamplingDiscrete patch, e.g. v_prediction + zsnr, included)."),
         io.Vae.Input("vae", tooltip="The base checkpoint's VAE; images are encoded once and cached on disk."),
         io.Combo.Input("mode", options=["lora", "full"], default="lora",
-                       tooltip="lora: small adapters on the base (a fraction of full mode's memory, small files; turn "
-                               "cuda_graphs on for its speed). full: the paper's text-free copy of the whole UNet (the "
+                       tooltip="lora: small adapters on the base (a fraction of full mode's memory, small files, its "
+                               "steps as CUDA graphs on a GPU). full: the paper's text-free copy of the whole UNet (the "
                                "most memory: the weights, their gradients and AdamW's states). Figures: docs/BENCHMARKS.md."),
         io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Total optimizer steps (a resumed run continues up to this)."),
         io.Int.Input("batch_size", default=4, min=1, max=256,
@@ -92,19 +92,21 @@ def _speed_inputs() -> list:
     return [
         io.Boolean.Input("torch_compile", default=False, optional=True,
                          tooltip="Compile the trained UNet with torch.compile (needs a C++ compiler / Triton): the first step takes "
-                                 "2-3 minutes, then about 1.4x faster at batch 32 with less memory (mode full, no gradient "
-                                 "checkpointing; docs/BENCHMARKS.md). Pays for long runs.", **advanced()),
+                                 "minutes, the later ones run faster with less memory, most in full mode at large batches "
+                                 "without gradient checkpointing (figures: docs/BENCHMARKS.md). Pays for long runs.", **advanced()),
         io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw", optional=True,
                        tooltip="adamw: AdamW with 32-bit moments (8 bytes of state per trained parameter). adamw8bit: "
                                "bitsandbytes' 8-bit AdamW, the paper's recipe: 2 bytes per parameter (SD1.5 full mode: "
                                "about 5 GB less); needs the bitsandbytes package (pip install bitsandbytes). A run "
                                "resumes only with the optimizer it started with.", **advanced()),
         io.Boolean.Input("cuda_graphs", default=False, optional=True,
-                         tooltip="Replay each step's forward and backward as a CUDA graph: the same training with "
-                                 "far fewer kernel launches, faster where the CPU is the bound (LoRA mode most), for a "
-                                 "little more memory (figures: docs/BENCHMARKS.md). Needs one GPU, bf16 or fp32, "
-                                 "torch_compile off, gradient_accumulation 1, and not ComfyUI's "
-                                 "--disable-cuda-graphs; otherwise trains without them and says why in the log.", **advanced()),
+                         tooltip="Full mode too. LoRA mode always replays each step's forward and backward as a CUDA "
+                                 "graph where the run allows it: the same training with far fewer kernel launches, "
+                                 "for almost no memory. On: full mode does as well, faster, for the graph's memory "
+                                 "pool kept between steps. Needs one GPU, bf16 or fp32, torch_compile off and "
+                                 "gradient_accumulation 1; ComfyUI's --disable-cuda-graphs or the environment variable "
+                                 "INDOMAIN_TRAIN_GRAPHS=0 turns them off; the log says why a run trains without them.",
+                         **advanced()),
         io.Int.Input("gradient_accumulation", default=1, min=1, max=256, optional=True,
                      tooltip="Compute each step's batch_size images in this many parts (micro-batches of batch_size / "
                              "gradient_accumulation images, their gradients added up): a batch larger than fits in "

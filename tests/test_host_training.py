@@ -654,17 +654,24 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same_weights(co
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_cuda_graphs_train_what_the_eager_steps_train_or_the_log_says_why_not(comfy, folders, caplog, on_gpu, graphs, mode):
-    """cuda_graphs on: on a GPU (under either allocator) the steps after two eager ones are replayed
-    graphs and train the eager steps' weights (within 1e-3); elsewhere (the CPU) the node trains
-    exactly as with it off and the log names why."""
+def test_cuda_graphs_train_what_the_eager_steps_train_or_the_log_says_why_not(comfy, folders, caplog, monkeypatch, on_gpu,
+                                                                              graphs, mode):
+    """LoRA mode at the node's defaults, full mode with cuda_graphs on: on a GPU (under either
+    allocator) the steps after two eager ones are replayed graphs and train the eager steps' weights
+    (within 1e-3; eager: INDOMAIN_TRAIN_GRAPHS=0, full mode's default); elsewhere (the CPU) the node
+    trains exactly as eagerly and the log names why."""
     import folder_paths
     domain_images(os.path.join(folder_paths.get_input_directory(), "square"), sizes=((64, 64),) * 4)  # one bucket
     settings = dict(mode=mode, steps=6, batch_size=2, learning_rate=3e-3, checkpoint_every=0, resume=False,
                     image_folder="square", training_dtype=reproducible_dtype(on_gpu))
-    train(comfy, save_name=f"eager_{mode}", **settings)
+    with monkeypatch.context() as m:
+        m.setenv("INDOMAIN_TRAIN_GRAPHS", "0")
+        with caplog.at_level(logging.INFO):
+            train(comfy, save_name=f"eager_{mode}", **settings)
+    assert ("INDOMAIN_TRAIN_GRAPHS=0 is set" in caplog.text) == (graphs and mode == "lora")
+    caplog.clear()
     with caplog.at_level(logging.INFO):
-        train(comfy, save_name=f"graphed_{mode}", cuda_graphs=True, **settings)
+        train(comfy, save_name=f"graphed_{mode}", **settings, **({"cuda_graphs": True} if mode == "full" else {}))
     eager, graphed = load_file(saved(f"eager_{mode}.safetensors")), load_file(saved(f"graphed_{mode}.safetensors"))
     assert set(eager) == set(graphed)
     if graphs:
@@ -677,6 +684,30 @@ def test_cuda_graphs_train_what_the_eager_steps_train_or_the_log_says_why_not(co
         assert "cuda_graphs: training without CUDA graphs" in caplog.text and "the device is cpu" in caplog.text
         assert "captured" not in caplog.text
         assert all(torch.equal(eager[k], graphed[k]) for k in eager)
+
+
+def test_lora_mode_takes_cuda_graphs_by_default_full_mode_when_asked_and_each_refusal_says_why(comfy, caplog, monkeypatch):
+    """Where the run can have graphs (here: the device's and the host's reasons taken away), LoRA mode
+    gets them at the node's defaults and full mode only with cuda_graphs on (its graphs keep their
+    memory pool). INDOMAIN_TRAIN_GRAPHS=0, fp16 and accumulation keep the steps eager, logged as a
+    warning when cuda_graphs was asked for and as information otherwise."""
+    run, TrainConfig = comfy.pack("nodes.training.run"), comfy.pack("training").TrainConfig
+    monkeypatch.setattr(run, "cuda_graph_reason", lambda device: None)
+    monkeypatch.setattr(run, "host_flag_reason", lambda: None)
+    lora, full = TrainConfig(mode="lora"), TrainConfig(mode="full")
+    assert run.with_cuda_graphs(lora).cuda_graph and run.with_cuda_graphs(lora, asked=True).cuda_graph
+    assert run.with_cuda_graphs(full) is full and run.with_cuda_graphs(full, asked=True).cuda_graph
+    for config, why in ((TrainConfig(mode="lora", precision="fp16"), "training_dtype fp16"),
+                        (TrainConfig(mode="lora", batch_size=4, gradient_accumulation=2), "gradient_accumulation is 2")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert run.with_cuda_graphs(config) is config
+        assert [(r.levelno, why in r.getMessage()) for r in caplog.records] == [(logging.INFO, True)]
+    monkeypatch.setenv("INDOMAIN_TRAIN_GRAPHS", "0")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert run.with_cuda_graphs(lora, asked=True) is lora
+    assert [(r.levelno, "INDOMAIN_TRAIN_GRAPHS=0 is set" in r.getMessage()) for r in caplog.records] == [(logging.WARNING, True)]
 
 
 def test_full_mode_gives_the_base_back_to_the_host_once_its_copy_is_made(comfy, folders, monkeypatch):
@@ -825,7 +856,7 @@ def test_cuda_graphs_with_accumulation_train_without_them_and_say_why(comfy, cap
     run = comfy.pack("nodes.training.run")
     config = comfy.pack("training").TrainConfig(batch_size=4, gradient_accumulation=2)
     with caplog.at_level(logging.WARNING):
-        assert run.with_cuda_graphs(config) is config
+        assert run.with_cuda_graphs(config, asked=True) is config
     assert "cuda_graphs: training without CUDA graphs: gradient_accumulation is 2" in caplog.text
 
 

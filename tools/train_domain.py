@@ -94,8 +94,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the trained UNet (slow first step, then faster)")
     p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay each step's forward and backward as a CUDA graph (one GPU, bf16/fp32, no --compile); "
-                        "else trains without and says why")
+                   help="full mode too: replay each step's forward and backward as a CUDA graph (LoRA mode does so "
+                        "wherever it can: one GPU, bf16/fp32, no --compile, no accumulation; INDOMAIN_TRAIN_GRAPHS=0 "
+                        "turns that off); else trains without and says why")
     p.add_argument("--ema-decay", type=float, default=0.0)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=16.0)

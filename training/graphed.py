@@ -1,4 +1,6 @@
-"""A training step's forward and backward as CUDA graphs (TrainConfig.cuda_graph, opt-in).
+"""A training step's forward and backward as CUDA graphs (TrainConfig.cuda_graph; the node and
+the headless trainer turn it on for LoRA mode where the run allows it, for full mode on request:
+nodes/training/run.py with_cuda_graphs).
 
 Why: a LoRA step is bound by the host's launches, not by the GPU (docs/BENCHMARKS.md: SD1.5 at
 batch 8 on an H200, 94 ms of kernels in a 249 ms step; each adapter adds small ops to a forward

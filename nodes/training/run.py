@@ -54,16 +54,24 @@ def image_folder_fingerprint(image_folder: str) -> str:
     return data.image_folder_fingerprint(image_folder, folder_paths.get_input_directory())
 
 
-def with_cuda_graphs(config: TrainConfig) -> TrainConfig:
-    """config with cuda_graph on, or as it is (and a warning naming why) where the run cannot have
-    them: the CPU, torchrun, fp16, torch_compile, ComfyUI started with --disable-cuda-graphs."""
+def with_cuda_graphs(config: TrainConfig, asked: bool = False) -> TrainConfig:
+    """config with cuda_graph on where it pays and the run can have them (training/graphed.py): in
+    LoRA mode always (its eager step waits on the launches of the adapters' small ops; the graphs
+    cost it almost no memory), in full mode when `asked` (its graphs keep their memory pool between
+    steps). Otherwise config as it is, and the reason logged (a warning when asked): the CPU,
+    torchrun, fp16, torch_compile, fsdp, gradient accumulation, ComfyUI's --disable-cuda-graphs,
+    INDOMAIN_TRAIN_GRAPHS=0."""
+    if config.cuda_graph or (not asked and config.mode != "lora"):
+        return config
     reason = ("training_dtype fp16 (its loss scaling)" if config.precision == "fp16" else
               "torch_compile is on" if config.compile else
+              "fsdp is on (its blocks' weights are gathered and freed around each call)" if config.fsdp else
               f"gradient_accumulation is {config.gradient_accumulation} (the graphs record whole steps)"
               if config.gradient_accumulation > 1 else
-              cuda_graph_reason(comfy.model_management.get_torch_device()) or host_flag_reason())
+              cuda_graph_reason(comfy.model_management.get_torch_device()) or host_flag_reason()
+              or ("INDOMAIN_TRAIN_GRAPHS=0 is set" if os.environ.get("INDOMAIN_TRAIN_GRAPHS", "").strip() == "0" else None))
     if reason:
-        log.warning("cuda_graphs: training without CUDA graphs: %s", reason)
+        (log.warning if asked else log.info)("cuda_graphs: training without CUDA graphs: %s", reason)
         return config
     return dataclasses.replace(config, cuda_graph=True)
 
@@ -86,12 +94,12 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
 
     image_folder: a folder inside ComfyUI's input directory (relative to it, or an absolute path
     inside it); image_folder_anywhere=True (the headless trainer) accepts any folder.
-    cuda_graphs: the steps as CUDA graphs where this process allows them (training/graphed.py),
-    else the eager steps and a warning naming why. tensorboard: TensorBoard event files in
+    cuda_graphs: full mode's steps as CUDA graphs too (LoRA mode's are wherever the run allows
+    them; with_cuda_graphs). tensorboard: TensorBoard event files in
     output/indomain_logs/<save_name>/ (logs.py; ImportError naming the package when it is missing).
     validation: the prompts (encoded with `clip`) and settings of the validation samples taken at
     each checkpoint (samples.py); None or no prompts: none."""
-    config = with_cuda_graphs(config) if cuda_graphs else config
+    config = with_cuda_graphs(config, asked=cuda_graphs)
     if tensorboard:
         require_tensorboard()  # before anything is read or written
     config.validate()
