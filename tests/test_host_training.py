@@ -703,6 +703,8 @@ def test_lora_mode_takes_cuda_graphs_by_default_full_mode_when_asked_and_each_re
         with caplog.at_level(logging.INFO):
             assert run.with_cuda_graphs(config) is config
         assert [(r.levelno, why in r.getMessage()) for r in caplog.records] == [(logging.INFO, True)]
+    sharded = TrainConfig(mode="full", fsdp=True)
+    assert run.with_cuda_graphs(sharded, asked=True) is sharded  # fsdp refuses graphs: eager, and said
     monkeypatch.setenv("INDOMAIN_TRAIN_GRAPHS", "0")
     caplog.clear()
     with caplog.at_level(logging.INFO):
