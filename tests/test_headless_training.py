@@ -67,17 +67,23 @@ def test_trains_writes_the_file_and_resumes(base_dir, on_gpu):
         assert f.metadata()["indomain.steps"] == "3"
 
 
-def test_validation_prompts_from_a_file_give_a_grid_per_checkpoint_also_under_torchrun(base_dir):
-    """--validation-prompts: rank 0 samples the grid of each checkpoint while the other rank waits;
-    the run goes on and ends as without them."""
+@pytest.fixture(scope="module")
+def two_ranks(base_dir):
+    """The tool under torchrun (2 CPU processes, gloo), 2 steps, a checkpoint each, validation prompts
+    from a file: one run, whose outcome the next two tests read."""
     prompts = base_dir / "prompts.txt"
     prompts.write_text("a photo of a cat\n\na red house\n", encoding="utf-8")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    out = run_tool(base_dir, "--save-name", "cli_samples", "--steps", "2", "--checkpoint-every", "1",
-                   "--validation-prompts", str(prompts), "--validation-steps", "2", "--validation-domain-scales", "0 1.5",
-                   launcher=launcher)
-    assert out.returncode == 0, out.stderr[-3000:]
-    folder = base_dir / "output" / "indomain_previews" / "cli_samples"
+    return run_tool(base_dir, "--save-name", "two_ranks", "--steps", "2", "--checkpoint-every", "1",
+                    "--validation-prompts", str(prompts), "--validation-steps", "2", "--validation-domain-scales", "0 1.5",
+                    launcher=launcher)
+
+
+def test_validation_prompts_from_a_file_give_a_grid_per_checkpoint_also_under_torchrun(base_dir, two_ranks):
+    """--validation-prompts: rank 0 samples the grid of each checkpoint while the other rank waits;
+    the run goes on and ends as without them."""
+    assert two_ranks.returncode == 0, two_ranks.stderr[-3000:]
+    folder = base_dir / "output" / "indomain_previews" / "two_ranks"
     assert sorted(os.listdir(folder)) == ["validation_step_000001.png", "validation_step_000002.png"]
     from PIL import Image
     with Image.open(folder / "validation_step_000002.png") as image:
@@ -87,11 +93,10 @@ def test_validation_prompts_from_a_file_give_a_grid_per_checkpoint_also_under_to
     assert missing.returncode != 0 and "--validation-prompts" in missing.stderr
 
 
-def test_torchrun_trains_on_two_processes_and_rank_0_writes_the_files(base_dir):
-    """The same command under torchrun (2 CPU processes, gloo): each takes half of the global
-    batch; rank 0 alone logs progress and writes the state and model files."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    out = run_tool(base_dir, "--save-name", "two_ranks", "--steps", "2", "--checkpoint-every", "1", launcher=launcher)
+def test_torchrun_trains_on_two_processes_and_rank_0_writes_the_files(base_dir, two_ranks):
+    """The same command under torchrun: each process takes half of the global batch; rank 0 alone logs
+    progress and writes the state and model files."""
+    out = two_ranks
     assert out.returncode == 0, out.stderr[-3000:]
     assert "2 processes of 1 images each" in out.stderr and "step 2/2" in out.stderr
     assert "INFO [rank 1/2]" not in out.stderr and "ERROR" not in out.stderr  # rank 1 reports only its own failures

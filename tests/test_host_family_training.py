@@ -61,10 +61,24 @@ def model_file(comfy, family, name=None) -> str:
 from test_host_training import shown_losses as losses  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def two_step_lora(comfy):
+    """family -> the file of a 2-step LoRA run of that family (trained once, on first use)."""
+    paths = {}
+
+    def get(family) -> str:
+        if family not in paths:
+            comfy.run(train_graph(family, steps=2, checkpoint_every=0, resume=False))
+            paths[family] = model_file(comfy, family)
+        return paths[family]
+
+    return get
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_lora_is_written_with_the_familys_prediction_type_and_the_hosts_lora_loader_applies_it(comfy, family):
-    comfy.run(train_graph(family, steps=2, checkpoint_every=0, resume=False))
-    path = model_file(comfy, family)
+def test_a_lora_is_written_with_the_familys_prediction_type_and_the_hosts_lora_loader_applies_it(comfy, family,
+                                                                                                 two_step_lora):
+    path = two_step_lora(family)
     with safe_open(path, "pt") as f:
         meta = f.metadata()
     assert meta["indomain.prediction_type"] == ("flow" if family in FLOW else "v" if family == "sd2_v" else "eps")
@@ -100,11 +114,24 @@ def test_lora_training_runs_on_a_base_stored_in_fp8(comfy, family):
     assert len(lora.patches) >= 4
 
 
+@pytest.fixture(scope="module")
+def full_run(comfy):
+    """family -> (the losses shown, the MODEL output) of a 30-step full-mode run (trained once, on first use)."""
+    runs = {}
+
+    def get(family):
+        if family not in runs:
+            comfy.run(train_graph(family, mode="full", steps=30, batch_size=2, learning_rate=1e-3, checkpoint_every=0,
+                                  resume=False, save_name=f"fam_full_{family}"))
+            runs[family] = losses(comfy), comfy.captured["trained"]
+        return runs[family]
+
+    return get
+
+
 @pytest.mark.parametrize("family", DITS)
-def test_the_loss_falls_in_full_mode(comfy, family):
-    comfy.run(train_graph(family, mode="full", steps=30, batch_size=2, learning_rate=1e-3, checkpoint_every=0,
-                          resume=False, save_name=f"fam_loss_{family}"))
-    curve = losses(comfy)
+def test_the_loss_falls_in_full_mode(family, full_run):
+    curve, _ = full_run(family)
     assert len(curve) == 30, curve
     first, last = np.mean(curve[:8]), np.mean(curve[-8:])
     assert last < 0.85 * first, f"{family}: mean loss {first:.4f} -> {last:.4f}"  # (measured: 0.70 to 0.79 for SD2-v, SDXL)
@@ -123,9 +150,8 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(comfy, fami
 
 
 @pytest.mark.parametrize("family", DITS)
-def test_full_mode_gives_a_model_of_the_bases_family(comfy, family):
-    comfy.run(train_graph(family, mode="full", steps=2, checkpoint_every=0, resume=False, save_name=f"fam_full_{family}"))
-    domain, base = comfy.captured["trained"], fam.family_model(family)
+def test_full_mode_gives_a_model_of_the_bases_family(comfy, family, full_run):
+    domain, base = full_run(family)[1], fam.family_model(family)
     assert type(domain.model) is type(base.model)
     ours, theirs = domain.get_model_object("model_sampling"), base.get_model_object("model_sampling")
     assert type(ours).__bases__ == type(theirs).__bases__ and ours.shift == theirs.shift  # (a class per model)
@@ -135,15 +161,13 @@ def test_full_mode_gives_a_model_of_the_bases_family(comfy, family):
 
 
 @pytest.mark.parametrize("family", DITS)
-def test_gradient_checkpointing_of_the_familys_blocks_trains_the_same_weights(comfy, family):
+def test_gradient_checkpointing_of_the_familys_blocks_trains_the_same_weights(comfy, family, two_step_lora):
     """The family's blocks (joint, double/single, refiner and main layers) recomputed in backward:
-    the same LoRA weights as without checkpointing."""
-    runs = {}
-    for checkpointing in (False, True):
-        name = f"fam_ckpt_{family}_{int(checkpointing)}"
-        comfy.run(train_graph(family, steps=2, checkpoint_every=0, resume=False, save_name=name,
-                              gradient_checkpointing=checkpointing))
-        runs[checkpointing] = load_file(model_file(comfy, family, name))
+    the same LoRA weights as without checkpointing (the 2-step run, which has it off)."""
+    assert TRAIN_DEFAULTS["gradient_checkpointing"] is False
+    name = f"fam_ckpt_{family}_1"
+    comfy.run(train_graph(family, steps=2, checkpoint_every=0, resume=False, save_name=name, gradient_checkpointing=True))
+    runs = {False: load_file(two_step_lora(family)), True: load_file(model_file(comfy, family, name))}
     assert runs[True].keys() == runs[False].keys()
     assert all(torch.allclose(runs[True][k], runs[False][k], rtol=1e-5, atol=1e-7) for k in runs[True])
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in runs[True].items() if "lora_up" in k)  # it trained
