@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 
 from tests.support.live_server import free_port
 from tests.support.standins import one_cpu_thread, tiny_unet  # noqa: F401
-from tests.test_training_distributed import CONFIG, REPO, close, images, single
+from tests.test_training_distributed import CONFIG, REPO, close, finished, images, single
 from training import TrainConfig, read_state_header
 from training.checkpoint import ResumeMismatch
 from training.distributed import Ranks
@@ -71,17 +71,7 @@ def two_machines(tmp, jobs: list[dict], timeout: float = 180) -> list[subprocess
                                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
                                "--rdzv-id", "indomain-test", "-m", "tests.dist_worker", os.fspath(spec)],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for node in (0, 1)]
-    done = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=timeout)
-            done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return done
+    return finished(procs, timeout)
 
 
 def move_state(state, folder) -> str:

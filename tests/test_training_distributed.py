@@ -49,6 +49,11 @@ def launch(tmp, jobs: list[dict], world: int = 2, timeout: float = 120) -> list[
            "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, *WORKER, os.fspath(spec)], cwd=REPO, env={**env, "RANK": str(k), "LOCAL_RANK": str(k)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(world)]
+    return finished(procs, timeout)
+
+
+def finished(procs: list[subprocess.Popen], timeout: float) -> list[subprocess.CompletedProcess]:
+    """Each process's output once it exits (within `timeout` each); none is left running, also on error."""
     done = []
     try:
         for p in procs:

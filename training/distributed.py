@@ -193,13 +193,22 @@ def save_agreed(r: Ranks, state_path: str, step: int, config: dict, params, ema,
     """Rank 0 writes the state (with the `validation` history; and `after()`: the host's model file);
     every rank learns whether it succeeded, so a failed write stops every rank."""
     by_index = optimizer_state(optimizer, list(params.values()))  # a collective for a sharded optimizer
+
+    def write() -> None:
+        save_state(state_path, step=step, config=config, params=params, ema=ema, optimizer=by_index, scaler=scaler,
+                   validation=validation)
+        if after is not None:
+            after()
+    written_by_main(r, step, write)
+
+
+def written_by_main(r: Ranks, step: int, write: Callable[[], None]) -> None:
+    """Rank 0 calls write() (the checkpoint of `step`); every rank learns whether it succeeded: rank
+    0 raises its own error, the others StoppedByPeer, so a failed write stops every rank."""
     failure = None
     if r.main:
         try:
-            save_state(state_path, step=step, config=config, params=params, ema=ema, optimizer=by_index, scaler=scaler,
-                       validation=validation)
-            if after is not None:
-                after()
+            write()
         except BaseException as e:
             if not r.active:
                 raise

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .checkpoint import ResumeMismatch, StateHeader, restore_scaler, save_sharded_header
-from .distributed import Ranks, StoppedByPeer, agree_flag, mark_own
+from .distributed import Ranks, written_by_main
 from .trainable import Trainable
 
 log = logging.getLogger(__name__)
@@ -184,23 +184,15 @@ def save_sharded(r: Ranks, state_path: str, step: int, config: dict, module: nn.
     tmp = os.path.join(shards, name + ".tmp")
     dcp.save(_state(module, optimizer, ema), checkpoint_id=tmp)  # every rank its part; rank 0 the metadata, last
     gathered = weights() if on_checkpoint is not None else None  # a collective
-    failure = None
-    if r.main:
-        try:
-            os.replace(tmp, os.path.join(shards, name))
-            save_sharded_header(state_path, step=step, config=config, names=list(params), scaler=scaler,
-                                shards=os.path.join(os.path.basename(shards), name), validation=validation)
-            _remove_others(shards, keep=name)
-            if on_checkpoint is not None:
-                on_checkpoint(step, gathered)
-        except BaseException as e:
-            if not r.active:
-                raise
-            failure = mark_own(r, e)
-    if r.active and agree_flag(r, failure is not None) and failure is None:
-        raise StoppedByPeer(f"stopped because rank 0 could not write the checkpoint at step {step} (its message says why)")
-    if failure is not None:
-        raise failure
+
+    def write() -> None:
+        os.replace(tmp, os.path.join(shards, name))
+        save_sharded_header(state_path, step=step, config=config, names=list(params), scaler=scaler,
+                            shards=os.path.join(os.path.basename(shards), name), validation=validation)
+        _remove_others(shards, keep=name)
+        if on_checkpoint is not None:
+            on_checkpoint(step, gathered)
+    written_by_main(r, step, write)
 
 
 def _remove_others(shards: str, keep: str) -> None:
