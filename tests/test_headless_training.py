@@ -178,6 +178,50 @@ def test_trains_on_the_gpu_in_the_hosts_low_vram_mode_with_previews(base_dir, mo
     assert sorted(os.listdir(previews)) == ["step_000002.png", "step_000004.png"]
 
 
+def cli_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", os.path.join(os.path.dirname(__file__), "..", "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# CLI option -> the node input it stands for, where the names differ (flags that turn a default off).
+NODE_NAMES = {"no_flip": "flip", "no_gradient_checkpointing": "gradient_checkpointing", "compile": "torch_compile",
+              "restart": "resume"}
+
+
+def test_every_option_explains_itself_with_the_nodes_default_and_range(comfy):
+    """--help as the node's tooltips: every option of both tools has a help line; each number states
+    its range, which is the node input's (min to max, the same default), and a value outside it is
+    refused naming the option and the range."""
+    train, extract = cli_module("train_domain"), cli_module("extract_domain_lora")
+    inputs = {i.id: i for i in comfy.nodes["InDomainTrainUNet"].GET_SCHEMA().inputs}
+    inputs_extract = {i.id: i for i in comfy.nodes["InDomainExtractLoRA"].GET_SCHEMA().inputs}
+    for cli, node in ((train, inputs), (extract, inputs_extract)):
+        numbers = 0
+        for action in cli.parser()._actions:
+            assert action.help and len(action.help) > 10, action.option_strings
+            if not hasattr(action.type, "lo"):
+                continue
+            numbers += 1
+            lo, hi = action.type.lo, action.type.hi
+            assert f"({train.span(lo, hi)})" in action.help, action.help
+            assert cli.Help("tool")._get_help_string(action).endswith("(default: %(default)s)"), action.dest
+            name = NODE_NAMES.get(action.dest, action.dest)
+            if name in node:  # --log-every has no node input
+                assert (node[name].min, node[name].max, node[name].default) == (lo, hi, action.default), name
+        assert numbers >= (15 if cli is train else 1)
+    for flag in NODE_NAMES:  # the flags' node inputs exist and default the other way round
+        assert inputs[NODE_NAMES[flag]].default in (True, False)
+
+    for argv, words in ((["--steps", "0"], "argument --steps: 0 is outside 1 to 1000000"),
+                        (["--learning-rate", "2"], "argument --learning-rate: 2 is outside 1e-07 to 1"),
+                        (["--validation-share", "0.6"], "argument --validation-share: 0.6 is outside 0 to 0.5"),
+                        (["--batch-size", "four"], "argument --batch-size: 'four' is not an integer")):
+        out = subprocess.run([sys.executable, TOOL, "--images", "x", "--save-name", "y", *argv], capture_output=True, text=True)
+        assert out.returncode == 2 and words in out.stderr, out.stderr
+
+
 def test_the_command_line_offers_what_the_training_loop_takes(comfy):
     """The CLI parses its options before the pack is importable, so its choices are written out
     there: each must be a value TrainConfig takes, and every optimizer training.config has is offered."""

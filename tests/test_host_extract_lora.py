@@ -281,7 +281,7 @@ def test_the_command_line_tool_writes_the_same_file(comfy, tmp_path):
     assert meta["indomain.extracted_from"] == "cli_domain.safetensors"
     assert abs(float(meta["indomain.extraction.relative_error"]) - tail(16, 320)) < 0.05
     assert "relative error" in ok.stderr and "worst layer" in ok.stderr
-    for args, words in ((["--rank", "0"], "--rank 0: the rank must be 1 or more"),
+    for args, words in ((["--rank", "0"], "argument --rank: 0 is outside 1 to 4096"),
                         (["--rank", "4", "--save-name", "../escape"], "--save-name '../escape.safetensors' leaves the folder"),
                         (["--rank", "4", "--domain", "tiny_unet.ckpt"], "only .safetensors files are read")):
         options = {"--domain": "cli_domain.safetensors", "--save-name": "cli/bad"}

@@ -21,20 +21,20 @@ import os
 import sys
 
 try:  # python -m tools.extract_domain_lora (from the pack's folder)
-    from tools.train_domain import host_options, model_file, pickled_file, start_host
+    from tools.train_domain import Help, host_options, model_file, number, pickled_file, start_host
 except ImportError:  # python tools/extract_domain_lora.py
-    from train_domain import host_options, model_file, pickled_file, start_host
+    from train_domain import Help, host_options, model_file, number, pickled_file, start_host
 
 log = logging.getLogger("indomain.extract")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=Help)
     src = p.add_argument_group("the base (one of)")
     src.add_argument("--checkpoint", help="base checkpoint (name in models/checkpoints, or a path)")
     src.add_argument("--unet", help="base diffusion model (name in models/diffusion_models, or a path)")
     p.add_argument("--domain", required=True, help="the full-copy domain (name in models/diffusion_models or models/domain_unets, or a path)")
-    p.add_argument("--rank", type=int, default=64, help="the LoRA's rank per layer (1 or more)")
+    number(p, "--rank", int, 1, 4096, 64, "the LoRA's rank per layer")
     p.add_argument("--save-name", required=True, help="file name in models/loras (subfolders allowed, no '..')")
     p.add_argument("--save-dtype", choices=["fp16", "bf16", "fp32"], default="fp16", help="dtype of the file's tensors")
     p.add_argument("--biases-and-norms", action="store_true",
@@ -55,11 +55,9 @@ def as_options(message: str) -> str:
 
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
-    """Before anything loads: one base, a rank of 1 or more, safetensors names only."""
+    """Before anything loads (the parser has checked --rank's range): one base, safetensors names only."""
     if bool(args.checkpoint) == bool(args.unet):
         p.error("give the base as one of --checkpoint or --unet")
-    if args.rank < 1:
-        p.error(f"--rank {args.rank}: the rank must be 1 or more")
     if (wrong := pickled_file(args, ("checkpoint", "unet", "domain"))) is not None:
         p.error(wrong)
 
