@@ -194,7 +194,7 @@ def test_every_option_explains_itself_with_the_nodes_default_and_range(comfy):
     """--help as the node's tooltips: every option of both tools has a help line; each number states
     its range, which is the node input's (min to max, the same default), and a value outside it is
     refused naming the option and the range."""
-    train, extract = cli_module("train_domain"), cli_module("extract_domain_lora")
+    train, extract, options = cli_module("train_domain"), cli_module("extract_domain_lora"), cli_module("cli_options")
     inputs = {i.id: i for i in comfy.nodes["InDomainTrainUNet"].GET_SCHEMA().inputs}
     inputs_extract = {i.id: i for i in comfy.nodes["InDomainExtractLoRA"].GET_SCHEMA().inputs}
     for cli, node in ((train, inputs), (extract, inputs_extract)):
@@ -205,8 +205,8 @@ def test_every_option_explains_itself_with_the_nodes_default_and_range(comfy):
                 continue
             numbers += 1
             lo, hi = action.type.lo, action.type.hi
-            assert f"({train.span(lo, hi)})" in action.help, action.help
-            assert cli.Help("tool")._get_help_string(action).endswith("(default: %(default)s)"), action.dest
+            assert f"({options.span(lo, hi)})" in action.help, action.help
+            assert options.Help("tool")._get_help_string(action).endswith("(default: %(default)s)"), action.dest
             name = NODE_NAMES.get(action.dest, action.dest)
             if name in node:  # --log-every has no node input
                 assert (node[name].min, node[name].max, node[name].default) == (lo, hi, action.default), name

@@ -21,9 +21,11 @@ import os
 import sys
 
 try:  # python -m tools.extract_domain_lora (from the pack's folder)
-    from tools.train_domain import Help, host_options, model_file, number, pickled_file, start_host
+    from tools.cli_options import Help, host_options, number
+    from tools.train_domain import model_file, pickled_file, start_host
 except ImportError:  # python tools/extract_domain_lora.py
-    from train_domain import Help, host_options, model_file, number, pickled_file, start_host
+    from cli_options import Help, host_options, number
+    from train_domain import model_file, pickled_file, start_host
 
 log = logging.getLogger("indomain.extract")
 
