@@ -40,15 +40,16 @@ class Extraction:
 
 def low_rank(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(up, down) of the truncated SVD of `delta` (a weight difference of >= 2 dimensions) at
-    min(rank, out, in * kernel): up is (out, r, 1, ...), down (r, *delta.shape[1:]), and
-    up.flatten(1) @ down.flatten(1) is the best rank-r approximation of delta.flatten(1)."""
-    matrix = delta.flatten(1).float()
+    min(rank, out, in * kernel), float32: up is (out, r, 1, ...), down (r, *delta.shape[1:]), and
+    up.flatten(1) @ down.flatten(1) is the best rank-r approximation of delta.flatten(1). The SVD runs
+    in float64, where the difference is."""
+    matrix = delta.flatten(1).double()  # float64: in float32 a GPU left ~1e-4 of the difference at full rank
     r = min(rank, *matrix.shape)
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     root = s[:r].sqrt()
     up = (u[:, :r] * root).reshape(delta.shape[0], r, *([1] * (delta.ndim - 2)))
     down = (root[:, None] * vh[:r]).reshape(r, *delta.shape[1:])
-    return up, down
+    return up.float(), down.float()
 
 
 def extract_lora(base: Mapping[str, torch.Tensor], domain: Mapping[str, torch.Tensor], rank: int, *,
@@ -86,7 +87,7 @@ def extract_lora(base: Mapping[str, torch.Tensor], domain: Mapping[str, torch.Te
         if delta.ndim >= 2 and key.endswith(".weight"):
             layer = key[: -len(".weight")]
             up, down = (t.to(dtype) for t in low_rank(delta, rank))
-            left = delta.flatten(1) - up.flatten(1).float() @ down.flatten(1).float()
+            left = delta.flatten(1).double() - up.flatten(1).double() @ down.flatten(1).double()  # (no TF32 in float64)
             layer_residual = float(left.square().sum())
             errors[layer] = math.sqrt(layer_residual / square)
             ranks[layer] = down.shape[0]
