@@ -52,16 +52,33 @@ def rows_refs_guidance(x, args, kwargs) -> dict:
             "guidance": None if g is None else sorted({round(float(v), 4) for v in g.flatten()})}
 
 
+# What a call under a CUDA graph capture records: reading its values (a copy to the CPU) would end the capture.
+CAPTURE = "the capture's call"
+
+
 def record_calls(monkeypatch, patcher, calls: list, read=rows_refs_guidance):
-    """Record read(x, the other arguments, the keyword arguments) for every call of this model's transformer."""
+    """Record read(x, the other arguments, the keyword arguments) for every call of this model's transformer
+    (CAPTURE for the call the fast path records as a CUDA graph)."""
     module = patcher.model.diffusion_model
     forward = module.forward
 
     def recording(x, *args, **kwargs):
-        calls.append(read(x, args, kwargs))
+        calls.append(CAPTURE if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+                     else read(x, args, kwargs))
         return forward(x, *args, **kwargs)
 
     monkeypatch.setattr(module, "forward", recording)
+
+
+def per_step(call, on_gpu: bool, fast: bool = True) -> list:
+    """The calls a run of STEPS steps records: one a step; on the GPU's fast path the first step's and the
+    capture's at the second (the CUDA graph replays the later steps without entering Python)."""
+    return [call, CAPTURE][:STEPS] if on_gpu and fast else [call] * STEPS
+
+
+def read_calls(calls: list) -> list:
+    """The calls whose values were read (not the capture's)."""
+    return [c for c in calls if c != CAPTURE]
 
 
 def image_nodes(family: str) -> dict:
@@ -113,11 +130,9 @@ def test_flux2_reference_image_and_guidance_each_row_as_wired(comfy, monkeypatch
     fast = run(comfy, monkeypatch, flux2_edit(null_reference, null_guidance), fast=True)["out"]
 
     refs = 1 if null_reference else 0
-    # (a CUDA graph replays the recorded call without entering Python: the first step's calls only)
-    steps = 1 if on_gpu else STEPS
-    assert domain_calls == [{"rows": 1, "refs": refs, "guidance": [4.0]}] * steps
+    assert domain_calls == per_step({"rows": 1, "refs": refs, "guidance": [4.0]}, on_gpu)
     if null_reference:  # c and u alike: the host batches them in one call, recorded
-        assert base_calls == [{"rows": 2, "refs": 1, "guidance": [4.0]}] * steps
+        assert base_calls == per_step({"rows": 2, "refs": 1, "guidance": [4.0]}, on_gpu)
         assert path_lines(caplog, on_gpu) == ["domain 'domain_model': fast path (recorded)",
                                               "base model (3 rows): fast path (recorded)"]
     else:  # c with its reference, u without: two calls, as the host makes them (its call every step)
@@ -196,10 +211,9 @@ def test_qwen_image_edit_reference_reaches_each_row_once_as_wired(comfy, monkeyp
     fast = run(comfy, monkeypatch, qwen_edit(null)[0], fast=True)["out"]
 
     refs = 0 if null == "plain" else 1
-    steps = 1 if on_gpu else STEPS
-    assert domain_calls == [{"rows": 1, "refs": refs, "guidance": None}] * steps
+    assert domain_calls == per_step({"rows": 1, "refs": refs, "guidance": None}, on_gpu)
     if refs:  # the negative's row is u: one call of c and n, both with the reference, recorded
-        assert base_calls == [{"rows": 2, "refs": 1, "guidance": None}] * steps
+        assert base_calls == per_step({"rows": 2, "refs": 1, "guidance": None}, on_gpu)
         assert path_lines(caplog, on_gpu) == ["domain 'domain_model': fast path (recorded)",
                                               "base model (2 rows): fast path (recorded)"]
     else:  # c and n with the reference in one call, u without in another, as the host makes them
@@ -240,9 +254,8 @@ def test_chroma_every_row_at_the_hosts_default_guidance(comfy, monkeypatch, on_g
     record_calls(monkeypatch, domain, domain_calls)
     prompt = graph("chroma", cfg=3.5, guidance={"null": 3.5}, domain=("dom", 0), domain_scale=1.2)
     out = run(comfy, monkeypatch, prompt, fast=fast)["out"]
-    steps = 1 if fast and on_gpu else STEPS
-    assert domain_calls == [{"rows": 1, "refs": 0, "guidance": [0.0]}] * steps
-    assert base_calls == [{"rows": 3, "refs": 0, "guidance": [0.0]}] * steps
+    assert domain_calls == per_step({"rows": 1, "refs": 0, "guidance": [0.0]}, on_gpu, fast)
+    assert base_calls == per_step({"rows": 3, "refs": 0, "guidance": [0.0]}, on_gpu, fast)
     oracle = run(comfy, monkeypatch, {**prompt, **custom_sampling(formula_guider(1.2, cfg=3.5, null=("null_0", 0)), "formula"),
                                       "null_0": cond("chroma", "")})["formula"]
     assert close(out, oracle, rel=rel_tolerance("chroma", on_gpu, 1e-5))
@@ -265,7 +278,7 @@ def test_hunyuan_image_quoted_text_glyphs_reach_the_prompts_row_only(comfy, monk
     caplog.clear()
     calls["base"].clear(), calls["domain"].clear()
     fast = run(comfy, monkeypatch, prompt, fast=True)["out"]
-    assert calls["domain"] == [(1, False)] * (1 if on_gpu else STEPS)
+    assert calls["domain"] == per_step((1, False), on_gpu)
     assert sorted(calls["base"]) == sorted([(1, True), (2, False)] * STEPS)  # c alone, n and u together, per step
     assert path_lines(caplog, on_gpu) == [
         "domain 'domain_model': fast path (recorded)",
@@ -305,10 +318,11 @@ def test_wan22_5b_start_frame_every_row_at_the_masks_per_frame_timesteps(comfy, 
     fast = run(comfy, monkeypatch, prompt, fast=True)["out"]
 
     assert fast.shape == (1, 48, 2, 4, 4)
-    steps = 1 if on_gpu else STEPS
-    assert [rows for rows, _ in calls["base"]] == [3] * steps and [rows for rows, _ in calls["domain"]] == [1] * steps
-    assert [t for _, t in calls["domain"]] == [t for _, t in calls["base"]]  # the same per-frame timesteps as the base
-    assert all(t[0] == 0.0 and t[1] > 0.0 for _, t in calls["base"])  # frame 0 kept, frame 1 denoised
+    assert [c if c == CAPTURE else c[0] for c in calls["base"]] == per_step(3, on_gpu)  # rows
+    assert [c if c == CAPTURE else c[0] for c in calls["domain"]] == per_step(1, on_gpu)
+    timesteps = {name: [t for _, t in read_calls(c)] for name, c in calls.items()}
+    assert timesteps["domain"] == timesteps["base"]  # the same per-frame timesteps as the base
+    assert all(t[0] == 0.0 and t[1] > 0.0 for t in timesteps["base"])  # frame 0 kept, frame 1 denoised
     assert path_lines(caplog, on_gpu) == ["domain 'domain_model': fast path (recorded)",
                                           "base model (3 rows): fast path (recorded)"]
     assert torch.equal(fast[:, :, 0], stock[:, :, 0]) and not close(fast[:, :, 1:], stock[:, :, 1:], rel=1e-3)
@@ -342,7 +356,7 @@ def test_wan22_a14b_two_experts_one_domain_each_switched_at_the_hosts_step(comfy
         c.clear()
     caplog.clear()
     fast = run(comfy, monkeypatch, wan_experts("domain"), fast=True)["out"]
-    steps = {name: sorted({t for _, t in c}, reverse=True) for name, c in calls.items()}
+    steps = {name: sorted({t for _, t in read_calls(c)}, reverse=True) for name, c in calls.items()}
     if not on_gpu:  # (a CUDA graph replays later steps without entering Python)
         assert steps == {"high": stock_steps["high"], "dom_high": stock_steps["high"],
                          "low": stock_steps["low"], "dom_low": stock_steps["low"]}

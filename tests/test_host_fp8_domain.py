@@ -17,7 +17,8 @@ FP8 = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn
 FP8_TOLERANCE = {"fp8_e4m3fn": 0.02, "fp8_e4m3fn_fast": 0.02, "fp8_e5m2": 0.03}
 FP16_TOLERANCE = 1e-4
 # The same weights computed the same way: float32 on the CPU; on a GPU, fp16 compute from fp8 or fp16
-# weights may take other kernels (not yet run on a GPU).
+# weights may take other kernels (held on an H100 under ComfyUI 0.8.0; under 0.33's dynamic VRAM the fp8
+# domain was 0.0019 (e4m3fn) and 0.0041 (e5m2) from the rounded one: open, the assertion says what it saw).
 SAME = {False: 1e-5, True: 1e-3}
 
 
@@ -67,6 +68,14 @@ def weight_dtypes(model) -> set:
     return {p.dtype for p in model.model.diffusion_model.parameters()}
 
 
+def kept_dtypes(model) -> set:
+    """The dtypes the host computes the weights from: each parameter's own, or, where the host keeps the
+    file's tensors and casts them to the layer's dtype as it stages them on the device (ComfyUI 0.33+'s
+    dynamic VRAM: the layer's dtype is `<name>_comfy_model_dtype`), that dtype."""
+    return {getattr(m, f"{n}_comfy_model_dtype", None) or p.dtype
+            for m in model.model.diffusion_model.modules() for n, p in m.named_parameters(recurse=False)}
+
+
 def test_the_input_comes_last_and_optional_so_saved_workflows_keep_their_widget_values(comfy):
     info = comfy.nodes["InDomainUNetLoader"].GET_NODE_INFO_V1()
     assert list(info["input"]["required"]) == ["unet_name", "lora_strength"]
@@ -80,7 +89,7 @@ def test_the_input_comes_last_and_optional_so_saved_workflows_keep_their_widget_
 @pytest.mark.parametrize("option", list(FP8))
 def test_an_fp8_full_copy_is_loaded_with_fp8_weights(comfy, files, option):
     model = loaded(comfy, files["full"], option)
-    assert weight_dtypes(model) == {FP8[option]}  # as the host's loader stores them: every weight
+    assert kept_dtypes(model) == {FP8[option]}  # as the host's loader keeps them: every weight
     assert model.model.manual_cast_dtype is not None  # computed in the host's dtype for the device
     assert model.model.model_config.optimizations.get("fp8", False) is option.endswith("_fast")
 
@@ -102,7 +111,11 @@ def test_an_fp8_domain_samples_as_its_rounded_weights_and_near_the_full_precisio
         "%s: sampled latent vs the fp32 domain's %r (the domain term itself moves it %r); fp16 domain vs fp32 %r",
         option, close(fp8, full), close(reference["no_domain"], full), close(fp16, full))
     assert torch.isfinite(fp8).all()
-    assert close(fp8, rounded, rel=SAME[on_gpu])  # the host computes with exactly the fp8 values
+    model = loaded(comfy, files["full"], option)
+    seen = (f"fp8 vs rounded {close(fp8, rounded)!r}; fp8 vs fp32 {close(fp8, full)!r}; rounded vs fp32 "
+            f"{close(rounded, full)!r}; weights {weight_dtypes(model)}, kept {kept_dtypes(model)}, computed in "
+            f"{model.model.manual_cast_dtype}")
+    assert close(fp8, rounded, rel=SAME[on_gpu]), seen  # the host computes with exactly the fp8 values
     assert not close(fp8, full, rel=1e-4)  # fp8 was applied
     assert close(fp8, full, rel=FP8_TOLERANCE[option])
     assert close(fp16, full, rel=FP16_TOLERANCE)
@@ -125,7 +138,7 @@ def test_a_reloaded_input_reloads_the_model_in_that_dtype(comfy, files):
     first = comfy.run(prompt, executor=executor)["captured"]["dom"]
     prompt["dom"]["inputs"]["weight_dtype"] = "fp8_e5m2"
     second = comfy.run(prompt, executor=executor)["captured"]["dom"]
-    assert weight_dtypes(second) == {torch.float8_e5m2} and weight_dtypes(first) != weight_dtypes(second)
+    assert kept_dtypes(second) == {torch.float8_e5m2} and kept_dtypes(first) != kept_dtypes(second)
 
 
 def test_a_lora_domain_ignores_the_weight_dtype_and_says_so(comfy, files, caplog, on_gpu):
@@ -141,6 +154,6 @@ def test_a_null_text_unet_of_the_papers_code_loads_in_fp8_too(comfy):
 
     name, _, _ = paper_file(comfy, "dtype_paper_null_text.safetensors")
     model = loaded(comfy, name, "fp8_e4m3fn")
-    assert weight_dtypes(model) == {torch.float8_e4m3fn}
+    assert kept_dtypes(model) == {torch.float8_e4m3fn}
     out = sample(comfy, name, "fp8_e4m3fn")
     assert close(out, sample(comfy, name), rel=FP8_TOLERANCE["fp8_e4m3fn"])

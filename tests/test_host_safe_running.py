@@ -50,9 +50,10 @@ def test_an_identical_second_run_captures_nothing_and_gives_the_same_latents(com
     the same (the models, the LoRA, the prompts' encodings). A second run with another seed replays
     the graphs of the first; a third with the first's seed gives its latents bit for bit.
 
-    Except a LoRA domain under dynamic VRAM (ComfyUI 0.33+): there the host initialises the base
-    again for a run ("Model Initializing"), its weights in other places, so the graphs of an
-    earlier run cannot serve and the run captures its own, saying why; the latents still repeat."""
+    Except, maybe, a LoRA domain under dynamic VRAM (ComfyUI 0.33+): there the host initialises the
+    base again for a run ("Model Initializing"); where its weights land elsewhere, the graphs of an
+    earlier run cannot serve and the run captures its own, saying why; where they land where they
+    were, the graphs serve (an H100 has shown both). Either way the latents repeat."""
     caplog.set_level(logging.INFO)
     executor = comfy.executor()
 
@@ -67,8 +68,8 @@ def test_an_identical_second_run_captures_nothing_and_gives_the_same_latents(com
     other = sample(8)
     again = sample(7)
     why = [r.getMessage() for r in caplog.records if "earlier" in r.getMessage() or "CUDA graphs:" in r.getMessage()]
-    if comfy.dynamic_vram and kind == "lora":
-        assert owner.captures > captured and why and all("weights moved or were patched" in w for w in why), why
+    if comfy.dynamic_vram and kind == "lora" and owner.captures > captured:
+        assert why and all("weights moved or were patched" in w for w in why), why
     else:
         assert owner.captures == captured and owner.reuses >= 4, why
     assert torch.equal(again, first) and not torch.equal(other, first)

@@ -217,6 +217,7 @@ class TestFamilyConditioning:
 
 
 def formula_guider_class():
+    import comfy.model_management
     import comfy.samplers
 
     class FormulaGuider(comfy.samplers.CFGGuider):
@@ -228,7 +229,9 @@ def formula_guider_class():
             self.domain, self.weight = domain, weight
 
         def inner_sample(self, *args, **kwargs):
-            self.domain.pre_run()  # (the host's CPU models need no loading; its row calls need a current patcher)
+            # The domain on the device beside the base (which the host loaded for this run): on the CPU a no-op.
+            comfy.model_management.load_models_gpu([self.model_patcher, self.domain])
+            self.domain.pre_run()  # (its row calls need a current patcher)
             try:
                 return super().inner_sample(*args, **kwargs)
             finally:
