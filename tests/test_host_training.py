@@ -409,11 +409,14 @@ def test_image_folder_outside_the_input_directory_is_refused_before_anything_is_
     link = os.path.join(root, "linked_outside")
     if not os.path.islink(link):
         os.symlink(elsewhere, link)
-    for folder in ("../beside_input", elsewhere, "linked_outside", os.path.join(root, "domain", "..", "..", "beside_input"),
-                   beside):
-        msg = error_of(comfy, image_folder=folder, save_name="escaped")
-        assert "outside ComfyUI's input directory" in msg and repr(folder) in msg and root in msg, msg
-    assert written("escaped") == []
+    try:
+        for folder in ("../beside_input", elsewhere, "linked_outside", os.path.join(root, "domain", "..", "..", "beside_input"),
+                       beside):
+            msg = error_of(comfy, image_folder=folder, save_name="escaped")
+            assert "outside ComfyUI's input directory" in msg and repr(folder) in msg and root in msg, msg
+        assert written("escaped") == []
+    finally:  # the host's folders as found: the link would dangle once tmp_path goes, for the tests after this one
+        os.unlink(link)
 
 
 def test_image_folder_by_name_or_by_an_absolute_path_inside_the_input_directory(comfy, folders):
