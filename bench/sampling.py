@@ -636,6 +636,9 @@ def main(argv=None) -> int:
                     help="auto: the host's dynamic VRAM on where its main.py turns it on (ComfyUI 0.33+ on "
                          "NVIDIA); off: as with --disable-dynamic-vram")
     ap.add_argument("--channels-last", action="store_true", help="UNet weights in channels-last memory format (all cases)")
+    ap.add_argument("--card-gib", type=float, default=None,
+                    help="hold the GPU to a card of this many GiB (the host's --reserve-vram for the rest and this "
+                         "process capped there): the card tables' runs")
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                     help="compare the fast path with the straightforward guider per model and batch (default on)")
     ap.add_argument("--profile", action="store_true",
@@ -650,6 +653,9 @@ def main(argv=None) -> int:
         print("no ComfyUI host: set COMFYUI_PATH", file=sys.stderr)
         return 2
     use_cpu = args.cpu or not torch.cuda.is_available()
+    if args.card_gib and use_cpu:
+        print("--card-gib holds a CUDA GPU to a smaller card: this run is on the CPU", file=sys.stderr)
+        return 2
     base_dir = tempfile.mkdtemp(prefix="indomain-bench-")
     atexit.register(shutil.rmtree, base_dir, ignore_errors=True)  # model files of several GB
     if args.dynamic_vram == "off":
@@ -657,7 +663,8 @@ def main(argv=None) -> int:
         from comfy.cli_args import args as host_args
 
         host_args.disable_dynamic_vram = True
-    host = host_module.Host(path, base_dir, cpu=use_cpu, builtin_nodes=False, dynamic_vram=True).start()
+    host = host_module.Host(path, base_dir, cpu=use_cpu, builtin_nodes=False, dynamic_vram=True,
+                            card_gib=args.card_gib).start()
     import comfy.model_management as mm
     import comfy.utils
     import comfyui_version
@@ -671,7 +678,7 @@ def main(argv=None) -> int:
             "cfg": args.cfg, "sampler": "euler", "scheduler": "normal", "quick": args.quick,
             "attention": "pytorch" if mm.pytorch_attention_enabled() else "other",
             "vram_state": str(mm.vram_state), "lora_rank": 32, "domain_scale": 1.5,
-            "channels_last": args.channels_last, "dynamic_vram": host.dynamic_vram, "allocator": host.allocator,
+            "channels_last": args.channels_last, "dynamic_vram": host.dynamic_vram, "allocator": host.allocator, "card": host.card,
             "models_from": "files (comfy.sd.load_diffusion_model, as UNETLoader)"}
     print(json.dumps(meta), flush=True)
     bench = Bench(host, args.quick, steps, repeats, args.cfg, dtype, args.channels_last)

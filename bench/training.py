@@ -216,12 +216,18 @@ def main(argv=None) -> int:
     ap.add_argument("--families", default="",
                     help="instead of SD1.5: LoRA at 1024 px with checkpointing of these (bench/families.py), e.g. "
                          "sd35m:default:1,flux_dev:float8_e4m3fn:1,zimage:default:1 (name:weight dtype:batch)")
+    ap.add_argument("--card-gib", type=float, default=None,
+                    help="hold the GPU to a card of this many GiB (the host's --reserve-vram for the rest and this "
+                         "process capped there): the card tables' runs")
     args = ap.parse_args(argv)
+    if args.card_gib and not torch.cuda.is_available():
+        print("--card-gib holds a CUDA GPU to a smaller card: this machine has none", file=sys.stderr)
+        return 2
     os.makedirs(args.out, exist_ok=True)
     # Families: the host as main.py starts it (dynamic VRAM where 0.33+ turns it on; training then runs on its
     # non-dynamic copy of the base, as the node does). SD1.5: as before (its state dict is built with plain ops).
     host = host_module.Host(host_module.find_host(), tempfile.mkdtemp(), cpu=args.quick and not torch.cuda.is_available(),
-                            builtin_nodes=False, dynamic_vram=bool(args.families)).start()
+                            builtin_nodes=False, dynamic_vram=bool(args.families), card_gib=args.card_gib).start()
     import comfy.sd
 
     if args.families:
@@ -260,7 +266,7 @@ def report(out: str, rows: list[dict], file: str) -> int:
 
     info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
             "comfyui": comfyui_version.__version__, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"),
-            "allocator": host.allocator, "rows": rows}
+            "allocator": host.allocator, "card": host.card, "rows": rows}
     with open(os.path.join(out, file), "w") as f:
         json.dump(info, f, indent=1)
     print(f"\n{'case':30} {'img/s':>8} {'step s':>8} {'peak GiB':>9} {'MFU':>6}")

@@ -100,14 +100,42 @@ class _Server:
         return [d["text"] for e, d in self.messages if e == "progress_text" and node_id in (None, d["node"])]
 
 
+def card_settings(total_bytes: int, card_gib: float) -> tuple[float, float]:
+    """A GPU of `total_bytes` held to a card of `card_gib` GiB, as the card tables measure it: (the
+    host's --reserve-vram in GiB: the rest of the GPU, which its model management then leaves alone;
+    the fraction of the GPU this process's CUDA allocations are capped at). ValueError unless the
+    card is smaller than the GPU."""
+    card = card_gib * 2**30
+    if not 0 < card < total_bytes:
+        raise ValueError(f"a card of {card_gib} GiB: it must be above 0 and below this GPU's {total_bytes / 2**30:.1f} GiB")
+    return (total_bytes - card) / 2**30, card / total_bytes
+
+
+def hold_to_card(card_gib: float, args) -> dict:
+    """Before the host's model management is imported: its --reserve-vram set to the rest of the GPU
+    and this process capped at the card (torch.cuda.set_per_process_memory_fraction), so that the host
+    loads, offloads and runs out of memory as on a card of card_gib GiB. Returns what was set."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("--card-gib holds a CUDA GPU to a smaller card: this machine has none")
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    args.reserve_vram, fraction = card_settings(total, card_gib)
+    torch.cuda.set_per_process_memory_fraction(fraction)
+    return {"card_gib": card_gib, "gpu_gib": round(total / 2**30, 2), "reserve_vram_gib": round(args.reserve_vram, 3),
+            "memory_fraction": round(fraction, 5)}
+
+
 class Host:
     def __init__(self, comfy_path: str, base_dir: str, cpu: bool = True, builtin_nodes: bool = True,
-                 dynamic_vram: bool = False):
+                 dynamic_vram: bool = False, card_gib: float | None = None):
         """cpu=False lets the host pick its accelerator (benchmarks); builtin_nodes=False skips the
         host's comfy_extras nodes (and their optional dependencies): only nodes.py and this pack.
         dynamic_vram=True turns on the host's dynamic VRAM as its main.py does on NVIDIA (ComfyUI
         0.33+; only in a process that has not imported the host yet); self.dynamic_vram then says
-        whether it is on."""
+        whether it is on. card_gib: the GPU held to a card of that size (card_settings); self.card
+        then says how."""
+        self.card_gib, self.card = card_gib, None
         self.path = comfy_path
         self.base_dir = base_dir
         self.cpu = cpu
@@ -128,6 +156,8 @@ class Host:
         args.disable_all_custom_nodes = False
         if not self.cpu:
             allocator_as_main(self.path)
+        if self.card_gib:
+            self.card = hold_to_card(self.card_gib, args)
         if self.want_dynamic_vram:
             self._aimdo_init(args)
         import folder_paths
