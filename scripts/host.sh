@@ -23,16 +23,19 @@ An install elsewhere: COMFYUI_PATH=/path/to/ComfyUI (and PYTHON=/path/to/its/pyt
 EOF
 }
 
+pack_dir() { (cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd); }
+in_custom_nodes() { [ "$(basename "$(dirname "$(pack_dir)")")" = custom_nodes ]; }  # ComfyUI/custom_nodes/<pack>
+
 find_host() {
   local pack parent
-  pack=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  pack=$(pack_dir)
   parent=$(dirname "$pack")
   if [ -n "${COMFYUI_PATH:-}" ]; then
     is_host "$COMFYUI_PATH" && { HOST=$COMFYUI_PATH; return 0; }
     echo "COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI folder (no comfy/samplers.py and main.py there)" >&2
     return 2
   fi
-  if [ "$(basename "$parent")" = custom_nodes ]; then
+  if in_custom_nodes; then
     is_host "$(dirname "$parent")" && { HOST=$(dirname "$parent"); return 0; }
     echo "the pack is in $parent, but $(dirname "$parent") is not a ComfyUI folder (no comfy/samplers.py and main.py)" >&2
     return 2

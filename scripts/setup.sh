@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 . scripts/host.sh
 why=$(mktemp)
 if ! { find_host && find_python; } 2>"$why"; then
-  if [ -z "${PYTHON:-}" ] && [ -x ../shared/comfyui-host.sh ] && [ "$(basename "$(dirname "$PWD")")" != custom_nodes ]; then
+  if [ -z "${PYTHON:-}" ] && [ -x ../shared/comfyui-host.sh ] && ! in_custom_nodes; then
     bash ../shared/comfyui-host.sh "" "${COMFYUI_PATH:-/opt/ComfyUI}"   # a development machine: build one
     find_host && find_python || exit 2
   else

@@ -180,18 +180,20 @@ def test_the_error_falls_as_the_rank_grows_as_the_truncated_svd_says(comfy, file
     the CPU, where the host holds float32 weights, the spectrum's own DECAY ** i tail), and falls as the rank
     grows, in the file's tensors and in the sampled latents."""
     totals = {}
+    spectrum, base_weights = spectrum_domain(), tiny.unet_state_dict(0)
     for rank in (1, 4, 16, 64):
         name = f"xl_rank_{rank}"
         out = comfy.run(extract(files["spectrum"], rank, name))["captured"]
         totals[rank] = out["error"]
-        domain, base = held(spectrum_domain(), out), held(tiny.unet_state_dict(0), out)
+        domain, base = held(spectrum, out), held(base_weights, out)
         path = os.path.join(loras_dir(comfy), name + ".safetensors")
         errors = json.loads(metadata(path)["indomain.extraction.layer_errors"])
         lora = load_file(path)
         for layer, error in errors.items():
             delta = domain[layer + ".weight"] - base[layer + ".weight"]
             q = min(delta.shape[0], delta[0].numel())
-            assert abs(error - optimum(delta, rank)) < 1e-5, (layer, error, optimum(delta, rank))
+            best = optimum(delta, rank)
+            assert abs(error - best) < 1e-5, (layer, error, best)
             assert on_gpu or abs(error - tail(rank, q)) < 1e-4, (layer, error, tail(rank, q))
             assert lora[f"diffusion_model.{layer}.lora_down.weight"].shape[0] == min(rank, q)
         layer = "input_blocks.1.1.transformer_blocks.0.attn1.to_q"  # the stored tensors give the reported error

@@ -111,11 +111,14 @@ def test_an_fp8_domain_samples_as_its_rounded_weights_and_near_the_full_precisio
         "%s: sampled latent vs the fp32 domain's %r (the domain term itself moves it %r); fp16 domain vs fp32 %r",
         option, close(fp8, full), close(reference["no_domain"], full), close(fp16, full))
     assert torch.isfinite(fp8).all()
-    model = loaded(comfy, files["full"], option)
-    seen = (f"fp8 vs rounded {close(fp8, rounded)!r}; fp8 vs fp32 {close(fp8, full)!r}; rounded vs fp32 "
-            f"{close(rounded, full)!r}; weights {weight_dtypes(model)}, kept {kept_dtypes(model)}, computed in "
-            f"{model.model.manual_cast_dtype}")
-    assert close(fp8, rounded, rel=SAME[on_gpu]), seen  # the host computes with exactly the fp8 values
+
+    def seen() -> str:  # (evaluated only when the assertion fails: it loads the domain once more)
+        model = loaded(comfy, files["full"], option)
+        return (f"fp8 vs rounded {close(fp8, rounded)!r}; fp8 vs fp32 {close(fp8, full)!r}; rounded vs fp32 "
+                f"{close(rounded, full)!r}; weights {weight_dtypes(model)}, kept {kept_dtypes(model)}, computed in "
+                f"{model.model.manual_cast_dtype}")
+
+    assert close(fp8, rounded, rel=SAME[on_gpu]), seen()  # the host computes with exactly the fp8 values
     assert not close(fp8, full, rel=1e-4)  # fp8 was applied
     assert close(fp8, full, rel=FP8_TOLERANCE[option])
     assert close(fp16, full, rel=FP16_TOLERANCE)

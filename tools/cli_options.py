@@ -27,7 +27,7 @@ def within(kind, lo, hi):
         if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"{text} is outside {span(lo, hi)}")
         return value
-    parse.lo, parse.hi, parse.__name__ = lo, hi, kind.__name__
+    parse.lo, parse.hi = lo, hi
     return parse
 
 
