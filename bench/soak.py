@@ -8,7 +8,7 @@ and SDXL UNets with random fp16 weights, a full-copy domain and a rank-32 LoRA o
 sampling.py's Bench), then makes --runs sampling runs, each drawn at random (seeded): model, batch
 1-8, one of two resolutions, full or LoRA domain, domain on (1.5) or off (0), plain or hooked
 prompt (an empty HookGroup on the positive); every fifth run repeats an earlier one exactly.
-Interleaved: three LoRA training runs with cuda_graphs on (SD1.5, 8 steps, 256 px, random latents).
+Interleaved: --trainings (3) LoRA training runs with cuda_graphs on (SD1.5, 8 steps, 256 px, random latents).
 --cancels of the runs are cancelled: at least 3 while the fast path captures (the host's Cancel
 flag set by a layer's pre-hook during the capture: its ops raise inside it), the others by a
 timer at a random moment of a random step (started at that step's progress callback, firing
@@ -168,12 +168,24 @@ def repeat_check(soak: Soak, models: dict, draw: dict, times: int, out_dir: str)
 
 
 def memory(cudagraph) -> dict:
+    """The device's free memory and who holds the rest: torch's allocator (reserved), CUDA's graph
+    memory, and other (the context, loaded kernel modules, library handles and workspaces made
+    outside torch's allocator, any other process on the device)."""
     if not torch.cuda.is_available():  # (--quick on the CPU: nothing to measure)
-        return {"graph_used_gib": 0.0, "free_gib": 0.0, "reserved_gib": 0.0}
+        return {"graph_used_gib": 0.0, "free_gib": 0.0, "reserved_gib": 0.0, "other_gib": 0.0}
     dev = torch.device("cuda")
     free, total = torch.cuda.mem_get_info(dev)
-    return {"graph_used_gib": round(cudagraph.graph_memory(dev) / 2**30, 3), "free_gib": round(free / 2**30, 3),
-            "reserved_gib": round(torch.cuda.memory_reserved(dev) / 2**30, 3)}
+    graph, reserved = cudagraph.graph_memory(dev), torch.cuda.memory_reserved(dev)
+    return {"graph_used_gib": round(graph / 2**30, 3), "free_gib": round(free / 2**30, 3),
+            "reserved_gib": round(reserved / 2**30, 3), "other_gib": round((total - free - graph - reserved) / 2**30, 3)}
+
+
+def settled(soak: "Soak") -> dict:
+    """memory() once the host has unloaded every model and emptied its caches (as after a run)."""
+    gc.collect()
+    soak.mm.unload_all_models()
+    soak.mm.soft_empty_cache()
+    return memory(soak.cudagraph)
 
 
 def main(argv=None) -> int:
@@ -191,6 +203,10 @@ def main(argv=None) -> int:
                          '(stock: domain off; INDOMAIN_FAST_DOMAIN=0, eager, graph) in a fresh process; the latent '
                          'hash of each run')
     ap.add_argument("--repeat-times", type=int, default=3)
+    ap.add_argument("--trainings", type=int, default=3, help="LoRA training runs spread over the soak (0: sampling only)")
+    ap.add_argument("--memory-every", type=int, default=0, metavar="N",
+                    help="after every N-th run (and each training run) unload, empty the caches and record memory(): "
+                         "where a gap in free memory appears, and whether it grows or stays")
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="draw no new run after this long (the unload and the summary still come); the summary says how many ran")
     args = ap.parse_args(argv)
@@ -218,12 +234,10 @@ def main(argv=None) -> int:
                        "allocator": host.allocator, "dynamic_vram": host.dynamic_vram, "steps": args.steps,
                        "runs": args.runs, "command": "python -m bench.soak " + " ".join(argv or sys.argv[1:])},
               "runs": []}
-    mm.unload_all_models()
-    mm.soft_empty_cache()
-    result["before"] = memory(soak.cudagraph)
+    result["before"] = settled(soak)
     cancels = rng.sample(range(1, args.runs), args.cancels)
     kinds = {i: ("capture" if n < 3 else "timer") for n, i in enumerate(cancels)}
-    trainings = {args.runs // 4, args.runs // 2, 3 * args.runs // 4}
+    trainings = {args.runs * (k + 1) // (args.trainings + 1) for k in range(args.trainings)}
     draws, outputs, repeats = [], {}, []
     path = os.path.join(args.out, "soak.json")
     started = time.perf_counter()
@@ -258,14 +272,16 @@ def main(argv=None) -> int:
                 result["runs"].append(soak.train(models))
             except Exception as e:  # reported, the soak goes on
                 result["runs"].append({"train": "error", "error": f"{type(e).__name__}: {e}"[:300]})
+            if args.memory_every:
+                result["runs"][-1]["memory"] = settled(soak)
             print(json.dumps(result["runs"][-1]), flush=True)
+        if args.memory_every and (i + 1) % args.memory_every == 0:
+            result.setdefault("memory_trace", []).append({"after_run": i, **settled(soak)})
+            print(json.dumps(result["memory_trace"][-1]), flush=True)
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
     del models, outputs
-    gc.collect()
-    mm.unload_all_models()
-    mm.soft_empty_cache()
-    result["after"] = memory(soak.cudagraph)
+    result["after"] = settled(soak)
     cancelled = [r for r in result["runs"] if r.get("cancel")]
     result["summary"] = {
         "runs": result.get("stopped_after_runs", args.runs), "seconds": round(time.perf_counter() - started, 1),
@@ -276,6 +292,8 @@ def main(argv=None) -> int:
         "repeats": len(repeats), "repeats_bit_identical": sum(repeats),
         "graph_used_delta_gib": round(result["after"]["graph_used_gib"] - result["before"]["graph_used_gib"], 3),
         "free_delta_gib": round(result["after"]["free_gib"] - result["before"]["free_gib"], 3),
+        "other_delta_gib": round(result["after"]["other_gib"] - result["before"]["other_gib"], 3),
+        "reserved_delta_gib": round(result["after"]["reserved_gib"] - result["before"]["reserved_gib"], 3),
         "kept_bytes": soak.cudagraph.kept_bytes(),
         "errors": sum(str(r.get("result", "")).startswith("error") for r in result["runs"])
         + sum(r.get("train") == "error" for r in result["runs"]),
