@@ -31,6 +31,8 @@ ModelPatcher), and times with torch.cuda.synchronize around each whole sampling 
                  ours with domain_every = K (the domain rows every K-th evaluation; e.g. full_every2)
   zero           ours with domain_scale 0: each step the host's own sampling_function (since issue 15;
                  it recorded the stock rows as a CUDA graph before), i.e. stock through our node
+  full_fp8       ours, the full copy's file loaded with fp8 weights (Load Domain UNet's weight_dtype
+                 fp8_e4m3fn: the host's loader with the same model_options)
 
 Each case: all models unloaded, one warm-up run (loads the models), then --repeats timed runs
 (median reported), peak memory = torch.cuda.max_memory_allocated over the timed runs (and
@@ -108,7 +110,7 @@ VARIANTS = ("cl", "cudnn", "autotune", "compile")
 # INDOMAIN_FAST_DOMAIN for a case by its suffix (nodes/sampling/fastpath.py mode()); others: "1", the default
 FAST_MODES = {"_ref": "0", "_domain_only": "domain", "_eager": "eager", "_separate": "separate"}
 CASES = ("stock", "full", "full_half", "full_negnull", "lora", "lora_half", "full_ref", "lora_ref", "full_domain_only",
-         "lora_domain_only", "full_eager", "lora_eager", "lora_separate", "zero")
+         "lora_domain_only", "full_eager", "lora_eager", "lora_separate", "zero", "full_fp8")
 
 
 def is_cuda() -> bool:
@@ -305,6 +307,7 @@ class Bench:
         lora = self.loader.apply_lora(base, lora_state_dict(shapes, rank=32, seed=2, dtype=self.dtype), "bench_lora")
         conds = {k: conditioning(name, seed, px, ctx, pooled) for k, seed in (("positive", 11), ("negative", 12), ("null", 13))}
         return {"name": name, "family": family, "px": px, "params": n_params, "base": base, "full": full, "lora": lora,
+                "domain_file": os.path.join(self.host.model_dir("diffusion_models"), f"bench_{name}_domain.safetensors"),
                 "conds": conds, "build_s": round(time.perf_counter() - t0, 2),
                 "lora_keys": sum(1 for k in shapes if k.endswith(LORA_TARGETS) and len(shapes[k]) == 2)}
 
@@ -326,6 +329,7 @@ class Bench:
         conds = {k: families.conditioning(name, seed, self.quick) for k, seed in (("positive", 11), ("negative", 12), ("null", 13))}
         return {"name": name, "family": type(base.model.model_config).__name__, "px": 64 if self.quick else 1024,
                 "params": sum(math.prod(v) for v in shapes.values()), "base": base, "full": full, "lora": lora,
+                "domain_file": path,
                 "conds": conds, "build_s": round(time.perf_counter() - t0, 2), "latent_channels": spec["latent"],
                 "dtype": str(spec["dtype"]), "cfg": spec["cfg"],
                 "lora_keys": sum(k.endswith(".lora_down.weight") for k in lora_sd)}
@@ -395,7 +399,7 @@ class Bench:
         every = 1
         if "_every" in case:  # e.g. full_every2: the speed dial domain_every = 2
             case, every = case.split("_every")[0], int(case.split("_every")[1])
-        domain = m["full"] if case.startswith("full") else m["lora"]
+        domain = self.domain(m, case)
         end = 0.5 if case.endswith("_half") else 1.0
         negative = c["null"] if case.endswith("_negnull") else c["negative"]
         fast = next((mode for suffix, mode in FAST_MODES.items() if case.endswith(suffix)), "1")
@@ -407,6 +411,18 @@ class Bench:
                 guider = s.make_guider(m["base"], c["positive"], negative, c["null"], cfg, terms, False, every)
                 return s.sample_like_ksampler(guider, seed, self.steps, "euler", "normal", latent, 1.0)["samples"]
         return fn
+
+    def domain(self, m, case: str):
+        """The case's domain: the full copy, the LoRA, or (full_fp8) the full copy's file loaded with fp8
+        weights, as Load Domain UNet's weight_dtype fp8_e4m3fn loads it (once, on first use)."""
+        if case.startswith("full_fp8"):
+            if "full_fp8" not in m:
+                import comfy.sd
+
+                options = self.host.pack("nodes.domain_files").weight_dtype_options("fp8_e4m3fn")
+                m["full_fp8"] = comfy.sd.load_diffusion_model(m["domain_file"], model_options=options)
+            return m["full_fp8"]
+        return m["full"] if case.startswith("full") else m["lora"]
 
     def active_steps(self, m, case: str) -> list[bool] | None:
         import comfy.samplers
