@@ -318,16 +318,22 @@ def test_full_disk_keeps_the_last_checkpoint(comfy, folders, monkeypatch):
     assert no_temp_files()
 
 
-def test_out_of_memory_says_what_to_lower(comfy, folders, monkeypatch):
+def test_out_of_memory_says_what_to_change_for_this_run_in_order(comfy, folders, monkeypatch):
     loop = comfy.pack("training.loop")
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(loop, "denoising_step", oom)
-    msg = error_of(comfy, save_name="oom", **RESUMABLE)
-    assert "out of memory" in msg and "batch_size" in msg and "gradient_checkpointing" in msg
+    msg = error_of(comfy, save_name="oom", **RESUMABLE)  # LoRA, batch 2, fp32, no checkpointing
+    assert "out of memory while training (CUDA out of memory. Tried to allocate 2.00 GiB)" in msg
+    assert msg.index("turn on gradient_checkpointing") < msg.index("gradient_accumulation 2") < msg.index("training_dtype bf16")
+    assert "mode lora" not in msg and "adamw8bit" not in msg  # (it is a LoRA run)
     assert written("oom") == []
+    msg = error_of(comfy, save_name="oom2", **{**RESUMABLE, "mode": "full", "gradient_checkpointing": True,
+                                               "training_dtype": "bf16"})
+    assert "gradient_checkpointing" not in msg and "training_dtype" not in msg  # (in place already)
+    assert msg.index("gradient_accumulation 2") < msg.index("optimizer adamw8bit") < msg.index("mode lora")
 
 
 def test_a_recomputation_that_differs_from_the_forward_says_to_turn_checkpointing_off(comfy, folders, monkeypatch):

@@ -363,3 +363,23 @@ def test_tiny_unet_has_the_hosts_signature_and_output_shape():
 
 def test_fake_vae_downsamples_by_8_to_4_channels():
     assert support.FakeVAE()(torch.rand(1, 64, 128, 3)).shape == (1, 4, 8, 16)
+
+
+def test_the_memory_savers_come_in_order_and_leave_out_what_the_run_already_does():
+    from training.config import memory_savers
+
+    full = TrainConfig(mode="full", batch_size=12, precision="fp32", resolution=1024, cuda_graph=True)
+    assert [s.split(" (")[0] for s in memory_savers(full)] == [
+        "turn on gradient_checkpointing", "turn off cuda_graphs", "gradient_accumulation 2", "optimizer adamw8bit",
+        "training_dtype bf16", "mode lora", "a lower resolution"]
+    assert "micro-batches of 6 images" in memory_savers(full)[2]
+    # the micro-batch split by its smallest factor: 9 images -> 3 micro-batches of 3
+    assert "gradient_accumulation 3 (the same batch in micro-batches of 3 images)" in memory_savers(
+        TrainConfig(batch_size=9))
+    assert "gradient_accumulation 4 (" in " ".join(memory_savers(TrainConfig(batch_size=8, gradient_accumulation=2)))
+    done = TrainConfig(mode="lora", batch_size=4, gradient_accumulation=4, gradient_checkpointing=("input_blocks",),
+                       resolution=256)
+    assert memory_savers(done) == []  # nothing left: the node then says a GPU with more memory
+    sharded = memory_savers(TrainConfig(mode="full", fsdp=True, batch_size=2), cli=True)
+    assert sharded == ["leave out --no-gradient-checkpointing", "--gradient-accumulation 2 (the same batch in micro-batches "
+                       "of 1 image)", "--cpu-offload (the shards and optimizer states in CPU memory)", "a lower --resolution"]

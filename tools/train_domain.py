@@ -261,7 +261,7 @@ def train(args, rank: int, world: int) -> int:
                                          args.validation_seed, args.validation_steps, args.validation_cfg)
         done = training_node.run_training(
             model=model, vae=vae, clip=clip, image_folder=os.path.abspath(args.images), config=config,
-            save_name=args.save_name, resume=not args.restart, on_progress=log_progress, image_folder_anywhere=True,
+            save_name=args.save_name, resume=not args.restart, on_progress=log_progress, headless=True,
             cuda_graphs=args.cuda_graphs, tensorboard=args.tensorboard, validation=validation)
         losses, start, path = done.losses, done.start, done.model_path
     except (KeyboardInterrupt, ValueError, RuntimeError, ImportError, mm.InterruptProcessingException) as e:

@@ -143,6 +143,39 @@ class TrainConfig:
                 raise ValueError(why)
 
 
+def memory_savers(config: TrainConfig, cli: bool = False) -> list[str]:
+    """What lowers the run's peak memory, in the order to try them: first what trains the same
+    (activations recomputed, full mode's graph pool let go, the batch in micro-batches), then what
+    changes it (8-bit AdamW states, precision, LoRA, resolution). By the node's input names, or
+    (cli) the headless trainer's options. What the run already does is left out; each step assumes
+    the ones before it."""
+    def say(node: str, option: str) -> str:
+        return option if cli else node
+
+    out = []
+    if not config.gradient_checkpointing:
+        out.append(say("turn on gradient_checkpointing", "leave out --no-gradient-checkpointing"))
+    if config.mode == "full" and config.cuda_graph:
+        out.append(say("turn off cuda_graphs", "leave out --cuda-graphs") + " (full mode's graphs keep a memory pool)")
+    micro = config.batch_size // config.gradient_accumulation
+    if micro > 1:
+        k = next(k for k in range(2, micro + 1) if micro % k == 0)  # the smallest split of the micro-batch
+        n = config.gradient_accumulation * k
+        out.append(say(f"gradient_accumulation {n}", f"--gradient-accumulation {n}")
+                   + f" (the same batch in micro-batches of {micro // k} image{'s' if micro // k > 1 else ''})")
+    if config.mode == "full" and config.optimizer == "adamw" and not config.fsdp:
+        out.append(say("optimizer adamw8bit", "--optimizer adamw8bit") + " (2 instead of 8 bytes of optimizer state per parameter)")
+    if config.fsdp and not config.cpu_offload:
+        out.append("--cpu-offload (the shards and optimizer states in CPU memory)")
+    if config.precision == "fp32":
+        out.append(say("training_dtype bf16", "--training-dtype bf16"))
+    if config.mode == "full" and not config.fsdp:
+        out.append(say("mode lora", "--mode lora"))
+    if config.resolution > 256:
+        out.append(say("a lower resolution", "a lower --resolution"))
+    return out
+
+
 def bitsandbytes_available() -> None:
     """ImportError naming the package and how to install it, if bitsandbytes cannot be imported."""
     import importlib.util

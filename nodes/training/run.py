@@ -28,7 +28,7 @@ import folder_paths
 from ...lora_hooks import DEFAULT_TARGETS
 from ...training import TrainConfig, data, train
 from ...training.checkpoint import deliverable, fingerprint
-from ...training.config import cuda_graph_reason
+from ...training.config import cuda_graph_reason, memory_savers
 from ...training.distributed import ranks
 from ...training.sharded import remove_sharded
 from ..domain_files import apply_lora, model_from_base_config
@@ -87,13 +87,13 @@ class TrainingRun(NamedTuple):
 
 
 def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, image_folder="", config: TrainConfig,
-                 save_name: str, resume: bool = True, node_id=None, on_progress=None, image_folder_anywhere: bool = False,
+                 save_name: str, resume: bool = True, node_id=None, on_progress=None, headless: bool = False,
                  cuda_graphs: bool = False, tensorboard: bool = False,
                  validation: ValidationSettings | None = None) -> TrainingRun:
     """Train, write the domain UNet file, and return a TrainingRun.
 
     image_folder: a folder inside ComfyUI's input directory (relative to it, or an absolute path
-    inside it); image_folder_anywhere=True (the headless trainer) accepts any folder.
+    inside it). headless=True (the headless trainer): any folder, and errors name its options.
     cuda_graphs: full mode's steps as CUDA graphs too (LoRA mode's are wherever the run allows
     them; with_cuda_graphs). tensorboard: TensorBoard event files in
     output/indomain_logs/<save_name>/ (logs.py; ImportError naming the package when it is missing).
@@ -103,7 +103,7 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
     if tensorboard:
         require_tensorboard()  # before anything is read or written
     config.validate()
-    sources = image_sources(images, image_folder, anywhere=image_folder_anywhere)
+    sources = image_sources(images, image_folder, anywhere=headless)
     model_path, state_path = output_paths(save_name, config.mode)
     host = read_host_model(model)  # all that training asks of the model, asked once; refuses one it cannot train
     check_vae(vae, host)
@@ -141,7 +141,7 @@ def run_training(*, model, vae, null_conditioning=None, clip=None, images=None, 
         if samples is not None and main:
             samples.start(trainer=trainer, base_fingerprint=base_fp, bar=bar, say=text_sender(node_id), board=board)
 
-        with failures_explained(state_path, host), changes:
+        with failures_explained(state_path, host, config, cli=headless), changes:
             result = train(
                 unet, sources if len(sources) > 1 else sources[0], config=config, state_path=state_path,
                 **host_arguments(vae, host, trainer, cross_attn, extras),
@@ -258,14 +258,16 @@ def validation_failures_explained(state_path: str, step: int):
 
 
 @contextlib.contextmanager
-def failures_explained(state_path: str, host: HostModel):
+def failures_explained(state_path: str, host: HostModel, config: TrainConfig, cli: bool):
     """Out of memory, a recomputation that differs and a full disk during training, raised as errors
-    that say what to change and that the resumable state is kept (kept_message)."""
+    that say what to change (for memory: training.config.memory_savers, in order) and that the
+    resumable state is kept (kept_message)."""
     try:
         yield
     except torch.OutOfMemoryError as e:
-        raise RuntimeError(kept_message(state_path, f"out of memory while training ({e}). Lower batch_size or resolution, "
-                                             "turn on gradient_checkpointing, use bf16, or use mode lora")) from e
+        savers = memory_savers(config, cli) or ["a GPU with more memory"]
+        raise RuntimeError(kept_message(state_path, f"out of memory while training ({str(e).splitlines()[0]}). To fit, "
+                                             f"change in this order until it does: {'; '.join(savers)}")) from e
     except torch.utils.checkpoint.CheckpointError as e:  # seen with SD3.5 on an H200 (docs/BENCHMARKS.md)
         raise RuntimeError(kept_message(state_path, f"gradient_checkpointing: recomputing {host.family.name} blocks "
                                              "in backward did not give what the forward computed on this device "
