@@ -278,7 +278,7 @@ class Bench:
         self.repeats = repeats
         self.cfg = cfg
         self.dtype = dtype
-        self.sampling = host.pack("nodes.sampler_nodes")
+        self.sampling = host.pack("nodes.sampling.run")
         self.loader = host.pack("nodes.domain_files")
 
     def build(self, name: str) -> dict:

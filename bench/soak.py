@@ -48,7 +48,7 @@ class Soak:
         import comfy.model_management as mm
         self.host, self.bench, self.steps, self.quick, self.mm = host, bench, steps, quick, mm
         self.cudagraph = host.pack("cudagraph")
-        self.sampling = host.pack("nodes.sampler_nodes")
+        self.sampling = host.pack("nodes.sampling.run")
         self.after_cancel: list[int] = []  # steps finished after the Cancel flag was set
         self.flagged = False
         self.arm_at: int | None = None  # a timer Cancel: the step whose callback starts the timer

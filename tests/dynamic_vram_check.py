@@ -50,7 +50,7 @@ def main(out_path: str) -> int:
     lines = Lines()
     logging.getLogger().addHandler(lines)
     logging.getLogger().setLevel(logging.INFO)
-    S = h.pack("nodes.sampler_nodes")
+    S = h.pack("nodes.sampling.run")
     loader = h.pack("nodes.domain_files")
     device = mm.get_torch_device()
     dtype = torch.float16

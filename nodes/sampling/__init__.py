@@ -1,4 +1,5 @@
-"""The sampling runtime behind the sampler and guider nodes: DomainGuider (guider.py), its domain
+"""The sampling runtime behind the sampler and guider nodes: a run as the nodes make it (run.py),
+DomainGuider (guider.py), its domain
 terms and their kinds (domains.py), the conditioning it checks and builds (conditioning.py), the
 model calls of its steps (step_calls.py) and their fast path (fastpath.py, its rules in
 fastpath_rules.py, LoRA domains as adapters: the host's patches read in lora_adapters.py, hooked by

@@ -52,7 +52,7 @@ import folder_paths
 from ...cudagraph import OWNER
 from ...training.checkpoint import atomic_write, tensors_fingerprint
 from ..dynamic_vram import release
-from ..sampler_nodes import collect_terms, make_guider, sample_like_ksampler
+from ..sampling.run import collect_terms, make_guider, sample_like_ksampler
 from ..sampling.conditioning import check_text_width
 from .differentiable import load_for_training
 from .inputs import HostModel

@@ -1,0 +1,55 @@
+"""A sampling run as the nodes make it: the domain terms from the node's inputs (collect_terms), the
+guider over them (make_guider), and what KSampler does around its guider (sample_like_ksampler).
+The sampler node, the guider node and Train Domain UNet's validation samples sample through these."""
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+
+from .domains import DomainTerm
+from .guider import DomainGuider
+
+log = logging.getLogger(__name__)
+
+
+def collect_terms(domain_model, domain_scale, domain_start, domain_end, more_domains) -> list[DomainTerm]:
+    terms = []
+    if domain_model is not None:
+        terms.append(DomainTerm(domain_model, domain_scale, domain_start, domain_end, name="domain_model"))
+    terms.extend(more_domains or [])
+    if not terms:
+        log.info("no domain model connected: sampling as a plain KSampler")
+    return terms
+
+
+def make_guider(model, positive, negative, null_conditioning, cfg, terms, control_in_domain,
+                domain_every: int = 1) -> DomainGuider:
+    guider = DomainGuider(model, terms, control_in_domain=control_in_domain, domain_every=domain_every)
+    guider.set_conds(positive, negative, null_conditioning)
+    guider.set_cfg(cfg)
+    return guider
+
+
+def sample_like_ksampler(guider, seed, steps, sampler_name, scheduler, latent, denoise, callback=None, disable_pbar=None):
+    """What KSampler does around its guider: noise from the seed, sigmas from steps/denoise, masks.
+    callback(step, x0, x, total_steps) and disable_pbar, where given, stand for KSampler's latent
+    previews and console bar (Train Domain UNet's validation samples report on the node instead)."""
+    model = guider.model_patcher
+    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
+    schedule = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
+                                       scheduler=scheduler, denoise=denoise, model_options=model.model_options)
+    if callback is None:
+        callback = latent_preview.prepare_callback(model, steps)
+    if disable_pbar is None:
+        disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
+    samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), schedule.sigmas,
+                            denoise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=disable_pbar, seed=seed)
+    out = latent.copy()
+    out["samples"] = samples.to(comfy.model_management.intermediate_device())
+    return out
