@@ -1,13 +1,18 @@
-"""Full-size diffusion transformers of today's families for the GPU benchmarks (issue 17), random weights.
+"""Full-size diffusion transformers of today's families for the GPU benchmarks (issues 17, 32), random weights.
 
-SD3.5 medium (MMDiT-X, 2.5B), Flux.1 dev (12B) and Z-Image (6B), each built with the host's own
+SD3.5 medium (MMDiT-X, 2.5B), Flux.1 dev (12B), Z-Image (6B), Flux.2 dev (32B, fp8 weights), Qwen-Image
+(20B, fp8 weights) and Wan 2.2 TI2V 5B (video), each built with the host's own
 classes from the config the host's model detection reads from the released checkpoints
 (comfy/model_detection.py), so that a file of these weights is detected as the family it is when
 the host loads it (comfy.sd.load_diffusion_model, as UNETLoader does). Weights are random (normal,
 scaled by fan-in): speed and memory do not depend on their values. Conditioning has the shapes the
-family's text encoders give: T5-XXL / CLIP (SD3.5, Flux), Qwen3-4B (Z-Image).
+family's text encoders give: T5-XXL / CLIP (SD3.5, Flux), Qwen3-4B (Z-Image), Mistral-Small's three
+layers (Flux.2), Qwen2.5-VL (Qwen-Image), umT5 (Wan). The fp8 families are written and loaded as their
+released fp8 files are (matrices in fp8, the rest in bf16; the host computes in bf16): a bf16 Flux.2
+dev file alone would take 64 GB, and two copies would not fit an 80 GB GPU.
 
-Used by bench/sampling.py (--models sd35m,flux_dev,zimage) and bench/training.py (--families ...).
+Used by bench/sampling.py (--models sd35m,flux_dev,zimage,flux2_dev,qwen_image,wan22_5b) and
+bench/training.py (--families ...).
 """
 from __future__ import annotations
 
@@ -16,7 +21,10 @@ import torch
 # name: host supported_models class, the model config (as detection spells it), weight dtype, latent channels,
 # context tokens x width, pooled width (None: none), cfg users run (Flux dev and Z-Image Turbo: 1, guidance-distilled),
 # Flux guidance (None: no guidance entry), LoRA target suffixes (the training row's; nodes/training/families.py),
-# tiny: the tests' tiny model of the family (tests/support/tiny_families.py), for --quick.
+# tiny: the tests' tiny model of the family (tests/support/tiny_families.py), for --quick; weights: the file's
+# (and loaded) dtype of the matrices where not dtype; scale: the latent's downscale (8 unless given); size:
+# (width, height, frames) of a video family's run (else square, 1024 px); vae: the host VAE training encodes
+# with (tests/support/tiny_newer_families.host_vae's kind; else a random TAESD of the latent channels).
 FAMILIES = {
     "sd35m": dict(cls="SD3", tiny="sd3", dtype=torch.bfloat16, latent=16, tokens=154, context=4096, pooled=2048, cfg=4.5, guidance=None,
                   config=dict(in_channels=16, out_channels=16, patch_size=2, depth=24, input_size=None, adm_in_channels=2048,
@@ -38,6 +46,32 @@ FAMILIES = {
                                axes_lens=[1536, 512, 512], rope_theta=256.0, ffn_dim_multiplier=8.0 / 3.0,
                                z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32),
                    lora=("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")),
+    # Flux.2 dev (32B): the host's detection config (comfy/model_detection.py) with the released file's widths
+    "flux2_dev": dict(cls="Flux2", tiny="flux2", dtype=torch.bfloat16, weights=torch.float8_e4m3fn, latent=128, scale=16,
+                      tokens=512, context=15360, pooled=None, cfg=1.0, guidance=4.0, vae="flux2",
+                      config=dict(image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None,
+                                  context_in_dim=15360, hidden_size=6144, mlp_ratio=3.0, num_heads=48, depth=8,
+                                  depth_single_blocks=48, axes_dim=[32, 32, 32, 32], theta=2000, patch_size=1,
+                                  qkv_bias=False, guidance_embed=True, txt_ids_dims=[3], global_modulation=True,
+                                  mlp_silu_act=True, ops_bias=False, default_ref_method="index", ref_index_scale=10.0,
+                                  yak_mlp=False, txt_norm=False),
+                      lora=("img_attn.qkv", "img_attn.proj", "txt_attn.qkv", "txt_attn.proj", "img_mlp.0", "img_mlp.2",
+                            "txt_mlp.0", "txt_mlp.2", "linear1", "linear2")),
+    # Qwen-Image (20B): 60 MMDiT blocks, the model class's defaults for the rest (as the host detects it)
+    "qwen_image": dict(cls="QwenImage", tiny="qwen_image", dtype=torch.bfloat16, weights=torch.float8_e4m3fn, latent=16,
+                       tokens=256, context=3584, pooled=None, cfg=2.5, guidance=None, vae="wan2.1",
+                       config=dict(image_model="qwen_image", in_channels=64, num_layers=60),
+                       lora=("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                             "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2",
+                             "txt_mlp.net.0.proj", "txt_mlp.net.2")),
+    # Wan 2.2 TI2V 5B: 48 latent channels at 16x in space, 4x in time; 832 x 480, 49 frames
+    "wan22_5b": dict(cls="WAN22_T2V", tiny="wan22_5b", dtype=torch.bfloat16, latent=48, scale=16, size=(832, 480, 49),
+                     tokens=512, context=4096, pooled=None, cfg=5.0, guidance=None,
+                     config=dict(image_model="wan2.1", model_type="t2v", dim=3072, ffn_dim=14336, num_heads=24,
+                                 num_layers=30, in_dim=48, out_dim=48, patch_size=(1, 2, 2), freq_dim=256,
+                                 window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6),
+                     lora=("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k",
+                           "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")),
 }
 
 
@@ -69,7 +103,7 @@ def random_state_dict(name: str, seed: int, device, config: dict | None = None) 
                 fan_in = v[0].numel() if v.ndim > 1 else 1
                 t = torch.empty(v.shape, device=device, dtype=torch.float32)
                 t.normal_(0.0, 0.5 / fan_in ** 0.5 if v.ndim > 1 else 0.1, generator=g)
-                sd[k] = t.to(spec["dtype"])
+                sd[k] = t.to(spec.get("weights", spec["dtype"]) if v.ndim > 1 else spec["dtype"])
             else:
                 sd[k] = v.clone()
     del module
@@ -80,7 +114,7 @@ def tiny_config(name: str) -> dict:
     """The model config of the tests' tiny model of the family (--quick)."""
     from tests.support import tiny_families
 
-    return tiny_families.FAMILIES[FAMILIES[name]["tiny"]]["unet"]
+    return tiny_families.SPECS[FAMILIES[name]["tiny"]]["unet"]
 
 
 def write_file(name: str, path: str, device, quick: bool = False) -> dict[str, torch.Size]:
@@ -118,12 +152,11 @@ def conditioning(name: str, seed: int, quick: bool = False) -> list:
     from tests.support import tiny_families
 
     spec = FAMILIES[name]
-    width = tiny_families.FAMILIES[spec["tiny"]]["context"] if quick else spec["context"]
+    width = tiny_families.SPECS[spec["tiny"]]["context"] if quick else spec["context"]
     g = torch.Generator().manual_seed(seed)
     context = torch.randn(1, spec["tokens"], spec["context"], generator=g)[..., :width]
-    extra = {}
-    if spec["pooled"] is not None:
-        extra["pooled_output"] = torch.randn(1, spec["pooled"], generator=g)
+    # (a family without a pooled output gets None, as CLIPTextEncode passes on its encoder's: Flux.2 reads it)
+    extra = {"pooled_output": None if spec["pooled"] is None else torch.randn(1, spec["pooled"], generator=g)}
     if spec["guidance"] is not None:
         extra["guidance"] = spec["guidance"]
     return [[context, extra]]
@@ -141,3 +174,32 @@ def lora_state_dict(name: str, shapes: dict, rank: int, seed: int) -> dict[str, 
             out[prefix + ".lora_up.weight"] = (torch.randn(shape[0], rank, generator=g) * 0.1 / rank ** 0.5).to(spec["dtype"])
             out[prefix + ".alpha"] = torch.tensor(float(rank))
     return out
+
+
+def latent_shape(name: str, batch: int, quick: bool = False) -> tuple[int, ...]:
+    """The empty latent of one run of the family: [B, C, h, w] at 1024 px (64 with `quick`), or for a
+    video family [B, C, T, h, w] of its size (64 px, 5 frames with `quick`)."""
+    spec = FAMILIES[name]
+    scale = spec.get("scale", 8)
+    if "size" in spec:
+        width, height, frames = (64, 64, 5) if quick else spec["size"]
+        return (batch, spec["latent"], (frames - 1) // 4 + 1, height // scale, width // scale)
+    px = 64 if quick else 1024
+    return (batch, spec["latent"], px // scale, px // scale)
+
+
+def vae(name: str):
+    """A VAE with the family's latent shape for training's encode (random weights): the host's own VAE
+    class where the family has `vae`, else a TAESD of its latent channels (8x)."""
+    import comfy.sd
+    from comfy.taesd.taesd import TAESD
+
+    from tests.support.tiny_newer_families import host_vae
+    from tests.support.tiny_nodes import plain_weights, randomize_
+
+    spec = FAMILIES[name]
+    if spec.get("vae"):
+        return host_vae(spec["vae"])
+    with plain_weights():
+        taesd = randomize_(TAESD(latent_channels=spec["latent"]), seed=5, scale=1.0)
+    return comfy.sd.VAE(sd={k: v.contiguous() for k, v in taesd.state_dict().items()})

@@ -321,17 +321,17 @@ class Bench:
         t0 = time.perf_counter()
         path = os.path.join(self.host.model_dir("diffusion_models"), f"bench_{name}.safetensors")
         shapes = families.write_file(name, path, mm.get_torch_device(), self.quick)
-        base, full = (families.load(name, path, self.quick, spec["dtype"]) for _ in range(2))
+        base, full = (families.load(name, path, self.quick, spec.get("weights", spec["dtype"])) for _ in range(2))
         gc.collect()
         mm.soft_empty_cache()
         lora_sd = families.lora_state_dict(name, shapes, rank=32, seed=2)
         lora = self.loader.apply_lora(base, lora_sd, "bench_lora")
         conds = {k: families.conditioning(name, seed, self.quick) for k, seed in (("positive", 11), ("negative", 12), ("null", 13))}
-        return {"name": name, "family": type(base.model.model_config).__name__, "px": 64 if self.quick else 1024,
+        return {"name": name, "dit": name, "family": type(base.model.model_config).__name__, "px": 64 if self.quick else 1024,
                 "params": sum(math.prod(v) for v in shapes.values()), "base": base, "full": full, "lora": lora,
                 "domain_file": path,
                 "conds": conds, "build_s": round(time.perf_counter() - t0, 2), "latent_channels": spec["latent"],
-                "dtype": str(spec["dtype"]), "cfg": spec["cfg"],
+                "dtype": str(spec.get("weights", spec["dtype"])), "cfg": spec["cfg"],
                 "lora_keys": sum(k.endswith(".lora_down.weight") for k in lora_sd)}
 
     @contextlib.contextmanager
@@ -371,7 +371,9 @@ class Bench:
         return round(sum(p.is_contiguous(memory_format=torch.channels_last) for p in ws) / max(1, len(ws)), 3)
 
     def latent(self, m, batch: int) -> dict:
-        return {"samples": torch.zeros(batch, m.get("latent_channels", 4), m["px"] // 8, m["px"] // 8)}
+        if m.get("dit"):  # (a family's own channels, downscale and, for video, frames: bench/families.py)
+            return {"samples": torch.zeros(families.latent_shape(m["dit"], batch, self.quick))}
+        return {"samples": torch.zeros(batch, 4, m["px"] // 8, m["px"] // 8)}
 
     def run_fn(self, m, case: str, batch: int, domain_scale: float = 1.5):
         """One sampling run of the case, then what the host's executor does after a node."""

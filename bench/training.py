@@ -156,23 +156,18 @@ def run_family_case(host, name: str, weight_dtype: str, batch: int, px: int, ste
     run (nodes/training/run.py's run_training: the family's targets, checkpointed blocks, conditioning and
     flow objective), gradient checkpointing on, bf16 autocast, loaded from a file as UNETLoader
     loads it with weight_dtype "default" (bf16) or "fp8_e4m3fn" (the host's fp8 storage, cast per
-    layer). A random TAESD with the family's 16 latent channels stands in for its VAE (it encodes
-    each image once, before the timed steps). Peak = CUDA memory allocated during the run, the
+    layer). families.vae stands in for its VAE (the host's own VAE class or a TAESD of the family's
+    latent channels, random weights; it encodes each image once, before the timed steps). Peak = CUDA memory allocated during the run, the
     base's resident weights included."""
     import comfy.model_management as mm
-    import comfy.sd
     from bench import families
-    from comfy.taesd.taesd import TAESD
-    from tests.support.tiny_nodes import plain_weights, randomize_
 
-    spec = families.FAMILIES[name]
     device = mm.get_torch_device()
     path = os.path.join(host.model_dir("diffusion_models"), f"bench_{name}.safetensors")
     if not os.path.exists(path):
         families.write_file(name, path, device, quick)
     model = families.load(name, path, quick, None if weight_dtype == "default" else getattr(torch, weight_dtype))
-    with plain_weights():
-        vae = comfy.sd.VAE(sd={k: v.contiguous() for k, v in randomize_(TAESD(latent_channels=spec["latent"]), seed=5, scale=1.0).state_dict().items()})
+    vae = families.vae(name)
     null = families.conditioning(name, 13, quick)
     run_training = host.pack("nodes.training.run").run_training
     training = host.pack("training")
