@@ -19,6 +19,8 @@ the issue's 2.47 TFLOP per SD1.5 512px training image and the GPU's dense bf16 p
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -26,6 +28,7 @@ import platform
 import sys
 import tempfile
 import time
+from unittest import mock
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if "COMFYUI_PATH" not in os.environ and os.path.isdir(os.path.join(REPO, ".hostsrc")):
@@ -66,7 +69,14 @@ CASES = {
     "full-b48-graph": ("full", 48, False, {"cuda_graph": True}),
     # issue 16 item 4: a larger batch at the same memory with 8-bit states, with the graphs
     "full-b48-8bit-graph": ("full", 48, False, {"cuda_graph": True, "optimizer": "adamw8bit"}),
+    # issue 34 target 3, experiments the node does not offer (BENCH_ONLY keys): torch.compile's mode
+    # "reduce-overhead" (inductor's own CUDA graphs of the compiled forward and backward), and the UNet's
+    # weights in channels-last memory format (the activations follow through the convolutions)
+    "full-b32-compile-ro": ("full", 32, False, {"compile": True, "compile_mode": "reduce-overhead"}),
+    "full-b32-cl-compile": ("full", 32, False, {"compile": True, "channels_last": True}),
+    "full-b32-cl-compile-ro": ("full", 32, False, {"compile": True, "compile_mode": "reduce-overhead", "channels_last": True}),
 }
+BENCH_ONLY = ("compile_mode", "channels_last")  # case keys applied here, not TrainConfig options
 
 
 def random_unet(config: dict, dtype) -> dict[str, torch.Tensor]:
@@ -101,9 +111,16 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, pr
     unet = model.model.diffusion_model
     host.pack("nodes.training.differentiable").make_autograd_safe(unet)
     profiled = 3 if profile else 0  # steps after the timed ones, under the profiler
+    options = {k: v for k, v in speed.items() if k not in BENCH_ONLY}
     config = training.TrainConfig(steps=steps + profiled, mode=mode, batch_size=batch, resolution=px, lr=1e-5, flip=False,
                                   precision="bf16", gradient_checkpointing=read.checkpointed_blocks if ckpt else (),
-                                  lora_rank=16, lora_alpha=16.0, **speed)
+                                  lora_rank=16, lora_alpha=16.0, **options)
+    experiments = contextlib.ExitStack()
+    if speed.get("compile_mode"):  # the loop's torch.compile(forward) with this mode
+        experiments.enter_context(mock.patch.object(torch, "compile", functools.partial(torch.compile, mode=speed["compile_mode"])))
+    if speed.get("channels_last"):  # (the full copy is made from these weights and keeps their format)
+        unet.to(memory_format=torch.channels_last)
+        experiments.callback(unet.to, memory_format=torch.contiguous_format)
     g = torch.Generator().manual_seed(1)
     pixels = torch.rand(images, px, px, 3, generator=g)
     stamps = []
@@ -126,7 +143,7 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, pr
     t_begin = time.perf_counter()
     # as the node runs it (nodes/training/run.py): with checkpointing, attention without cuDNN's kernel
     in_training = host.pack("nodes.training.differentiable").host_in_training(read.family, checkpointing=ckpt)
-    with tempfile.TemporaryDirectory() as cache, torch.inference_mode(False), in_training:
+    with tempfile.TemporaryDirectory() as cache, torch.inference_mode(False), in_training, experiments:
         result = training.train(
             unet, pixels, encode=fake_encoder(4, 8), vae_id="bench", cond_for=lambda h, w: {"context": torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))},
             alphas_cumprod=read.alphas_cumprod, prediction_type="eps", config=config, cache_dir=cache,
