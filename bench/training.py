@@ -1,6 +1,7 @@
 """GPU benchmark: Train Domain UNet's loop (training.train) on a full-size SD1.5 UNet.
 
     python -m bench.training --out DIR [--quick] [--cases full-b8-ckpt,lora-b8-ckpt,...] [--steps 12]
+    python -m bench.training --out DIR --model sdxl --cases lora-b4-ckpt,full-b1-ckpt-8bit,...
     python -m bench.training --out DIR --families sd35m:default:1,flux_dev:float8_e4m3fn:1,zimage:default:1
 
 Starts the real ComfyUI host in-process (tests/support/host.py; COMFYUI_PATH, else .hostsrc/ in this
@@ -9,7 +10,8 @@ host (comfy.sd.load_diffusion_model_state_dict: the host detects SD15 and return
 then runs the node's own adapters and loop exactly as Train Domain UNet does (nodes/training/run.py:
 read_host_model, load_models_gpu, make_autograd_safe; training.train), on 512x512 images,
 with the VAE replaced by random latents (the VAE runs once per image and is cached; it is not
-part of a training step) and a random empty-prompt context [1, 77, 768].
+part of a training step) and a random empty-prompt context [1, 77, 768]. --model sdxl: the same
+with SDXL at 1024x1024 (context [1, 77, 2048] and the pooled-and-size input 'y' [1, 2816]).
 
 Per case: images/s over the steps after --warmup, the peak CUDA memory allocated during
 training (the base model's resident weights included: what the node needs), and MFU against
@@ -39,8 +41,10 @@ from tests.support import host as host_module  # noqa: E402
 host_module.allocator_as_main()  # the CUDA allocator the host's main.py picks, before torch is imported
 import torch  # noqa: E402
 
-from bench.unet_configs import SD15, SD15_TINY  # noqa: E402  (bench/unet_configs.py)
+from bench.unet_configs import SD15, SD15_TINY, SDXL, SDXL_VEGA  # noqa: E402  (bench/unet_configs.py)
 TFLOP_PER_IMAGE = 2.47  # SD1.5 512px, forward + backward (issue 5)
+# --model: (config, quick config, pixels, context width, pooled+size width 'y' or None); MFU for SD1.5 only
+UNETS = {"sd15": (SD15, SD15_TINY, 512, 768, None), "sdxl": (SDXL, SDXL_VEGA, 1024, 2048, 2816)}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, SXM
 CASES = {
     # name: (mode, batch size, gradient checkpointing, TrainConfig speed options)
@@ -57,6 +61,15 @@ CASES = {
     "full-b32-compile": ("full", 32, False, {"compile": True}),
     "full-b48-compile": ("full", 48, False, {"compile": True}),
     "lora-b8-compile": ("lora", 8, False, {"compile": True}),
+    # SDXL at 1024 px (issue 33 item 4; --model sdxl): smaller batches, checkpointing, 8-bit states
+    "lora-b1-ckpt": ("lora", 1, True, {}),
+    "lora-b4-ckpt": ("lora", 4, True, {}),
+    "lora-b4-ckpt-graph": ("lora", 4, True, {"cuda_graph": True}),
+    "lora-b4": ("lora", 4, False, {}),
+    "full-b1-ckpt": ("full", 1, True, {}),
+    "full-b1-ckpt-8bit": ("full", 1, True, {"optimizer": "adamw8bit"}),
+    "full-b4-ckpt-8bit": ("full", 4, True, {"optimizer": "adamw8bit"}),
+    "full-b4-8bit": ("full", 4, False, {"optimizer": "adamw8bit"}),
     # bitsandbytes' 8-bit AdamW (issue 16 item 3): memory, speed, and the losses against full-b8 / full-b8-ckpt
     "full-b8-8bit": ("full", 8, False, {"optimizer": "adamw8bit"}),
     "full-b8-ckpt-8bit": ("full", 8, True, {"optimizer": "adamw8bit"}),
@@ -92,6 +105,16 @@ def random_unet(config: dict, dtype) -> dict[str, torch.Tensor]:
     return sd
 
 
+def empty_prompt(unet_name: str):
+    """cond_for of a random empty-prompt context [1, 77, width] (and SDXL's 'y': pooled output and sizes)."""
+    _, _, _, width, adm = UNETS[unet_name]
+    g = torch.Generator().manual_seed(2)
+    cond = {"context": torch.randn(1, 77, width, generator=g)}
+    if adm is not None:
+        cond["y"] = torch.randn(1, adm, generator=g)
+    return lambda h, w: cond
+
+
 def fake_encoder(channels: int, factor: int):
     """Random latents that depend only on the image (as a VAE's would); the VAE is outside a step."""
     def encode(pixels: torch.Tensor) -> torch.Tensor:
@@ -101,7 +124,8 @@ def fake_encoder(channels: int, factor: int):
     return encode
 
 
-def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, profile: str | None = None) -> dict:
+def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, profile: str | None = None,
+             unet_name: str = "sd15") -> dict:
     import comfy.model_management as mm
     read = host.pack("nodes.training.inputs").read_host_model(model)  # what the node reads of the base
     training = host.pack("training")
@@ -145,7 +169,7 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, pr
     in_training = host.pack("nodes.training.differentiable").host_in_training(read.family, checkpointing=ckpt)
     with tempfile.TemporaryDirectory() as cache, torch.inference_mode(False), in_training, experiments:
         result = training.train(
-            unet, pixels, encode=fake_encoder(4, 8), vae_id="bench", cond_for=lambda h, w: {"context": torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(2))},
+            unet, pixels, encode=fake_encoder(4, 8), vae_id="bench", cond_for=empty_prompt(unet_name),
             alphas_cumprod=read.alphas_cumprod, prediction_type="eps", config=config, cache_dir=cache,
             on_progress=lambda p: on_step(p), device=device,
             release_base=(lambda: host.pack("nodes.dynamic_vram").release(model)) if mode == "full" else None)
@@ -162,8 +186,9 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, pr
     peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), float("nan"))
     losses = [round(v, 6) for v in result.losses]
     del result
-    return {"case": name, "mode": mode, "batch": batch, "grad_ckpt": ckpt, **speed, "px": px, "step_s": secs, "images_per_s": ips,
-            "peak_gib": peak, "first_step_s": first_step_s, "mfu": ips * TFLOP_PER_IMAGE / peak_tflops, "losses_finite": True,
+    mfu = ips * TFLOP_PER_IMAGE / peak_tflops if unet_name == "sd15" and px == 512 else float("nan")
+    return {"case": name, "model": unet_name, "mode": mode, "batch": batch, "grad_ckpt": ckpt, **speed, "px": px, "step_s": secs,
+            "images_per_s": ips, "peak_gib": peak, "first_step_s": first_step_s, "mfu": mfu, "losses_finite": True,
             "losses": losses}
 
 
@@ -220,6 +245,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", choices=list(UNETS), default="sd15",
+                    help="the UNet the cases train: SD1.5 at 512 px, or SDXL at 1024 px (Segmind-Vega at 64 px with --quick)")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
@@ -258,14 +285,15 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
         return report(args.out, rows, "training-families.json")
 
-    px = 64 if args.quick else 512
-    model = comfy.sd.load_diffusion_model_state_dict(random_unet(SD15_TINY if args.quick else SD15, torch.float16))
+    config, quick_config, px, _, _ = UNETS[args.model]
+    px = 64 if args.quick else px
+    model = comfy.sd.load_diffusion_model_state_dict(random_unet(quick_config if args.quick else config, torch.float16))
     print(f"host detected {type(model.model.model_config).__name__}; weights {model.model.get_dtype()}", flush=True)
     rows = []
     for name in args.cases.split(","):
         try:
             row = run_case(model, name, px, args.steps, args.warmup, images=64 if not args.quick else 8,
-                           profile=args.out if args.profile else None)
+                           profile=args.out if args.profile else None, unet_name=args.model)
         except torch.OutOfMemoryError as e:
             row = {"case": name, "error": f"out of memory: {e}".splitlines()[0]}
         rows.append(row)
