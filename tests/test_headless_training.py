@@ -235,3 +235,26 @@ def test_the_command_line_offers_what_the_training_loop_takes(comfy):
     for name in ("mode", "lr_schedule", "optimizer"):
         for value in choices[name]:
             config.TrainConfig(**{name: value}).validate()  # raises on a value the loop does not take
+
+
+def test_the_out_of_memory_advice_names_real_inputs_and_options(comfy):
+    """training.config.memory_savers, which the node's and the CLI's out-of-memory errors list, names
+    inputs Train Domain UNet has and options the headless trainer takes, with values they accept."""
+    config, cli = comfy.pack("training.config"), cli_module("train_domain")
+    worst = dict(mode="full", batch_size=8, precision="fp32", resolution=1024, cuda_graph=True)
+    inputs = {i.id: i for i in comfy.nodes["InDomainTrainUNet"].GET_SCHEMA().inputs}
+    node_advice = config.memory_savers(config.TrainConfig(**worst))
+    for advice in node_advice:
+        words = advice.split(" (")[0].split()
+        name = words[2] if words[:2] in (["turn", "on"], ["turn", "off"]) else words[-1] if words[0] == "a" else words[0]
+        assert name in inputs, advice
+        if len(words) == 2 and words[0] == name:  # "<input> <value>": a value the input takes
+            value = words[1]
+            options = getattr(inputs[name], "options", None)
+            assert value in options if options else inputs[name].min <= int(value) <= inputs[name].max, advice
+    options = {s for a in cli.parser()._actions for s in a.option_strings}
+    for advice in config.memory_savers(config.TrainConfig(**worst), cli=True) + \
+            config.memory_savers(config.TrainConfig(mode="full", fsdp=True), cli=True):
+        named = [w for w in advice.split(" (")[0].split() if w.startswith("--")]
+        assert named and all(o in options for o in named), advice
+    assert len(node_advice) == 7
