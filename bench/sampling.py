@@ -31,8 +31,8 @@ ModelPatcher), and times with torch.cuda.synchronize around each whole sampling 
                  ours with domain_every = K (the domain rows every K-th evaluation; e.g. full_every2)
   zero           ours with domain_scale 0: each step the host's own sampling_function (since issue 15;
                  it recorded the stock rows as a CUDA graph before), i.e. stock through our node
-  full_fp8       ours, the full copy's file loaded with fp8 weights (Load Domain UNet's weight_dtype
-                 fp8_e4m3fn: the host's loader with the same model_options)
+  full_fp8       ours, the full copy's file loaded with fp8 weights (Load Domain UNet's own loader,
+                 weight_dtype fp8_e4m3fn)
 
 Each case: all models unloaded, one warm-up run (loads the models), then --repeats timed runs
 (median reported), peak memory = torch.cuda.max_memory_allocated over the timed runs (and
@@ -147,14 +147,19 @@ def random_unet_state_dict(config: dict, seed: int, dtype, device) -> dict[str, 
     return sd
 
 
+def bench_file(host, name: str) -> str:
+    """Where the benchmark writes the UNet file `name`: the host's diffusion_models folder."""
+    return os.path.join(host.model_dir("diffusion_models"), name + ".safetensors")
+
+
 def load_unet(host, sd: dict, dtype, name: str):
-    """The state dict written to the host's diffusion_models folder and loaded as its UNETLoader
-    loads a file (comfy.sd.load_diffusion_model: the model it gives can be reloaded by the host,
-    e.g. without dynamic VRAM for weight hooks)."""
+    """The state dict written to bench_file(name) and loaded as the host's UNETLoader loads a file
+    (comfy.sd.load_diffusion_model: the model it gives can be reloaded by the host, e.g. without
+    dynamic VRAM for weight hooks)."""
     import comfy.sd
     import safetensors.torch
 
-    path = os.path.join(host.model_dir("diffusion_models"), name + ".safetensors")
+    path = bench_file(host, name)
     safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, path)
     patcher = comfy.sd.load_diffusion_model(path, model_options={"dtype": dtype})
     if patcher is None:
@@ -307,7 +312,7 @@ class Bench:
         lora = self.loader.apply_lora(base, lora_state_dict(shapes, rank=32, seed=2, dtype=self.dtype), "bench_lora")
         conds = {k: conditioning(name, seed, px, ctx, pooled) for k, seed in (("positive", 11), ("negative", 12), ("null", 13))}
         return {"name": name, "family": family, "px": px, "params": n_params, "base": base, "full": full, "lora": lora,
-                "domain_file": os.path.join(self.host.model_dir("diffusion_models"), f"bench_{name}_domain.safetensors"),
+                "domain_file": bench_file(self.host, f"bench_{name}_domain"),
                 "conds": conds, "build_s": round(time.perf_counter() - t0, 2),
                 "lora_keys": sum(1 for k in shapes if k.endswith(LORA_TARGETS) and len(shapes[k]) == 2)}
 
@@ -327,7 +332,7 @@ class Bench:
         lora_sd = families.lora_state_dict(name, shapes, rank=32, seed=2)
         lora = self.loader.apply_lora(base, lora_sd, "bench_lora")
         conds = {k: families.conditioning(name, seed, self.quick) for k, seed in (("positive", 11), ("negative", 12), ("null", 13))}
-        return {"name": name, "dit": name, "family": type(base.model.model_config).__name__, "px": 64 if self.quick else 1024,
+        return {"name": name, "family": type(base.model.model_config).__name__, "px": 64 if self.quick else 1024,
                 "params": sum(math.prod(v) for v in shapes.values()), "base": base, "full": full, "lora": lora,
                 "domain_file": path,
                 "conds": conds, "build_s": round(time.perf_counter() - t0, 2), "latent_channels": spec["latent"],
@@ -371,8 +376,8 @@ class Bench:
         return round(sum(p.is_contiguous(memory_format=torch.channels_last) for p in ws) / max(1, len(ws)), 3)
 
     def latent(self, m, batch: int) -> dict:
-        if m.get("dit"):  # (a family's own channels, downscale and, for video, frames: bench/families.py)
-            return {"samples": torch.zeros(families.latent_shape(m["dit"], batch, self.quick))}
+        if m["name"] in families.FAMILIES:  # (a family's own channels, downscale and, for video, frames)
+            return {"samples": torch.zeros(families.latent_shape(m["name"], batch, self.quick))}
         return {"samples": torch.zeros(batch, 4, m["px"] // 8, m["px"] // 8)}
 
     def run_fn(self, m, case: str, batch: int, domain_scale: float = 1.5):
@@ -416,13 +421,11 @@ class Bench:
 
     def domain(self, m, case: str):
         """The case's domain: the full copy, the LoRA, or (full_fp8) the full copy's file loaded with fp8
-        weights, as Load Domain UNet's weight_dtype fp8_e4m3fn loads it (once, on first use)."""
+        weights by Load Domain UNet's own loader with weight_dtype fp8_e4m3fn (once, on first use)."""
         if case.startswith("full_fp8"):
             if "full_fp8" not in m:
-                import comfy.sd
-
-                options = self.host.pack("nodes.domain_files").weight_dtype_options("fp8_e4m3fn")
-                m["full_fp8"] = comfy.sd.load_diffusion_model(m["domain_file"], model_options=options)
+                m["full_fp8"] = self.loader.load_domain_unet(m["domain_file"], m["base"],
+                                                             model_options=self.loader.weight_dtype_options("fp8_e4m3fn"))
             return m["full_fp8"]
         return m["full"] if case.startswith("full") else m["lora"]
 

@@ -105,6 +105,20 @@ def random_unet(config: dict, dtype) -> dict[str, torch.Tensor]:
     return sd
 
 
+@contextlib.contextmanager
+def bench_only(unet, speed: dict):
+    """A case's BENCH_ONLY keys for the time of its run: torch.compile with compile_mode (the loop's
+    torch.compile(forward)), the UNet's weights channels-last (the full copy is made from them and
+    keeps their format)."""
+    with contextlib.ExitStack() as undo:
+        if speed.get("compile_mode"):
+            undo.enter_context(mock.patch.object(torch, "compile", functools.partial(torch.compile, mode=speed["compile_mode"])))
+        if speed.get("channels_last"):
+            unet.to(memory_format=torch.channels_last)
+            undo.callback(unet.to, memory_format=torch.contiguous_format)
+        yield
+
+
 def empty_prompt(unet_name: str):
     """cond_for of a random empty-prompt context [1, 77, width] (and SDXL's 'y': pooled output and sizes)."""
     _, _, _, width, adm = UNETS[unet_name]
@@ -139,12 +153,6 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, pr
     config = training.TrainConfig(steps=steps + profiled, mode=mode, batch_size=batch, resolution=px, lr=1e-5, flip=False,
                                   precision="bf16", gradient_checkpointing=read.checkpointed_blocks if ckpt else (),
                                   lora_rank=16, lora_alpha=16.0, **options)
-    experiments = contextlib.ExitStack()
-    if speed.get("compile_mode"):  # the loop's torch.compile(forward) with this mode
-        experiments.enter_context(mock.patch.object(torch, "compile", functools.partial(torch.compile, mode=speed["compile_mode"])))
-    if speed.get("channels_last"):  # (the full copy is made from these weights and keeps their format)
-        unet.to(memory_format=torch.channels_last)
-        experiments.callback(unet.to, memory_format=torch.contiguous_format)
     g = torch.Generator().manual_seed(1)
     pixels = torch.rand(images, px, px, 3, generator=g)
     stamps = []
@@ -167,7 +175,7 @@ def run_case(model, name: str, px: int, steps: int, warmup: int, images: int, pr
     t_begin = time.perf_counter()
     # as the node runs it (nodes/training/run.py): with checkpointing, attention without cuDNN's kernel
     in_training = host.pack("nodes.training.differentiable").host_in_training(read.family, checkpointing=ckpt)
-    with tempfile.TemporaryDirectory() as cache, torch.inference_mode(False), in_training, experiments:
+    with tempfile.TemporaryDirectory() as cache, torch.inference_mode(False), in_training, bench_only(unet, speed):
         result = training.train(
             unet, pixels, encode=fake_encoder(4, 8), vae_id="bench", cond_for=empty_prompt(unet_name),
             alphas_cumprod=read.alphas_cumprod, prediction_type="eps", config=config, cache_dir=cache,

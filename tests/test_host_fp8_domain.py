@@ -82,11 +82,6 @@ def staged_as_the_host_rounds(model, sd: dict, dtype: torch.dtype) -> dict:
     return {k: v if k in kept else v.to(dtype).float() for k, v in sd.items()}
 
 
-def dynamic_vram(model) -> bool:
-    """The host keeps the file's tensors and casts them as it stages them (0.33's dynamic VRAM)."""
-    return kept_dtypes(model) != weight_dtypes(model)
-
-
 def weight_dtypes(model) -> set:
     return {p.dtype for p in model.model.diffusion_model.parameters()}
 
@@ -131,7 +126,7 @@ def test_an_fp8_domain_samples_as_its_rounded_weights_and_near_the_full_precisio
     fp8 = sample(comfy, files["full"], option)
     rounded = sample(comfy, files[f"rounded_{option}"])  # its weights rounded to fp8, kept in float32
     model = loaded(comfy, files["full"], option)
-    staged = dynamic_vram(model)
+    staged = comfy.pack("nodes.dynamic_vram").patcher_is_dynamic(model)  # (0.33's dynamic VRAM stages the layers)
     if staged:  # rounded where the host rounds as it stages the layers
         name = f"dtype_domain_staged_{option}.safetensors"
         tiny.write_safetensors(os.path.join(comfy.model_dir("domain_unets"), name),

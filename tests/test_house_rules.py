@@ -31,8 +31,9 @@ def pack_files():
 
 
 def module_of(path: str) -> list[str]:
+    """A file's dotted module name as parts (a package's __init__.py: the package's)."""
     parts = path[:-3].split(os.sep)
-    return [p for p in parts if p != "."][:-1] if parts[-1] == "__init__" else [p for p in parts if p != "."]
+    return parts[:-1] if parts[-1] == "__init__" else parts
 
 
 def imports(path: str) -> set[str]:
@@ -45,7 +46,7 @@ def imports(path: str) -> set[str]:
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = package[: len(package) - (node.level - 1)] if node.level > 1 else package
+                base = package[: len(package) - node.level + 1]  # level 1: this package, 2: its parent
                 name = ".".join(base + ([node.module] if node.module else []))
                 out.update(f"{name}.{a.name}" if not node.module else name for a in node.names)
             else:
