@@ -657,9 +657,7 @@ def main(argv=None) -> int:
                     help="auto: the host's dynamic VRAM on where its main.py turns it on (ComfyUI 0.33+ on "
                          "NVIDIA); off: as with --disable-dynamic-vram")
     ap.add_argument("--channels-last", action="store_true", help="UNet weights in channels-last memory format (all cases)")
-    ap.add_argument("--card-gib", type=float, default=None,
-                    help="hold the GPU to a card of this many GiB (the host's --reserve-vram for the rest and this "
-                         "process capped there): the card tables' runs")
+    host_module.add_card_option(ap)
     ap.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                     help="compare the fast path with the straightforward guider per model and batch (default on)")
     ap.add_argument("--profile", action="store_true",

@@ -263,9 +263,7 @@ def main(argv=None) -> int:
     ap.add_argument("--families", default="",
                     help="instead of SD1.5: LoRA at 1024 px with checkpointing of these (bench/families.py), e.g. "
                          "sd35m:default:1,flux_dev:float8_e4m3fn:1,zimage:default:1 (name:weight dtype:batch)")
-    ap.add_argument("--card-gib", type=float, default=None,
-                    help="hold the GPU to a card of this many GiB (the host's --reserve-vram for the rest and this "
-                         "process capped there): the card tables' runs")
+    host_module.add_card_option(ap)
     args = ap.parse_args(argv)
     if args.card_gib and not torch.cuda.is_available():
         print("--card-gib holds a CUDA GPU to a smaller card: this machine has none", file=sys.stderr)

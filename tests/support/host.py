@@ -111,6 +111,13 @@ def card_settings(total_bytes: int, card_gib: float) -> tuple[float, float]:
     return (total_bytes - card) / 2**30, card / total_bytes
 
 
+def add_card_option(parser) -> None:
+    """--card-gib of the benchmarks (bench/sampling.py, bench/training.py): the card tables' runs."""
+    parser.add_argument("--card-gib", type=float, default=None,
+                        help="hold the GPU to a card of this many GiB (the host's --reserve-vram for the rest and this "
+                             "process capped there): the card tables' runs")
+
+
 def hold_to_card(card_gib: float, args) -> dict:
     """Before the host's model management is imported: its --reserve-vram set to the rest of the GPU
     and this process capped at the card (torch.cuda.set_per_process_memory_fraction), so that the host
