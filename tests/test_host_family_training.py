@@ -205,6 +205,21 @@ def test_chroma_radiance_on_chromas_class_is_not_taken_for_chroma(comfy):
         family_of(type("Patcher", (), {"model": radiance})())
 
 
+@pytest.mark.parametrize("image_model, config_class", [("zimage_pixel", "ZImagePixelSpace"), ("ming_image", "MingImage")])
+def test_other_models_on_z_images_class_are_not_taken_for_z_image(comfy, image_model, config_class):
+    """The host builds Z-Image's pixel-space model (0.33: a subclass of Z-Image's NextDiT, image_model
+    "zimage_pixel", denoising RGB patches, no VAE latents) and newer hosts Ming-Image (frame latents) on
+    Z-Image's class: Z-Image's row, which trains on VAE latents, refuses them, naming the model."""
+    family_of = comfy.pack("nodes.training.families").family_of
+    zimage = fam.family_model("zimage")
+    assert family_of(zimage).name.startswith("Z-Image")
+    config = {**zimage.model.model_config.unet_config, "image_model": image_model}
+    other = type("Model", (), {"diffusion_model": zimage.model.diffusion_model,
+                               "model_config": type(config_class, (), {"unet_config": config})()})()
+    with pytest.raises(ValueError, match=f"this model \\({config_class}, a NextDiT\\) is none of them"):
+        family_of(type("Patcher", (), {"model": other})())
+
+
 def test_hunyuanimage21s_row_takes_neither_hunyuanvideo_nor_the_distilled_checkpoint(comfy):
     """The host builds HunyuanVideo (and its 1.5, and HunyuanImage 2.1's refiner) on HunyuanImage 2.1's
     class with the same image_model ("hunyuan_video"), on 3-D patches; the distilled HunyuanImage 2.1

@@ -88,11 +88,14 @@ FAMILIES = (
     # guidance an input the host sets to 0; Chroma Radiance (pixel space, the same class) is not this row
     Family("Chroma", "comfy.ldm.chroma.model:Chroma", _FLUX_TARGETS, _flux_blocks,
            {"c_crossattn": "context", "guidance": "guidance"}, adds_in_place=True, image_model="chroma", cfg=4.0),
-    # (cfg 1: Z-Image Turbo, distilled, the one the host's templates sample)
+    # (cfg 1: Z-Image Turbo, distilled, the one the host's templates sample). The host builds other models
+    # on NextDiT too (0.33: Z-Image's pixel-space model, image_model "zimage_pixel", which has no VAE
+    # latents to train on; newer hosts: Ming-Image's frame latents): this row is the "lumina2" config only
     Family("Z-Image (Lumina 2 DiT)", "comfy.ldm.lumina.model:NextDiT",
            ("attention.qkv", "attention.out", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"),
            lambda m: _numbered(m, "noise_refiner", "context_refiner", "layers"),
-           {"c_crossattn": "context", "num_tokens": "num_tokens", "attention_mask": "attention_mask"}, cfg=1.0),
+           {"c_crossattn": "context", "num_tokens": "num_tokens", "attention_mask": "attention_mask"},
+           image_model="lumina2", cfg=1.0),
     # Qwen-Image and Qwen-Image Edit (one class and config): trained on the empty prompt alone, so no
     # reference latents (an Edit model's reference belongs to the prompt's rows, at sampling); the
     # encoder's attention_mask where it gives one (0.33's extra_conds passes it on). Its latents are
