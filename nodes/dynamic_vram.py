@@ -157,3 +157,29 @@ def graph_reason(model) -> str | None:
             if any(p.device.type != "cuda" for p in m.parameters(recurse=False)):
                 return "weights of a layer without a slot are not on the GPU"
     return Slots(model).reason
+
+
+def streaming_mark():
+    """What the host's own block streaming has done so far in this node: the argument of
+    streamed_since(). Under dynamic VRAM some forwards (ComfyUI 0.33: LTX-2, MiniMax; newer hosts
+    more) stream their blocks' weights in on a second stream themselves (comfy.model_prefetch: one
+    queue per forward, cleared after each node), and newer hosts record allocation graphs and CUDA
+    graphs of blocks inside the forward (their model compiler); None on hosts without either."""
+    import sys
+
+    prefetch = sys.modules.get("comfy.model_prefetch")
+    if prefetch is None:
+        return None
+    queues = getattr(prefetch, "PREFETCH_QUEUES", None)
+    return prefetch, queues, len(queues or ())
+
+
+def streamed_since(mark) -> bool:
+    """True if a forward since streaming_mark() streamed its blocks itself or ran the host's model
+    compiler: a call whose CUDA graph would capture another stream's copies, the host's waits and
+    its own graphs."""
+    if mark is None:
+        return False
+    prefetch, queues, count = mark
+    now = getattr(prefetch, "PREFETCH_QUEUES", None)
+    return now is not queues or len(now or ()) != count or bool(getattr(prefetch, "MALLOC_GRAPH_USED", False))

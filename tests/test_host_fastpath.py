@@ -315,7 +315,7 @@ def test_a_base_model_patch_keeps_the_fast_path_but_no_cuda_graph(comfy, files, 
     fastpath = comfy.pack("nodes.sampling.fastpath")  # graph_reason as the recorder sees it
     seen = []
     real = fastpath.graph_reason
-    monkeypatch.setattr(fastpath, "graph_reason", lambda model, kwargs: seen.append(real(model, kwargs)) or seen[-1])
+    monkeypatch.setattr(fastpath, "graph_reason", lambda *a: seen.append(real(*a)) or seen[-1])
     extra = {"dom": loader(files["domain"]),
              "freeu": {"class_type": "FreeU_V2", "inputs": {"model": ["ckpt", 0], "b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}}}
 
@@ -330,6 +330,43 @@ def test_a_base_model_patch_keeps_the_fast_path_but_no_cuda_graph(comfy, files, 
     seen.clear()
     run(True, False)
     assert seen == [device, device]  # a plain run: nothing but the device
+
+
+def test_a_forward_that_streams_its_blocks_itself_keeps_the_fast_path_but_no_cuda_graph(comfy, files, monkeypatch, on_gpu):
+    """Under dynamic VRAM some forwards stream their blocks' weights in on a stream of their own
+    (ComfyUI 0.33's block prefetch: LTX-2, MiniMax; newer hosts also record graphs of their own
+    blocks): the recorded call is made directly every step, never captured around the host's
+    copies and waits. Here the tiny UNet's forward makes its prefetch queue as those forwards do."""
+    prefetch = pytest.importorskip("comfy.model_prefetch", reason="a host without block prefetch (before 0.33)")
+    import comfy.model_management as mm
+    from comfy.ldm.modules.diffusionmodules import openaimodel
+
+    fastpath = comfy.pack("nodes.sampling.fastpath")
+    seen = []
+    real = fastpath.graph_reason
+    monkeypatch.setattr(fastpath, "graph_reason", lambda *a: seen.append(real(*a)) or seen[-1])
+    extra = {"dom": loader(files["domain"])}
+
+    def run(fast):
+        return sample(comfy, monkeypatch, fast, domain=["dom", 0], domain_scale=1.5, extra=extra)
+
+    plain = run(True)
+    device = None if on_gpu else "weights not on the GPU"
+    assert seen == [device, device]  # the domain's call, then the base's
+    seen.clear()
+    forward = openaimodel.UNetModel.forward
+
+    def streaming_forward(self, x, *args, transformer_options=None, **kwargs):
+        # as LTX-2's forward starts (the host decides whether to stream: dynamic VRAM, a GPU, a second stream)
+        transformer_options = {} if transformer_options is None else transformer_options
+        prefetch.make_prefetch_queue([], torch.device("cuda", 0), {**transformer_options, "prefetch_dynamic_vbars": True})
+        return forward(self, x, *args, transformer_options=transformer_options, **kwargs)
+
+    monkeypatch.setattr(openaimodel.UNetModel, "forward", streaming_forward)
+    monkeypatch.setattr(mm, "NUM_STREAMS", max(mm.NUM_STREAMS, 1))
+    streamed = run(True)
+    assert seen == ["the host streams this model's blocks in itself (its block prefetch or model compiler)"] * 2
+    assert torch.equal(streamed, run(False)) and torch.equal(streamed, plain)
 
 
 def test_the_base_rows_fall_back_when_the_host_splits_them(comfy, files, monkeypatch, caplog):

@@ -202,6 +202,7 @@ class RecordedCall:
         peak: list[int] = []
         own = self.model.__dict__.get("apply_model")  # another pack may have set one on the instance
         self.model.apply_model = recorder
+        streaming = dynamic_vram.streaming_mark()
         try:
             if stream is not None:  # the host's call doubles as the warm-up a CUDA graph capture needs
                 stream.wait_stream(torch.cuda.current_stream(x.device))
@@ -226,7 +227,7 @@ class RecordedCall:
         # a CUDA graph cannot capture a copy from pageable CPU memory): the same values either way.
         rec.kwargs = {k: v if k == "transformer_options" else _to_device(v, x.device) for k, v in calls[0][2].items()}
         rec.order, rec.path = order, "direct"
-        why_not = graph_reason(self.model, rec.kwargs) if self.use_graph else "off"
+        why_not = graph_reason(self.model, rec.kwargs, dynamic_vram.streamed_since(streaming)) if self.use_graph else "off"
         slots = None
         if graph and why_not is None and dynamic_vram.is_dynamic(self.model):
             slots = self.slots or dynamic_vram.Slots(self.model)

@@ -6,8 +6,8 @@ not (a sentence for the log) or None.
 - host_state_reason: the host's calc_cond_batch does nothing per step beyond that call (no
   wrappers of the whole call, per-step callbacks, hook weight swaps, multi-GPU split);
 - graph_reason: the recorded call may be a CUDA graph (no Python inside the forward that may act
-  differently per step, weights at fixed addresses on the GPU, or in dynamic VRAM's slots:
-  dynamic_vram.py).
+  differently per step, weights at fixed addresses on the GPU, or in dynamic VRAM's slots, and no
+  block streaming of the host's own inside the forward: dynamic_vram.py).
 """
 from __future__ import annotations
 
@@ -47,12 +47,15 @@ def host_state_reason(model, model_options: dict) -> str | None:
     return None
 
 
-def graph_reason(model, kwargs: dict) -> str | None:
+def graph_reason(model, kwargs: dict, host_streamed: bool = False) -> str | None:
     """Why the recorded call cannot be a CUDA graph (None if it can): Python code inside the
-    forward that may act differently per step, or weights not at fixed addresses."""
+    forward that may act differently per step, weights not at fixed addresses, or a forward that
+    streamed its blocks in itself when it was recorded (`host_streamed`: dynamic_vram.streamed_since)."""
     reason = host_flag_reason()
     if reason:
         return reason
+    if host_streamed:
+        return "the host streams this model's blocks in itself (its block prefetch or model compiler)"
     options = kwargs.get("transformer_options", {})
     for key in ("patches", "patches_replace"):
         if any(options.get(key, {}).values()):
