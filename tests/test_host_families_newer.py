@@ -155,6 +155,26 @@ def test_flux2_the_reference_and_the_guidance_count(comfy, monkeypatch):
     assert not close(run(comfy, monkeypatch, other_guidance)["out"], ref, rel=1e-4)
 
 
+def stock_ksampler(prompt: dict) -> dict:
+    """The prompt with the host's KSampler, given the inputs it has, in place of KSampler (Domain Guidance)."""
+    keep = ("model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative", "latent_image", "denoise")
+    inputs = {k: v for k, v in prompt["sample"]["inputs"].items() if k in keep}
+    return {**prompt, "sample": {**prompt["sample"], "class_type": "KSampler", "inputs": inputs}}
+
+
+def test_flux2_from_the_generic_empty_latent_is_the_stock_ksamplers_latent(comfy, monkeypatch):
+    """ComfyUI 0.33's Empty Latent Image says it made a latent for an 8x VAE (downscale_ratio_spacial);
+    KSampler turns it into Flux.2's empty latent: 128 channels at 16x, a quarter of the positions
+    (comfy.sample.fix_empty_latent_channels). At domain weight 0 KSampler (Domain Guidance) samples that
+    same latent, bit for bit, and passes the ratio on no more than KSampler does."""
+    prompt = graph("flux2", cfg=1.0, domain=("dom", 0), domain_scale=0.0,
+                   extra={"latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}}})
+    ours, stock = comfy.run(prompt)["captured"]["out"], comfy.run(stock_ksampler(prompt))["captured"]["out"]
+    assert ours["samples"].shape == stock["samples"].shape and ours["samples"].shape[1] == 128
+    assert torch.equal(ours["samples"], stock["samples"])
+    assert ours.keys() == stock.keys()
+
+
 # -- Qwen-Image Edit: reference latents from TextEncodeQwenImageEdit -------------------------------------
 
 @pytest.fixture(scope="module")
@@ -229,11 +249,7 @@ def test_qwen_image_edit_reference_reaches_each_row_once_as_wired(comfy, monkeyp
 def test_qwen_image_edit_weight_zero_is_the_stock_ksampler_with_the_reference(comfy, monkeypatch, edit_images):
     """Domain weight 0 with the edit conditioning is the host's KSampler bit for bit; the reference counts."""
     prompt, _ = qwen_edit("image_loaded_twice", weight=0.0)
-    stock = {**prompt, "sample": {**prompt["sample"], "class_type": "KSampler", "inputs": {
-        k: v for k, v in prompt["sample"]["inputs"].items() if k in ("model", "seed", "steps", "cfg", "sampler_name",
-                                                                       "scheduler", "positive", "negative", "latent_image",
-                                                                       "denoise")}}}
-    ref = run(comfy, monkeypatch, stock)["out"]
+    ref = run(comfy, monkeypatch, stock_ksampler(prompt))["out"]
     assert torch.equal(run(comfy, monkeypatch, prompt)["out"], ref)
     other = qwen_edit("image_loaded_twice", weight=0.0, extra={"image": {"class_type": "EmptyImage", "inputs": {
         "width": 64, "height": 64, "batch_size": 1, "color": 0x20C040}}})[0]

@@ -40,7 +40,7 @@ def sample_like_ksampler(guider, seed, steps, sampler_name, scheduler, latent, d
     callback(step, x0, x, total_steps) and disable_pbar, where given, stand for KSampler's latent
     previews and console bar (Train Domain UNet's validation samples report on the node instead)."""
     model = guider.model_patcher
-    latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    latent_image = _empty_latent_as_the_model_takes_it(model, latent)
     noise = comfy.sample.prepare_noise(latent_image, seed, latent.get("batch_index"))
     schedule = comfy.samplers.KSampler(model, steps=steps, device=model.load_device, sampler=sampler_name,
                                        scheduler=scheduler, denoise=denoise, model_options=model.model_options)
@@ -50,6 +50,20 @@ def sample_like_ksampler(guider, seed, steps, sampler_name, scheduler, latent, d
         disable_pbar = not comfy.utils.PROGRESS_BAR_ENABLED
     samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), schedule.sigmas,
                             denoise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=disable_pbar, seed=seed)
-    out = latent.copy()
+    out = {k: v for k, v in latent.items() if k not in _EMPTY_LATENT_RATIOS}  # as KSampler: said of the input only
     out["samples"] = samples.to(comfy.model_management.intermediate_device())
     return out
+
+
+# What newer empty-latent nodes say of the latent they made (ComfyUI 0.33's Empty Latent Image: made for an 8x VAE)
+_EMPTY_LATENT_RATIOS = ("downscale_ratio_spacial", "downscale_ratio_temporal")
+
+
+def _empty_latent_as_the_model_takes_it(model, latent: dict):
+    """KSampler's fix of an empty latent: the model's channels, dimensions and, where the empty-latent node
+    says for which downscale it was made (0.33+), the model's latent size (Flux.2 from Empty Latent Image:
+    128 channels at 16x)."""
+    ratios = [latent.get(key) for key in _EMPTY_LATENT_RATIOS]
+    if any(r is not None for r in ratios):  # (hosts before 0.33 neither set nor take them)
+        return comfy.sample.fix_empty_latent_channels(model, latent["samples"], *ratios)
+    return comfy.sample.fix_empty_latent_channels(model, latent["samples"])
