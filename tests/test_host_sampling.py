@@ -37,6 +37,21 @@ def test_domain_scale_zero_is_ksampler_with_a_real_negative(comfy, files, stock)
     assert close(ours, stock)
 
 
+def test_the_latent_comes_back_in_the_hosts_intermediate_dtype_as_ksamplers(comfy, files, monkeypatch):
+    """ComfyUI 0.33 started with --fp16-intermediates: KSampler hands its LATENT on in fp16; so does
+    KSampler (Domain Guidance), the same values."""
+    import comfy.model_management as mm
+    from comfy.cli_args import args
+
+    if not hasattr(args, "fp16_intermediates") or not hasattr(mm, "intermediate_dtype"):
+        pytest.skip("a host without --fp16-intermediates (before 0.33)")
+    monkeypatch.setattr(args, "fp16_intermediates", True)
+    stock16 = latent(comfy, text_to_image(sampler="KSampler", seed=11))
+    ours = latent(comfy, text_to_image(domain=["dom", 0], domain_scale=0.0, seed=11, extra={"dom": loader(files["domain"])}))
+    assert stock16.dtype == torch.float16 and ours.dtype == torch.float16
+    assert torch.equal(ours, stock16)
+
+
 def test_domain_guidance_changes_the_sample(comfy, files, stock):
     ours = latent(comfy, text_to_image(domain=["dom", 0], domain_scale=2.0, extra={"dom": loader(files["domain"])}))
     assert torch.isfinite(ours).all()

@@ -51,7 +51,9 @@ def sample_like_ksampler(guider, seed, steps, sampler_name, scheduler, latent, d
     samples = guider.sample(noise, latent_image, comfy.samplers.sampler_object(sampler_name), schedule.sigmas,
                             denoise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=disable_pbar, seed=seed)
     out = {k: v for k, v in latent.items() if k not in _EMPTY_LATENT_RATIOS}  # as KSampler: said of the input only
-    out["samples"] = samples.to(comfy.model_management.intermediate_device())
+    mm = comfy.model_management  # (0.33's --fp16-intermediates: KSampler's LATENT is fp16; older hosts keep the dtype)
+    out["samples"] = samples.to(device=mm.intermediate_device(),
+                                dtype=mm.intermediate_dtype() if hasattr(mm, "intermediate_dtype") else samples.dtype)
     return out
 
 
