@@ -366,7 +366,8 @@ def test_a_forward_that_streams_its_blocks_itself_keeps_the_fast_path_but_no_cud
     monkeypatch.setattr(mm, "NUM_STREAMS", max(mm.NUM_STREAMS, 1))
     streamed = run(True)
     assert seen == ["the host streams this model's blocks in itself (its block prefetch or model compiler)"] * 2
-    assert torch.equal(streamed, run(False)) and torch.equal(streamed, plain)
+    assert torch.equal(streamed, run(False))
+    assert close(streamed, plain, rel=1e-3 if on_gpu else 0.0)  # (on a GPU, plain's rows were CUDA graphs)
 
 
 def test_the_base_rows_fall_back_when_the_host_splits_them(comfy, files, monkeypatch, caplog):
