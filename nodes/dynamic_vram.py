@@ -175,9 +175,9 @@ def streaming_mark():
 
 
 def streamed_since(mark) -> bool:
-    """True if a forward since streaming_mark() streamed its blocks itself or ran the host's model
-    compiler: a call whose CUDA graph would capture another stream's copies, the host's waits and
-    its own graphs."""
+    """True if a forward since streaming_mark() streamed its blocks itself, or the host's model
+    compiler ran in this node (its flag tells no more): a call whose CUDA graph would capture
+    another stream's copies, the host's waits and its own graphs."""
     if mark is None:
         return False
     prefetch, queues, count = mark
