@@ -42,7 +42,13 @@ def install() -> None:
     @functools.wraps(original)
     def free_memory(memory_required, device, *args, **kwargs):
         release_if_short(memory_required, device)
-        unloaded = original(memory_required, device, *args, **kwargs)
+        try:
+            unloaded = original(memory_required, device, *args, **kwargs)
+        except IndexError:
+            # The host's walk of its loaded models by index, while unloading one lets the garbage collector
+            # drop another from that list (ComfyUI issue 14365, seen on 0.33): the list is shorter now, again
+            log.info("free_memory: the host's list of loaded models shrank while it walked it; walking it again")
+            unloaded = original(memory_required, device, *args, **kwargs)
         models = [lm.model.model for lm in unloaded or () if getattr(lm, "model", None) is not None]
         if models:  # the graphs of the models it unloaded go with them
             OWNER.sweep(lambda model: not any(model is m for m in models))

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.support import tiny_nodes as tiny
-from tests.support.graphs import loader, saved, text_to_image, train_graph
+from tests.support.graphs import eager_training_steps, loader, saved, text_to_image, train_graph
 from test_host_gpu_dtypes import assert_same_state, host_state
 
 pytestmark = pytest.mark.gpu
@@ -45,6 +45,7 @@ def test_every_training_setting_trains_on_the_gpu(comfy, folders, monkeypatch, m
 def test_the_gpu_resumes_exactly_and_a_cancel_keeps_the_checkpoint(comfy, folders, monkeypatch):
     import comfy.model_management as mm
 
+    eager_training_steps(monkeypatch)  # (a cancel inside a graphed step: tests/test_cudagraph.py)
     options = dict(mode="lora", training_dtype="bf16", gradient_checkpointing=True, steps=4, checkpoint_every=2)
     comfy.run(train_graph(save_name="gpu_whole", resume=False, **options))
     whole = load_file(saved("gpu_whole.safetensors"))

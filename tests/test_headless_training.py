@@ -152,7 +152,7 @@ def test_tensorboard_without_the_package_stops_before_the_models_load_naming_it(
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('simulated: no tensorboard')\n")
     out = run_tool(base_dir, "--save-name", "cli_no_board", "--steps", "1", "--tensorboard",
-                   env={"PYTHONPATH": str(tmp_path / "site")})
+                   env={"PYTHONPATH": os.pathsep.join(p for p in (str(tmp_path / "site"), os.environ.get("PYTHONPATH")) if p)})
     assert out.returncode == 1, out.stderr[-3000:]
     assert "pip install tensorboard" in out.stderr and "simulated: no tensorboard" in out.stderr
     assert "Latents" not in out.stderr and not (base_dir / "models" / "loras" / "cli_no_board.safetensors").exists()

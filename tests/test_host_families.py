@@ -140,7 +140,7 @@ def test_full_copy_domain_fast_equals_straightforward_equals_the_formula(comfy, 
     assert path_lines(caplog, on_gpu) == []
     caplog.clear()
     fast = run(comfy, monkeypatch, graph(family, domain=("dom", 0), domain_scale=w), fast=True)["out"]
-    lines = path_lines(caplog, on_gpu)
+    lines = path_lines(caplog, on_gpu, family)
     assert lines == ["domain 'domain_model': fast path (recorded)", "base model (3 rows): fast path (recorded)"], lines
     assert torch.equal(fast, slow["out"]) if not on_gpu else close(fast, slow["out"])
     # rows batched by the host vs one call per row (half-precision GEMMs of other batch sizes on a GPU: not measured)
@@ -157,7 +157,7 @@ def test_lora_domain_fast_path_equals_the_weight_hook(comfy, monkeypatch, caplog
     hooked = run(comfy, monkeypatch, prompt, fast=False)["out"]
     caplog.clear()
     adapters = run(comfy, monkeypatch, prompt, fast=True)["out"]
-    lines = path_lines(caplog, on_gpu)
+    lines = path_lines(caplog, on_gpu, family)
     assert lines == ["domain 'domain_model': fast path (recorded, LoRA as adapters)",
                      "base model (3 rows): fast path (recorded)"], lines
     assert torch.isfinite(adapters).all()

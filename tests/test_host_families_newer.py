@@ -228,6 +228,7 @@ def test_qwen_image_edit_reference_reaches_each_row_once_as_wired(comfy, monkeyp
                fast=False)
     caplog.clear()
     base_calls.clear(), domain_calls.clear()
+    comfy.pack("cudagraph").OWNER.release(why="the test wants this run's capture")  # (an earlier case's equal rows')
     fast = run(comfy, monkeypatch, qwen_edit(null)[0], fast=True)["out"]
 
     refs = 0 if null == "plain" else 1
@@ -334,13 +335,14 @@ def test_wan22_5b_start_frame_every_row_at_the_masks_per_frame_timesteps(comfy, 
     fast = run(comfy, monkeypatch, prompt, fast=True)["out"]
 
     assert fast.shape == (1, 48, 2, 4, 4)
-    assert [c if c == CAPTURE else c[0] for c in calls["base"]] == per_step(3, on_gpu)  # rows
-    assert [c if c == CAPTURE else c[0] for c in calls["domain"]] == per_step(1, on_gpu)
+    # rows per call (on a GPU Wan's calls are made directly: its forward copies from the CPU, NO_CAPTURE)
+    assert [c[0] for c in read_calls(calls["base"])] == [3] * STEPS
+    assert [c[0] for c in read_calls(calls["domain"])] == [1] * STEPS
     timesteps = {name: [t for _, t in read_calls(c)] for name, c in calls.items()}
     assert timesteps["domain"] == timesteps["base"]  # the same per-frame timesteps as the base
     assert all(t[0] == 0.0 and t[1] > 0.0 for t in timesteps["base"])  # frame 0 kept, frame 1 denoised
-    assert path_lines(caplog, on_gpu) == ["domain 'domain_model': fast path (recorded)",
-                                          "base model (3 rows): fast path (recorded)"]
+    assert path_lines(caplog, on_gpu, "wan22_5b") == ["domain 'domain_model': fast path (recorded)",
+                                                      "base model (3 rows): fast path (recorded)"]
     assert torch.equal(fast[:, :, 0], stock[:, :, 0]) and not close(fast[:, :, 1:], stock[:, :, 1:], rel=1e-3)
     assert torch.equal(fast, slow["out"]) if not on_gpu else close(fast, slow["out"])
     assert close(slow["out"], slow["formula"], rel=rel_tolerance("wan22_5b", on_gpu, 1e-5))
@@ -376,8 +378,8 @@ def test_wan22_a14b_two_experts_one_domain_each_switched_at_the_hosts_step(comfy
     if not on_gpu:  # (a CUDA graph replays later steps without entering Python)
         assert steps == {"high": stock_steps["high"], "dom_high": stock_steps["high"],
                          "low": stock_steps["low"], "dom_low": stock_steps["low"]}
-    assert path_lines(caplog, on_gpu) == ["domain 'domain_model': fast path (recorded)",
-                                          "base model (3 rows): fast path (recorded)"] * 2
+    assert path_lines(caplog, on_gpu, "wan22_a14b") == ["domain 'domain_model': fast path (recorded)",
+                                                        "base model (3 rows): fast path (recorded)"] * 2
     assert torch.equal(fast, slow) if not on_gpu else close(fast, slow)
     assert close(slow, formula, rel=rel_tolerance("wan22_a14b", on_gpu, 1e-5))
     assert not close(slow, stock, rel=1e-3)  # the domains count

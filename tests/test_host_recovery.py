@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.support import tiny_nodes as tiny
-from tests.support.graphs import loader, saved, text_to_image, train_graph
+from tests.support.graphs import eager_training_steps, loader, saved, text_to_image, train_graph
 from tests.support.host import HostError
 from test_host_gpu_dtypes import assert_same_state, host_state
 
@@ -38,6 +38,7 @@ def trained_weights(comfy, folders, name, **options) -> dict:
 
 @pytest.mark.parametrize("mode, failure", [("lora", "error"), ("full", "cancel")])
 def test_a_failed_training_run_leaves_the_next_one_unaffected(comfy, folders, monkeypatch, mode, failure):
+    eager_training_steps(monkeypatch)
     loop = comfy.pack("training.loop")
     options = dict(mode=mode, training_dtype="bf16", gradient_checkpointing=True, preview_every=2)
     monkeypatch.setattr(comfy.pack("nodes.training.progress"), "PREVIEW_STEPS", 2)

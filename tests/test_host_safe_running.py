@@ -11,8 +11,10 @@ CPU with the host's swap to a copy of the base emulated as 0.33 makes it under d
 """
 import logging
 import os
+import types
 
 import pytest
+
 import torch
 
 from tests.support import tiny_nodes as tiny
@@ -167,3 +169,38 @@ def test_a_hooked_prompt_leaves_a_lora_domain_as_it_is(comfy, files, monkeypatch
     prompt["sample"]["inputs"]["positive"] = ["hooked", 0]
     hooked = comfy.run(prompt)["captured"]["out"]["samples"]
     assert close(hooked, plain, rel=2e-3 if on_gpu else 1e-5), "the hooked prompt changed the LoRA domain's image"
+
+
+def test_the_hosts_free_memory_survives_its_list_of_loaded_models_shrinking_under_it(comfy, monkeypatch):
+    """The host's free_memory walks its loaded models by index; unloading one can let the garbage collector
+    take another off that list (ComfyUI issue 14365: IndexError in whichever node loaded a model next, seen
+    in the GPU tier on 0.33). The pack's wrapper of free_memory walks the shorter list again."""
+    import comfy.model_management as mm
+
+    class Loaded:  # what free_memory reads of a host LoadedModel
+        device, currently_used = torch.device("cpu"), True
+
+        def __init__(self, drops=None):
+            self.model, self.drops, self.unloads = types.SimpleNamespace(is_dynamic=lambda: False, model=self), drops, 0
+
+        def is_dead(self):
+            return False
+
+        def model_offloaded_memory(self):
+            return 0
+
+        def model_memory(self):
+            return 1
+
+        def model_unload(self, *args, **kwargs):
+            self.unloads += 1
+            if self.drops in mm.current_loaded_models:  # as the finalizer of the model it kept alive
+                mm.current_loaded_models.remove(self.drops)
+            return True
+
+    first = Loaded()
+    models = [first, Loaded(), Loaded(drops=first)]  # walked from the end: the last unloads first
+    monkeypatch.setattr(mm, "current_loaded_models", list(models))
+    unloaded = mm.free_memory(1e30, torch.device("cpu"))
+    assert mm.current_loaded_models == [] and {id(m) for m in unloaded} <= {id(m) for m in models}
+    assert models[1].unloads >= 1

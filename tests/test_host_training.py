@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from tests.support.graphs import close, reproducible_dtype, saved, text_to_image, train_graph, written
+from tests.support.graphs import close, eager_training_steps, reproducible_dtype, saved, text_to_image, train_graph, written
 from tests.support.host import HostError
 from tests.support.tiny_nodes import domain_images
 
@@ -252,6 +252,7 @@ def test_cancel_keeps_the_last_checkpoint_and_resuming_equals_an_uninterrupted_r
 
 def nan_loss_from_step(comfy, monkeypatch, step: int):
     """From the step-th step on, the loss is NaN (as when training diverges). Returns the undo."""
+    eager_training_steps(monkeypatch)
     loop = comfy.pack("training.loop")
     real, calls = loop.denoising_step, []
 
@@ -319,6 +320,7 @@ def test_full_disk_keeps_the_last_checkpoint(comfy, folders, monkeypatch):
 
 
 def test_out_of_memory_says_what_to_change_for_this_run_in_order(comfy, folders, monkeypatch):
+    eager_training_steps(monkeypatch)
     loop = comfy.pack("training.loop")
 
     def oom(*args, **kwargs):
@@ -341,6 +343,7 @@ def test_a_recomputation_that_differs_from_the_forward_says_to_turn_checkpointin
     with checkpointing on an H200: docs/BENCHMARKS.md); the node names the input to change."""
     import torch.utils.checkpoint as ckpt
 
+    eager_training_steps(monkeypatch)
     loop = comfy.pack("training.loop")
 
     def differs(*args, **kwargs):
@@ -362,6 +365,7 @@ def test_with_checkpointing_attention_runs_without_cudnn_and_both_are_restored_a
     from torch.nn.attention import SDPBackend
 
     ops = importlib.import_module("comfy.ops")
+    eager_training_steps(monkeypatch)
     loop = comfy.pack("training.loop")
     host_list = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     monkeypatch.setattr(ops, "SDPA_BACKEND_PRIORITY", list(host_list), raising=False)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import weakref
 
 import torch
 
@@ -50,6 +51,13 @@ from .fastpath_rules import graph_reason, host_state_reason, plain_cond
 log = logging.getLogger(__name__)
 
 ENV = "INDOMAIN_FAST_DOMAIN"
+
+# Models whose forward copies from pageable CPU memory on every call (Wan's timestep embedding), which no
+# capture can take: each failed capture keeps its call's tensors (cudagraph/), so such a loaded model is
+# tried once and its later runs call it directly. (Other failures, e.g. a synchronizing op under a debug
+# mode, may not repeat: those are tried again in the next run.)
+_PAGEABLE_COPY = "Cannot copy between CPU and CUDA tensors during CUDA graph capture"
+_CAPTURE_FAILED: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
 def mode() -> str:
@@ -228,6 +236,8 @@ class RecordedCall:
         rec.kwargs = {k: v if k == "transformer_options" else _to_device(v, x.device) for k, v in calls[0][2].items()}
         rec.order, rec.path = order, "direct"
         why_not = graph_reason(self.model, rec.kwargs, dynamic_vram.streamed_since(streaming)) if self.use_graph else "off"
+        if why_not is None and self.model in _CAPTURE_FAILED:
+            why_not = f"its capture failed in an earlier run ({_CAPTURE_FAILED[self.model]})"
         slots = None
         if graph and why_not is None and dynamic_vram.is_dynamic(self.model):
             slots = self.slots or dynamic_vram.Slots(self.model)
@@ -244,6 +254,8 @@ class RecordedCall:
                     raise
                 log.warning("%s: CUDA graph capture failed (%s: %s); calling the model directly",
                             self.name, type(e).__name__, e)
+                if _PAGEABLE_COPY in str(e):  # what the forward's code does every call, not this run's state
+                    _CAPTURE_FAILED[self.model] = f"{type(e).__name__}: {str(e)[:160]}"
                 rec.graph = None
         elif graph:
             log.info("%s: no CUDA graph (%s)", self.name, why_not)

@@ -83,6 +83,14 @@ def train_graph(label="trained", unet_dtype="host default", **options):
 # (float32 backward kernels that add in a varying order; Adam magnifies it where gradients are near
 # zero), while the same runs in bf16 were bit for bit the same. Tests that compare two training
 # runs therefore train in bf16 on a GPU.
+def eager_training_steps(monkeypatch) -> None:
+    """Every training step through training.loop.denoising_step, as a test that patches that function
+    needs: on a GPU, LoRA mode replays each step as a CUDA graph (nodes/training/run.with_cuda_graphs),
+    which never enters a patched Python function again (the graphed steps' own cancel and failure
+    handling: tests/test_cudagraph.py)."""
+    monkeypatch.setenv("INDOMAIN_TRAIN_GRAPHS", "0")
+
+
 def reproducible_dtype(on_gpu: bool) -> str:
     """The training_dtype whose runs repeat bit for bit on this device (the defaults' fp32 on the CPU)."""
     return "bf16" if on_gpu else TRAIN_DEFAULTS["training_dtype"]
