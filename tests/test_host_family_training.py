@@ -193,16 +193,22 @@ def test_flux2_is_not_taken_for_flux1_though_the_host_builds_both_on_one_class(c
     assert "y" in family_of(flux1).conds and "y" not in family_of(flux2).conds
 
 
+def detected_as(patcher, config_class: str, unet_config: dict):
+    """A MODEL with `patcher`'s diffusion model as the host would hand over another model it builds on the
+    same class: a model config of class `config_class` with `unet_config` (what family_of reads)."""
+    config = type(config_class, (), {"unet_config": unet_config})()
+    model = type("Model", (), {"diffusion_model": patcher.model.diffusion_model, "model_config": config})()
+    return type("Patcher", (), {"model": model})()
+
+
 def test_chroma_radiance_on_chromas_class_is_not_taken_for_chroma(comfy):
     """Chroma Radiance denoises pixels on the host's Chroma class (image_model "chroma_radiance"):
     Chroma's row, which trains on VAE latents, refuses it."""
     family_of = comfy.pack("nodes.training.families").family_of
     chroma = fam.family_model("chroma")
-    radiance = type("Model", (), {"diffusion_model": chroma.model.diffusion_model,
-                                  "model_config": type("ChromaRadiance", (), {"unet_config": {"image_model": "chroma_radiance"}})()})()
     assert family_of(chroma).name == "Chroma"
     with pytest.raises(ValueError, match="ChromaRadiance"):
-        family_of(type("Patcher", (), {"model": radiance})())
+        family_of(detected_as(chroma, "ChromaRadiance", {"image_model": "chroma_radiance"}))
 
 
 @pytest.mark.parametrize("image_model, config_class", [("zimage_pixel", "ZImagePixelSpace"), ("ming_image", "MingImage")])
@@ -214,10 +220,8 @@ def test_other_models_on_z_images_class_are_not_taken_for_z_image(comfy, image_m
     zimage = fam.family_model("zimage")
     assert family_of(zimage).name.startswith("Z-Image")
     config = {**zimage.model.model_config.unet_config, "image_model": image_model}
-    other = type("Model", (), {"diffusion_model": zimage.model.diffusion_model,
-                               "model_config": type(config_class, (), {"unet_config": config})()})()
     with pytest.raises(ValueError, match=f"this model \\({config_class}, a NextDiT\\) is none of them"):
-        family_of(type("Patcher", (), {"model": other})())
+        family_of(detected_as(zimage, config_class, config))
 
 
 def test_hunyuanimage21s_row_takes_neither_hunyuanvideo_nor_the_distilled_checkpoint(comfy):
@@ -229,10 +233,8 @@ def test_hunyuanimage21s_row_takes_neither_hunyuanvideo_nor_the_distilled_checkp
     assert family_of(image).name.startswith("HunyuanImage 2.1")
     config = image.model.model_config.unet_config
     for name, changed in (("HunyuanVideo", {"patch_size": [1, 2, 2]}), ("HunyuanImage21", {"meanflow": True})):
-        other = type("Model", (), {"diffusion_model": image.model.diffusion_model,
-                                   "model_config": type(name, (), {"unet_config": {**config, **changed}})()})()
         with pytest.raises(ValueError, match=f"this model \\({name}, a HunyuanVideo\\) is none of them"):
-            family_of(type("Patcher", (), {"model": other})())
+            family_of(detected_as(image, name, {**config, **changed}))
 
 
 def test_qwen_image_layered_on_qwen_images_class_and_config_is_not_taken_for_qwen_image(comfy):
@@ -242,10 +244,8 @@ def test_qwen_image_layered_on_qwen_images_class_and_config_is_not_taken_for_qwe
     image = fam.family_model("qwen_image")
     assert family_of(image).name.startswith("Qwen-Image")
     config = {**image.model.model_config.unet_config, "use_additional_t_cond": True}
-    layered = type("Model", (), {"diffusion_model": image.model.diffusion_model,
-                                 "model_config": type("QwenImage", (), {"unet_config": config})()})()
     with pytest.raises(ValueError, match="this model \\(QwenImage, a QwenImageTransformer2DModel\\) is none of them"):
-        family_of(type("Patcher", (), {"model": layered})())
+        family_of(detected_as(image, "QwenImage", config))
 
 
 @pytest.mark.parametrize("family, vae, message", [
